@@ -1,0 +1,1 @@
+"""slimlm.recipes: user workflows and the `slimlm` command (imports toolkit and serve)."""

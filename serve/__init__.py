@@ -1,0 +1,1 @@
+"""slimlm.serve: the serving runtime (imports slimlm.toolkit, never slimlm.recipes)."""

@@ -1,0 +1,1 @@
+"""slimlm.toolkit: the library under the recipes (torch + transformers only)."""
