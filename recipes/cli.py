@@ -1,2 +1,122 @@
-def main():
-    print("hi")
+"""The `slimlm` command: thin argument parsing over the recipes, `serve` and `toolkit`.
+
+Each verb has its own `add_X(subparsers)` and `run_X(args)`. A verb exists only once it works.
+User errors (SlimlmError, bad arguments) print one or two lines and exit with code 2; `--debug`
+shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from slimlm.toolkit.errors import SlimlmError
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out perplexity and multiple-choice accuracy of a model",
+                       description="Perplexity over non-overlapping windows (plus bits per byte) on held-out "
+                       "text, and log-likelihood accuracy on multiple-choice jsonl tasks.")
+    p.add_argument("model", help="built-in alias (smollm2-135m), model folder, slimlm export, .gguf or hub id")
+    p.add_argument("--data", action="append", metavar="SRC",
+                   help="text source, repeatable: builtin:wiki|c4|tiny|code|multilingual|technical, "
+                   "a .txt/.jsonl/.parquet file, or hf:<id>[:config][:split] (default builtin:wiki "
+                   "when neither --data nor --tasks is given)")
+    p.add_argument("--tasks", action="append", metavar="FILE.jsonl", default=[],
+                   help='multiple-choice rows {"context", "choices", "label"}, repeatable')
+    p.add_argument("--split", default="validation", choices=["validation", "train"],
+                   help="split of built-in corpora (default validation: never seen in calibration or training)")
+    p.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=4, help="windows or choices per forward pass")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bf16 or fp16")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--json", metavar="OUT", help="write every figure, the settings and the command to OUT")
+
+
+def run_eval(args) -> int:
+    from slimlm.toolkit.eval import evaluate, print_results, write_json
+    from slimlm.toolkit.models import load
+
+    if args.window < 2 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
+        raise SlimlmError("--window must be >= 2, --batch-size and --max-windows >= 1.")
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    data = args.data or ([] if args.tasks else ["builtin:wiki"])
+    results = evaluate(model, tokenizer, data=data, tasks=args.tasks, split=args.split, window=args.window,
+                       max_windows=args.max_windows, batch_size=args.batch_size)
+    results["model"] = args.model
+    results["settings"] = {k: getattr(args, k) for k in ("split", "window", "max_windows", "batch_size", "dtype")}
+    results["command"] = args.command_line
+    print_results(results)
+    if args.json:
+        write_json(results, args.json)
+    return 0
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a model as a verified, HF-loadable slimlm export folder",
+                       description="Writes config.json, safetensors, tokenizer and slimlm.json (a manifest "
+                       "with the sha256 of every tensor file). Loads unchanged with transformers.")
+    p.add_argument("model", help="built-in alias, model folder, slimlm export, .gguf or hub id")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bf16 or fp16")
+
+
+def run_export(args) -> int:
+    from rich.console import Console
+
+    from slimlm.toolkit.export import read, write
+    from slimlm.toolkit.models import load
+
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:  # refuse before any work starts
+        raise SlimlmError(f"--out {out} exists and is not empty.", "Pass --overwrite to replace it, or choose another folder.")
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    write(model, tokenizer, out, meta={"base_model": args.model, "command": args.command_line},
+          overwrite=args.overwrite)
+    manifest = read(out)
+    Console().print(f"exported [bold]{args.model}[/] to {out} ({len(manifest.files)} tensor file(s), verified)")
+    return 0
+
+
+VERBS = {"eval": (add_eval, run_eval), "export": (add_export, run_export)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimlm", description="Make LLMs smaller and faster, and prove it.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for add, _ in VERBS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.command_line = "slimlm " + shlex.join(argv)
+    try:
+        return VERBS[args.verb][1](args)
+    except SlimlmError as err:
+        print(f"slimlm {args.verb}: error: {err.what}", file=sys.stderr)
+        if err.hint:
+            print(err.hint, file=sys.stderr)
+        if args.debug:
+            raise
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, not a user error: say so briefly
+        if args.debug:
+            raise
+        print(f"slimlm {args.verb}: internal error: {type(err).__name__}: {err}\n"
+              "Rerun with --debug for the traceback, and please report it.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

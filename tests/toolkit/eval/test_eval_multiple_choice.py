@@ -1,0 +1,154 @@
+"""loglikelihood() against a hand computation, multiple_choice() on models with a known preference, load_tasks() errors."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from slimlm.toolkit.errors import SlimlmError
+from slimlm.toolkit.eval import load_tasks, loglikelihood, multiple_choice
+from slimlm.toolkit.models import byte_tokenizer, tiny_model
+
+
+class OneByteLM(nn.Module):
+    """Whatever the input, strongly predicts byte `favourite` (logit `strength`, all others 0)."""
+
+    def __init__(self, favourite: int, vocab: int = 259, strength: float = 10.0):
+        super().__init__()
+        self.favourite, self.vocab, self.strength = favourite, vocab, strength
+
+    def forward(self, input_ids, **kwargs):
+        logits = torch.zeros(*input_ids.shape, self.vocab)  # [B, T, V]
+        logits[..., self.favourite] = self.strength
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", seed=0)
+
+
+def hand_loglik(model, ids, n_cont):
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([ids[:-1]])).logits[0].float().log_softmax(-1)  # [T-1, V]
+    return sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n_cont, len(ids)))
+
+
+def test_loglikelihood_matches_hand_computation(llama):
+    model, tok = llama
+    ctx_ids = tok.encode("The cat", add_special_tokens=False)
+    ids = tok.encode("The cat sat on", add_special_tokens=False)
+    expected = hand_loglik(model, ids, len(ids) - len(ctx_ids))
+    [got] = loglikelihood(model, tok, [("The cat", " sat on")], batch_size=1)
+    assert got == pytest.approx(expected, abs=1e-5)
+    # Trailing whitespace of the context belongs to the continuation.
+    [moved] = loglikelihood(model, tok, [("The cat ", "sat on")], batch_size=1)
+    assert moved == pytest.approx(expected, abs=1e-5)
+
+
+def test_empty_context_is_conditioned_on_bos(llama):
+    model, tok = llama
+    ids = [tok.bos_token_id] + tok.encode("hi", add_special_tokens=False)
+    [got] = loglikelihood(model, tok, [("", "hi")])
+    assert got == pytest.approx(hand_loglik(model, ids, 2), abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_padding_and_batching_do_not_change_logliks(arch):
+    model, tok = tiny_model(arch, seed=4)
+    pairs = [("Question: what is two plus two? Answer:", " four"), ("A", " b"),
+             ("The capital of France is", " Paris, of course."), ("x y z", " w"),
+             ("Once upon a time", " there was"), ("Q:", " a much longer answer than the others here"),
+             ("", "no context"), ("Short", " one")]
+    one = loglikelihood(model, tok, pairs, batch_size=1)
+    four = loglikelihood(model, tok, pairs, batch_size=4)
+    assert one == pytest.approx(four, abs=1e-5)
+    assert len(set(one)) == len(one)  # distinct pairs, distinct scores: results are not shuffled
+
+
+def test_model_that_prefers_a_byte_picks_that_choice():
+    tok = byte_tokenizer()
+    model = OneByteLM(ord("a"))
+    rows = [{"context": "Q1:", "choices": ["aaa", "bbb"], "label": 0},
+            {"context": "Q2: pick", "choices": [" xyz", "aaa", "b"], "label": 1}]
+    r = multiple_choice(model, tok, rows, batch_size=2, progress=False)
+    assert r == {"acc": 1.0, "acc_norm": 1.0, "n": 2}
+    flipped = [dict(rows[0], label=1), dict(rows[1], label=2)]
+    r = multiple_choice(model, tok, flipped, batch_size=3, progress=True)
+    assert r["acc"] == 0.0 and r["acc_norm"] == 0.0
+
+
+def test_acc_norm_differs_from_acc_when_lengths_differ():
+    # "b" costs one unlikely byte; "aaaab" costs the same unlikely byte plus four likely ones.
+    # Summed, "b" wins; per byte, "aaaab" wins.
+    tok = byte_tokenizer()
+    rows = [{"context": "Q:", "choices": ["b", "aaaab"], "label": 1}]
+    r = multiple_choice(OneByteLM(ord("a")), tok, rows, progress=False)
+    assert r == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
+def test_multiple_choice_on_tiny_model_runs(llama):
+    model, tok = llama
+    rows = [{"context": f"{i} +", "choices": [" one", " two", " three"], "label": i % 3} for i in range(5)]
+    r = multiple_choice(model, tok, rows, batch_size=4, progress=False)
+    assert r["n"] == 5 and 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0
+
+
+GOOD = {"context": "Q:", "choices": [" a", " b"], "label": 1}
+
+
+def test_load_tasks_reads_rows_and_skips_blank_lines(tmp_path):
+    p = tmp_path / "task.jsonl"
+    p.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(dict(GOOD, label=0)) + "\n")
+    assert load_tasks(p) == [GOOD, dict(GOOD, label=0)]
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"choices": [" a", " b"], "label": 0}, "missing field(s) context"),
+    ({"context": 3, "choices": [" a", " b"], "label": 0}, '"context" must be a string'),
+    ({"context": "Q", "choices": " a b", "label": 0}, '"choices" must be a list of strings'),
+    ({"context": "Q", "choices": [" a", 2], "label": 0}, '"choices" must be a list of strings'),
+    ({"context": "Q", "choices": [" a"], "label": 0}, "at least 2 choices"),
+    ({"context": "Q", "choices": [" a", ""], "label": 0}, "empty string"),
+    ({"context": "Q", "choices": [" a", " b"], "label": "0"}, '"label" must be an integer'),
+    ({"context": "Q", "choices": [" a", " b"], "label": True}, '"label" must be an integer'),
+    ({"context": "Q", "choices": [" a", " b"], "label": 2}, "out of range"),
+    ({"context": "Q", "choices": [" a", " b"], "label": -1}, "out of range"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_load_tasks_rejects_bad_rows(tmp_path, bad, why):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(SlimlmError) as e:
+        load_tasks(p)
+    msg = str(e.value)
+    assert str(p) in msg and "line 3" in msg and why in msg and '"choices"' in msg.split("\n")[-1]
+
+
+def test_load_tasks_rejects_invalid_json_with_line(tmp_path):
+    p = tmp_path / "broken.jsonl"
+    p.write_text(json.dumps(GOOD) + '\n{"context": "Q", "choices": [\n')
+    with pytest.raises(SlimlmError, match=r"line 2: invalid JSON"):
+        load_tasks(p)
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_load_tasks_rejects_empty_file(tmp_path, content):
+    p = tmp_path / "empty.jsonl"
+    p.write_text(content)
+    with pytest.raises(SlimlmError, match="has no rows"):
+        load_tasks(p)
+
+
+def test_load_tasks_missing_file(tmp_path):
+    with pytest.raises(SlimlmError, match="does not exist"):
+        load_tasks(tmp_path / "nope.jsonl")
+
+
+def test_multiple_choice_checks_rows_given_directly():
+    tok = byte_tokenizer()
+    with pytest.raises(SlimlmError, match="row 1: .*out of range"):
+        multiple_choice(OneByteLM(97), tok, [GOOD, dict(GOOD, label=5)], progress=False)
+    with pytest.raises(SlimlmError, match="no multiple-choice rows"):
+        multiple_choice(OneByteLM(97), tok, [], progress=False)

