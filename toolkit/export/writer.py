@@ -126,7 +126,9 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     (out / INCOMPLETE_MARKER).unlink()
     _fsync_dir(out)
     _fsync_dir(out.parent)
-    if old is not None:
+    if old is not None and old.is_symlink():  # `out` was a link: drop the link, not its target
+        old.unlink()
+    elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 

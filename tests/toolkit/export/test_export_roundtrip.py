@@ -88,5 +88,6 @@ def test_bfloat16_stays_bfloat16(tmp_path):
     read(out)
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.dtype == torch.bfloat16
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    theirs = loaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert theirs[name].dtype == torch.bfloat16 and torch.equal(theirs[name], tensor), name
