@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from slimlm.toolkit.errors import SlimlmError
 
@@ -35,13 +36,21 @@ def add_eval(sub) -> None:
 
 
 def run_eval(args) -> int:
-    from slimlm.toolkit.eval import evaluate, print_results, write_json
-    from slimlm.toolkit.models import load
+    from slimlm.toolkit.data import check_source
+    from slimlm.toolkit.eval import evaluate, load_tasks, print_results, write_json
+    from slimlm.toolkit.models import load, parse_dtype, resolve
 
     if args.window < 2 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
         raise SlimlmError("--window must be >= 2, --batch-size and --max-windows >= 1.")
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     data = args.data or ([] if args.tasks else ["builtin:wiki"])
+    # Refuse typos before the (slow) model load.
+    resolve(args.model)
+    parse_dtype(args.dtype)
+    for spec in data:
+        check_source(spec)
+    for path in args.tasks:
+        load_tasks(path)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     results = evaluate(model, tokenizer, data=data, tasks=args.tasks, split=args.split, window=args.window,
                        max_windows=args.max_windows, batch_size=args.batch_size)
     results["model"] = args.model
@@ -67,13 +76,12 @@ def run_export(args) -> int:
     from rich.console import Console
 
     from slimlm.toolkit.export import read, write
-    from slimlm.toolkit.models import load
-
-    from pathlib import Path
+    from slimlm.toolkit.models import load, resolve
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:  # refuse before any work starts
         raise SlimlmError(f"--out {out} exists and is not empty.", "Pass --overwrite to replace it, or choose another folder.")
+    resolve(args.model)
     model, tokenizer = load(args.model, dtype=args.dtype)
     write(model, tokenizer, out, meta={"base_model": args.model, "command": args.command_line},
           overwrite=args.overwrite)
@@ -94,10 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Our own progress bars and tables speak; transformers' per-load bars and warnings do not."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.command_line = "slimlm " + shlex.join(argv)
+    quiet_libraries()
     try:
         return VERBS[args.verb][1](args)
     except SlimlmError as err:

@@ -9,6 +9,6 @@
 """
 from .builtin import BUILTIN_CORPORA, BuiltinCorpus
 from .packing import calibration_samples, pack, token_stream
-from .sources import load_texts
+from .sources import check_source, load_texts
 
-__all__ = ["BUILTIN_CORPORA", "BuiltinCorpus", "calibration_samples", "load_texts", "pack", "token_stream"]
+__all__ = ["BUILTIN_CORPORA", "BuiltinCorpus", "calibration_samples", "check_source", "load_texts", "pack", "token_stream"]

