@@ -1,0 +1,85 @@
+"""The batched sampler against the plain one-row reference, on random logits."""
+import pytest
+import torch
+
+from slimlm.serve.layers.sampler import (apply_penalties, filter_logits, reference_filtered_row, sample)
+from slimlm.serve.sampling_params import SamplingParams
+
+V = 50
+
+
+def random_params(g: torch.Generator) -> SamplingParams:
+    r = lambda: torch.rand((), generator=g).item()  # noqa: E731
+    return SamplingParams(
+        temperature=0.0 if r() < 0.3 else 0.3 + 1.5 * r(),
+        top_k=0 if r() < 0.5 else int(1 + r() * 20),
+        top_p=1.0 if r() < 0.5 else 0.2 + 0.8 * r(),
+        min_p=0.0 if r() < 0.6 else 0.2 * r(),
+        repetition_penalty=1.0 if r() < 0.5 else 0.8 + 0.6 * r(),
+        presence_penalty=0.0 if r() < 0.5 else 2 * r() - 1,
+        frequency_penalty=0.0 if r() < 0.5 else 2 * r() - 1,
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_batched_filters_equal_the_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    S = 8
+    logits = torch.randn(S, V, generator=g) * 3
+    params = [random_params(g) for _ in range(S)]
+    prompts = [torch.randint(0, V, (10,), generator=g).tolist() for _ in range(S)]
+    outputs = [torch.randint(0, V, (6,), generator=g).tolist() for _ in range(S)]
+    penalised = apply_penalties(logits.clone(), params, prompts, outputs)
+    sampling = [i for i, p in enumerate(params) if not p.greedy]
+    filtered = filter_logits(penalised[sampling], [params[i] for i in sampling]) if sampling else None
+    for i, p in enumerate(params):
+        ref = reference_filtered_row(logits[i], p, prompts[i], outputs[i])
+        got = penalised[i] if p.greedy else filtered[sampling.index(i)]
+        assert torch.equal(torch.isinf(got), torch.isinf(ref)), f"row {i}: {p}"
+        finite = ~torch.isinf(ref)
+        torch.testing.assert_close(got[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_is_the_argmax_and_logprobs_are_the_models():
+    logits = torch.randn(4, V)
+    out = sample(logits, [SamplingParams(temperature=0, logprobs=3)] * 4, [None] * 4)
+    assert out.tokens == logits.argmax(-1).tolist()
+    lp = torch.log_softmax(logits, -1)
+    assert out.logprobs == pytest.approx(lp.max(-1).values.tolist(), abs=1e-6)
+    assert [t for t, _ in out.top_logprobs[0]] == torch.topk(lp[0], 3).indices.tolist()
+
+
+def test_a_seed_gives_the_same_tokens_whatever_else_is_in_the_batch():
+    logits = torch.randn(3, V)
+    p = SamplingParams(temperature=1.0, seed=7)
+    draw = lambda rows, others: sample(  # noqa: E731
+        logits[rows], [p] + [SamplingParams(temperature=1.0)] * others,
+        [torch.Generator().manual_seed(7)] + [None] * others).tokens[0]
+    assert len({draw([0], 0), draw([0, 1, 2], 2)}) == 1
+    assert len({tuple(sample(logits[[0]], [p], [torch.Generator().manual_seed(7 + k)]).tokens) for k in range(20)}) > 1
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        counts[sample(logits, [SamplingParams(temperature=1.0)], [g]).tokens[0]] += 1
+    torch.testing.assert_close(counts / counts.sum(), logits.softmax(-1)[0], atol=0.03, rtol=0)
+
+
+def test_top_k_1_is_greedy_and_top_p_tiny_keeps_the_best():
+    logits = torch.randn(2, V)
+    g = torch.Generator().manual_seed(1)
+    out = sample(logits, [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6)], [g, g])
+    assert out.tokens == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(n=1000), "n must"), (dict(stop=["x"] * 1000), "stop strings"),
+    (dict(logprobs=99), "logprobs"), (dict(stop=[""]), "non-empty"), (dict(top_k=-5), "top_k"),
+])
+def test_bad_sampling_params_are_refused(bad, words):
+    with pytest.raises(ValueError, match=words):
+        SamplingParams(**bad)
