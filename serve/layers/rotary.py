@@ -1,0 +1,83 @@
+"""Rotary position embeddings (RoPE), with the frequency scalings of the Llama family.
+
+Tables of cos and sin per position are computed once (float32, as Hugging Face computes them, then
+cast to the model dtype) and grown on demand; a step looks its positions up once and every layer
+reuses the rows. The rotation uses the "rotate half" layout of Hugging Face checkpoints: dimension
+i pairs with i + D/2.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(head_dim: int, rope_parameters: dict) -> Tensor:
+    """Inverse frequencies [head_dim // 2] for `rope_parameters` (transformers 5 `config.rope_parameters`).
+
+    Supports rope_type "default", "linear" (positions divided by `factor`) and "llama3" (Llama 3.1:
+    long wavelengths divided by `factor`, short ones kept, a smooth blend between).
+    """
+    rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"RoPE type {rope_type!r} is not supported by slimlm's runtime; supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}. Serve this model with transformers or vLLM.")
+    if rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported by slimlm's runtime")
+    base = float(rope_parameters.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope_type == "linear":
+        return inv_freq / rope_parameters["factor"]
+    if rope_type == "llama3":
+        factor = rope_parameters["factor"]
+        low, high = rope_parameters["low_freq_factor"], rope_parameters["high_freq_factor"]
+        old_len = rope_parameters["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(is_medium, blended, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin lookup for positions, and the rotation itself (`apply_rotary`)."""
+
+    def __init__(self, inv_freq: Tensor, max_positions: int = 4096, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        # Kept in float32 on the host: tables are rebuilt from it when positions outgrow them.
+        self.inv_freq = inv_freq.float().cpu()
+        self.dtype = dtype
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(max_positions)
+
+    def _build(self, n: int) -> None:
+        pos = torch.arange(n, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]           # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                  # [P, D]
+        half = freqs.shape[-1]
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin | sin]: fold the sign into the table.
+        sign = torch.cat((-torch.ones(half), torch.ones(half)))
+        device = self.cos.device
+        self.cos = emb.cos().to(device=device, dtype=self.dtype)
+        self.sin = (emb.sin() * sign).to(device=device, dtype=self.dtype)
+
+    def forward(self, positions: Tensor, max_position: int | None = None) -> tuple[Tensor, Tensor]:
+        """positions [N] -> (cos, sin), each [N, 1, D], broadcastable over heads.
+
+        `max_position` (a host int, the largest position in `positions`) lets the tables grow
+        without reading the device; without it they must already cover every position.
+        """
+        if max_position is not None and max_position >= self.cos.shape[0]:
+            self._build(max(2 * self.cos.shape[0], max_position + 1))
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [N, heads, D] by position: x * cos + rotate_half(x) * sin, with the sign inside `sin`."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

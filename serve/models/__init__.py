@@ -1,0 +1,25 @@
+"""slimlm's own model code for serving: Llama family (Llama 2/3, SmolLM2, Mistral), Qwen2, Qwen3."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers.linear import LinearFactory, make_linear
+from .llama import SUPPORTED_MODEL_TYPES, CausalLM, DecoderLayer, ModelArgs
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "CausalLM", "DecoderLayer", "ModelArgs", "load_model"]
+
+
+def load_model(hf_model: nn.Module, dtype: torch.dtype | None = None,
+               linear_factory: LinearFactory = make_linear) -> CausalLM:
+    """Convert a loaded transformers causal LM into slimlm's paged-attention `CausalLM`.
+
+    Raises ValueError, naming the supported families, when `hf_model.config.model_type` is not one of
+    SUPPORTED_MODEL_TYPES. `dtype` defaults to the model's; `linear_factory` builds every projection.
+    """
+    config = getattr(hf_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"cannot serve model_type {model_type!r} with slimlm's runtime; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}. Serve it with transformers or vLLM instead.")
+    return CausalLM.from_hf(hf_model, config, dtype=dtype, make_linear=linear_factory)

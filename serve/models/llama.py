@@ -1,0 +1,224 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral) and Qwen2/Qwen3, over a paged KV cache.
+
+One implementation; the families differ only in what their checkpoints hold, read at load time:
+attention bias (Qwen2), per-head RMSNorm of q and k before RoPE (Qwen3), tied embeddings (SmolLM2,
+small Qwens), an explicit head_dim (Qwen3, some Mistrals), RoPE scaling (Llama 3.1+).
+
+Built for batch-1 decode on CPU, where Python overhead per layer is a large share of the time:
+q/k/v are one matmul and gate/up another (weights concatenated at load), q and k get RoPE (and the
+Qwen3 norm) in one op on their joint view, RoPE tables are looked up once per step, and the cache
+is preallocated by `allocate_kv_cache` and written in place.
+
+`forward` returns the residual stream before the final norm, after `num_layers` layers (all by
+default): early-exit heads read it there. `compute_logits` applies the final norm and the LM head
+to the rows asked for only.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.attention import AttentionMetadata, paged_attention, write_kv
+from ..layers.linear import LinearFactory, make_linear as dense_linear
+from ..layers.norm import RMSNorm, rms_norm
+from ..layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelArgs:
+    """The shape of a model, as plain data (read from a Hugging Face config by `from_hf_config`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # not applied; see from_hf_config
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelArgs:
+        """Read a transformers `PretrainedConfig` of a supported family; raise ValueError for what we cannot run."""
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not supported by slimlm's runtime; supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)}. Serve it with transformers or vLLM instead.")
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (the Llama-family MLP here is SiLU-gated)")
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+        rope.setdefault("rope_type", rope.get("type", "default"))
+        if rope["rope_type"] == "llama3":
+            rope.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        window = getattr(config, "sliding_window", None)
+        if model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+            window = None
+        if window is not None and window < config.max_position_embeddings:
+            warnings.warn(f"{model_type} config has sliding_window={window}; slimlm's runtime attends to the "
+                          f"whole context, so outputs match the reference only for contexts up to {window} "
+                          "tokens. Cap the engine's max model length at the window.", stacklevel=2)
+        return cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                   intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+                   num_heads=heads, num_kv_heads=kv_heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   rms_norm_eps=config.rms_norm_eps, rope_parameters=rope,
+                   max_position_embeddings=config.max_position_embeddings,
+                   tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                   sliding_window=window)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention block then pre-norm SiLU-gated MLP, each added to the residual stream."""
+
+    def __init__(self, args: ModelArgs, qkv_proj: nn.Module, o_proj: nn.Module, gate_up_proj: nn.Module,
+                 down_proj: nn.Module, input_norm: RMSNorm, post_attention_norm: RMSNorm,
+                 qk_norm_weight: Tensor | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.intermediate_size = args.intermediate_size
+        self.eps = args.rms_norm_eps
+        self.scale = args.head_dim ** -0.5
+        self.qkv_proj, self.o_proj = qkv_proj, o_proj
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.input_norm, self.post_attention_norm = input_norm, post_attention_norm
+        # Qwen3: q_norm repeated over the H query heads, then k_norm over the KVH key heads: [H + KVH, D],
+        # so one norm covers the joint q|k view.
+        self.qk_norm_weight = None if qk_norm_weight is None else nn.Parameter(qk_norm_weight, requires_grad=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                meta: AttentionMetadata) -> Tensor:
+        # x: [N, hidden]; cos, sin: [N, 1, D]; caches: [num_blocks, block_size, KVH, D]
+        n = x.shape[0]
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(self.input_norm(x)).view(n, h + 2 * kvh, d)   # [N, H + 2 KVH, D]
+        qk, v = qkv[:, :h + kvh], qkv[:, h + kvh:]                         # [N, H + KVH, D], [N, KVH, D]
+        if self.qk_norm_weight is not None:
+            qk = rms_norm(qk, self.qk_norm_weight, self.eps)
+        qk = apply_rotary(qk, cos, sin)
+        q, k = qk[:, :h], qk[:, h:]
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attn = paged_attention(q, k_cache, v_cache, meta, self.scale)      # [N, H, D]
+        x = x + self.o_proj(attn.reshape(n, h * d))
+        gate_up = self.gate_up_proj(self.post_attention_norm(x))          # [N, 2 I]
+        i = self.intermediate_size
+        return x + self.down_proj(F.silu(gate_up[:, :i]) * gate_up[:, i:])
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM whose attention reads and writes a paged KV cache. Inference only."""
+
+    def __init__(self, args: ModelArgs, embed_tokens: Tensor, layers: list[DecoderLayer], norm: RMSNorm,
+                 lm_head: nn.Module):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Parameter(embed_tokens, requires_grad=False)  # [V, hidden]
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = lm_head
+        self.rotary = RotaryEmbedding(rope_inv_freq(args.head_dim, args.rope_parameters),
+                                      max_positions=min(args.max_position_embeddings, 4096),
+                                      dtype=embed_tokens.dtype).to(embed_tokens.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    @classmethod
+    def from_hf(cls, source, config=None, dtype: torch.dtype | None = None,
+                make_linear: LinearFactory = dense_linear) -> CausalLM:
+        """Build from a transformers model (or its state dict plus `config`), fusing q/k/v and gate/up.
+
+        `dtype` defaults to the checkpoint's. `make_linear` builds every projection (the seam where a
+        quantized format replaces the dense `F.linear`). The weights are copied where fused or cast and
+        shared otherwise, so the source model can be dropped afterwards.
+        """
+        if isinstance(source, nn.Module):
+            config = config if config is not None else source.config
+            state = source.state_dict()
+        else:
+            state = dict(source)
+        if config is None:
+            raise ValueError("from_hf got a state dict without a config; pass the model's transformers config")
+        args = ModelArgs.from_hf_config(config)
+        prefix = "model." if "model.embed_tokens.weight" in state else ""
+        embed = state[prefix + "embed_tokens.weight"]
+        dtype = dtype or embed.dtype
+        get = lambda name: None if name not in state else state[name].to(dtype)  # noqa: E731
+        cat = lambda *ts: None if ts[0] is None else torch.cat(ts, dim=0)  # noqa: E731
+
+        layers = []
+        for i in range(args.num_layers):
+            p = f"{prefix}layers.{i}."
+            attn = lambda name: get(p + "self_attn." + name)  # noqa: E731
+            q_norm, k_norm = attn("q_norm.weight"), attn("k_norm.weight")
+            qk_norm = None
+            if q_norm is not None:
+                qk_norm = torch.cat((q_norm.expand(args.num_heads, -1), k_norm.expand(args.num_kv_heads, -1)))
+            layers.append(DecoderLayer(
+                args,
+                qkv_proj=make_linear(cat(attn("q_proj.weight"), attn("k_proj.weight"), attn("v_proj.weight")),
+                                     cat(attn("q_proj.bias"), attn("k_proj.bias"), attn("v_proj.bias"))),
+                o_proj=make_linear(attn("o_proj.weight"), attn("o_proj.bias")),
+                gate_up_proj=make_linear(cat(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")),
+                                         cat(get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias"))),
+                down_proj=make_linear(get(p + "mlp.down_proj.weight"), get(p + "mlp.down_proj.bias")),
+                input_norm=RMSNorm(get(p + "input_layernorm.weight"), args.rms_norm_eps),
+                post_attention_norm=RMSNorm(get(p + "post_attention_layernorm.weight"), args.rms_norm_eps),
+                qk_norm_weight=qk_norm))
+        embed = embed.to(dtype)
+        head = embed if args.tie_word_embeddings or "lm_head.weight" not in state else get("lm_head.weight")
+        return cls(args, embed, layers, RMSNorm(get(prefix + "norm.weight"), args.rms_norm_eps),
+                   make_linear(head, None))
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
+                          device: torch.device | str | None = None) -> list[tuple[Tensor, Tensor]]:
+        """One zeroed (k_cache, v_cache) pair per layer, each [num_blocks, block_size, KVH, D].
+
+        Zeroed, not empty: padding slots are read (then masked), and masked NaN garbage would still
+        poison the softmax-weighted sum.
+        """
+        a = self.args
+        shape = (num_blocks, block_size, a.num_kv_heads, a.head_dim)
+        kw = dict(dtype=dtype or self.dtype, device=device or self.device)
+        return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in range(a.num_layers)]
+
+    def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
+                meta: AttentionMetadata, num_layers: int | None = None) -> Tensor:
+        """Run the first `num_layers` layers (all by default) on a flattened step.
+
+        input_ids, positions: [N]; kv_caches: from `allocate_kv_cache` (at least `num_layers` pairs).
+        Returns the residual stream [N, hidden], before the final norm.
+        """
+        n_layers = len(self.layers) if num_layers is None else num_layers
+        if not 0 <= n_layers <= len(self.layers) or len(kv_caches) < n_layers:
+            raise ValueError(f"num_layers={n_layers} needs 0..{len(self.layers)} layers and as many KV cache "
+                             f"pairs; got {len(kv_caches)} pairs")
+        x = F.embedding(input_ids, self.embed_tokens)                      # [N, hidden]
+        cos, sin = self.rotary(positions, meta.max_seq_len - 1)            # [N, 1, D] each
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches[:n_layers]):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        return x
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [M, hidden] (e.g. `hidden[meta.last_token_indices]`) -> logits [M, vocab]."""
+        return self.lm_head(self.norm(hidden))
