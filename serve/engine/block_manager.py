@@ -121,7 +121,8 @@ class BlockManager:
     # -- prefix cache --------------------------------------------------------------------------
     def _lookup(self, seq: Sequence) -> tuple[list[int], list[bytes]]:
         """Cached blocks for the longest full-block prefix of seq, leaving >= 1 token to compute."""
-        if not self.enable_prefix_caching or seq.block_table or seq.num_computed_tokens:
+        if (not self.enable_prefix_caching or seq.block_table or seq.num_computed_tokens
+                or seq.skip_prefix_cache):
             return [], []
         bs = self.block_size
         blocks, names, parent = [], [], _ROOT

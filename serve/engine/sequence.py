@@ -64,6 +64,8 @@ class Sequence:
         # Chained hashes of this sequence's full, computed blocks that the block manager has already
         # offered to the prefix cache; its length is where registration resumes next step.
         self.block_hashes: list[bytes] = []
+        # True when every prompt position must be computed (prompt logprobs): no prefix-cache reuse.
+        self.skip_prefix_cache = False
 
     # -- token views ---------------------------------------------------------------------------
     @property

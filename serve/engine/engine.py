@@ -1,0 +1,247 @@
+"""The engine: requests in, tokens out, one continuous-batching step at a time.
+
+`LLMEngine.step()` asks the scheduler what to compute, runs it through the model runner, samples,
+applies stops, and returns the (cumulative) outputs of every request that advanced. It is
+synchronous and single-threaded on purpose: the HTTP server drives it from one background thread,
+the offline `LLM` API from a plain loop.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..layers.sampler import sample
+from ..sampling_params import SamplingParams
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestOutput
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+
+@dataclass
+class EngineConfig:
+    """Engine limits. `num_blocks` None: as many KV blocks as `kv_cache_gb` holds (at least enough
+    for one sequence of `max_model_len`). `max_model_len` None: the model's context, capped at 4096."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_gb: float = 1.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    chunked_prefill: bool = True
+    dtype: torch.dtype | None = None  # of weights and KV cache; None keeps the model's
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    outputs: list[CompletionOutput]
+    generators: list[torch.Generator | None]
+    arrival: float
+    first_token_time: float | None = None
+    prompt_logprobs: list | None = None
+    prompt_top: list | None = None
+    num_cached_tokens: int = 0
+    done: set = field(default_factory=set)
+
+
+class LLMEngine:
+    def __init__(self, hf_model, tokenizer, config: EngineConfig | None = None, model_name: str | None = None):
+        from ..models import load_model
+
+        self.config = config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.model_name = model_name or getattr(hf_model.config, "_name_or_path", None) or "model"
+        self.model = load_model(hf_model, dtype=config.dtype).eval()
+        ctx = getattr(hf_model.config, "max_position_embeddings", 4096) or 4096
+        self.max_model_len = config.max_model_len or min(ctx, 4096)
+        config.max_model_len = self.max_model_len
+        num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_gb)
+        num_blocks = max(num_blocks, math.ceil(self.max_model_len / config.block_size))
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, chunked_prefill=config.chunked_prefill), self.block_manager)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.eos_token_ids = _eos_ids(hf_model, tokenizer)
+        self._requests: dict[str, _Request] = {}
+        self._owner: dict[int, tuple[_Request, int]] = {}  # seq_id -> (request, completion index)
+        self._seq_ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_spec(cls, spec: str, config: EngineConfig | None = None, dtype=None, device: str = "cpu"):
+        """Load any model `slimlm.toolkit.models.load` accepts and serve it."""
+        from slimlm.toolkit.models import load
+
+        hf_model, tokenizer = load(spec, dtype=dtype, device=device)
+        return cls(hf_model, tokenizer, config, model_name=spec)
+
+    def _blocks_for(self, gb: float) -> int:
+        a = self.model.args
+        dtype = self.config.dtype or self.model.dtype
+        per_block = 2 * a.num_layers * self.config.block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
+        return max(1, int(gb * 2**30) // per_block)
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request; ValueError for an empty or too-long prompt or a duplicate id."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty; at least one token is needed")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is "
+                             f"{self.max_model_len} (prompt plus at least one new token); shorten the prompt")
+        vocab = self.model.args.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(prompt_token_ids)}..{max(prompt_token_ids)}")
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        eos = eos | frozenset(params.stop_token_ids)
+        req = _Request(request_id, list(prompt_token_ids), params, [], [], [], arrival)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(prompt_token_ids)
+            req.prompt_top = [None] * len(prompt_token_ids)
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), prompt_token_ids, params.max_tokens, eos, params, arrival)
+            seq.skip_prefix_cache = params.prompt_logprobs is not None and i == 0
+            req.seqs.append(seq)
+            req.outputs.append(CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None,
+                                                top_logprobs=[] if params.logprobs else None))
+            req.generators.append(None if params.seed is None else torch.Generator().manual_seed(params.seed + i))
+            self._owner[seq.seq_id] = (req, i)
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+        self._requests[request_id] = req
+        self.prompt_tokens_total += len(prompt_token_ids)
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancel a request and free its KV blocks now (no-op if unknown or finished)."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq, out in zip(req.seqs, req.outputs):
+            self.scheduler.abort(seq.seq_id)
+            self._owner.pop(seq.seq_id, None)
+            out.finish_reason = out.finish_reason or "abort"
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+                "requests": len(self._requests), "kv_blocks_used": bm.num_used_blocks,
+                "kv_blocks_free": bm.num_free_blocks, "kv_blocks_total": bm.num_blocks,
+                "prefix_cache_hit_rate": bm.hit_rate, "prompt_tokens_total": self.prompt_tokens_total,
+                "generation_tokens_total": self.generation_tokens_total}
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        want_prompt = {s.seq.seq_id for s in out.scheduled if s.seq.skip_prefix_cache}
+        logits = self.runner.execute(out, want_prompt)
+        advanced: dict[str, _Request] = {}
+        for seq_id, (rows, first_pos) in logits.prompt.items():
+            self._record_prompt_logprobs(self._owner[seq_id][0], rows, first_pos)
+        new_tokens: dict[int, list[int]] = {}
+        if logits.sampled_ids:
+            seqs = [self._owner[i][0].seqs[self._owner[i][1]] for i in logits.sampled_ids]
+            params = [s.params for s in seqs]
+            gens = [self._owner[s.seq_id][0].generators[self._owner[s.seq_id][1]] for s in seqs]
+            penal = any(p.needs_penalties for p in params)
+            result = sample(logits.sample, params, gens,
+                            [s.prompt_token_ids for s in seqs] if penal else None,
+                            [s.output_token_ids for s in seqs] if penal else None)
+            now = time.perf_counter()
+            for j, seq in enumerate(seqs):
+                req, idx = self._owner[seq.seq_id]
+                new_tokens[seq.seq_id] = [result.tokens[j]]
+                comp = req.outputs[idx]
+                if comp.logprobs is not None:
+                    comp.logprobs.append(result.logprobs[j])
+                if comp.top_logprobs is not None:
+                    comp.top_logprobs.append(result.top_logprobs[j])
+                req.first_token_time = req.first_token_time or now
+                advanced[req.request_id] = req
+        self.scheduler.update(out, new_tokens)
+        self.generation_tokens_total += len(new_tokens)
+        for seq_id in new_tokens:
+            req, idx = self._owner[seq_id]
+            self._update_completion(req, idx)
+        return [self._finish_or_report(req) for req in advanced.values()]
+
+    def _record_prompt_logprobs(self, req: _Request, rows: torch.Tensor, first_pos: int) -> None:
+        logprobs = torch.log_softmax(rows, dim=-1)                      # [T, V]: row t predicts position first_pos+t+1
+        k = req.params.prompt_logprobs
+        for t in range(rows.shape[0]):
+            target = first_pos + t + 1
+            if target >= len(req.prompt_token_ids):
+                break
+            tok = req.prompt_token_ids[target]
+            req.prompt_logprobs[target] = float(logprobs[t, tok])
+            if k:
+                vals, ids = torch.topk(logprobs[t], k)
+                req.prompt_top[target] = list(zip(ids.tolist(), vals.tolist()))
+
+    def _update_completion(self, req: _Request, idx: int) -> None:
+        seq, comp = req.seqs[idx], req.outputs[idx]
+        comp.token_ids = seq.output_token_ids
+        text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
+        if seq.is_finished:
+            comp.finish_reason = seq.finish_reason
+            last = comp.token_ids[-1] if comp.token_ids else None
+            if comp.finish_reason == "stop" and last in req.params.stop_token_ids:
+                comp.stop_reason = last
+        for stop in req.params.stop:
+            cut = text.find(stop, max(0, len(comp.text) - len(stop)))
+            if cut != -1:
+                text = text[:cut]
+                if not seq.is_finished:
+                    self.scheduler.abort(seq.seq_id)
+                comp.finish_reason, comp.stop_reason = "stop", stop
+                break
+        if comp.finish_reason is None and text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next byte
+        comp.text = text
+        if comp.finish_reason is not None:
+            req.done.add(idx)
+
+    def _finish_or_report(self, req: _Request) -> RequestOutput:
+        finished = len(req.done) == len(req.seqs)
+        metrics = {"arrival": req.arrival, "first_token": req.first_token_time}
+        if finished:
+            metrics["finished"] = time.perf_counter()
+            self._requests.pop(req.request_id, None)
+            for seq in req.seqs:
+                self._owner.pop(seq.seq_id, None)
+        return RequestOutput(req.request_id, req.prompt_token_ids, req.outputs, finished,
+                             req.prompt_logprobs, req.prompt_top,
+                             num_cached_tokens=min(s.num_cached_prefix_tokens for s in req.seqs), metrics=metrics)
+
+
+def _eos_ids(hf_model, tokenizer) -> frozenset[int]:
+    ids = set()
+    gen = getattr(hf_model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return frozenset(ids)

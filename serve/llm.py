@@ -1,0 +1,48 @@
+"""The offline Python API: `LLM(model).generate(prompts, SamplingParams(...))`.
+
+All prompts go into one engine at once, so they are batched continuously; outputs come back in
+prompt order.
+"""
+from __future__ import annotations
+
+from rich.progress import Progress
+
+from .engine.engine import EngineConfig, LLMEngine
+from .engine.outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """`model` is anything `slimlm.toolkit.models.load` accepts, or a loaded HF model (pass `tokenizer`)."""
+
+    def __init__(self, model, tokenizer=None, dtype=None, device: str = "cpu", **config):
+        cfg = EngineConfig(**config)
+        if isinstance(model, str):
+            self.engine = LLMEngine.from_spec(model, cfg, dtype=dtype, device=device)
+        else:
+            if tokenizer is None:
+                raise ValueError("pass the tokenizer together with a loaded model")
+            self.engine = LLMEngine(model, tokenizer, cfg)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Generate for a string, a list of strings, or a list of token-id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+            ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+            self.engine.add_request(str(i), ids, p)
+        results: dict[str, RequestOutput] = {}
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("generating", total=len(prompts))
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.advance(task)
+        return [results[str(i)] for i in range(len(prompts))]
