@@ -90,7 +90,71 @@ def run_export(args) -> int:
     return 0
 
 
-VERBS = {"eval": (add_eval, run_eval), "export": (add_export, run_export)}
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="throughput and latency of the serving engine, against a baseline in the same run",
+                       description="Offline throughput at each batch size and online load (fixed concurrency or "
+                       "Poisson arrivals): tokens/s, requests/s, TTFT, TPOT, inter-token latency p50/p99; "
+                       "warm-up, then --reps repetitions, median [min, max].")
+    p.add_argument("model", help="built-in alias, model folder, slimlm export, .gguf or hub id")
+    p.add_argument("--baseline", choices=["hf", "none"], default="none",
+                   help="hf: transformers.generate on the same prompts and lengths, in the same run")
+    p.add_argument("--batch-sizes", default="1,16", help="offline batch sizes, comma-separated (default 1,16)")
+    p.add_argument("--concurrency", type=int, default=32, help="online: requests in flight (0: skip; default 32)")
+    p.add_argument("--rate", type=float, default=None, help="online: Poisson arrivals per second instead of --concurrency")
+    p.add_argument("--num-requests", type=int, default=None, help="online: requests per repetition (default 2x concurrency)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (held-out text; default 128)")
+    p.add_argument("--gen-len", type=int, default=128, help="new tokens per request (default 128)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions after the warm-up (default 3)")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default), float32 or fp16")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", metavar="OUT", help="write every figure, the settings and the command to OUT")
+
+
+def run_bench(args) -> int:
+    import torch
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from slimlm.serve.bench import benchmark
+    from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+    from slimlm.toolkit.eval import write_json
+    from slimlm.toolkit.models import load, resolve
+
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise SlimlmError(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of integers.") from None
+    if any(b < 1 for b in batch_sizes) or args.reps < 1 or args.prompt_len < 1 or args.gen_len < 1:
+        raise SlimlmError("--batch-sizes, --reps, --prompt-len and --gen-len must be positive.")
+    resolve(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console(stderr=True)
+    hf_model, tokenizer = load(args.model, dtype=args.dtype)
+    engine = LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, args.concurrency or 1])),
+                       model_name=args.model)
+    with console.status("benchmarking") as status:
+        result = benchmark(engine, hf_model if args.baseline == "hf" else None, batch_sizes,
+                           args.concurrency or None, args.rate, args.num_requests, args.prompt_len,
+                           args.gen_len, args.reps, progress=status.update)
+    table = Table(title=escape(f"bench: {args.model} ({args.dtype}, {args.prompt_len}-token prompts, "
+                               f"{args.gen_len} new tokens; median [min, max] of {args.reps})"))
+    table.add_column("run")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, row in result["rows"].items():
+        for metric, spread in row.items():
+            table.add_row(name, metric, escape(f"{spread['median']:.1f} [{spread['min']:.1f}, {spread['max']:.1f}]"))
+    for name, ratio in result["ratios"].items():
+        table.add_row(name, "ratio (tokens/s)", f"{ratio:.2f}x")
+    Console().print(table)
+    if args.json:
+        write_json({**result, "model": args.model, "command": args.command_line}, args.json)
+    return 0
+
+
+VERBS = {"eval": (add_eval, run_eval), "export": (add_export, run_export), "bench": (add_bench, run_bench)}
 
 
 def build_parser() -> argparse.ArgumentParser:

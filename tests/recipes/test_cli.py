@@ -109,3 +109,21 @@ def test_console_script_is_installed():
     assert exe, "the slimlm console script is not installed next to this python"
     proc = subprocess.run([exe, "eval", "/no/such/model"], capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_bench_runs_with_a_baseline_and_writes_json(model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model_dir), "--baseline", "hf", "--batch-sizes", "1", "--concurrency", "2",
+                 "--num-requests", "2", "--prompt-len", "8", "--gen-len", "3", "--reps", "1", "--dtype", "float32",
+                 "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "engine batch 1 / hf batch 1" in printed
+    result = json.loads(out.read_text())
+    assert result["rows"]["engine batch 1"]["tokens_per_s"]["median"] > 0
+    assert result["command"].startswith("slimlm bench")
+
+
+def test_bench_refuses_bad_batch_sizes(model_dir, capsys):
+    assert main(["bench", str(model_dir), "--batch-sizes", "1,x"]) == 2
+    assert "--batch-sizes" in capsys.readouterr().err

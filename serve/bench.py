@@ -1,0 +1,189 @@
+"""`slimlm bench`: offline throughput and online load of the engine, with a baseline in the same run.
+
+Offline: B prompts of `prompt_len` tokens (held-out text) generate exactly `gen_len` tokens each
+(greedy, EOS ignored), all submitted at once. Online: requests arrive either at fixed concurrency C
+(a new one whenever one finishes) or as a Poisson process at `rate` requests/s; per request we
+record time to first token (TTFT), time per output token after the first (TPOT) and every
+inter-token latency (ITL). Every figure is measured after a warm-up, `reps` times, and reported as
+median with min and max. `baseline="hf"` runs `transformers.generate` (left-padded batches) on the
+same prompts and lengths in the same run, so the ratios compare like with like on a noisy machine.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine.engine import LLMEngine
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class Spread:
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+    def fmt(self, digits: int = 1) -> str:
+        return f"{self.median:.{digits}f} [{self.min:.{digits}f}, {self.max:.{digits}f}]"
+
+
+@dataclass
+class RunStats:
+    tokens_per_s: float
+    requests_per_s: float
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def bench_prompts(tokenizer, n: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+    """n distinct prompts of exactly prompt_len tokens, cut from the held-out part of builtin:wiki."""
+    from slimlm.toolkit.data import load_texts, token_stream
+
+    stream = token_stream(load_texts("builtin:wiki", split="validation"), tokenizer)
+    if stream.numel() < n * prompt_len:
+        raise ValueError(f"{n} prompts of {prompt_len} tokens need {n * prompt_len} tokens of held-out text; "
+                         f"there are {stream.numel()}")
+    starts = random.Random(seed).sample(range(stream.numel() // prompt_len), n)
+    return [stream[s * prompt_len:(s + 1) * prompt_len].tolist() for s in starts]
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], gen_len: int, concurrency: int | None = None,
+               rate: float | None = None, seed: int = 0) -> RunStats:
+    """Push all prompts through the engine: at once (offline), at fixed concurrency, or Poisson at `rate`."""
+    engine.block_manager.reset_prefix_cache()  # every repetition starts cold: no reuse across reps
+    params = SamplingParams(temperature=0, max_tokens=gen_len, ignore_eos=True)
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    arrivals = [start] * len(prompts)
+    if rate:
+        t = start
+        for i in range(len(prompts)):
+            t += rng.expovariate(rate)
+            arrivals[i] = t
+    pending = list(range(len(prompts)))
+    in_flight: dict[str, float] = {}
+    last_time: dict[str, float] = {}
+    last_count: dict[str, int] = {}
+    stats = RunStats(0.0, 0.0)
+    produced = 0
+
+    def admit(now: float) -> None:
+        while pending and (concurrency is None or len(in_flight) < concurrency) and arrivals[pending[0]] <= now:
+            i = pending.pop(0)
+            rid = str(i)
+            engine.add_request(rid, prompts[i], params, arrival_time=max(arrivals[i], start))
+            in_flight[rid] = max(arrivals[i], start)
+            last_count[rid] = 0
+
+    while pending or in_flight:
+        now = time.perf_counter()
+        admit(now)
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(0.01, arrivals[pending[0]] - now)))
+            continue
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:
+            rid, n = out.request_id, len(out.outputs[0].token_ids)
+            if n > last_count[rid]:
+                if last_count[rid] == 0:
+                    stats.ttft.append(now - in_flight[rid])
+                else:
+                    stats.itl.append(now - last_time[rid])
+                produced += n - last_count[rid]
+                last_count[rid], last_time[rid] = n, now
+            if out.finished:
+                first = out.metrics.get("first_token") or now
+                if n > 1:
+                    stats.tpot.append((now - first) / (n - 1))
+                del in_flight[rid]
+    wall = time.perf_counter() - start
+    stats.tokens_per_s = produced / wall
+    stats.requests_per_s = len(prompts) / wall
+    return stats
+
+
+def run_hf(model, prompts: list[list[int]], gen_len: int, pad_id: int) -> float:
+    """transformers.generate on one left-padded batch; returns generated tokens per second."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen_len, min_new_tokens=gen_len,
+                       do_sample=False, pad_token_id=pad_id)
+    return len(prompts) * gen_len / (time.perf_counter() - start)
+
+
+def benchmark(engine: LLMEngine, hf_model=None, batch_sizes=(1, 16), concurrency: int | None = 32,
+              rate: float | None = None, num_requests: int | None = None, prompt_len: int = 128,
+              gen_len: int = 128, reps: int = 3, progress=None) -> dict:
+    """Run every configured measurement; returns a JSON-ready dict of Spreads and ratios."""
+    tok = engine.tokenizer
+    n_online = num_requests or (2 * concurrency if concurrency else 32)
+    prompts = bench_prompts(tok, max(max(batch_sizes, default=1), n_online), prompt_len)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(engine.eos_token_ids), 0)
+    rows: dict[str, dict] = {}
+    say = progress or (lambda msg: None)
+
+    def measure(name, fn):
+        say(f"{name}: warm-up")
+        fn()
+        values = []
+        for r in range(reps):
+            say(f"{name}: repetition {r + 1}/{reps}")
+            values.append(fn())
+        return values
+
+    for b in batch_sizes:
+        runs = measure(f"engine batch {b}", lambda b=b: run_engine(engine, prompts[:b], gen_len))
+        rows[f"engine batch {b}"] = {"tokens_per_s": Spread.of([r.tokens_per_s for r in runs]).__dict__}
+        if hf_model is not None:
+            hf = measure(f"hf batch {b}", lambda b=b: run_hf(hf_model, prompts[:b], gen_len, pad))
+            rows[f"hf batch {b}"] = {"tokens_per_s": Spread.of(hf).__dict__}
+    if concurrency or rate:
+        label = f"engine online c={concurrency}" if concurrency else f"engine online rate={rate}/s"
+        runs = measure(label, lambda: run_engine(engine, prompts[:n_online], gen_len, concurrency, rate))
+        rows[label] = {
+            "tokens_per_s": Spread.of([r.tokens_per_s for r in runs]).__dict__,
+            "requests_per_s": Spread.of([r.requests_per_s for r in runs]).__dict__,
+            "ttft_p50_ms": Spread.of([1e3 * percentile(r.ttft, 50) for r in runs]).__dict__,
+            "ttft_p99_ms": Spread.of([1e3 * percentile(r.ttft, 99) for r in runs]).__dict__,
+            "tpot_p50_ms": Spread.of([1e3 * percentile(r.tpot, 50) for r in runs]).__dict__,
+            "itl_p50_ms": Spread.of([1e3 * percentile(r.itl, 50) for r in runs]).__dict__,
+            "itl_p99_ms": Spread.of([1e3 * percentile(r.itl, 99) for r in runs]).__dict__,
+        }
+    ratios = {}
+    hf1 = rows.get("hf batch 1", {}).get("tokens_per_s", {}).get("median")
+    for name, row in rows.items():
+        if name.startswith("engine") and hf1:
+            ratios[f"{name} / hf batch 1"] = row["tokens_per_s"]["median"] / hf1
+        b = name.split()[-1]
+        if name.startswith("engine batch") and f"hf batch {b}" in rows:
+            ratios[f"{name} / hf batch {b}"] = row["tokens_per_s"]["median"] / rows[f"hf batch {b}"]["tokens_per_s"]["median"]
+    biggest_hf = max((int(n.split()[-1]) for n in rows if n.startswith("hf batch")), default=None)
+    if biggest_hf and biggest_hf != 1:
+        for name, row in rows.items():
+            if name.startswith("engine online"):
+                ratios[f"{name} / hf batch {biggest_hf}"] = (
+                    row["tokens_per_s"]["median"] / rows[f"hf batch {biggest_hf}"]["tokens_per_s"]["median"])
+    return {"rows": rows, "ratios": ratios,
+            "settings": {"batch_sizes": list(batch_sizes), "concurrency": concurrency, "rate": rate,
+                         "num_requests": n_online, "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps,
+                         "threads": torch.get_num_threads(), "dtype": str(engine.model.dtype)}}

@@ -1,0 +1,43 @@
+"""The benchmark harness on a tiny model: every figure is produced, and the counts add up."""
+import pytest
+
+from slimlm.serve.bench import benchmark, bench_prompts, percentile, run_engine
+from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+from slimlm.toolkit.models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def engine_and_model():
+    model, tok = tiny_model("llama")
+    return LLMEngine(model, tok, EngineConfig(block_size=4)), model
+
+
+def test_prompts_are_distinct_held_out_windows_of_exact_length(engine_and_model):
+    engine, _ = engine_and_model
+    prompts = bench_prompts(engine.tokenizer, 6, 20)
+    assert all(len(p) == 20 for p in prompts) and len({tuple(p) for p in prompts}) == 6
+    assert bench_prompts(engine.tokenizer, 6, 20) == prompts  # seeded
+
+
+@pytest.mark.parametrize("concurrency, rate", [(None, None), (2, None), (None, 200.0)])
+def test_run_engine_produces_every_token_and_latency(engine_and_model, concurrency, rate):
+    engine, _ = engine_and_model
+    prompts = bench_prompts(engine.tokenizer, 5, 12)
+    stats = run_engine(engine, prompts, gen_len=6, concurrency=concurrency, rate=rate)
+    assert len(stats.ttft) == 5 and len(stats.tpot) == 5 and len(stats.itl) == 5 * 5
+    assert stats.tokens_per_s > 0 and stats.requests_per_s > 0
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished()
+
+
+def test_benchmark_reports_rows_and_ratios(engine_and_model):
+    engine, model = engine_and_model
+    result = benchmark(engine, model, batch_sizes=(1, 2), concurrency=2, num_requests=3, prompt_len=8,
+                       gen_len=4, reps=1)
+    assert set(result["rows"]) == {"engine batch 1", "hf batch 1", "engine batch 2", "hf batch 2", "engine online c=2"}
+    assert "engine batch 1 / hf batch 1" in result["ratios"] and "engine online c=2 / hf batch 2" in result["ratios"]
+    row = result["rows"]["engine online c=2"]
+    assert row["ttft_p50_ms"]["min"] <= row["ttft_p50_ms"]["median"] <= row["ttft_p50_ms"]["max"]
+
+
+def test_percentile():
+    assert percentile([3, 1, 2], 50) == 2 and percentile(list(range(101)), 99) == 99
