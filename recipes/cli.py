@@ -154,7 +154,44 @@ def run_bench(args) -> int:
     return 0
 
 
-VERBS = {"eval": (add_eval, run_eval), "export": (add_export, run_export), "bench": (add_bench, run_bench)}
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
+                       description="Serves /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                       "/metrics. Binds 127.0.0.1 unless told otherwise.")
+    p.add_argument("model", help="built-in alias, model folder, slimlm export, .gguf or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SLIMLM_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: MODEL)")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default), float32 or fp16")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch (default 64)")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (default 1.0)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    p.add_argument("--max-queue", type=int, default=256, help="requests held at once; past it, 429 (default 256)")
+
+
+def run_serve(args) -> int:
+    from slimlm.serve.api import serve
+    from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+    from slimlm.toolkit.models import load, resolve
+
+    if not 0 < args.port < 65536 or args.max_num_seqs < 1 or args.kv_cache_gb <= 0 or args.max_queue < 1:
+        raise SlimlmError("--port must be 1-65535; --max-num-seqs, --kv-cache-gb and --max-queue positive.")
+    resolve(args.model)
+    hf_model, tokenizer = load(args.model, dtype=args.dtype)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=not args.no_prefix_caching)
+    try:
+        engine = LLMEngine(hf_model, tokenizer, config, model_name=args.served_model_name or args.model)
+    except ValueError as err:
+        raise SlimlmError(f"cannot serve {args.model}: {err}") from err
+    serve(engine, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue)
+    return 0
+
+
+VERBS = {"eval": (add_eval, run_eval), "export": (add_export, run_export), "bench": (add_bench, run_bench),
+         "serve": (add_serve, run_serve)}
 
 
 def build_parser() -> argparse.ArgumentParser:

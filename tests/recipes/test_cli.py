@@ -127,3 +127,41 @@ def test_bench_runs_with_a_baseline_and_writes_json(model_dir, tmp_path, capsys)
 def test_bench_refuses_bad_batch_sizes(model_dir, capsys):
     assert main(["bench", str(model_dir), "--batch-sizes", "1,x"]) == 2
     assert "--batch-sizes" in capsys.readouterr().err
+
+
+def test_serve_answers_an_openai_client(model_dir):
+    """`slimlm serve` as a user runs it: a subprocess on a free loopback port, queried with openai."""
+    import socket
+    import time
+
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = __import__("pathlib").Path(sys.executable).parent / "slimlm"
+    proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--port", str(port), "--served-model-name", "tiny",
+                             "--dtype", "float32", "--max-model-len", "256"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        deadline = time.time() + 60
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "server did not start within 60 s"
+                time.sleep(0.5)
+        assert [m.id for m in models.data] == ["tiny"]
+        out = client.completions.create(model="tiny", prompt="hello", max_tokens=5, temperature=0)
+        assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_bad_port(model_dir, capsys):
+    assert main(["serve", str(model_dir), "--port", "0"]) == 2
+    assert "--port" in capsys.readouterr().err
