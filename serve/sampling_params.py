@@ -9,13 +9,15 @@ from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+# Below this a temperature is greedy: dividing float32 logits by it would overflow to inf.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
 class SamplingParams:
     """Sampling settings of one request (OpenAI/vLLM names and meanings).
 
-    temperature 0 means greedy. top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters.
+    temperature 0 (or below 1e-5, which float32 logits cannot be divided by) means greedy. top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters.
     repetition_penalty applies to prompt and output tokens (divides positive logits, multiplies
     negative ones); presence/frequency penalties to output tokens only, as OpenAI defines them.
     """
@@ -47,7 +49,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (isinstance(self.top_k, int) and self.top_k >= -1, f"top_k must be -1, 0 (off) or positive, got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (0.01 <= self.repetition_penalty <= 100,
+             f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (isinstance(self.n, int) and 1 <= self.n <= 16, f"n must be between 1 and 16, got {self.n}"),
@@ -63,7 +66,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

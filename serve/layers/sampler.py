@@ -40,7 +40,7 @@ def apply_penalties(logits, params: list[SamplingParams], prompt_ids: list[list[
 
 def filter_logits(logits, params: list[SamplingParams]):
     """Temperature, then top-k, top-p and min-p masks (to -inf), for rows that sample. [S, V] -> [S, V]."""
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], dtype=logits.dtype)
+    temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], dtype=logits.dtype)
     logits = logits / temps[:, None]
     if any(0 < p.top_k < logits.shape[1] for p in params):
         for i, p in enumerate(params):
@@ -53,6 +53,7 @@ def filter_logits(logits, params: list[SamplingParams]):
         probs = sorted_logits.softmax(-1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
         drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+        drop[:, 0] = False  # the most likely token always stays (top_p may round to 0 in float32)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     if any(p.min_p > 0 for p in params):
@@ -74,8 +75,12 @@ def sample(logits, params: list[SamplingParams], generators: list[torch.Generato
     if sampling_rows:
         idx = torch.tensor(sampling_rows)
         probs = filter_logits(logits[idx], [params[i] for i in sampling_rows]).softmax(-1)
+        # A row that still lost every token (inf/NaN from extreme settings) falls back to its argmax
+        # rather than failing the whole batch.
+        probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
         for j, i in enumerate(sampling_rows):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).item()
+            if probs[j].sum() > 0:
+                tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).item()
     chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
     top = None
     k = max((p.logprobs or 0) for p in params)

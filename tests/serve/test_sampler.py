@@ -83,3 +83,16 @@ def test_top_k_1_is_greedy_and_top_p_tiny_keeps_the_best():
 def test_bad_sampling_params_are_refused(bad, words):
     with pytest.raises(ValueError, match=words):
         SamplingParams(**bad)
+
+
+def test_extreme_but_valid_settings_never_crash_the_batch():
+    logits = torch.randn(3, V)
+    params = [SamplingParams(temperature=5e-324), SamplingParams(temperature=1.0, top_p=5e-324),
+              SamplingParams(temperature=1e-39)]
+    out = sample(logits, params, [None] * 3)
+    assert out.tokens == logits.argmax(-1).tolist()  # tiny temperature is greedy; tiny top_p keeps the best
+
+
+def test_tiny_repetition_penalty_is_refused():
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=1e-39)
