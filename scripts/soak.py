@@ -5,7 +5,8 @@
 Sends N completion requests (random prompt and output lengths, half of them streamed) at
 concurrency C; 10% are streamed and cancelled after their first tokens (the client disconnects).
 Reads /metrics before and after: at the end every KV block must be free and no request running.
-Reports 5xx count, other errors, the server's RSS growth after warm-up (from /metrics), and time.
+Reports 5xx count, other errors, the server's RSS (from /metrics) after every 10% of the requests,
+its growth from the end of the warm-up (--warmup requests) to the end, and the time.
 Exits non-zero if a check fails. Only loopback addresses are accepted.
 """
 from __future__ import annotations
@@ -71,14 +72,21 @@ async def main(args) -> int:
         before = (await client.get("/metrics")).text
         sem = asyncio.Semaphore(args.concurrency)
         rss_warm = None
+        rss_series = []
+        done = 0
         start = time.perf_counter()
 
         async def guarded(i: int) -> None:
-            nonlocal rss_warm
+            nonlocal rss_warm, done
             async with sem:
                 await one(client, rng, counts, cancel=rng.random() < 0.10)
-            if i == args.warmup:
-                rss_warm = metric((await client.get("/metrics")).text, "process_resident_memory_bytes")
+            done += 1
+            if done == args.warmup or done % max(1, args.requests // 10) == 0:
+                rss = metric((await client.get("/metrics")).text, "process_resident_memory_bytes")
+                if done == args.warmup:
+                    rss_warm = rss
+                if done % max(1, args.requests // 10) == 0:
+                    rss_series.append(round(rss / 2**20))
 
         await asyncio.gather(*(guarded(i) for i in range(args.requests)))
         wall = time.perf_counter() - start
@@ -91,7 +99,7 @@ async def main(args) -> int:
     report = {"requests": args.requests, "concurrency": args.concurrency, "seconds": round(wall, 1), **counts,
               "kv_blocks_used_at_end": used, "requests_running_at_end": running,
               "kv_blocks_used_before": metric(before, "slimlm_kv_blocks_used"),
-              "rss_growth_after_warmup": growth}
+              "rss_mib_every_10_percent": rss_series, "rss_growth_after_warmup": round(growth, 4)}
     print(json.dumps(report, indent=2))
     ok = counts["5xx"] == 0 and counts["transport"] == 0 and used == 0 and running == 0 and not (growth > 0.05)
     print("PASS" if ok else "FAIL")
@@ -103,6 +111,6 @@ if __name__ == "__main__":
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=100, help="requests before the RSS baseline is read")
+    p.add_argument("--warmup", type=int, default=500, help="requests before the RSS baseline is read")
     p.add_argument("--seed", type=int, default=0)
     sys.exit(asyncio.run(main(p.parse_args())))
