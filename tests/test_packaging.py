@@ -14,7 +14,8 @@ def test_wheel_maps_folders_into_the_slimlm_namespace(tmp_path):
     wheel = next(tmp_path.glob("slimlm-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("slimlm/toolkit/__init__.py", "slimlm/toolkit/models/load.py", "slimlm/serve/__init__.py",
-                     "slimlm/recipes/cli.py"):
+                     "slimlm/recipes/cli.py", "slimlm/serve/kernels/cpu/prelude.h",
+                     "slimlm/serve/kernels/cpu/decode_stack.c"):
         assert required in names
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"slimlm"} | {n.split("/")[0] for n in names if ".dist-info" in n}, tops

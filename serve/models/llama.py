@@ -24,8 +24,10 @@ from torch import Tensor, nn
 
 from ..layers.attention import AttentionMetadata, paged_attention, write_kv
 from ..layers.linear import LinearFactory, make_linear as dense_linear
-from ..layers.norm import RMSNorm, rms_norm
-from ..layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+from ..layers.norm import RMSNorm, add_rms_norm, rms_norm
+from ..layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq, rope_write_kv
+from . import cpu_decode
+from .cpu_decode import silu_mul
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -106,33 +108,35 @@ class DecoderLayer(nn.Module):
         # x: [N, hidden]; cos, sin: [N, 1, D]; caches: [num_blocks, block_size, KVH, D]
         n = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(self.input_norm(x)).view(n, h + 2 * kvh, d)   # [N, H + 2 KVH, D]
-        qk, v = qkv[:, :h + kvh], qkv[:, h + kvh:]                         # [N, H + KVH, D], [N, KVH, D]
-        if self.qk_norm_weight is not None:
-            qk = rms_norm(qk, self.qk_norm_weight, self.eps)
-        qk = apply_rotary(qk, cos, sin)
-        q, k = qk[:, :h], qk[:, h:]
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        qkv = self.qkv_proj(self.input_norm(x))                            # [N, (H + 2 KVH) D]
+        if self.qk_norm_weight is None:
+            q = rope_write_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, h)  # [N, H, D]
+        else:
+            qkv = qkv.view(n, h + 2 * kvh, d)                              # [N, H + 2 KVH, D]
+            qk, v = qkv[:, :h + kvh], qkv[:, h + kvh:]                     # [N, H + KVH, D], [N, KVH, D]
+            qk = apply_rotary(rms_norm(qk, self.qk_norm_weight, self.eps), cos, sin)
+            q, k = qk[:, :h], qk[:, h:]
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, meta, self.scale)      # [N, H, D]
-        x = x + self.o_proj(attn.reshape(n, h * d))
-        gate_up = self.gate_up_proj(self.post_attention_norm(x))          # [N, 2 I]
-        i = self.intermediate_size
-        return x + self.down_proj(F.silu(gate_up[:, :i]) * gate_up[:, i:])
+        x, normed = add_rms_norm(x, self.o_proj(attn.reshape(n, h * d)), self.post_attention_norm.weight, self.eps)
+        gate_up = self.gate_up_proj(normed)                                # [N, 2 I]
+        return x + self.down_proj(silu_mul(gate_up))
 
 
 class CausalLM(nn.Module):
     """A decoder-only LM whose attention reads and writes a paged KV cache. Inference only."""
 
     def __init__(self, args: ModelArgs, embed_tokens: Tensor, layers: list[DecoderLayer], norm: RMSNorm,
-                 lm_head: nn.Module):
+                 lm_head: nn.Module, inv_freq: Tensor | None = None):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Parameter(embed_tokens, requires_grad=False)  # [V, hidden]
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.lm_head = lm_head
-        self.rotary = RotaryEmbedding(rope_inv_freq(args.head_dim, args.rope_parameters),
-                                      max_positions=min(args.max_position_embeddings, 4096),
+        computed = rope_inv_freq(args.head_dim, args.rope_parameters)  # also refuses RoPE types we cannot run
+        inv_freq = computed if inv_freq is None else inv_freq
+        self.rotary = RotaryEmbedding(inv_freq, max_positions=min(args.max_position_embeddings, 4096),
                                       dtype=embed_tokens.dtype).to(embed_tokens.device)
 
     @property
@@ -188,7 +192,7 @@ class CausalLM(nn.Module):
         embed = embed.to(dtype)
         head = embed if args.tie_word_embeddings or "lm_head.weight" not in state else get("lm_head.weight")
         return cls(args, embed, layers, RMSNorm(get(prefix + "norm.weight"), args.rms_norm_eps),
-                   make_linear(head, None))
+                   make_linear(head, None), inv_freq=_hf_inv_freq(source, args))
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
                           device: torch.device | str | None = None) -> list[tuple[Tensor, Tensor]]:
@@ -213,12 +217,46 @@ class CausalLM(nn.Module):
         if not 0 <= n_layers <= len(self.layers) or len(kv_caches) < n_layers:
             raise ValueError(f"num_layers={n_layers} needs 0..{len(self.layers)} layers and as many KV cache "
                              f"pairs; got {len(kv_caches)} pairs")
+        num_slots = kv_caches[0][0].shape[0] * kv_caches[0][0].shape[1] if n_layers else 0
+        slots = meta.slot_mapping
+        if (n_layers and slots.numel() and slots.device.type == "cpu"
+                and (int(slots.min()) < 0 or int(slots.max()) >= num_slots)):
+            # The C kernels write where they are told: refuse what index_copy_ would have refused (CPU
+            # only: on a GPU index_copy_ checks, and reading the bounds here would sync every step).
+            raise ValueError(f"slot_mapping holds slots outside the KV cache's {num_slots} ({int(slots.min())}.."
+                             f"{int(slots.max())})")
         x = F.embedding(input_ids, self.embed_tokens)                      # [N, hidden]
         cos, sin = self.rotary(positions, meta.max_seq_len - 1)            # [N, 1, D] each
+        if (n_layers and cpu_decode.can_run(meta, x.shape[0]) and (stack := self._decode_stack()) is not None
+                and stack.bind(kv_caches, n_layers)):
+            return stack(x, cos, sin, kv_caches, meta, n_layers)          # the same layers, in one C call
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches[:n_layers]):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return x
 
+    def _decode_stack(self) -> cpu_decode.DecodeStack | None:
+        # Built on the first small decode step (the weights are final by then), kept while kernels are on.
+        if not cpu_decode.kernels_enabled():
+            return None
+        if not hasattr(self, "_stack"):
+            self._stack = cpu_decode.decode_stack_for(self)
+        return self._stack
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [M, hidden] (e.g. `hidden[meta.last_token_indices]`) -> logits [M, vocab]."""
         return self.lm_head(self.norm(hidden))
+
+
+def _hf_inv_freq(source, args: ModelArgs) -> Tensor | None:
+    """The RoPE frequencies a transformers module actually uses (None: compute them from the config).
+
+    transformers keeps `inv_freq` as a buffer that `model.to(torch.bfloat16)` rounds to bf16 (a model
+    loaded in bf16 keeps it in fp32) and computes cos/sin from it: reading it keeps our positions
+    bit-identical to the module's either way.
+    """
+    if not isinstance(source, nn.Module):
+        return None
+    for name, buf in source.named_buffers():
+        if name.endswith("rotary_emb.inv_freq") and buf.shape == (args.head_dim // 2,):
+            return buf.detach().float().cpu()
+    return None

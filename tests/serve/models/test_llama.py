@@ -6,6 +6,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
 from slimlm.serve.layers import AttentionMetadata
+from slimlm.serve.layers import rope_inv_freq
 from slimlm.serve.models import CausalLM, load_model
 from slimlm.toolkit.models import tiny_model
 
@@ -192,10 +193,16 @@ def test_from_state_dict_and_fused_shapes():
         CausalLM.from_hf(hf.state_dict())
 
 
-def test_tied_embeddings_share_one_tensor():
+def test_tied_embeddings_share_one_tensor(monkeypatch):
+    # Plain dense heads share the embedding; a oneDNN-packed head holds its own blocked copy (the
+    # price of its faster matmul), equal to the embedding.
     hf, _ = tiny_model("llama", seed=0)
+    monkeypatch.setenv("SLIMLM_PACK_LINEAR", "0")
     model = load_model(hf)
     assert model.lm_head.weight.data_ptr() == model.embed_tokens.data_ptr()
+    monkeypatch.setenv("SLIMLM_PACK_LINEAR", "1")
+    packed = load_model(hf)
+    torch.testing.assert_close(packed.lm_head.weight, packed.embed_tokens, atol=0, rtol=0)
 
 
 def test_bf16_stays_close_to_hf_bf16():
@@ -223,3 +230,14 @@ def test_unsupported_rope_type_is_a_clear_error():
     hf, _ = tiny_model("llama", seed=0, rope_parameters=rope)
     with pytest.raises(ValueError, match="'yarn' is not supported"):
         load_model(hf)
+
+
+def test_rope_frequencies_follow_the_module():
+    # `hf.to(torch.bfloat16)` rounds transformers' inv_freq buffer to bf16 and HF's RoPE then uses the
+    # rounded frequencies: ours must too, or every position differs from the bf16 reference.
+    hf, _ = tiny_model("llama", seed=0, initializer_range=INIT)
+    hf_bf16 = hf.to(torch.bfloat16)
+    model = load_model(hf_bf16)
+    torch.testing.assert_close(model.rotary.inv_freq, hf_bf16.model.rotary_emb.inv_freq.float(), atol=0, rtol=0)
+    assert not torch.equal(model.rotary.inv_freq, rope_inv_freq(16, hf.config.rope_parameters))
+    hf.float()

@@ -1,0 +1,141 @@
+"""The whole decoder stack of a decode step in one C call, for CPU batches of a few sequences.
+
+Why: after the weights are packed and the GEMV, attention, norm and RoPE kernels are in C, a
+SmolLM2 decode step at batch 1 still spends ~2.5 of its ~11 ms (one thread) in Python and op
+dispatch between them: ~12 calls per layer, each a few microseconds of wrappers. This module
+builds one C function that runs those same kernels for every layer in turn (`slimlm_decode_stack`),
+so a step is one ctypes call plus the embedding lookup and the LM head.
+
+It runs the same kernels in the same order as the layer-by-layer path, so the results are
+identical to it (bit for bit in our tests); `silu_mul` is the one kernel of its own, also used by
+that path. It applies when every projection is a `PackedLinear` whose rows its GEMV reads, the
+family has no per-head q/k norm (Qwen3 takes the layer path), the step decodes at most
+GEMV_MAX_ROWS sequences (one token each) and the C library builds (see
+`serve.kernels.cpu_build.build_cpu_kernels`; SLIMLM_CPU_KERNELS=0 turns it off).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels.cpu_build import build_cpu_kernels, kernels_enabled
+from ..layers import attention
+from ..layers.linear import GEMV_MAX_ROWS, PackedLinear
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """SiLU(gate) * up for gate_up [N, 2 I] = gate | up -> [N, I], rounding where PyTorch's two ops round."""
+    n, two_i = gate_up.shape
+    i = two_i // 2
+    if (gate_up.device.type == "cpu" and gate_up.dtype in (torch.bfloat16, torch.float32) and i % 16 == 0
+            and gate_up.is_contiguous() and kernels_enabled() and (lib := _library()) is not None):
+        out = gate_up.new_empty(n, i)
+        fn = lib.slimlm_silu_mul_bf16 if gate_up.dtype == torch.bfloat16 else lib.slimlm_silu_mul_f32
+        fn(gate_up.data_ptr(), out.data_ptr(), n, i, torch.get_num_threads())
+        return out
+    return F.silu(gate_up[:, :i]) * gate_up[:, i:]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "in_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "o_b", "gu_w", "gu_b", "down_w", "down_b",
+        "k_cache", "v_cache")]
+
+
+class DecodeStack:
+    """`slimlm_decode_stack` bound to one model's weights (built by `decode_stack_for`)."""
+
+    def __init__(self, model, lib: ctypes.CDLL):
+        a = model.args
+        self.dtype = model.dtype
+        self.bf16 = model.dtype == torch.bfloat16
+        self.fn = lib.slimlm_decode_stack
+        self.dims = (a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size)
+        self.eps = a.rms_norm_eps
+        self.scale = a.head_dim ** -0.5
+        ptr = lambda m: None if m is None else m.data_ptr()  # noqa: E731
+        self.layers = (_Layer * a.num_layers)()
+        for entry, layer in zip(self.layers, model.layers):
+            for name, lin in (("qkv", layer.qkv_proj), ("o", layer.o_proj), ("gu", layer.gate_up_proj),
+                              ("down", layer.down_proj)):
+                setattr(entry, f"{name}_w", lin._gemv_weight)
+                setattr(entry, f"{name}_b", ptr(lin.bias))
+            entry.in_norm = layer.input_norm.weight.data_ptr()
+            entry.post_norm = layer.post_attention_norm.weight.data_ptr()
+        self._caches: list | None = None  # the (k, v) data pointers the layers point at
+
+    def bind(self, kv_caches, n_layers: int) -> bool:
+        """Point the layers at these caches; False where the kernels cannot read them (dtype, layout)."""
+        ptrs = [(k.data_ptr(), v.data_ptr()) for k, v in kv_caches[:n_layers]]
+        if ptrs == self._caches:
+            return True
+        k0 = kv_caches[0][0]
+        if not all(k.dtype == v.dtype == self.dtype and k.shape == v.shape == k0.shape and k.is_contiguous()
+                   and v.is_contiguous() and k.device.type == "cpu" for k, v in kv_caches[:n_layers]):
+            return False
+        if tuple(k0.shape[-2:]) != (self.dims[2], self.dims[3]):
+            return False
+        for entry, (k, v) in zip(self.layers, ptrs):
+            entry.k_cache, entry.v_cache = k, v
+        self._caches = ptrs
+        return True
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv_caches, meta, n_layers: int) -> Tensor:
+        """x [N, hidden] (the embeddings, overwritten) -> the residual stream after `n_layers` layers.
+
+        The caller checks `bind(kv_caches, n_layers)` first (every step: pointers are cheap to compare,
+        and a cache swapped under the same list must not be written through stale ones).
+        """
+        hidden, h, kvh, d, inter = self.dims
+        m = x.shape[0]
+        work = x.new_empty(m * (2 * hidden + (h + 2 * kvh) * d + 2 * h * d + 3 * inter + hidden))
+        tables, lens, _ = attention.kernel_args(meta, kv_caches[0][0])
+        self.fn(self.layers, n_layers, x.data_ptr(), m, hidden, h, kvh, d, inter, cos.data_ptr(), sin.data_ptr(),
+                meta.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), meta.block_size,
+                self.scale, self.eps, work.data_ptr(), torch.get_num_threads(), int(self.bf16))
+        return x
+
+
+def decode_stack_for(model) -> DecodeStack | None:
+    """The fused stack for `model`, or None where any of its conditions fails (see the module doc)."""
+    a = model.args
+    if not (kernels_enabled() and model.dtype in (torch.bfloat16, torch.float32) and model.device.type == "cpu"
+            and a.head_dim % 32 == 0 and a.hidden_size % 16 == 0 and a.intermediate_size % 16 == 0
+            and a.num_heads <= attention.KERNEL_MAX_HEADS and a.head_dim <= attention.KERNEL_MAX_HEAD_DIM):
+        return None
+    for layer in model.layers:
+        if layer.qk_norm_weight is not None:
+            return None
+        for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            if not (isinstance(lin, PackedLinear) and lin.uses_gemv and lin.dtype == model.dtype
+                    and (lin.bias is None or lin.bias.dtype == model.dtype)):
+                return None
+    lib = _library()
+    return None if lib is None else DecodeStack(model, lib)
+
+
+def can_run(meta, n: int) -> bool:
+    """A step the fused stack runs: decode only, at most GEMV_MAX_ROWS sequences, int64 slots."""
+    slots = meta.slot_mapping
+    return (0 < n <= GEMV_MAX_ROWS and meta.is_decode_only and slots.dtype == torch.int64
+            and slots.is_contiguous() and slots.device.type == "cpu")
+
+
+@functools.cache
+def _library():
+    lib = build_cpu_kernels("decode_stack")
+    if lib is None:
+        return None
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    for name in ("slimlm_silu_mul_bf16", "slimlm_silu_mul_f32"):
+        getattr(lib, name).argtypes = [p, p, i, i, i]
+        getattr(lib, name).restype = None
+    lib.slimlm_decode_stack.argtypes = [p, i, p, i, i, i, i, i, i, p, p, p, p, i, p, i, f, f, p, i, i]
+    lib.slimlm_decode_stack.restype = None
+    return lib
+
+

@@ -1,0 +1,78 @@
+"""The linear seam: oneDNN-packed weights and slimlm's GEMV kernel against plain F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimlm.serve.layers import Linear, make_linear
+from slimlm.serve.layers.linear import (PackedLinear, can_pack, gemv_library, packed_view,
+                                        reference_packed_layout)
+
+# (out, in): the first two have the kernel's layout in both dtypes; the last has it in neither.
+SHAPES = [(128, 64), (192, 96), (100, 72)]
+
+
+def reference(x, w, b):
+    y = x.double() @ w.double().t()
+    return y if b is None else y + b.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear(dtype, shape, rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(shape, generator=g).to(dtype)
+    b = torch.randn(shape[0], generator=g).to(dtype) if bias else None
+    x = torch.randn(rows, shape[1], generator=g).to(dtype)
+    layer = make_linear(w, b)
+    assert isinstance(layer, PackedLinear) == can_pack(w)
+    y = layer(x)
+    assert y.shape == (rows, shape[0]) and y.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    else:
+        # bf16 products summed in float32, rounded once: within a rounding step of F.linear, and
+        # no further from the exact product than F.linear is.
+        torch.testing.assert_close(y, F.linear(x, w, b))
+        exact = reference(x, w, b)
+        assert (y.double() - exact).abs().max() <= (F.linear(x, w, b).double() - exact).abs().max() * 1.01 + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_used_where_the_layout_is_known(dtype):
+    if gemv_library() is None:
+        pytest.skip("slimlm's C kernels do not build here (no compiler or no AVX-512-BF16)")
+    for shape in SHAPES:
+        w = torch.randn(shape).to(dtype)
+        layer = PackedLinear(w)
+        layout = reference_packed_layout(w)
+        assert layer.uses_gemv == (layout is not None)
+        if layout is not None:  # the bytes oneDNN wrote are the layout the kernel reads
+            assert torch.equal(packed_view(layer.packed), layout)
+
+
+def test_non_contiguous_and_strided_inputs():
+    w = torch.randn(128, 64).bfloat16()
+    layer = make_linear(w)
+    wide = torch.randn(3, 128).bfloat16()
+    x = wide[:, ::2]  # [3, 64], stride 2
+    torch.testing.assert_close(layer(x), F.linear(x, w))
+
+
+def test_weight_unpacks_and_switches(monkeypatch):
+    w = torch.randn(128, 64)
+    layer = make_linear(w)
+    assert isinstance(layer, PackedLinear)
+    torch.testing.assert_close(layer.weight, w, atol=0, rtol=0)
+    monkeypatch.setenv("SLIMLM_CPU_KERNELS", "0")
+    assert not make_linear(w).uses_gemv
+    monkeypatch.setenv("SLIMLM_PACK_LINEAR", "0")
+    plain = make_linear(w)
+    assert isinstance(plain, Linear) and plain.weight.data_ptr() == w.data_ptr()
+
+
+def test_packed_linear_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="Use Linear instead"):
+        PackedLinear(torch.randn(8, 8).half())
+    assert isinstance(make_linear(torch.randn(8, 8).half()), Linear)
