@@ -11,6 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from slimlm.recipes import compare
 from slimlm.toolkit.errors import SlimlmError
 
 
@@ -191,7 +192,7 @@ def run_serve(args) -> int:
 
 
 VERBS = {"eval": (add_eval, run_eval), "export": (add_export, run_export), "bench": (add_bench, run_bench),
-         "serve": (add_serve, run_serve)}
+         "serve": (add_serve, run_serve), "compare": (compare.add_compare, compare.run_compare)}
 
 
 def build_parser() -> argparse.ArgumentParser:

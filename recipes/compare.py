@@ -1,0 +1,399 @@
+"""`slimlm compare BASE VARIANT...`: accuracy beside speed for several models, with the base as 1.0x.
+
+    slimlm compare smollm2-135m out/smollm2-int4 out/smollm2-70m --out out/compare
+
+Per model: held-out perplexity (32 windows by default, so a comparison takes minutes on a CPU) and
+multiple-choice accuracy, measured in a fresh process; then, here, speed in slimlm's serving engine
+on the same prompts (`serve.bench.benchmark`: batch-1 tokens/s; tokens/s and TTFT p50 at fixed
+concurrency; median [min, max] of --reps); parameters; size on disk. Writes report.md, report.json
+and pareto.png to --out (compare_report.py) and prints the table.
+
+Memory: the evaluating process resets the kernel's peak-RSS record after its imports (Linux), loads
+and evaluates, and reports its peak RSS (VmHWM, the counter behind getrusage's ru_maxrss) minus its
+RSS before the load. One process per model, because a process's peak only grows: measured here,
+every model after the largest would read the same. (Without the reset: a lower bound, and so marked.)
+
+Cache and resume rule: --out/cache/ holds a JSON per model named by a hash of the model's identity
+(kind, location, every file's size and mtime, an export's manifest hash) and the settings.
+- Accuracy, memory and parameters are measured once per model and settings, then reused.
+- The base's speed is measured in every run: a speed ratio divides two figures of the same run only.
+- A variant's cached speed is reused with the base figures of the run that measured it (stored with
+  it), so its ratio is that run's; the report marks it †.
+So a re-run with one more model measures that model and the base's speed; an interrupted run resumes.
+--out/settings.json pins the folder's settings: others are refused unless --overwrite (discards all).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from slimlm.toolkit.errors import SlimlmError
+
+OUR_FILES = ("report.md", "report.json", "pareto.png", "settings.json", "cache")
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("base", metavar="BASE", help="the reference (1.0x): alias, model folder, export, .gguf or hub id")
+    p.add_argument("variants", nargs="+", metavar="VARIANT", help="models to compare against the base")
+    p.add_argument("--out", default="compare", help="report folder; also caches results (default ./compare)")
+    p.add_argument("--overwrite", action="store_true", help="discard results in --out from earlier runs")
+    p.add_argument("--data", action="append", metavar="SRC", help="held-out text for perplexity, repeatable (default "
+                   "builtin:wiki): builtin:NAME, a .txt/.jsonl/.parquet file, or hf:<id>[:config][:split]")
+    p.add_argument("--tasks", action="append", metavar="FILE.jsonl", default=[],
+                   help='multiple-choice rows {"context", "choices", "label"}, repeatable')
+    p.add_argument("--split", default="validation", choices=["validation", "train"], help="split of built-in corpora")
+    p.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
+    p.add_argument("--max-windows", type=int, default=32, help="perplexity windows per source; 0: all (default 32)")
+    p.add_argument("--eval-batch-size", type=int, default=4, help="windows or choices per forward pass (default 4)")
+    p.add_argument("--eval-dtype", default="float32", help="dtype of the accuracy evaluation (default float32)")
+    p.add_argument("--dtype", default="bf16", help="dtype of the serving engine for speed (default bf16)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for speed (held-out text; default 128)")
+    p.add_argument("--gen-len", type=int, default=64, help="new tokens per request (default 64)")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight for the online figures (default 32)")
+    p.add_argument("--num-requests", type=int, default=None, help="online requests per repetition (default 2x concurrency)")
+    p.add_argument("--reps", type=int, default=3, help="speed repetitions after a warm-up (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="accuracy, speed, memory and size of models side by side, base = 1.0x",
+                       description="Evaluates every model on the same held-out text and tasks, benchmarks each in "
+                       "the same serving engine on the same prompts in one run; writes report.md, report.json, pareto.png.")
+    _add_arguments(p)
+
+
+# -- inputs, checked before any work starts -------------------------------------------------------
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def settings_from_args(args) -> dict:
+    """Every setting that changes a figure, checked; local data and task files by their content hash."""
+    from slimlm.toolkit.data import check_source
+    from slimlm.toolkit.eval import load_tasks
+    from slimlm.toolkit.models import parse_dtype
+
+    positive = {"--window": args.window - 1, "--eval-batch-size": args.eval_batch_size, "--prompt-len": args.prompt_len,
+                "--gen-len": args.gen_len, "--concurrency": args.concurrency, "--reps": args.reps,
+                "--num-requests": args.num_requests or 1, "--threads": args.threads or 1}
+    bad = [name for name, v in positive.items() if v < 1]
+    if bad or args.max_windows < 0:
+        raise SlimlmError(f"{', '.join(bad) or '--max-windows'} out of range.", "--window must be >= 2, "
+                          "--max-windows >= 0 (0: all), the other counts >= 1.")
+    parse_dtype(args.eval_dtype)
+    parse_dtype(args.dtype)
+    data = args.data or ["builtin:wiki"]
+    for spec in data:
+        check_source(spec)
+    for path in args.tasks:
+        load_tasks(path)
+    files = [s for s in [*data, *args.tasks] if Path(s).is_file()]
+    return {"data": data, "tasks": list(args.tasks), "files_sha256": {s: file_sha256(s) for s in files},
+            "split": args.split, "window": args.window, "max_windows": args.max_windows or None,
+            "eval_batch_size": args.eval_batch_size, "eval_dtype": args.eval_dtype, "device": args.device,
+            "dtype": args.dtype, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+            "concurrency": args.concurrency, "num_requests": args.num_requests or 2 * args.concurrency,
+            "reps": args.reps, "threads": args.threads}
+
+
+def check_models(specs: list[str]) -> list[dict]:
+    """Resolve every spec (unknown ones are refused here) and give each a unique short label."""
+    from slimlm.toolkit.models import resolve
+
+    models, seen = [], {}
+    for i, spec in enumerate(specs):
+        source = resolve(spec)
+        where = str(Path(source.location).resolve()) if source.kind in ("export", "hf_dir", "gguf") else spec
+        if where in seen:
+            raise SlimlmError(f"{spec} is listed twice (as {seen[where]!r} and {spec!r}).",
+                              "Name each model once; the first one is the base.")
+        seen[where] = spec
+        name = Path(source.location).name if source.kind in ("export", "hf_dir", "gguf") else spec
+        models.append({"spec": spec, "kind": source.kind, "label": name, "role": "base" if i == 0 else "variant"})
+    labels = [m["label"] for m in models]
+    for m in models:
+        if labels.count(m["label"]) > 1:
+            m["label"] = m["spec"]  # two folders of the same name: the full path tells them apart
+    return models
+
+
+def check_out(out: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse an --out that holds other settings' results (or unrelated files) unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"--out {out} is a file.", "Pass a folder for the report.")
+    saved = out / "settings.json"
+    if saved.is_file() and not overwrite:
+        old, new = json.loads(saved.read_text()), json.loads(json.dumps(settings))  # as JSON: tuples are lists
+        diff = [f"{k}: {old.get(k)!r:.40} -> {new.get(k)!r:.40}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
+        if diff:
+            raise SlimlmError(f"--out {out} holds a comparison made with other settings ({'; '.join(diff[:4])}).",
+                              "Pass --overwrite to discard it, or choose another --out.")
+    elif out.is_dir() and any(out.iterdir()) and not saved.is_file() and not overwrite:
+        raise SlimlmError(f"--out {out} is not empty and holds no slimlm compare results.",
+                          "Choose another --out, or pass --overwrite to write the report beside its files.")
+
+
+def start_out(out: Path, settings: dict, overwrite: bool) -> None:
+    """Create --out, discard our earlier files under --overwrite, and pin the settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in OUR_FILES:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    (out / "cache").mkdir(exist_ok=True)
+    from slimlm.toolkit.eval import write_json
+
+    write_json(settings, out / "settings.json")
+
+
+# -- model identity, size on disk -------------------------------------------------------------------
+
+def model_folder(model: dict) -> Path | None:
+    """The files behind a model: its folder or .gguf; a built-in's cached folder; a hub id's cached snapshot."""
+    from slimlm.toolkit.models import builtin_model_dir
+
+    if model["kind"] == "builtin":
+        return builtin_model_dir(model["spec"])
+    if model["kind"] == "hub":
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model["spec"], local_files_only=True))
+        except Exception:  # not cached (yet): loading will fetch it; identity is then the id alone
+            return None
+    return Path(model["spec"]).expanduser().resolve()
+
+
+def _files(folder: Path) -> list[Path]:
+    return [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def identity(model: dict) -> dict:
+    """What makes a model the same model: its kind, location, every file's size and mtime, an export's manifest hash."""
+    folder = model_folder(model)
+    ident = {"kind": model["kind"], "location": str(folder) if folder else model["spec"]}
+    if folder is not None:
+        ident["files"] = {str(p.relative_to(folder)) if p != folder else p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+                          for p in _files(folder)}
+    if model["kind"] == "export":
+        ident["manifest_sha256"] = file_sha256(folder / "slimlm.json")
+    return ident
+
+
+def disk_bytes(model: dict) -> int | None:
+    folder = model_folder(model)
+    return sum(p.stat().st_size for p in _files(folder)) if folder else None
+
+
+def cache_key(ident: dict, settings: dict) -> str:
+    blob = json.dumps({"identity": ident, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- measurements -------------------------------------------------------------------------------------
+
+def _peak_rss_bytes() -> int:
+    """Peak RSS: VmHWM on Linux (ru_maxrss there also counts the pre-exec image, a fork of this possibly large
+    process, which no reset lowers), else getrusage's ru_maxrss."""
+    import re
+    import resource
+
+    status = Path("/proc/self/status")
+    hwm = re.search(r"^VmHWM:\s+(\d+) kB", status.read_text(), re.M) if status.exists() else None
+    if hwm:
+        return int(hwm.group(1)) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def _reset_peak_rss() -> bool:
+    """Lower the recorded peak RSS to the current RSS (Linux: `5` into /proc/self/clear_refs), else the
+    peak of importing torch and transformers, which a small model's load may never exceed, would remain."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _accuracy_job(spec: str, settings: dict) -> dict:
+    """In a fresh process: load, evaluate, count parameters, read the peak memory. Errors come back as data."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - imported before the baseline
+
+    from slimlm.recipes.cli import quiet_libraries
+    from slimlm.toolkit.eval import evaluate
+    from slimlm.toolkit.models import load
+
+    quiet_libraries()
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    reset = _reset_peak_rss()
+    before = _peak_rss_bytes()  # after a reset: the RSS now; without one, the peak so far (a lower bound below)
+    try:
+        model, tokenizer = load(spec, dtype=settings["eval_dtype"], device=settings["device"])
+        params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+        accuracy = evaluate(model, tokenizer, data=settings["data"], tasks=settings["tasks"],
+                            split=settings["split"], window=settings["window"], max_windows=settings["max_windows"],
+                            batch_size=settings["eval_batch_size"], progress=False)
+    except SlimlmError as err:
+        return {"error": err.what, "hint": err.hint}
+    peak = _peak_rss_bytes()
+    memory = {"peak_rss_bytes": peak, "baseline_rss_bytes": before, "load_eval_bytes": peak - before,
+              "exact": reset}
+    if str(settings["device"]).startswith("cuda"):
+        memory["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()  # a fresh process: nothing to reset
+    return {"accuracy": accuracy, "params": params, "memory": memory}
+
+
+def measure_accuracy(spec: str, settings: dict) -> dict:
+    """Accuracy, parameter count and peak memory of one model, measured in a spawned process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from slimlm.recipes import compare as this  # by module name, also when run as `python recipes/compare.py`
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            result = pool.submit(this._accuracy_job, spec, settings).result()
+        except BrokenProcessPool:
+            raise SlimlmError(f"the process evaluating {spec} died (out of memory?).",
+                              "Lower --eval-batch-size or --window, or free memory, and run again to resume.") from None
+    if "error" in result:
+        raise SlimlmError(f"{spec}: {result['error']}", result["hint"])
+    return result
+
+
+def measure_speed(spec: str, settings: dict, progress=None) -> dict:
+    """Load `spec` in the serving engine here and run `serve.bench.benchmark` at batch 1 and at fixed concurrency."""
+    import gc
+
+    from slimlm.serve.bench import benchmark
+    from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+    from slimlm.toolkit.models import load
+
+    hf_model, tokenizer = load(spec, dtype=settings["dtype"], device=settings["device"])
+    try:
+        engine = LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=settings["concurrency"]), model_name=spec)
+    except ValueError as err:
+        raise SlimlmError(f"cannot serve {spec}: {err}") from err
+    result = benchmark(engine, None, [1], settings["concurrency"], None, settings["num_requests"],
+                       settings["prompt_len"], settings["gen_len"], settings["reps"], progress=progress)
+    del engine, hf_model
+    gc.collect()  # the next model loads into the memory this one held (torch's caching allocator keeps it on GPU)
+    online = result["rows"][f"engine online c={settings['concurrency']}"]
+    return {"figures": {"batch1_tok_s": result["rows"]["engine batch 1"]["tokens_per_s"],
+                        "online_tok_s": online["tokens_per_s"], "ttft_p50_ms": online["ttft_p50_ms"]},
+            "rows": result["rows"], "bench_settings": result["settings"]}
+
+
+# -- the comparison -------------------------------------------------------------------------------
+
+def compare(models: list[dict], settings: dict, out: Path, command: str = "", progress: bool = True) -> dict:
+    """Measure what the cache lacks (module doc), write the report files, return the report dict.
+
+    `models` come from `check_models` (the first is the base), `out` from `check_out` then `start_out`.
+    Each measurement goes to the cache as soon as it is done."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from slimlm.recipes import compare_report
+    from slimlm.toolkit.eval import write_json
+
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    run = time.strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(3).hex()
+    entries = []
+    for m in models:
+        ident = identity(m)
+        key = cache_key(ident, settings)
+        path = out / "cache" / f"{key}.json"
+        cached = json.loads(path.read_text()) if path.is_file() else {}
+        entries.append({**cached, **m, "key": key, "identity": ident, "cache_file": str(path),
+                        "disk_bytes": disk_bytes(m), "measured_now": {"accuracy": False, "speed": False}})
+    base = entries[0]
+    save = lambda e: write_json({k: v for k, v in e.items() if k != "measured_now"}, e["cache_file"])  # noqa: E731
+
+    todo_accuracy = [e for e in entries if "accuracy" not in e]
+    todo_speed = [base] + [e for e in entries[1:] if e.get("speed", {}).get("base_key") != base["key"]]
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar:
+        acc_task = bar.add_task("accuracy", total=len(todo_accuracy))
+        for e in todo_accuracy:
+            bar.update(acc_task, description=f"accuracy + memory: {e['label']} (subprocess)")
+            e.update(measure_accuracy(e["spec"], settings))
+            e["measured_now"]["accuracy"] = True
+            save(e)
+            bar.advance(acc_task)
+        speed_task = bar.add_task("speed", total=len(todo_speed))
+        base_figures = None
+        for e in todo_speed:
+            say = lambda msg, label=e["label"]: bar.update(speed_task, description=f"speed: {label}: {msg}")  # noqa: E731
+            speed = measure_speed(e["spec"], settings, progress=say)
+            base_figures = base_figures or speed["figures"]  # the base comes first in every run
+            e["speed"] = {**speed, "run": run, "base_key": base["key"], "base_figures": base_figures}
+            e["measured_now"]["speed"] = True
+            save(e)
+            bar.advance(speed_task)
+
+    report = {"command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "run": run,
+              "settings": settings, "machine": compare_report.machine(), "out": str(out),
+              "models": [{k: v for k, v in e.items() if k != "cache_file"} for e in entries]}
+    return compare_report.write_report(report, out)
+
+
+def run_compare(args) -> int:
+    """The `slimlm compare` verb: check everything, measure what is missing, print and write the report."""
+    from rich.console import Console
+
+    from slimlm.recipes import compare_report
+
+    settings = settings_from_args(args)
+    models = check_models([args.base, *args.variants])
+    out = Path(args.out)
+    check_out(out, settings, args.overwrite)
+    start_out(out, settings, args.overwrite)
+    report = compare(models, settings, out, command=getattr(args, "command_line", ""))
+    compare_report.print_report(report, Console())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python recipes/compare.py ...`: the same options as `slimlm compare`."""
+    from slimlm.recipes.cli import quiet_libraries
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="recipes/compare.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command_line = "python recipes/compare.py " + shlex.join(argv)
+    quiet_libraries()
+    try:
+        return run_compare(args)
+    except SlimlmError as err:
+        print(f"compare: error: {err.what}", file=sys.stderr)
+        if err.hint:
+            print(err.hint, file=sys.stderr)
+        if args.debug:
+            raise
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

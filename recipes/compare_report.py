@@ -1,0 +1,280 @@
+"""The report of `slimlm compare`: figures with ratios to the base, a markdown and a rich table, a Pareto plot.
+
+`compare.py` measures and caches; this file only turns its measurements into what a person reads:
+
+- `add_figures(report)` puts, beside each model's raw measurements, one entry per table column:
+  `{"value", "ratio", "min", "max", "earlier_run"}`. The ratio is always value / base value (the base
+  is 1.00x). Speed ratios divide by the base *as measured in the same run as the model* (a model whose
+  speed came from the cache keeps the base figures of its own run; see compare.py), so two numbers
+  measured minutes apart on a noisy machine are the only ones ever divided.
+- `markdown(report)` and `rich_table(report)` show the same cells; `plot_pareto(report, path)` draws
+  quality (perplexity on the first text source) against speedup (batch-1 tokens/s ratio).
+- `pareto_front(points)` is the plain definition, unit-tested on hand-made points.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+SPEED_FIGURES = ("batch1_tok_s", "online_tok_s", "ttft_p50_ms")
+
+
+def pareto_front(points: list[tuple[float, float]], maximize: tuple[bool, bool] = (True, False)) -> list[int]:
+    """Indices of the points no other point dominates, sorted by the first coordinate.
+
+    A point dominates another when it is at least as good in both coordinates and strictly better in
+    one; `maximize` says, per coordinate, whether higher is better (default: x higher, y lower, i.e.
+    speedup against perplexity). Points with a NaN or None coordinate are never on the front. Equal
+    points do not dominate each other, so duplicates are all kept.
+    """
+    sign = [1 if m else -1 for m in maximize]
+    ok = [i for i, p in enumerate(points) if all(v is not None and not math.isnan(v) for v in p)]
+    # Compare in "higher is better" space.
+    g = {i: (sign[0] * points[i][0], sign[1] * points[i][1]) for i in ok}
+
+    def dominated(i: int) -> bool:
+        return any(g[j][0] >= g[i][0] and g[j][1] >= g[i][1] and g[j] != g[i] for j in ok)
+
+    return sorted((i for i in ok if not dominated(i)), key=lambda i: (points[i][0], points[i][1]))
+
+
+def columns(report: dict) -> list[dict]:
+    """The table's figures in order: {"key", "header", "better" ("lower"|"higher"), "digits"}."""
+    s = report["settings"]
+    cols = [dict(key="params", header="params", better="lower", digits=None),
+            dict(key="disk_mb", header="disk MB", better="lower", digits=1),
+            dict(key="memory_mb", header="memory MB", better="lower", digits=0)]
+    first = report["models"][0]["accuracy"]
+    for source in first.get("perplexity", {}):
+        cols.append(dict(key=f"ppl:{source}", header=f"ppl {source}", better="lower", digits=2))
+    for task in first.get("tasks", {}):
+        cols.append(dict(key=f"acc:{task}", header=f"acc {task}", better="higher", digits=3))
+    cols += [dict(key="batch1_tok_s", header="batch-1 tok/s", better="higher", digits=1),
+             dict(key="online_tok_s", header=f"c={s['concurrency']} tok/s", better="higher", digits=1),
+             dict(key="ttft_p50_ms", header=f"TTFT p50 ms (c={s['concurrency']})", better="lower", digits=1)]
+    return cols
+
+
+def _values(model: dict) -> dict:
+    """The plain value of each non-speed figure of one model."""
+    acc = model["accuracy"]
+    values = {"params": model["params"], "disk_mb": _mb(model["disk_bytes"]),
+              "memory_mb": _mb(model["memory"]["load_eval_bytes"])}
+    for source, r in acc.get("perplexity", {}).items():
+        values[f"ppl:{source}"] = r["perplexity"]
+    for task, r in acc.get("tasks", {}).items():
+        values[f"acc:{task}"] = r["acc"]
+    return values
+
+
+def _mb(n):
+    return None if n is None else n / 2**20
+
+
+def _ratio(value, base):
+    if value is None or base is None or base == 0:
+        return None
+    return value / base
+
+
+def add_figures(report: dict) -> dict:
+    """Fill `report["columns"]`, each model's `figures`, and `report["pareto"]`; returns `report`."""
+    report["columns"] = columns(report)
+    base = report["models"][0]
+    base_values = _values(base)
+    for model in report["models"]:
+        figures = {}
+        for key, value in _values(model).items():
+            figures[key] = {"value": value, "ratio": _ratio(value, base_values.get(key))}
+        speed = model["speed"]
+        for key in SPEED_FIGURES:
+            spread, base_spread = speed["figures"][key], speed["base_figures"][key]
+            figures[key] = {"value": spread["median"], "min": spread["min"], "max": spread["max"],
+                            "ratio": _ratio(spread["median"], base_spread["median"]),
+                            "earlier_run": speed["run"] != report["run"]}
+        model["figures"] = figures
+    report["pareto"] = pareto_summary(report)
+    return report
+
+
+def pareto_summary(report: dict) -> dict:
+    """Which figure is quality and which is speed on the plot, each model's point, and the front."""
+    quality = next((c for c in report["columns"] if c["key"].startswith("ppl:")), None)
+    if quality is None:  # no text source: fall back to the first task's accuracy (higher is better)
+        quality = next((c for c in report["columns"] if c["key"].startswith("acc:")), None)
+    models = report["models"]
+    xs = [m["figures"]["batch1_tok_s"]["ratio"] for m in models]
+    ys = [m["figures"][quality["key"]]["value"] if quality else None for m in models]
+    front = pareto_front(list(zip(xs, ys)), maximize=(True, quality is not None and quality["better"] == "higher"))
+    return {"x": "batch1_tok_s ratio", "y": quality["key"] if quality else None,
+            "y_better": quality["better"] if quality else None,
+            "points": {m["label"]: [x, y] for m, x, y in zip(models, xs, ys)},
+            "front": [models[i]["label"] for i in front]}
+
+
+def machine() -> dict:
+    """The report's machine section: what the speed figures were measured on."""
+    import torch
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        cpuinfo = ""
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+               platform.processor())
+    info = {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _num(value, digits) -> str:
+    if value is None:
+        return "-"
+    if digits is None:  # a count: 135.0M, 48.3K
+        for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if abs(value) >= size:
+                return f"{value / size:.1f}{unit}"
+        return str(int(value))
+    return f"{value:,.{digits}f}"
+
+
+def cell(fig: dict, digits) -> str:
+    """`6.80 (1.00x)`, or for a speed figure `120.4 [118.0, 125.1] (0.97x)`; † marks an earlier run."""
+    text = _num(fig["value"], digits)
+    if "min" in fig:
+        text += f" [{_num(fig['min'], digits)}, {_num(fig['max'], digits)}]"
+    text += f" ({fig['ratio']:.2f}x)" if fig["ratio"] is not None else " (-)"
+    return text + (" †" if fig.get("earlier_run") else "")
+
+
+def _header(col: dict) -> str:
+    return f"{col['header']} {'↓' if col['better'] == 'lower' else '↑'}"
+
+
+def table_cells(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and one row of cells per model, shared by the markdown and the rich table."""
+    headers = ["model"] + [_header(c) for c in report["columns"]]
+    rows = []
+    for m in report["models"]:
+        name = m["label"] + (" (base)" if m["role"] == "base" else "")
+        rows.append([name] + [cell(m["figures"][c["key"]], c["digits"]) for c in report["columns"]])
+    return headers, rows
+
+
+def notes(report: dict) -> list[str]:
+    """What each figure is and how it was measured, one line each (under both tables)."""
+    s = report["settings"]
+    windows = "all" if s["max_windows"] is None else f"at most {s['max_windows']}"
+    lines = [
+        "Cells are value (value / base); ↓ lower is better, ↑ higher is better.",
+        f"Perplexity: {windows} windows of {s['window']} tokens of the {s['split']} split of {', '.join(s['data'])}"
+        + ("; accuracy: log-likelihood multiple choice" if s["tasks"] else "") + f"; in {s['eval_dtype']} on {s['device']}.",
+        f"Speed: slimlm's serving engine in {s['dtype']}, the same {s['prompt_len']}-token prompts for every model, "
+        f"{s['gen_len']} new tokens each (greedy, EOS ignored); median [min, max] of {s['reps']} repetition(s) after "
+        f"a warm-up. batch-1 tok/s counts generated tokens over wall time, prefill included; c={s['concurrency']}: "
+        f"{s['num_requests']} requests with {s['concurrency']} in flight. Speed ratios divide by the base measured in "
+        "the same run.",
+        "Memory: peak RSS (VmHWM) of a fresh process while it loaded the model and ran the evaluation, minus "
+        "its RSS just before the load (interpreter and libraries); the peak record was reset before the load.",
+        "Disk: all files of the model folder (built-in aliases: the converted cached folder). Params: the loaded "
+        "model's parameters, tied weights counted once.",
+    ]
+    if not all(m["memory"].get("exact", True) for m in report["models"]):
+        lines.append("Memory: this system could not reset the peak-RSS record, so memory is the growth past the "
+                     "peak the imports reached: a lower bound.")
+    if any(f.get("earlier_run") for m in report["models"] for f in m["figures"].values()):
+        lines.append("†: speed measured in an earlier run of this comparison (its ratio divides by the base "
+                     "measured in that run); it was cached and not measured again.")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """report.md: the command, the table, the notes, the settings, the machine and the plot."""
+    headers, rows = table_cells(report)
+    esc = lambda text: text.replace("|", "\\|")  # noqa: E731 - a model path may hold a bar
+    lines = ["# slimlm compare", "", f"Command: `{report['command']}`  ", f"Created: {report['created']}, "
+             f"run `{report['run']}`; base: **{esc(report['models'][0]['label'])}**", "",
+             "| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    lines += [""] + [f"- {line}" for line in notes(report)]
+    front = ", ".join(report["pareto"]["front"]) or "-"
+    lines += ["", f"Pareto front (quality {report['pareto']['y']} against batch-1 speedup): {front}", "",
+              "![quality against speedup](pareto.png)", "", "## Models", ""]
+    lines += [f"- {esc(m['label'])}: `{m['spec']}`" for m in report["models"]]
+    lines += ["", "## Settings", "", "```", *(f"{k}: {v}" for k, v in report["settings"].items()), "```",
+              "", "## Machine", "", "```", *(f"{k}: {v}" for k, v in report["machine"].items()), "```", ""]
+    return "\n".join(lines)
+
+
+def rich_table(report: dict) -> Table:
+    """The same cells for the terminal, turned on their side (a row per figure, a column per model) to fit
+    80 columns; each cell shows the value over its ratio."""
+    table = Table(title=escape(f"compare: base {report['models'][0]['label']}"))
+    table.add_column("figure")
+    for m in report["models"]:
+        table.add_column(escape(m["label"] + (" (base)" if m["role"] == "base" else "")), justify="right")
+    for c in report["columns"]:
+        cells = [cell(m["figures"][c["key"]], c["digits"]).replace(" (", "\n(", 1) for m in report["models"]]
+        table.add_row(escape(_header(c)), *(escape(text) for text in cells))
+    return table
+
+
+def plot_pareto(report: dict, path: str | Path) -> Path:
+    """pareto.png: one labelled point per model, the front as a step line (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, and no GUI backend may be picked up
+    import matplotlib.pyplot as plt
+
+    p = report["pareto"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    front = set(p["front"])
+    for label, (x, y) in p["points"].items():
+        if x is None or y is None:
+            continue
+        ax.scatter([x], [y], s=40, zorder=3, color="tab:red" if label in front else "tab:gray")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    pts = [p["points"][label] for label in p["front"]]
+    if len(pts) > 1:
+        # Between two front points, the best quality reachable at a speedup >= x is the next point's.
+        ax.step([x for x, _ in pts], [y for _, y in pts], where="pre", color="tab:red", lw=1.2, label="Pareto front")
+        ax.legend(loc="best", fontsize=8)
+    ax.axvline(1.0, color="lightgray", lw=0.8, zorder=0)
+    ax.margins(0.15)  # room for the labels of the outermost points
+    better = "lower" if p["y_better"] == "lower" else "higher"
+    ax.set_xlabel("speedup: batch-1 tokens/s ÷ base (higher is better)")
+    ax.set_ylabel(f"{p['y']} ({better} is better)")
+    ax.set_title(f"slimlm compare: quality against speed (base {report['models'][0]['label']})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, out: Path) -> dict:
+    """Add the figures to `report`, then write report.json, report.md and pareto.png into `out`."""
+    from slimlm.toolkit.eval import write_json
+
+    add_figures(report)
+    write_json(report, out / "report.json")
+    (out / "report.md").write_text(markdown(report))
+    plot_pareto(report, out / "pareto.png")
+    return report
+
+
+def print_report(report: dict, console) -> None:
+    """The table, its notes and where the files are, on a rich console."""
+    console.print(rich_table(report))
+    for line in notes(report):
+        console.print(f"[dim]{escape(line)}[/]", highlight=False)
+    out = Path(report["out"])
+    console.print(escape(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'pareto.png'}"), highlight=False)

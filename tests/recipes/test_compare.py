@@ -1,0 +1,210 @@
+"""slimlm compare: the report on tiny models, the cache and resume rule, the Pareto front, and user errors.
+
+One test measures for real (two tiny models, each evaluated in a spawned process); the others replace
+`measure_accuracy` and `measure_speed` with counting fakes, so they check what is measured, not how.
+"""
+import argparse
+import json
+import os
+
+import pytest
+
+from slimlm.recipes import compare
+from slimlm.recipes.cli import VERBS, main
+from slimlm.recipes.compare_report import pareto_front
+from slimlm.toolkit.errors import SlimlmError
+from slimlm.toolkit.models import tiny_model
+
+TEXT = "\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(40))
+FAST = ["--window", "32", "--max-windows", "2", "--eval-batch-size", "2", "--prompt-len", "8", "--gen-len", "3",
+        "--concurrency", "2", "--num-requests", "2", "--reps", "1", "--dtype", "float32"]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="slimlm")
+    compare.add_compare(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["compare", *map(str, argv)])
+    args.command_line = "slimlm compare " + " ".join(map(str, argv))
+    return args
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Three tiny Llama folders: the base (2 layers), a smaller (1) and a larger (3) variant."""
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, seed, layers in (("base", 0, 2), ("small", 1, 1), ("large", 2, 3)):
+        model, tok = tiny_model("llama", seed=seed, num_hidden_layers=layers)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    f = tmp_path / "held_out.txt"
+    f.write_text(TEXT)
+    return f
+
+
+def test_report_has_every_figure_with_the_base_at_1x(models, text_file, tmp_path, capsys):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("\n".join(json.dumps({"context": "The fox", "choices": [" jumps", " sleeps"], "label": i % 2})
+                               for i in range(4)))
+    out = tmp_path / "report"
+    args = parse([models["base"], models["small"], "--data", text_file, "--tasks", tasks, "--out", out, *FAST])
+    assert compare.run_compare(args) == 0
+
+    md = (out / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model"))
+    for column in ("params", "disk MB", "memory MB", "ppl held_out.txt", "acc t.jsonl", "batch-1 tok/s",
+                   "c=2 tok/s", "TTFT p50 ms"):
+        assert column in header
+    base_row = next(line for line in md.splitlines() if line.startswith("| base (base)"))
+    cells = [c.strip() for c in base_row.strip("|").split("|")][1:]
+    assert len(cells) == header.count("|") - 2 and all("(1.00x)" in c for c in cells)
+    assert "| small |" in md
+    assert "[" in base_row  # speed cells carry [min, max]
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["command"].startswith("slimlm compare") and report["machine"]["cpus"]
+    assert report["settings"]["window"] == 32 and report["settings"]["num_requests"] == 2
+    base, small = report["models"]
+    assert all(f["ratio"] == pytest.approx(1.0) for f in base["figures"].values())
+    assert small["params"] < base["params"] and small["figures"]["params"]["ratio"] < 1
+    assert base["memory"]["load_eval_bytes"] > 0 and base["disk_bytes"] > 0
+    assert base["figures"]["batch1_tok_s"]["value"] > 0
+    assert 1.0 < base["figures"]["ppl:held_out.txt"]["value"] < 400  # a random byte model is near-uniform
+    assert set(report["pareto"]["front"]) <= {"base", "small"} and report["pareto"]["front"]
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((out / "cache").glob("*.json"))) == 2
+    printed = capsys.readouterr().out
+    assert "ppl held_out.txt" in printed and "1.00x" in printed
+
+
+class Fakes:
+    """Counting stand-ins for the two measurements. The base runs at 100 tok/s in the first run and 50 after,
+    so a ratio divided by the wrong run's base shows."""
+
+    def __init__(self, monkeypatch, fail_speed_on=None):
+        self.accuracy, self.speed, self.fail_speed_on = [], [], fail_speed_on
+        monkeypatch.setattr(compare, "measure_accuracy", self.measure_accuracy)
+        monkeypatch.setattr(compare, "measure_speed", self.measure_speed)
+
+    def measure_accuracy(self, spec, settings):
+        self.accuracy.append(os.path.basename(spec))
+        ppl = {"base": 6.8, "small": 8.0, "large": 6.5}[os.path.basename(spec)]
+        return {"accuracy": {"perplexity": {"wiki": {"perplexity": ppl}}, "tasks": {}}, "params": 1000,
+                "memory": {"load_eval_bytes": 2**20}}
+
+    def measure_speed(self, spec, settings, progress=None):
+        name = os.path.basename(spec)
+        if name == self.fail_speed_on:
+            raise KeyboardInterrupt
+        self.speed.append(name)
+        tok_s = {"small": 200.0, "large": 40.0}.get(name) or (100.0 if self.speed.count("base") == 1 else 50.0)
+        spread = lambda v: {"median": v, "min": v, "max": v}  # noqa: E731
+        return {"figures": {"batch1_tok_s": spread(tok_s), "online_tok_s": spread(4 * tok_s), "ttft_p50_ms": spread(10.0)}}
+
+
+def figures(out):
+    return {m["label"]: m["figures"] for m in json.loads((out / "report.json").read_text())["models"]}
+
+
+def test_rerun_with_one_more_model_measures_only_it_and_the_base(models, tmp_path, monkeypatch):
+    fakes = Fakes(monkeypatch)
+    out = tmp_path / "c"
+    assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST])) == 0
+    assert fakes.accuracy == ["base", "small"] and fakes.speed == ["base", "small"]
+
+    assert compare.run_compare(parse([models["base"], models["small"], models["large"], "--out", out, *FAST])) == 0
+    assert fakes.accuracy == ["base", "small", "large"]  # the base's accuracy came from the cache
+    assert fakes.speed == ["base", "small", "base", "large"]  # the base's speed never does
+    f = figures(out)
+    assert f["small"]["batch1_tok_s"]["ratio"] == pytest.approx(2.0)  # 200 / the base of its own run (100)
+    assert f["small"]["batch1_tok_s"]["earlier_run"] is True
+    assert f["large"]["batch1_tok_s"]["ratio"] == pytest.approx(0.8)  # 40 / the base of this run (50)
+    assert f["large"]["batch1_tok_s"]["earlier_run"] is False
+    assert f["small"]["ppl:wiki"]["ratio"] == pytest.approx(8.0 / 6.8)
+    assert "†" in (out / "report.md").read_text()
+
+    # A changed model is a different model: rewriting a file of `small` measures it again.
+    config = models["small"] / "config.json"
+    config.write_text(config.read_text())
+    os.utime(config, ns=(0, 1))
+    assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST])) == 0
+    assert fakes.accuracy[-1] == "small" and fakes.speed[-2:] == ["base", "small"]
+
+
+def test_an_interrupted_compare_resumes(models, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    argv = [models["base"], models["small"], models["large"], "--out", out, *FAST]
+    first = Fakes(monkeypatch, fail_speed_on="large")
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_compare(parse(argv))
+    assert first.accuracy == ["base", "small", "large"] and first.speed == ["base", "small"]
+    again = Fakes(monkeypatch)
+    assert compare.run_compare(parse(argv)) == 0
+    assert again.accuracy == [] and again.speed == ["base", "large"]
+    assert figures(out)["large"]["batch1_tok_s"]["earlier_run"] is False
+
+
+def test_pareto_front_on_hand_made_points():
+    # (speedup, perplexity): higher speedup and lower perplexity are better.
+    points = [(1.0, 6.8),   # 0 base
+              (1.8, 7.9),   # 1 on the front
+              (1.5, 8.2),   # 2 dominated by 1 (slower and worse)
+              (2.5, 9.5),   # 3 the fastest
+              (0.9, 7.0),   # 4 dominated by the base
+              (2.5, 9.5),   # 5 equal to 3: equals do not dominate each other
+              (3.0, float("nan"))]  # 6 unmeasured: never on the front
+    assert pareto_front(points) == [0, 1, 3, 5]
+    assert pareto_front([(1.0, 0.5), (2.0, 0.4), (1.5, 0.6)], maximize=(True, True)) == [2, 1]
+    assert pareto_front([(1.0, 5.0)]) == [0]
+    assert pareto_front([]) == []
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["no-such-alias", "BASE"], "unknown model"),
+    (["BASE", "/no/such/model"], "does not exist"),
+    (["BASE", "SMALL", "--data", "builtin:nope"], "nope"),
+    (["BASE", "SMALL", "--tasks", "/no/such/tasks.jsonl"], "does not exist"),
+    (["BASE", "SMALL", "BASE"], "listed twice"),
+    (["BASE", "SMALL", "--window", "1"], "--window"),
+    (["BASE", "SMALL", "--reps", "0"], "--reps"),
+])
+def test_bad_input_is_refused_before_any_work(argv, words, models, tmp_path, monkeypatch):
+    fakes = Fakes(monkeypatch)
+    out = tmp_path / "never"
+    argv = [{"BASE": models["base"], "SMALL": models["small"]}.get(a, a) for a in argv]
+    with pytest.raises(SlimlmError, match=words):
+        compare.run_compare(parse([*argv, "--out", out]))
+    assert fakes.accuracy == [] and fakes.speed == [] and not out.exists()
+
+
+def test_an_out_folder_with_other_settings_needs_overwrite(models, tmp_path, monkeypatch):
+    fakes = Fakes(monkeypatch)
+    out = tmp_path / "c"
+    assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST])) == 0
+    with pytest.raises(SlimlmError, match="other settings.*window") as err:
+        compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST, "--window", "16"]))
+    assert "--overwrite" in str(err.value) and len(fakes.accuracy) == 2
+    assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST, "--window", "16",
+                                      "--overwrite"])) == 0
+    assert fakes.accuracy == ["base", "small"] * 2  # everything measured again
+    assert json.loads((out / "settings.json").read_text())["window"] == 16
+    assert len(list((out / "cache").glob("*.json"))) == 2  # the old settings' cache is gone
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SlimlmError, match="not empty"):
+        compare.run_compare(parse([models["base"], models["small"], "--out", foreign, *FAST]))
+
+
+@pytest.mark.skipif("compare" not in VERBS, reason="`slimlm compare` is not wired into recipes/cli.py yet")
+def test_the_cli_refuses_an_unknown_model_with_exit_2(models, capsys):
+    assert main(["compare", str(models["base"]), "no-such-alias"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model" in err and "Traceback" not in err
