@@ -1,0 +1,399 @@
+"""Knowledge distillation: a student learns a teacher's next-token distribution (or its outputs).
+
+    python recipes/distill.py --config configs/distill/smollm2-135m.yaml [key=value ...] [--resume]
+    torchrun --nproc_per_node 2 recipes/distill.py --config ... strategy=ddp
+    deepspeed --num_gpus 2 recipes/distill.py --config ... strategy=deepspeed_stage_2
+    slimlm distill --config ...
+
+Teacher modes (`teacher_mode`):
+- `logits`: the frozen teacher runs beside the student in every step (no grad) and the student
+  minimises `loss.kind` (forward/reverse/skew KL, JS) on its logits, plus optional cross-entropy
+  and hidden-state alignment of `loss.hidden_layers` evenly spaced layers.
+- `topk`: the teacher's top-k log-probs are computed once into a TopkCache (`topk.cache`, reused if
+  it exists), and training reads them instead of running the teacher.
+- `sequence`: sequence-level KD. The teacher generates continuations of prompts from the data with
+  slimlm's serving engine, once; the student learns them with cross-entropy.
+
+The teacher is deliberately *not* a registered submodule: DDP/DeepSpeed/FSDP neither replicate,
+shard nor checkpoint it. The result is a slimlm export in `<out_dir>/model` whose manifest holds this
+config, the first and final losses, and the pruned shapes of a student that came from a pruned export.
+Strategies, checkpoints and logs: see training.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slimlm.recipes import training as T
+from slimlm.recipes.config import load_config, to_dict
+from slimlm.toolkit.errors import SlimlmError
+
+TEACHER_MODES = ("logits", "topk", "sequence")
+RESUME_KEYS = ("teacher", "student", "teacher_mode", "data", "data_split", "max_blocks", "seq_len",
+               "batch_size", "grad_accum", "seed")  # what fixes the data order and the targets
+
+
+@dataclass
+class LossConfig:
+    kind: str = "forward_kl"           # forward_kl | reverse_kl | skew_kl | skew_reverse_kl | js
+    temperature: float = 1.0
+    skew: float = 0.1
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    chunk_size: int | None = None      # tokens per chunk of the loss (bounds [tokens, vocab] memory)
+    hidden_layers: int = 0             # evenly spaced student layers aligned to the teacher's (0: off)
+    hidden_weight: float = 1.0
+    hidden_loss: str = "cosine"        # cosine | mse
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split())
+
+
+@dataclass
+class TopkConfig:
+    k: int = 64
+    cache: str | None = None           # folder of the cache (default <out_dir>/teacher_topk)
+
+
+@dataclass
+class SequenceConfig:
+    prompts: int = 64                  # prompts: the first prompt_len tokens of the first packed blocks
+    prompt_len: int = 32
+    max_new_tokens: int = 64           # training rows are prompt_len + max_new_tokens long
+    temperature: float = 0.0           # 0: greedy
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "smollm2-135m"
+    student: str = "smollm2-135m"      # a model spec; a pruned export keeps its shapes in the manifest
+    teacher_mode: str = "logits"
+    data: str = "builtin:wiki"
+    data_split: str = "train"
+    max_blocks: int | None = None      # use only the first N packed blocks
+    seq_len: int = 256
+    batch_size: int = 4                # per device, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_steps: int = 100               # optimizer steps
+    grad_clip: float = 1.0
+    precision: str = "32"              # 32 | bf16
+    seed: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    topk: TopkConfig = field(default_factory=TopkConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    strategy: str = "auto"             # auto | ddp | fsdp | deepspeed_stage_1 | 2 | 3
+    offload: bool = False              # ZeRO / FSDP offload of optimizer state (and ZeRO-3 parameters)
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    checkpoint_every: int = 50         # optimizer steps between checkpoints (0: only at the end)
+    log_every: int = 10
+    out_dir: str = "runs/distill"
+    log_dir: str | None = None         # default <out_dir>/logs
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward (big models)
+    progress: bool = True
+
+    def __post_init__(self):
+        from slimlm.toolkit.distill import KINDS
+
+        for name, value, allowed in (("teacher_mode", self.teacher_mode, TEACHER_MODES),
+                                     ("precision", self.precision, tuple(T.PRECISIONS)),
+                                     ("loss.kind", self.loss.kind, KINDS),
+                                     ("loss.hidden_loss", self.loss.hidden_loss, ("cosine", "mse"))):
+            if value not in allowed:
+                raise SlimlmError(f"unknown {name} {value!r}.", f"Expected one of: {', '.join(allowed)}.")
+        T.check_strategy(self.strategy, self.offload, T.accelerator())
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise SlimlmError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.loss.hidden_layers and self.teacher_mode != "logits":
+            raise SlimlmError("loss.hidden_layers needs the teacher's hidden states: use teacher_mode=logits.")
+
+
+def make_module(student, teacher, aligner, topk_cache, *, loss: LossConfig, optim: dict):
+    """The LightningModule: `forward(batch) -> (loss, parts)`, which both training paths call.
+    (Defined in a function so that importing this file, e.g. for `slimlm --help`, skips Lightning.)"""
+    import lightning as L
+
+    from slimlm.toolkit.distill import distill_objective
+
+    class DistillModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.student, self.aligner = student, aligner  # registered: they train and are checkpointed
+            object.__setattr__(self, "teacher", teacher)   # not registered: never sharded or saved; on its device
+            self.history: list[dict] = []
+
+        def forward(self, batch):
+            ids, labels = batch["input_ids"], batch["labels"]  # [B, T] each
+            hidden = self.aligner is not None
+            out = self.student(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+            target, kd_w, ce_w = None, loss.kd_weight, loss.ce_weight
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_out = self.teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+                target = t_out.logits  # [B, T, V]
+            elif topk_cache is not None:  # one cached batch per training row
+                got = [topk_cache.get(int(r), ids[i:i + 1].cpu()) for i, r in enumerate(batch["row"])]
+                target = tuple(torch.cat(x).to(ids.device) for x in zip(*got))  # values, indices: [B, T, k]
+            else:  # sequence-level KD: plain cross-entropy on the teacher's text
+                kd_w, ce_w = 0.0, 1.0
+            total, parts = distill_objective(out.logits, target, labels, kd_weight=kd_w, ce_weight=ce_w,
+                                             kind=loss.kind, temperature=loss.temperature, skew=loss.skew,
+                                             chunk_size=loss.chunk_size)
+            if hidden:
+                h = self.aligner(out.hidden_states, t_out.hidden_states, mask=labels != -100)
+                total = total + loss.hidden_weight * h
+                parts = {**parts, "hidden": h.detach(), "loss": total.detach()}
+            return total, {k: float(v) for k, v in parts.items() if k != "tokens"}
+
+        def training_step(self, batch, batch_idx):
+            total, parts = self(batch)
+            n = len(batch["input_ids"])
+            self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)
+            self.log("loss", parts["loss"], prog_bar=True, logger=False, batch_size=n)
+            self.history.append({"step": self.global_step + 1, **parts})
+            return total
+
+        def configure_optimizers(self):
+            return T.adamw_warmup_cosine(self.parameters(), **optim)
+
+        def on_save_checkpoint(self, checkpoint):
+            checkpoint["slimlm_history"] = self.history  # floats and ints: weights_only-safe
+
+        def on_load_checkpoint(self, checkpoint):
+            self.history = list(checkpoint.get("slimlm_history", []))
+
+    return DistillModule()
+
+
+# ---------------------------------------------------------------- models and data
+
+def load_student(config: DistillConfig):
+    from slimlm.toolkit.models import load
+
+    student, tokenizer = load(config.student, dtype="float32")
+    if config.gradient_checkpointing:  # transformers 5 renamed it; non-reentrant works with frozen inputs (LoRA)
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora.enabled:
+        from peft import LoraConfig as PeftLora
+        from peft import get_peft_model
+
+        try:
+            student = get_peft_model(student, PeftLora(r=config.lora.rank, lora_alpha=config.lora.alpha,
+                                                       target_modules=config.lora.targets, lora_dropout=0.0))
+        except ValueError as err:
+            raise SlimlmError(f"LoRA: {err}", "Set lora.targets to module names the student has.") from err
+    return student.train(), tokenizer
+
+
+def build_data(config: DistillConfig, tokenizer, teacher, rank: int, out: Path) -> dict[str, torch.Tensor]:
+    """Training rows: `input_ids` and `labels` [N, T] (+ `row` [N] for the top-k cache)."""
+    from slimlm.toolkit.data import load_texts, pack
+
+    blocks = pack(load_texts(config.data, split=config.data_split, tokenizer=tokenizer), tokenizer, config.seq_len)
+    blocks = blocks[:config.max_blocks]  # [N, T]
+    if config.teacher_mode == "sequence":
+        from safetensors.torch import load_file
+
+        path = out / f"sequence_kd-{targets_key(config)}.safetensors"
+        T.rank_zero_first(path, lambda: write_sequences(teacher, tokenizer, blocks, config.sequence, config.seed, path), rank)
+        return load_file(path)
+    return {"input_ids": blocks, "labels": blocks.clone(), "row": torch.arange(len(blocks))}
+
+
+def targets_key(config: DistillConfig) -> str:
+    """A short hash of what the teacher's one-off targets depend on (names their file)."""
+    import hashlib
+    import json
+
+    keys = ("teacher", "data", "data_split", "max_blocks", "seq_len", "seed", "sequence", "topk")
+    return hashlib.sha256(json.dumps({k: to_dict(config)[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def write_sequences(teacher, tokenizer, blocks, seq: SequenceConfig, seed: int, path: Path) -> None:
+    """The teacher continues `seq.prompts` prompts through slimlm's engine; rows are prompt + answer."""
+    from safetensors.torch import save_file
+
+    from slimlm.serve.llm import LLM
+    from slimlm.serve.sampling_params import SamplingParams
+
+    if seq.prompt_len >= blocks.shape[1]:
+        raise SlimlmError(f"sequence.prompt_len {seq.prompt_len} must be shorter than seq_len {blocks.shape[1]}.")
+    prompts = blocks[:seq.prompts, :seq.prompt_len].tolist()
+    llm = LLM(teacher, tokenizer=tokenizer, max_num_seqs=len(prompts), max_model_len=seq.prompt_len + seq.max_new_tokens + 1)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=seq.max_new_tokens, temperature=seq.temperature, seed=seed),
+                        progress=True)
+    width = seq.prompt_len + seq.max_new_tokens
+    ids = torch.full((len(prompts), width), tokenizer.eos_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)  # loss only on the teacher's answer
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        answer = out.outputs[0].token_ids
+        ids[i, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+        labels[i, len(prompt):len(prompt) + len(answer)] = torch.tensor(answer, dtype=torch.long)
+    tmp = path.with_suffix(".tmp")
+    save_file({"input_ids": ids, "labels": labels, "row": torch.arange(len(ids))}, str(tmp))
+    os.replace(tmp, path)  # other ranks wait for `path`: it must appear complete
+
+
+def open_topk_cache(config: DistillConfig, teacher, data, rank: int, out: Path):
+    from slimlm.toolkit.distill import TopkCache, write_topk_cache
+
+    folder = Path(config.topk.cache or out / f"teacher_topk-{targets_key(config)}")
+    rows = (data["input_ids"][i:i + 1] for i in range(len(data["input_ids"])))  # one row per cached batch
+    T.rank_zero_first(folder / "topk_index.json",
+                      lambda: write_topk_cache(teacher, rows, folder, k=config.topk.k, progress=config.progress), rank)
+    return TopkCache(folder)
+
+
+# ---------------------------------------------------------------- the run
+
+def main(config: DistillConfig, resume: bool = False) -> Path:
+    """Distil `config.teacher` into `config.student`; returns the export folder (on every rank)."""
+    import lightning as L
+
+    from slimlm.toolkit.distill import HiddenAligner, check_same_tokenizer
+    from slimlm.toolkit.export import read, write
+    from slimlm.toolkit.models import load, resolve
+
+    on = T.accelerator()
+    out = Path(config.out_dir)
+    ckpt_dir, log_dir = out / "checkpoints", Path(config.log_dir or out / "logs")
+    found = T.find_checkpoint(ckpt_dir)
+    rank = T.env_rank()
+    if found and not resume:
+        raise SlimlmError(f"{ckpt_dir} already holds a checkpoint (step {found[1]['global_step']}).",
+                          "Pass --resume to continue it, or choose another out_dir.")
+    if found:
+        changed = [k for k in RESUME_KEYS if found[1]["config"].get(k) != getattr(config, k)]
+        if changed:
+            raise SlimlmError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config.",
+                              "Resume with the same settings, or start a new out_dir.")
+    if resume and not found and rank == 0:
+        print(f"distill: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
+    student_source = resolve(config.student)
+    resolve(config.teacher)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    out.mkdir(parents=True, exist_ok=True)
+
+    student, tokenizer = load_student(config)
+    # Straight onto this rank's GPU: eight ranks holding an 8B teacher in host memory first add up.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if on == "gpu" else "cpu"
+    teacher, teacher_tok = load(config.teacher, dtype="bf16" if config.precision == "bf16" else "float32", device=device)
+    check_same_tokenizer(teacher_tok, tokenizer)
+    teacher.requires_grad_(False)
+    data = build_data(config, tokenizer, teacher, rank, out)
+    topk_cache = open_topk_cache(config, teacher, data, rank, out) if config.teacher_mode == "topk" else None
+    if config.teacher_mode != "logits":
+        teacher = None  # its work is done and on disk: free the memory
+    aligner = None
+    if config.loss.hidden_layers:
+        s_cfg, t_cfg = student.config, teacher.config
+        aligner = HiddenAligner(s_cfg.hidden_size, t_cfg.hidden_size, student_layers=s_cfg.num_hidden_layers,
+                                teacher_layers=t_cfg.num_hidden_layers, count=config.loss.hidden_layers,
+                                loss=config.loss.hidden_loss)
+    stage = T.zero_stage(config.strategy)
+    optim = dict(lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
+                 max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio, cpu_adam=config.offload and stage is not None)
+    module = make_module(student, teacher, aligner, topk_cache, loss=config.loss, optim=optim)
+    meta = {"config": to_dict(config)}
+    start_step = found[1]["global_step"] if found else 0
+    t0 = time.perf_counter()
+    if T.uses_deepspeed_engine(config.strategy, on):
+        rank, _ = T.init_deepspeed_distributed()
+        ds_config = T.deepspeed_config(stage, config.offload, config.batch_size, config.grad_accum,
+                                       config.grad_clip, config.precision)
+        engine, history = T.run_deepspeed(module, data, ds_config, config.max_steps, config.seed, ckpt_dir,
+                                          config.checkpoint_every, meta, resume, log_dir, "distill",
+                                          config.log_every, config.progress)
+        is_zero = rank == 0
+        final_step = engine.global_steps
+    else:
+        devices, num_nodes = T.world_from_env(config.devices, config.num_nodes)
+        layer_classes = {type(m) for m in student.modules() if type(m).__name__.endswith("DecoderLayer")}
+        trainer = L.Trainer(accelerator=on, devices=devices, num_nodes=num_nodes,
+                            strategy=T.lightning_strategy(config.strategy, config.offload, layer_classes),
+                            precision=T.PRECISIONS[config.precision], max_steps=config.max_steps, max_epochs=-1,
+                            accumulate_grad_batches=config.grad_accum, gradient_clip_val=config.grad_clip or None,
+                            logger=T.loggers(log_dir, "distill"), log_every_n_steps=config.log_every,
+                            callbacks=[T.checkpoint_callback(ckpt_dir, config.checkpoint_every, meta),
+                                       L.pytorch.callbacks.LearningRateMonitor("step"),
+                                       *([T.progress_bar()] if config.progress else [])],
+                            enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+                            enable_progress_bar=config.progress, enable_model_summary=False)
+        datamodule = T.step_datamodule(data, config.batch_size, config.max_steps * config.grad_accum,
+                                       config.seed, start_step * config.grad_accum)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(found[0] / "state.ckpt") if found else None,
+                    weights_only=True)
+        history, is_zero, final_step = module.history, trainer.is_global_zero, trainer.global_step
+
+    steps = T.per_step(history)
+    results = {"steps": final_step, "resumed_from": start_step, "seconds_this_run": round(time.perf_counter() - t0, 2),
+               "first": steps[0] if steps else None, "final": steps[-1] if steps else None}
+    transforms = {}
+    if student_source.kind == "export":  # a pruned student keeps its shapes on record
+        transforms["pruned_shapes"] = read(student_source.location, verify=False).transforms.get("pruned_shapes")
+    manifest = {"base_model": config.student, "config": to_dict(config), "transforms": transforms,
+                "eval": {"distill": results}, "command": " ".join(sys.argv)}
+    export_dir = out / "model"
+    student = module.student
+    if config.strategy == "fsdp":  # gather the full weights into a fresh copy on rank 0
+        state = trainer.strategy.lightning_module_state_dict()
+        if is_zero:
+            student, _ = load_student(config)
+            student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+    with T.gathered(student, stage):  # ZeRO-3: whole weights on every rank while rank 0 writes
+        if is_zero:
+            write(student.merge_and_unload() if config.lora.enabled else student, tokenizer, export_dir,
+                  meta=manifest, overwrite=True)
+            first, final = (f"{results[k]['loss']:.4f}" if results[k] else "-" for k in ("first", "final"))
+            print(f"distill: {final_step} steps, loss {first} -> {final}; wrote {export_dir}")
+    T.barrier()
+    return export_dir
+
+
+# ---------------------------------------------------------------- command line
+
+def add_distill(sub) -> None:
+    T.add_launch_arguments(sub.add_parser("distill", help="distil a teacher into a student (logits, top-k cache or "
+                                          "sequence-level KD)", description=__doc__.split("\n\n")[0]))
+
+
+def run_distill(args) -> int:
+    config = load_config(DistillConfig, args.config, args.overrides)
+    main(config, resume=args.resume)
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = T.add_launch_arguments(argparse.ArgumentParser("distill.py", description=__doc__.splitlines()[0])).parse_intermixed_args(argv)
+    T.quiet_libraries()
+    try:
+        return run_distill(args)
+    except SlimlmError as err:
+        print(f"distill: error: {err.what}", file=sys.stderr)
+        if err.hint:
+            print(err.hint, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

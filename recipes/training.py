@@ -1,0 +1,399 @@
+"""Plumbing every training recipe shares: launch arguments, strategy choice, data order,
+checkpoint/resume, logging, and the DeepSpeed engine loop used where Lightning cannot run ZeRO.
+
+Strategies (`STRATEGIES`): auto, ddp, fsdp, deepspeed_stage_1|2|3 (+ offload). On GPUs each is
+Lightning's own. On CPU Lightning refuses DeepSpeed and FSDP: ddp runs on gloo, deepspeed_stage_N
+runs through DeepSpeed's engine (`run_deepspeed`: same module, data order, schedule, checkpoints and
+logs), fsdp is refused. `run_deepspeed` needs `module(batch) -> (loss, parts)` and Lightning's
+`configure_optimizers()` dict.
+
+Checkpoints: `<ckpt_dir>/last/` holds `meta.json` (global step, config) and `state.ckpt`, written
+under a temporary name and renamed into place: a run killed while saving keeps the previous one.
+Lightning's `state.ckpt` file holds only tensors and plain containers and is loaded with
+`weights_only=True`. DeepSpeed's `state.ckpt/` folder is loaded by DeepSpeed with
+`weights_only=False` (its files hold pickled DeepSpeed classes): trusted local state only, never
+files to exchange; exchange models as exports (safetensors).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from slimlm.toolkit.errors import SlimlmError
+
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
+PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
+
+
+# ---------------------------------------------------------------- launching
+
+def add_launch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--config FILE [key=value ...] [--resume]`; accepts the `--local_rank` that `deepspeed` passes
+    (unused: the launcher sets LOCAL_RANK in the environment too, which is what is read)."""
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--config", required=True, help="YAML file of settings (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override settings, e.g. max_steps=50 loss.kind=reverse_kl (values parsed as YAML)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
+    return p
+
+
+def quiet_libraries() -> None:
+    """Our progress bar and summary speak; transformers' per-load bars and Lightning's tips do not."""
+    import logging
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*(does not have many workers|is not resumable|sync_dist|LeafSpec"
+                            "|Experiment logs directory).*")  # the last: CSV rows are appended, not lost
+
+
+def env_rank() -> int:
+    """The global rank the launcher gave (torchrun/deepspeed: RANK; Lightning's: LOCAL_RANK), pre-init."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+def rank_zero_first(path: Path, make, rank: int, timeout_s: float = 6 * 3600) -> None:
+    """Rank 0 runs `make()` unless `path` exists; the other ranks wait until it does.
+
+    For one-off work before training (teacher generations, a teacher cache) that must not run once
+    per rank. `make` must create `path` last and atomically (write elsewhere, then rename)."""
+    if rank == 0:
+        if not Path(path).exists():
+            make()
+        return
+    deadline = time.monotonic() + timeout_s
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise SlimlmError(f"rank {rank} waited {timeout_s:.0f} s for rank 0 to write {path}.",
+                              "Check rank 0's output for an error (multi-node: out_dir must be shared).")
+        time.sleep(1.0)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def per_step(history: list[dict]) -> list[dict]:
+    """Micro-batch records `{"step": s, name: value, ...}` averaged into one record per step."""
+    steps: dict[int, list[dict]] = {}
+    for rec in history:
+        steps.setdefault(rec["step"], []).append(rec)
+    return [{"step": s, **{k: sum(r[k] for r in recs) / len(recs) for k in recs[0] if k != "step"}}
+            for s, recs in sorted(steps.items())]
+
+
+def accelerator() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def check_strategy(strategy: str, offload: bool, on: str) -> None:
+    """Refuse a strategy that does not exist, or that cannot run on accelerator `on`, before any work."""
+    if strategy not in STRATEGIES:
+        raise SlimlmError(f"unknown strategy {strategy!r}.", f"Expected one of: {', '.join(STRATEGIES)}.")
+    if strategy == "fsdp" and on == "cpu":
+        raise SlimlmError("strategy fsdp needs GPUs (Lightning's FSDP refuses CPU).",
+                          "On CPU use strategy=ddp, or deepspeed_stage_3 to shard parameters.")
+    if offload and zero_stage(strategy) is None and strategy != "fsdp":
+        raise SlimlmError(f"offload=true needs strategy fsdp or deepspeed_stage_N, not {strategy}.")
+
+
+def zero_stage(strategy: str) -> int | None:
+    return int(strategy[-1]) if strategy.startswith("deepspeed_stage_") else None
+
+
+def uses_deepspeed_engine(strategy: str, on: str) -> bool:  # ZeRO where Lightning refuses it (CPU)
+    return zero_stage(strategy) is not None and on == "cpu"
+
+
+def world_from_env(devices, num_nodes: int) -> tuple[int | str, int]:
+    """Devices per node and nodes: what an outside launcher (torchrun, deepspeed) started wins."""
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")  # torchrun / deepspeed
+    if local:
+        world = int(os.environ.get("WORLD_SIZE", local))
+        return int(local), max(1, world // int(local))
+    if devices == "auto" and accelerator() == "cpu":
+        return 1, num_nodes
+    return devices, num_nodes
+
+
+def lightning_strategy(strategy: str, offload: bool, layer_classes: set[type] = frozenset()):
+    """The Lightning strategy object (or name) for `strategy` on GPUs, or on CPU for auto/ddp."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+    stage = zero_stage(strategy)
+    if stage is not None:
+        return DeepSpeedStrategy(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3)
+    if strategy == "fsdp":
+        # One FSDP unit per decoder layer; use_orig_params lets frozen and trainable weights mix (LoRA).
+        return FSDPStrategy(auto_wrap_policy=set(layer_classes) or None, use_orig_params=True,
+                            cpu_offload=offload, state_dict_type="full")
+    if strategy == "ddp":
+        return DDPStrategy(find_unused_parameters=False)
+    return "auto"
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    """LR factor per optimizer step: linear warm-up to 1, then cosine down to `min_lr_ratio`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+    return factor
+
+
+def adamw_warmup_cosine(params, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
+                        min_lr_ratio: float, cpu_adam: bool = False) -> dict:
+    """Lightning's `configure_optimizers` answer: AdamW stepped by `warmup_cosine` every optimizer step.
+
+    `cpu_adam`: DeepSpeed's CPU AdamW, which ZeRO-Offload requires (a C++ op built on first use)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise SlimlmError("nothing to train: every parameter is frozen.")
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        opt = DeepSpeedCPUAdam(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, max_steps, min_lr_ratio))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ---------------------------------------------------------------- data order
+
+class StepBatches:
+    """Batch `i` of this rank is a fixed function of (seed, i, rank, world), so a run resumes exactly.
+
+    `data` maps names to tensors of N rows. Global sample position p is row perm_e[p % N] of epoch
+    e = p // N (perm_e seeded by seed + e); rank r takes positions (i*world + r)*B + [0, B).
+    Iteration starts at batch `start`: a resumed run passes the batches already consumed.
+    """
+
+    def __init__(self, data: dict[str, torch.Tensor], batch_size: int, num_batches: int,
+                 rank: int = 0, world: int = 1, seed: int = 0, start: int = 0):
+        self.data, self.batch_size, self.num_batches = data, batch_size, num_batches
+        self.rank, self.world, self.seed, self.start = rank, world, seed, start
+        self.n = len(next(iter(data.values())))
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        return (self.batch(i) for i in range(self.start, self.num_batches))
+
+    def batch(self, i: int) -> dict[str, torch.Tensor]:
+        first = (i * self.world + self.rank) * self.batch_size
+        rows = [self._row(p) for p in range(first, first + self.batch_size)]
+        return {k: v[rows] for k, v in self.data.items()}  # each [B, ...]
+
+    def _row(self, position: int) -> int:
+        epoch, k = divmod(position, self.n)
+        if epoch not in self._perms:  # keep one epoch's permutation
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perms[epoch][k])
+
+
+def step_datamodule(data: dict[str, torch.Tensor], batch_size: int, num_batches: int, seed: int, start: int):
+    """A LightningDataModule whose loader is `StepBatches` for the rank Lightning assigns."""
+    import lightning as L
+
+    class _Data(L.LightningDataModule):
+        def train_dataloader(self):
+            t = self.trainer
+            return StepBatches(data, batch_size, num_batches, t.global_rank, t.world_size, seed, start)
+
+    return _Data()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def find_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint folder in `ckpt_dir` and its meta, or None."""
+    for name in ("last", "last.old"):  # last.old exists only if a run died while publishing
+        meta = Path(ckpt_dir) / name / "meta.json"
+        if meta.is_file():
+            return meta.parent, json.loads(meta.read_text())
+    return None
+
+
+def save_checkpoint(ckpt_dir: Path, meta: dict, is_zero: bool, barrier, write) -> None:
+    """Every rank calls `write(folder / "state.ckpt")` into a fresh temporary folder; rank 0 then adds
+    `meta.json` and renames the folder to `ckpt_dir/last`, so `last` is always complete."""
+    tmp, final, old = ckpt_dir / ".tmp-last", ckpt_dir / "last", ckpt_dir / "last.old"
+    if is_zero:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    write(tmp / "state.ckpt")  # every rank: sharded strategies write their own part
+    barrier()
+    if is_zero:
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def checkpoint_callback(ckpt_dir: str | os.PathLike, every: int, meta: dict):
+    """A Lightning callback: every `every` optimizer steps (and at the end) publish `last/`."""
+    import lightning as L
+
+    class PeriodicCheckpoint(L.Callback):
+        def __init__(self):
+            self.dir, self.saved = Path(ckpt_dir), -1
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if every and step and step % every == 0 and step != self.saved:
+                self.save(trainer)
+
+        def on_train_end(self, trainer, pl_module):
+            if trainer.global_step != self.saved:
+                self.save(trainer)
+
+        def save(self, trainer):
+            save_checkpoint(self.dir, {**meta, "global_step": trainer.global_step}, trainer.is_global_zero,
+                            trainer.strategy.barrier, lambda path: trainer.save_checkpoint(path, weights_only=False))
+            self.saved = trainer.global_step
+
+    return PeriodicCheckpoint()
+
+
+# ---------------------------------------------------------------- logging
+
+def progress_bar():
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class Bar(TQDMProgressBar):  # shows the loss, not the logger's version string
+        def get_metrics(self, trainer, pl_module):
+            return {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k != "v_num"}
+    return Bar()
+
+
+def loggers(log_dir: str | os.PathLike, name: str) -> list:
+    """CSV (`<log_dir>/<name>/csv/metrics.csv`) and TensorBoard (`<log_dir>/<name>/tb`) in fixed folders:
+    a resumed run appends (rows a killed run logged after its last checkpoint stay, and repeat)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    out = [CSVLogger(log_dir, name=name, version="csv")]
+    with contextlib.suppress(ModuleNotFoundError):  # no tensorboard (nor tensorboardX): CSV alone
+        out.append(TensorBoardLogger(log_dir, name=name, version="tb", default_hp_metric=False))
+    return out
+
+
+# ---------------------------------------------------------------- DeepSpeed's engine (CPU ZeRO)
+
+def init_deepspeed_distributed() -> tuple[int, int]:
+    """Start DeepSpeed's process group on gloo (CPU); a plain `python` run becomes a world of one."""
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Its shared-memory collective compiles a C++ op on CPU (~35 s, or a failure without a compiler);
+    # gloo alone is enough at this scale.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo" if accelerator() == "cpu" else "nccl")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def deepspeed_config(stage: int, offload: bool, micro_batch: int, grad_accum: int, grad_clip: float,
+                     precision: str) -> dict:
+    zero: dict = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": grad_clip, "zero_optimization": zero, "bf16": {"enabled": precision == "bf16"},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+
+
+def run_deepspeed(module, data: dict[str, torch.Tensor], ds_config: dict, max_steps: int, seed: int,
+                  ckpt_dir: Path, every: int, meta: dict, resume: bool, log_dir: Path, name: str,
+                  log_every: int = 1, progress: bool = True):
+    """Train `module` with DeepSpeed's engine for `max_steps` optimizer steps: the same data order,
+    schedule, logs and checkpoint layout as the Lightning path. Returns `(engine, history)`, history
+    holding this rank's per-micro-batch losses (see `per_step`)."""
+    import deepspeed
+    from rich.progress import Progress
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    opt = module.configure_optimizers()
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt["optimizer"], config=ds_config,
+                                           lr_scheduler=opt["lr_scheduler"]["scheduler"])
+    step, history = 0, []
+    found = find_checkpoint(ckpt_dir) if resume else None
+    if found:
+        # DeepSpeed unpickles its own files here (weights_only=False): trusted local state only.
+        _, client = engine.load_checkpoint(str(found[0]), tag="state.ckpt")
+        step, history = found[1]["global_step"], list((client or {}).get("history", []))
+    accum = ds_config["gradient_accumulation_steps"]
+    batches = StepBatches(data, ds_config["train_micro_batch_size_per_gpu"], max_steps * accum, rank, world,
+                          seed, start=step * accum)
+    logs = loggers(log_dir, name) if rank == 0 else []
+    engine.train()
+    with Progress(disable=not progress or rank != 0) as bar:
+        task = bar.add_task("training", total=max_steps, completed=step)
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(batches, start=step * accum):
+            loss, parts = engine(batch)
+            engine.backward(loss)
+            lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in step())
+            engine.step()
+            history.append({"step": step + 1, **parts})
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / accum
+            if (i + 1) % accum:
+                continue
+            step += 1
+            metrics, sums = {**{f"train/{k}": v for k, v in sums.items()}, "lr-AdamW": lr}, {}
+            bar.update(task, completed=step, description=f"training loss {metrics['train/loss']:.4f}")
+            if step % log_every == 0 or step == max_steps:
+                for lg in logs:
+                    lg.log_metrics(metrics, step=step)
+            if (every and step % every == 0) or step == max_steps:
+                for lg in logs:
+                    lg.save()
+                save_checkpoint(ckpt_dir, {**meta, "global_step": step}, rank == 0, torch.distributed.barrier,
+                                lambda path: engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False,
+                                                                    client_state={"history": history}))
+    for lg in logs:
+        lg.finalize("success")
+    return engine, history
+
+
+@contextlib.contextmanager
+def gathered(module, stage: int | None):
+    """Inside, every parameter of `module` is whole on every rank (ZeRO-3 partitions them)."""
+    if stage != 3:
+        yield
+        return
+    from deepspeed.zero import GatheredParameters
+
+    with GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield

@@ -1,0 +1,219 @@
+"""recipes/distill.py in one process on tiny models: KD lowers the held-out KD loss, the export and its
+manifest, weights_only checkpoints, the top-k and sequence-level modes, LoRA + hidden alignment, and
+the errors a user can hit (tokenizers that differ, unknown strategy or key, resume mistakes)."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from slimlm.recipes.config import load_config, to_dict
+from slimlm.recipes.distill import DistillConfig, add_distill, cli, main, run_distill
+from slimlm.toolkit.distill import kd_loss
+from slimlm.toolkit.errors import SlimlmError
+from slimlm.toolkit.export import read, write
+from slimlm.toolkit.models import load, tiny_model
+
+WORDS = "the a quick brown fox jumps over lazy dog cat sat on mat and ran far away home".split()
+PRUNED = {"hidden_size": 64, "num_hidden_layers": 2, "note": "test"}
+
+
+def make_text(path, docs: int, seed: int):
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(docs)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A sharp random teacher (Qwen2-style), a different random student saved as a 'pruned' export."""
+    root = tmp_path_factory.mktemp("distill")
+    teacher, tok = tiny_model("qwen2", seed=1)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)  # peaked distributions: something definite to learn
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    student, tok = tiny_model("llama", seed=2)
+    write(student, tok, root / "student", meta={"transforms": {"pruned_shapes": PRUNED}})
+    return {"root": root, "teacher": str(root / "teacher"), "student": str(root / "student"),
+            "train": str(make_text(root / "train.txt", 60, seed=0)),
+            "held_out": str(make_text(root / "held_out.txt", 10, seed=1))}
+
+
+def config_file(assets, out_dir, **settings):
+    base = dict(teacher=assets["teacher"], student=assets["student"], data=assets["train"], seq_len=64,
+                batch_size=4, lr=3e-3, warmup_steps=2, max_steps=20, checkpoint_every=10, log_every=1,
+                progress=False, out_dir=str(out_dir))
+    path = out_dir.parent / f"{out_dir.name}.yaml"
+    path.write_text(yaml.safe_dump({**base, **settings}))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two cores shared with other jobs: OpenMP threads that spin-wait make tiny models 50x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def held_out_kd(student, teacher, assets) -> float:
+    from slimlm.toolkit.data import load_texts, pack
+
+    _, tok = load(assets["teacher"])
+    blocks = pack(load_texts(assets["held_out"]), tok, 64)[:8]
+    with torch.no_grad():
+        return float(kd_loss(student(input_ids=blocks).logits, teacher(input_ids=blocks).logits))
+
+
+@pytest.fixture(scope="module")
+def kd_run(assets):
+    out = assets["root"] / "kd"
+    path = config_file(assets, out)
+    torch.set_num_threads(1)
+    export = main(load_config(DistillConfig, path, []))
+    return path, out, export
+
+
+def test_kd_lowers_the_held_out_kd_loss(assets, kd_run):
+    _, _, export = kd_run
+    teacher, _ = load(assets["teacher"])
+    before, _ = load(assets["student"])
+    after, _ = load(str(export))  # a verified slimlm export
+    kd_before, kd_after = held_out_kd(before, teacher, assets), held_out_kd(after, teacher, assets)
+    assert kd_after < 0.75 * kd_before, (kd_before, kd_after)
+
+
+def test_manifest_holds_config_losses_and_pruned_shapes(assets, kd_run):
+    path, out, export = kd_run
+    manifest = read(export)
+    assert manifest.config == to_dict(load_config(DistillConfig, path, []))
+    assert manifest.transforms["pruned_shapes"] == PRUNED
+    assert manifest.base_model == assets["student"]
+    result = manifest.eval["distill"]
+    assert result["steps"] == 20 and result["resumed_from"] == 0
+    assert result["first"]["step"] == 1 and result["final"]["step"] == 20
+    assert result["final"]["loss"] < 0.8 * result["first"]["loss"]
+    assert result["final"]["kd"] == pytest.approx(result["final"]["loss"])  # kd_weight 1, no CE
+
+
+def test_checkpoint_loads_weights_only_and_holds_no_teacher(kd_run):
+    _, out, _ = kd_run
+    meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["global_step"] == 20
+    state = torch.load(out / "checkpoints" / "last" / "state.ckpt", weights_only=True, map_location="cpu")
+    keys = list(state["state_dict"])
+    assert keys and all(k.startswith("student.") for k in keys)  # the frozen teacher is not saved
+    assert state["global_step"] == 20 and len(state["slimlm_history"]) == 20
+    assert state["optimizer_states"] and state["lr_schedulers"]
+
+
+def test_csv_and_tensorboard_logs(kd_run):
+    _, out, _ = kd_run
+    csv = (out / "logs" / "distill" / "csv" / "metrics.csv").read_text().splitlines()
+    header = csv[0].split(",")
+    assert "train/loss" in header and "train/kd" in header and "lr-AdamW" in header
+    losses = [row.split(",")[header.index("train/loss")] for row in csv[1:]]
+    assert len([x for x in losses if x]) == 20
+    assert list((out / "logs" / "distill" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_resume_mistakes(assets, kd_run):
+    path, out, _ = kd_run
+    with pytest.raises(SlimlmError, match="--resume"):
+        main(load_config(DistillConfig, path, []))
+    with pytest.raises(SlimlmError, match="seq_len"):
+        main(load_config(DistillConfig, path, ["seq_len=32"]), resume=True)
+    # resuming a finished run trains nothing more and writes the same result again
+    export = main(load_config(DistillConfig, path, []), resume=True)
+    assert read(export).eval["distill"]["steps"] == 20
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("topk", ["topk.k=16"]),
+    ("sequence", ["sequence.prompts=16", "sequence.prompt_len=16", "sequence.max_new_tokens=24"]),
+])
+def test_topk_cache_and_sequence_level_modes(assets, mode, extra):
+    out = assets["root"] / mode
+    config = load_config(DistillConfig, config_file(assets, out, max_steps=12, checkpoint_every=0),
+                         [f"teacher_mode={mode}", *extra])
+    result = read(main(config)).eval["distill"]
+    assert result["steps"] == 12 and result["final"]["loss"] < 0.9 * result["first"]["loss"]
+    if mode == "topk":
+        (cache,) = out.glob("teacher_topk-*")
+        index = json.loads((cache / "topk_index.json").read_text())
+        assert index["k"] == 16 and len(index["batches"]) > 0
+        assert "kd" in result["final"]
+    else:
+        from safetensors.torch import load_file
+
+        (path,) = out.glob("sequence_kd-*.safetensors")
+        rows = load_file(path)
+        assert rows["input_ids"].shape == (16, 40)
+        assert (rows["labels"][:, :16] == -100).all()  # no loss on the prompt
+        answered = rows["labels"][:, 16:] != -100
+        assert answered[:, 0].all()  # the teacher answered every prompt
+        assert torch.equal(rows["labels"][:, 16:][answered], rows["input_ids"][:, 16:][answered])
+        assert "ce" in result["final"] and "kd" not in result["final"]
+
+
+def test_lora_hidden_alignment_and_checkpointing_export_merged_weights(assets):
+    out = assets["root"] / "lora"
+    config = load_config(DistillConfig, config_file(assets, out, max_steps=6, checkpoint_every=0),
+                         ["lora.enabled=true", "lora.rank=4", "lora.targets=[q_proj, v_proj]", "lr=1e-2",
+                          "loss.hidden_layers=2", "loss.hidden_loss=mse", "loss.ce_weight=0.5",
+                          "gradient_checkpointing=true"])
+    export = main(config)
+    final = read(export).eval["distill"]["final"]
+    assert {"kd", "ce", "hidden", "loss"} <= set(final)
+    from safetensors.torch import load_file
+
+    (weights,) = export.glob("*.safetensors")
+    state = load_file(weights)
+    assert not [k for k in state if "lora" in k]
+    initial, _ = load(assets["student"])
+    changed = [k for k, v in initial.state_dict().items() if k in state and not torch.equal(v, state[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)  # only LoRA targets moved
+
+
+def test_tokenizers_that_differ_are_refused(assets):
+    root = assets["root"]
+    teacher, tok = tiny_model("qwen2", seed=1)
+    tok.add_tokens(["<extra>"])
+    teacher.save_pretrained(root / "teacher_other_tok")
+    tok.save_pretrained(root / "teacher_other_tok")
+    out = root / "tokdiff"
+    config = load_config(DistillConfig, config_file(assets, out), [f"teacher={root / 'teacher_other_tok'}"])
+    with pytest.raises(SlimlmError, match="tokenizers differ"):
+        main(config)
+    assert not (out / "checkpoints").exists()
+
+
+def test_command_line_errors_exit_2(assets, capsys):
+    path = config_file(assets, assets["root"] / "cli")
+    assert cli(["--config", str(path), "strategy=zero9"]) == 2
+    err = capsys.readouterr().err
+    assert "zero9" in err and "deepspeed_stage_3" in err
+    assert cli(["--config", str(path), "lern_rate=1"]) == 2
+    assert "lern_rate" in capsys.readouterr().err
+    assert cli(["--config", str(assets["root"] / "nope.yaml")]) == 2
+
+
+def test_slimlm_subcommand_wiring(assets):
+    parser = argparse.ArgumentParser(prog="slimlm")
+    add_distill(parser.add_subparsers(dest="verb"))
+    out = assets["root"] / "sub"
+    args = parser.parse_args(["distill", "--config", str(config_file(assets, out)), "max_steps=2"])
+    assert run_distill(args) == 0
+    assert read(out / "model").eval["distill"]["steps"] == 2
+
+
+def test_overrides_may_come_before_and_after_flags(assets, capsys):
+    path = config_file(assets, assets["root"] / "mixed")
+    assert cli(["a_typo=1", "--config", str(path), "--resume", "max_steps=2"]) == 2  # parsed, then refused
+    assert "unknown setting(s) a_typo" in capsys.readouterr().err

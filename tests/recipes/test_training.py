@@ -1,0 +1,157 @@
+"""recipes/training.py: data order, schedule, checkpoint publishing, strategy checks (no training here)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from slimlm.recipes import training as T
+from slimlm.toolkit.errors import SlimlmError
+
+
+def rows(n=10):
+    return {"x": torch.arange(n), "y": torch.arange(n) * 10}
+
+
+def test_step_batches_cover_each_epoch_once_and_reshuffle():
+    b = T.StepBatches(rows(10), batch_size=5, num_batches=4, seed=3)
+    seen = [batch["x"].tolist() for batch in b]
+    assert len(seen) == 4
+    assert sorted(seen[0] + seen[1]) == list(range(10))  # epoch 0: a permutation
+    assert sorted(seen[2] + seen[3]) == list(range(10))  # epoch 1: another one
+    assert seen[0] + seen[1] != seen[2] + seen[3]
+    for batch in T.StepBatches(rows(10), 5, 4, seed=3):
+        assert torch.equal(batch["y"], batch["x"] * 10)  # rows stay aligned across keys
+
+
+def test_step_batches_resume_and_ranks():
+    full = [b["x"].tolist() for b in T.StepBatches(rows(12), 2, 6, seed=1)]
+    resumed = [b["x"].tolist() for b in T.StepBatches(rows(12), 2, 6, seed=1, start=4)]
+    assert resumed == full[4:]
+    r0 = [b["x"].tolist() for b in T.StepBatches(rows(12), 2, 3, rank=0, world=2, seed=1)]
+    r1 = [b["x"].tolist() for b in T.StepBatches(rows(12), 2, 3, rank=1, world=2, seed=1)]
+    # two ranks together see what one rank of twice the batch count sees, without overlap
+    assert sum(r0 + r1, []) != [] and sorted(sum(r0 + r1, [])) == sorted(sum(full, []))
+    assert r0[0] == full[0] and r1[0] == full[1]
+    assert [b["x"].tolist() for b in T.StepBatches(rows(12), 2, 6, seed=2)] != full
+
+
+def test_warmup_cosine_shape():
+    f = T.warmup_cosine(warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    values = [f(s) for s in range(4, 15)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_adamw_warmup_cosine_trains_only_trainable_and_refuses_none():
+    lin = torch.nn.Linear(2, 2)
+    lin.bias.requires_grad_(False)
+    out = T.adamw_warmup_cosine(lin.parameters(), lr=1.0, weight_decay=0.0, warmup_steps=2, max_steps=4,
+                                min_lr_ratio=0.0)
+    opt = out["optimizer"]
+    assert [p for g in opt.param_groups for p in g["params"]] == [lin.weight]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # warm-up step 0
+    lin.weight.requires_grad_(False)
+    with pytest.raises(SlimlmError, match="frozen"):
+        T.adamw_warmup_cosine(lin.parameters(), 1.0, 0.0, 1, 2, 0.0)
+
+
+def test_per_step_averages_micro_batches():
+    hist = [{"step": 1, "loss": 2.0}, {"step": 1, "loss": 4.0}, {"step": 2, "loss": 1.0, }]
+    assert T.per_step(hist) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 1.0}]
+    assert T.per_step([]) == []
+
+
+def test_checkpoint_is_published_whole(tmp_path):
+    calls = []
+
+    def write(path):
+        path.write_text("state")
+        calls.append(path)
+
+    assert T.find_checkpoint(tmp_path) is None
+    T.save_checkpoint(tmp_path, {"global_step": 5}, True, lambda: None, write)
+    T.save_checkpoint(tmp_path, {"global_step": 10}, True, lambda: None, write)
+    folder, meta = T.find_checkpoint(tmp_path)
+    assert folder == tmp_path / "last" and meta["global_step"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary or old folder left
+    assert (folder / "state.ckpt").read_text() == "state"
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    T.save_checkpoint(tmp_path, {"global_step": 5}, True, lambda: None, lambda p: p.write_text("five"))
+
+    def crash(path):
+        path.write_text("half")
+        raise KeyboardInterrupt  # stands in for a kill mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(tmp_path, {"global_step": 10}, True, lambda: None, crash)
+    folder, meta = T.find_checkpoint(tmp_path)
+    assert meta["global_step"] == 5 and (folder / "state.ckpt").read_text() == "five"
+    # a death between the two renames leaves only last.old: still found
+    (tmp_path / "last").rename(tmp_path / "last.old")
+    assert T.find_checkpoint(tmp_path)[1]["global_step"] == 5
+    # and the next save cleans up after it
+    T.save_checkpoint(tmp_path, {"global_step": 15}, True, lambda: None, lambda p: p.write_text("15"))
+    assert json.loads((tmp_path / "last" / "meta.json").read_text())["global_step"] == 15
+
+
+def test_non_zero_ranks_only_write_their_part(tmp_path):
+    (tmp_path / ".tmp-last").mkdir()
+    T.save_checkpoint(tmp_path, {"global_step": 1}, False, lambda: None, lambda p: p.write_text("rank1"))
+    assert T.find_checkpoint(tmp_path) is None  # publishing is rank 0's job
+
+
+def test_strategy_checks():
+    for s in T.STRATEGIES:
+        if s != "fsdp":
+            T.check_strategy(s, False, "cpu")
+    with pytest.raises(SlimlmError) as err:
+        T.check_strategy("zero2", False, "cpu")
+    assert "deepspeed_stage_2" in str(err.value) and "zero2" in str(err.value)
+    with pytest.raises(SlimlmError, match="GPU"):
+        T.check_strategy("fsdp", False, "cpu")
+    T.check_strategy("fsdp", True, "gpu")
+    with pytest.raises(SlimlmError, match="offload"):
+        T.check_strategy("ddp", True, "gpu")
+    assert [T.zero_stage(s) for s in T.STRATEGIES] == [None, None, None, 1, 2, 3]
+    assert T.uses_deepspeed_engine("deepspeed_stage_2", "cpu") and not T.uses_deepspeed_engine("deepspeed_stage_2", "gpu")
+    assert not T.uses_deepspeed_engine("ddp", "cpu")
+
+
+def test_launcher_environment(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert T.env_rank() == 0
+    assert T.world_from_env(3, 1) == (3, 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # Lightning's launcher
+    assert T.env_rank() == 1
+    monkeypatch.setenv("RANK", "5")  # torchrun / deepspeed
+    assert T.env_rank() == 5
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # deepspeed's launcher
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert T.world_from_env("auto", 1) == (2, 4)
+
+
+def test_rank_zero_first(tmp_path):
+    target = tmp_path / "made"
+    T.rank_zero_first(target, lambda: target.write_text("x"), rank=0)
+    assert target.read_text() == "x"
+    T.rank_zero_first(target, lambda: pytest.fail("made twice"), rank=0)  # exists: not made again
+    T.rank_zero_first(target, lambda: pytest.fail("rank 1 must not make it"), rank=1)
+    with pytest.raises(SlimlmError, match="waited"):
+        T.rank_zero_first(tmp_path / "never", lambda: None, rank=1, timeout_s=0.5)
+
+
+def test_launch_arguments_accept_deepspeeds_local_rank():
+    import argparse
+
+    p = T.add_launch_arguments(argparse.ArgumentParser())
+    args = p.parse_args(["--local_rank=1", "--config", "c.yaml", "a=1", "b.c=x", "--resume"])
+    assert args.local_rank == 1 and args.overrides == ["a=1", "b.c=x"] and args.resume
