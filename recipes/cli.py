@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from slimlm.recipes import compare, distill
+from slimlm.recipes import compare, distill, prune
 from slimlm.toolkit.errors import SlimlmError
 
 
@@ -193,7 +193,7 @@ def run_serve(args) -> int:
 
 VERBS = {"eval": (add_eval, run_eval), "export": (add_export, run_export), "bench": (add_bench, run_bench),
          "serve": (add_serve, run_serve), "compare": (compare.add_compare, compare.run_compare),
-         "distill": (distill.add_distill, distill.run_distill)}
+         "distill": (distill.add_distill, distill.run_distill), "prune": (prune.add_prune, prune.run_prune)}
 
 
 def build_parser() -> argparse.ArgumentParser:

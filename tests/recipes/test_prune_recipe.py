@@ -1,0 +1,96 @@
+"""`recipes/prune.py` end to end on a tiny model: budget, YAML config with flag overrides, export, errors."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from slimlm.recipes.prune import main
+from slimlm.toolkit.export import read
+from slimlm.toolkit.models import tiny_model
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex a jovial bard".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prune")
+    model, tok = tiny_model("llama", num_hidden_layers=3)
+    model.save_pretrained(root / "tiny")
+    tok.save_pretrained(root / "tiny")
+    g = torch.Generator().manual_seed(0)
+    for name in ("calib.txt", "held_out.txt"):
+        picks = torch.randint(0, len(WORDS), (20, 60), generator=g).tolist()
+        docs = [" ".join(WORDS[i] for i in row) for row in picks]
+        (root / name).write_text("\n\n".join(docs))
+    return root
+
+
+def common(root):
+    return [str(root / "tiny"), "--data", str(root / "calib.txt"), "--eval-data", str(root / "held_out.txt"),
+            "--window", "64", "--eval-windows", "2", "--calib-samples", "4", "--calib-len", "32"]
+
+
+def test_prune_to_a_budget_writes_a_loadable_export(setup, capsys):
+    out = setup / "out"
+    assert main(common(setup) + ["--target-params", "0.6", "--axes", "heads,mlp,width", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "parameters" in printed and "perplexity" in printed
+    manifest = read(out)
+    report = manifest.transforms["pruned_shapes"]
+    assert report["params_after"] <= report["target_params"] == int(0.6 * report["params_before"])
+    assert report["axes"] == {"heads": 1.0, "mlp": 1.0, "width": 1.0} and report["score"] == "activation"
+    assert report["norm_correction"] is True
+    assert set(manifest.eval) >= {"perplexity_before", "perplexity_after"}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+    assert model.config.hidden_size == report["shape_after"]["hidden_size"] < 64
+    assert manifest.command.startswith("python recipes/prune.py")
+
+
+def test_config_file_with_flag_overrides(setup):
+    cfg = setup / "prune.yaml"
+    cfg.write_text(f"model: {setup / 'tiny'}\ntarget-params: 0.5\naxes: [mlp, depth]\nscore: taylor\n"
+                   f"data: {setup / 'calib.txt'}\neval_data: {setup / 'held_out.txt'}\nwindow: 64\n"
+                   "eval-windows: 0\ncalib-samples: 4\ncalib-len: 32\n")
+    out = setup / "out_cfg"
+    assert main(["--config", str(cfg), "--out", str(out), "--axes", "mlp,heads,width,depth"]) == 0
+    report = read(out).transforms["pruned_shapes"]
+    assert list(report["axes"]) == ["mlp", "heads", "width", "depth"]  # the flag won over the file
+    assert report["score"] == "taylor"  # the file won over the default
+    assert report["params_after"] <= report["params_before"] // 2
+
+
+def test_explicit_shape(setup):
+    out = setup / "out_shape"
+    assert main(common(setup) + ["--shape", "layers=2,heads=2,mlp=48", "--eval-windows", "0", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"],
+            config["intermediate_size"], config["hidden_size"]) == (2, 2, 1, 48, 64)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target-params", "10M"], "larger than the model"),
+    (["--target-params", "0.5", "--axes", "heads,vocab"], "unknown pruning axis 'vocab'"),
+    (["--target-params", "0.2", "--axes", "mlp"], "cannot be reached by pruning mlp"),
+    (["--shape", "heads=3"], "query heads per KV group"),
+    (["--target-params", "0.5", "--shape", "heads=2"], "exactly one of"),
+])
+def test_user_errors_exit_2_with_a_message(setup, capsys, extra, message):
+    assert main(common(setup) + ["--eval-windows", "0", "--out", str(setup / "never")] + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (setup / "never").exists()
+
+
+def test_unknown_config_key(setup, capsys):
+    cfg = setup / "bad.yaml"
+    cfg.write_text("target-params: 0.5\ntarget-paramz: 3\n")
+    assert main(["--config", str(cfg), str(setup / "tiny"), "--out", str(setup / "never")]) == 2
+    assert "target_paramz" in capsys.readouterr().err
+
+
+def test_config_values_are_type_checked(setup, capsys):
+    cfg = setup / "bad_type.yaml"
+    cfg.write_text("target-params: 0.5\ncalib-samples: many\n")
+    assert main(["--config", str(cfg), str(setup / "tiny"), "--out", str(setup / "never")]) == 2
+    assert "calib_samples must be int" in capsys.readouterr().err
