@@ -1,0 +1,120 @@
+"""QuantLinear: every path (exact kernel, dequantize-then-GEMM, PyTorch fallback) against x @ dequantize().T.
+
+Tolerances (S = |x| @ |W|.T + |bias|; see tests/serve/kernels/test_quant_cpu.py for the derivation):
+exact kernel 2e-5 S (float32 sums) plus 2^-8 |ref| for a bf16 output; dequantize-then-GEMM (bf16, from
+GEMM_MIN_ROWS rows) 2^-9 S more (each weight rounded to bf16 once); the float32 PyTorch fallback 1e-5 S.
+"""
+import pytest
+import torch
+
+from slimlm.serve.kernels.quant_cpu import dequantize_rows, qgemv_library, reference_qmatmul
+from slimlm.serve.layers.quant_linear import GEMM_MIN_ROWS, QuantLinear
+
+CASES = [(128, 128, 64), (100, 96, 32), (70, 160, 160), (192, 256, 128), (130, 75, 75)]
+ROWS = [1, 2, 3, 4, 5, 16, 33]
+
+
+@pytest.fixture
+def one_thread():
+    # The grid's tensors are small: with two threads, every op of it waits whenever a neighbour holds a
+    # core (seconds per test on a busy shared machine). Threads are covered by test_quant_cpu.py.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_quant(out_f, in_f, gs, bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    maxq = (1 << bits) - 1
+    codes = torch.randint(0, maxq + 1, (out_f, in_f), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(out_f, in_f // gs, generator=g) * 0.02 + 0.001).half()
+    zeros = torch.randint(0, maxq + 1, (out_f, in_f // gs), generator=g, dtype=torch.uint8)
+    return codes, scales, zeros
+
+
+def assert_close_to_reference(y, x, codes, scales, zeros, gs, bias, rel_s, rel_ref):
+    ref = reference_qmatmul(x, codes, scales, zeros, gs, bias)
+    size = x.double().abs() @ dequantize_rows(codes, scales, zeros, gs).double().abs().t()
+    if bias is not None:
+        size = size + bias.double().abs()
+    err = (y.double() - ref).abs()
+    assert bool((err <= rel_s * size + rel_ref * ref.abs() + 1e-30).all()), f"max err {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_quant_linear_matches_dequantized_matmul(bits, case, act, bias, kernel, one_thread):
+    out_f, in_f, gs = case
+    codes, scales, zeros = random_quant(out_f, in_f, gs, bits, seed=out_f * bits)
+    b = torch.randn(out_f, generator=torch.Generator().manual_seed(1)).to(act) if bias else None
+    layer = QuantLinear.from_codes(codes, scales, zeros, gs, bits, bias=b, act_dtype=act)
+    if not kernel:
+        layer = QuantLinear(layer.packed, b, act, use_kernel=False)
+    assert layer.uses_kernel == (kernel and qgemv_library() is not None)
+    assert torch.equal(layer.dequantize(), dequantize_rows(codes, scales, zeros, gs))
+    for m in ROWS + ([GEMM_MIN_ROWS[bits] + 1] if act == torch.bfloat16 else []):
+        x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m)).to(act)
+        y = layer(x)
+        assert y.shape == (m, out_f) and y.dtype == act
+        bf16 = act == torch.bfloat16
+        if not layer.uses_kernel:
+            rel_s = 1e-5
+        elif bf16 and m >= GEMM_MIN_ROWS[bits]:
+            rel_s = 2 ** -9 * 1.01 + 2e-5
+        else:
+            rel_s = 2e-5
+        assert_close_to_reference(y, x, codes, scales, zeros, gs, b, rel_s, 2 ** -8 if bf16 else 0)
+
+
+def test_leading_dims_and_input_cast():
+    codes, scales, zeros = random_quant(64, 128, 32, 4, seed=0)
+    layer = QuantLinear.from_codes(codes, scales, zeros, 32, 4)
+    x = torch.randn(2, 3, 128)
+    y = layer(x)  # float32 in, bf16 module: computed and returned in bf16
+    assert y.shape == (2, 3, 64) and y.dtype == torch.bfloat16
+    assert torch.equal(y, layer(x.bfloat16().reshape(6, 128)).reshape(2, 3, 64))
+    assert layer(torch.zeros(0, 128, dtype=torch.bfloat16)).shape == (0, 64)
+
+
+def test_symmetric_scheme_is_a_constant_zero_point():
+    codes, scales, _ = random_quant(64, 64, 64, 8, seed=2)
+    zeros = torch.full((64, 1), 128, dtype=torch.uint8)
+    w = QuantLinear.from_codes(codes, scales, zeros, 64, 8).dequantize()
+    assert torch.equal(w, (codes.float() - 128) * scales.float())
+
+
+def test_no_dense_copy_is_kept():
+    codes, scales, zeros = random_quant(512, 512, 64, 4, seed=3)
+    layer = QuantLinear.from_codes(codes, scales, zeros, 64, 4)
+    held = layer.packed.nbytes() + sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    assert held / codes.numel() < 0.55  # codes 0.5 bytes per weight, scales and zeros 3 bytes per 64
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(group_size=48), r"group_size 48 does not divide in_features 128 \(codes 64x128\)"),
+    (dict(group_size=24), r"group_size 24 does not divide"),
+    (dict(bits=3), r"bits must be 4 or 8"),
+    (dict(scales=torch.ones(64, 3)), r"scales must be \[out, in / group_size\] = \[64, 4\]"),
+    (dict(zeros=torch.full((64, 4), 16)), r"zeros must lie in 0..15"),
+    (dict(codes=torch.full((64, 128), 16, dtype=torch.uint8)), r"codes must lie in 0..15"),
+    (dict(act_dtype=torch.float16), r"act_dtype must be torch.bfloat16 or torch.float32"),
+])
+def test_bad_arguments_are_refused_clearly(bad, match):
+    args = dict(codes=torch.zeros(64, 128, dtype=torch.uint8), scales=torch.ones(64, 4), zeros=torch.zeros(64, 4),
+                group_size=32, bits=4)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        QuantLinear.from_codes(**args)
+
+
+def test_slimlm_cpu_kernels_0_selects_the_pytorch_path(monkeypatch):
+    monkeypatch.setenv("SLIMLM_CPU_KERNELS", "0")
+    codes, scales, zeros = random_quant(64, 64, 32, 4, seed=4)
+    layer = QuantLinear.from_codes(codes, scales, zeros, 32, 4, act_dtype=torch.float32)
+    assert not layer.uses_kernel
+    x = torch.randn(3, 64)
+    assert_close_to_reference(layer(x), x, codes, scales, zeros, 32, None, 1e-5, 0)
