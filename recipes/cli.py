@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from slimlm.recipes import compare, distill, prune
+from slimlm.recipes import compare, distill, prune, quantize
 from slimlm.toolkit.errors import SlimlmError
 
 
@@ -193,7 +193,8 @@ def run_serve(args) -> int:
 
 VERBS = {"eval": (add_eval, run_eval), "export": (add_export, run_export), "bench": (add_bench, run_bench),
          "serve": (add_serve, run_serve), "compare": (compare.add_compare, compare.run_compare),
-         "distill": (distill.add_distill, distill.run_distill), "prune": (prune.add_prune, prune.run_prune)}
+         "distill": (distill.add_distill, distill.run_distill), "prune": (prune.add_prune, prune.run_prune),
+         "quantize": (quantize.add_quantize, quantize.run_quantize)}
 
 
 def build_parser() -> argparse.ArgumentParser:

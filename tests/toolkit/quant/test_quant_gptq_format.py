@@ -1,0 +1,199 @@
+"""GPTQ checkpoint: bit layout by hand, pack/unpack round trips, save -> load equals the fake-quant model."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from slimlm.toolkit.errors import SlimlmError
+from slimlm.toolkit.export import read
+from slimlm.toolkit.models import tiny_model
+from slimlm.toolkit.quant.calibrate import quantize_model
+from slimlm.toolkit.quant.fake_quant import fake_quant
+from slimlm.toolkit.quant.gptq_format import (dequantize_gptq, gptq_config, load_gptq, pack_qweight, pack_qzeros,
+                                              read_gptq_tensors, save_gptq, unpack_qweight, unpack_qzeros)
+from slimlm.toolkit.quant.scheme import QuantScheme
+
+
+def as_int32(word: int) -> int:
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+# ------------------------------------------------------------------ bit layout
+
+def test_qweight_packs_inputs_low_bits_first():
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [15, 0, 0, 0, 0, 0, 0, 15]])  # [out=2, in=8]
+    qweight = pack_qweight(codes, bits=4)
+    assert qweight.dtype == torch.int32 and qweight.shape == (1, 2)  # [in / 8, out]
+    assert qweight[0, 0].item() == as_int32(0x87654321)
+    assert qweight[0, 1].item() == as_int32(0xF000000F)
+    codes8 = torch.tensor([[1, 2, 3, 4], [255, 0, 128, 7]])  # [out=2, in=4]
+    assert pack_qweight(codes8, bits=8).tolist() == [[0x04030201, 0x078000FF]]
+
+
+def test_symmetric_zero_points_are_stored_minus_one():
+    # The well-known GPTQ v1 words: zero point 8 (int4) is stored as 7, 128 (int8) as 127.
+    assert pack_qzeros(torch.full((8, 3), 8), bits=4).unique().tolist() == [0x77777777]
+    assert pack_qzeros(torch.full((4, 2), 128), bits=8).unique().tolist() == [0x7F7F7F7F]
+    qzeros = pack_qzeros(torch.tensor([[1], [2], [3], [4], [5], [6], [7], [16]]), bits=4)  # [out=8, G=1]
+    assert qzeros.shape == (1, 1) and qzeros.item() == as_int32(0xF6543210)
+
+
+def test_zero_point_0_is_refused():
+    with pytest.raises(SlimlmError, match="zero point of 0"):
+        pack_qzeros(torch.zeros(8, 1, dtype=torch.long), bits=4)
+
+
+def reference_unpack(word: int, bits: int) -> list[int]:
+    """Plain-integer unpack of one 32-bit word, low bits first."""
+    word &= 0xFFFFFFFF
+    return [(word >> (bits * j)) & ((1 << bits) - 1) for j in range(32 // bits)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (24, 64), generator=g)  # [out, in]
+    zeros = torch.randint(1, 1 << bits, (24, 2), generator=g)  # [out, G]
+    qweight, qzeros = pack_qweight(codes, bits), pack_qzeros(zeros, bits)
+    assert qweight.shape == (64 * bits // 32, 24) and qzeros.shape == (2, 24 * bits // 32)
+    assert torch.equal(unpack_qweight(qweight, bits), codes)
+    assert torch.equal(unpack_qzeros(qzeros, bits), zeros)
+    pf = 32 // bits
+    for r in range(qweight.shape[0]):  # an independent reading of every word
+        for o in range(24):
+            assert reference_unpack(qweight[r, o].item(), bits) == codes[o, r * pf:(r + 1) * pf].tolist()
+
+
+def test_dequantize_gptq_formula_by_hand():
+    codes = torch.tensor([[0, 3, 15, 8, 8, 8, 8, 8]] * 8)  # [out=8, in=8]
+    scales = torch.tensor([[0.5] * 8], dtype=torch.float16)  # [G=1, out]
+    w = dequantize_gptq(pack_qweight(codes, 4), pack_qzeros(torch.full((8, 1), 8), 4), scales,
+                        torch.zeros(8, dtype=torch.int32), bits=4)
+    assert w[0].tolist() == [-4.0, -2.5, 3.5, 0, 0, 0, 0, 0]  # 0.5 * (q - 8)
+    v2 = dequantize_gptq(pack_qweight(codes, 4), pack_qzeros(torch.full((8, 1), 9), 4), scales,
+                         torch.zeros(8, dtype=torch.int32), bits=4, offset=0)  # gptq_v2: stored as is
+    assert torch.equal(v2, w)
+
+
+# ------------------------------------------------------------------ save / load
+
+def fake_quantized(model, names, scheme):
+    """The reference: each quantized weight fake-quantized (RTN), all else rounded through the scale dtype."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            module = name.rsplit(".", 1)[0]
+            if module in names and name.endswith(".weight"):
+                p.copy_(fake_quant(p, scheme))
+            else:
+                p.copy_(p.to(scheme.torch_scale_dtype).float())
+    return ref
+
+
+IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch, scheme", [("llama", QuantScheme(bits=4, group_size=32, sym=True)),
+                                          ("qwen2", QuantScheme(bits=4, group_size=64, sym=False)),
+                                          ("qwen3", QuantScheme(bits=8, group_size=-1, sym=True, scale_dtype="bf16"))])
+def test_saved_checkpoint_loads_as_the_fake_quantized_model(tmp_path, arch, scheme):
+    model, tok = tiny_model(arch, seed=1)
+    original = copy.deepcopy(model)
+    state = quantize_model(model, scheme, "rtn")
+    out = save_gptq(model, tok, state, scheme, tmp_path / "q", meta={"base_model": "tiny", "command": "test"})
+    manifest = read(out)  # a verified slimlm export
+    assert manifest.transforms["quant"]["bits"] == scheme.bits and manifest.transforms["quant"]["format"] == "gptq"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size, "desc_act": False,
+        "static_groups": False, "sym": scheme.sym, "true_sequential": True, "lm_head": False,
+        "checkpoint_format": "gptq"}
+    assert config["dtype"] == scheme.scale_dtype
+    loaded, loaded_tok = load_gptq(out)
+    ref = fake_quantized(original, set(state), scheme)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
+    assert loaded_tok.decode(loaded_tok("héllo")["input_ids"]) == "héllo"
+
+
+def test_packed_tensors_have_the_gptq_layout(tmp_path):
+    model, tok = tiny_model("qwen2", seed=2)  # q/k/v carry a bias
+    scheme = QuantScheme(bits=4, group_size=32, sym=True)
+    state = quantize_model(model, scheme, "rtn")
+    out = save_gptq(model, tok, state, scheme, tmp_path / "q")
+    layers = read_gptq_tensors(out)
+    assert set(layers) == set(state)
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in q.items()} == {
+        "qweight": (torch.int32, (8, 64)), "qzeros": (torch.int32, (2, 8)), "scales": (torch.float16, (2, 64)),
+        "g_idx": (torch.int32, (64,)), "bias": (torch.float16, (64,))}
+    down = layers["model.layers.1.mlp.down_proj"]
+    assert tuple(down["qweight"].shape) == (16, 64) and "bias" not in down
+    assert torch.equal(down["g_idx"], torch.arange(128, dtype=torch.int32) // 32)
+    assert (down["qzeros"] == 0x77777777).all()
+    files = load_file(out / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.weight" not in files and files["lm_head.weight"].dtype == torch.float16
+    assert gptq_config(out)["checkpoint_format"] == "gptq"
+
+
+def test_act_order_gptq_round_trips_g_idx(tmp_path):
+    model, tok = tiny_model("llama", seed=3)
+    scheme = QuantScheme(bits=4, group_size=32, sym=False, act_order=True)
+    samples = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    state = quantize_model(model, scheme, "gptq", samples, progress=False)
+    out = save_gptq(model, tok, state, scheme, tmp_path / "q")
+    layers = read_gptq_tensors(out)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
+    assert any(not torch.equal(l["g_idx"], torch.arange(l["g_idx"].numel(), dtype=torch.int32) // 32)
+               for l in layers.values())  # act-order really reordered some groups
+    loaded, _ = load_gptq(out)
+    for name, qw in state.items():
+        assert torch.equal(layers[name]["g_idx"], qw.g_idx)
+        assert torch.equal(loaded.get_submodule(name).weight, qw.dequantize())  # bit-exact
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+
+
+def test_skipped_decoder_linears_are_listed_as_dynamic_exclusions(tmp_path):
+    model, tok = tiny_model("llama", seed=4)
+    scheme = QuantScheme(group_size=32, skip=("lm_head", "embed", r"layers\.1\.mlp\.down_proj"))
+    state = quantize_model(model, scheme, "rtn")
+    out = save_gptq(model, tok, state, scheme, tmp_path / "q")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["dynamic"] == {r"-:^model\.layers\.1\.mlp\.down_proj$": {}}
+    files = load_file(out / "model.safetensors")
+    assert files["model.layers.1.mlp.down_proj.weight"].dtype == torch.float16
+    assert "model.layers.0.mlp.down_proj.qweight" in files
+
+
+def test_load_refuses_a_plain_folder(tmp_path):
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(SlimlmError, match="not a GPTQ checkpoint"):
+        load_gptq(tmp_path / "plain")
+
+
+def test_a_tampered_checkpoint_is_refused(tmp_path):
+    model, tok = tiny_model("llama", seed=5)
+    scheme = QuantScheme(group_size=32)
+    out = save_gptq(model, tok, quantize_model(model, scheme, "rtn"), scheme, tmp_path / "q")
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(SlimlmError, match="sha256"):
+        load_gptq(out)
+
+
+def test_state_that_does_not_fit_the_model_is_refused(tmp_path):
+    model, tok = tiny_model("llama", seed=6)
+    scheme = QuantScheme(group_size=32)
+    state = quantize_model(copy.deepcopy(model), scheme, "rtn")
+    state["model.layers.0.mlp.gate_proj"] = state["model.layers.0.mlp.down_proj"]
+    with pytest.raises(SlimlmError, match="gate_proj has shape"):
+        save_gptq(model, tok, state, scheme, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    model.model.layers[0].mlp.gate_proj = nn.Identity()
+    with pytest.raises(SlimlmError, match="not a module"):
+        save_gptq(model, tok, state, scheme, tmp_path / "q")

@@ -1,0 +1,74 @@
+"""`recipes/quantize.py` (the `slimlm quantize` verb) end to end on a tiny model, and its refusals."""
+import json
+
+import pytest
+import torch
+
+from slimlm.recipes.quantize import main
+from slimlm.toolkit.export import read
+from slimlm.toolkit.models import tiny_model
+from slimlm.toolkit.quant.gptq_format import load_gptq, read_gptq_tensors
+
+TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times, then rests."
+                   for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    model, tok = tiny_model("llama", seed=0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("t") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_quantize_writes_a_verified_gptq_checkpoint_and_reports_perplexity(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    code = main([str(model_dir), "--out", str(out), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--sym", "--act-order", "--data", str(text_file), "--samples", "4", "--seq-len", "64",
+                 "--eval-data", str(text_file), "--eval-windows", "2", "--window", "64"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity before" in printed and "perplexity after" in printed and "change" in printed
+    manifest = read(out)
+    assert manifest.transforms["quant"]["method"] == "gptq"
+    assert manifest.transforms["quant"]["calibration"]["samples"] == 4
+    before, after = manifest.eval["perplexity_before"], manifest.eval["perplexity_after"]
+    assert before > 1 and after > 1 and f"{before:.3f}" in printed and f"{after:.3f}" in printed
+    assert manifest.command.startswith("slimlm quantize ")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (4, 32, True, True)
+    assert len(read_gptq_tensors(out)) == 14
+    model, _ = load_gptq(out)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 259)
+
+
+def test_rtn_without_eval(model_dir, tmp_path):
+    assert main([str(model_dir), "--out", str(tmp_path / "r"), "--method", "rtn", "--bits", "8",
+                 "--group-size", "-1", "--no-eval"]) == 0
+    assert read(tmp_path / "r").transforms["quant"]["bits"] == 8
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--method", "rtn", "--act-order"], "--act-order is a GPTQ option"),
+    (["--group-size", "48"], "group size must be one of"),
+    (["--static-groups"], "needs act_order"),
+    (["--data", "builtin:nope"], "unknown built-in corpus"),
+])
+def test_user_errors_exit_2_before_loading(model_dir, tmp_path, capsys, extra, needle):
+    assert main([str(model_dir), "--out", str(tmp_path / "x"), *extra]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_non_empty_out_is_refused(model_dir, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    assert main([str(model_dir), "--out", str(tmp_path / "full"), "--method", "rtn"]) == 2
+    assert "--overwrite" in capsys.readouterr().err

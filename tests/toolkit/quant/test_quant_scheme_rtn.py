@@ -1,0 +1,143 @@
+"""QuantScheme validation, RTN against hand-computed grids, and fake-quant's straight-through gradient."""
+import pytest
+import torch
+
+from slimlm.toolkit.errors import SlimlmError
+from slimlm.toolkit.quant.fake_quant import fake_quant
+from slimlm.toolkit.quant.rtn import group_params, rtn_dequantize, rtn_quantize
+from slimlm.toolkit.quant.scheme import QuantScheme
+
+
+def fp16(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float16).item()
+
+
+# ------------------------------------------------------------------ scheme
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(bits=3), "bits must be 4 or 8"),
+    (dict(group_size=48), "group size"),
+    (dict(scale_dtype="float32"), "scale dtype"),
+    (dict(static_groups=True), "needs act_order"),
+    (dict(skip=("lm_head(",)), "not a valid regular expression"),
+])
+def test_scheme_refuses_bad_fields(kwargs, needle):
+    with pytest.raises(SlimlmError, match=needle):
+        QuantScheme(**kwargs)
+
+
+def test_scheme_normalises_and_derives():
+    s = QuantScheme(bits=4, group_size=64, scale_dtype="bf16", skip="lm_head")
+    assert s.scale_dtype == "bfloat16" and s.torch_scale_dtype == torch.bfloat16
+    assert s.skip == ("lm_head",)
+    assert (s.maxq, s.sym_zero, s.pack_factor) == (15, 8, 8)
+    assert (QuantScheme(bits=8).maxq, QuantScheme(bits=8).sym_zero, QuantScheme(bits=8).pack_factor) == (255, 128, 4)
+    assert s.groups(576) == 9 and QuantScheme(group_size=-1).groups(576) == 1
+    assert QuantScheme() == QuantScheme(scale_dtype="fp16")
+
+
+def test_default_skip_keeps_head_and_embeddings():
+    s = QuantScheme()
+    assert s.is_skipped("lm_head") and s.is_skipped("model.embed_tokens")
+    assert not s.is_skipped("model.layers.0.mlp.down_proj")
+    assert QuantScheme(skip=(r"layers\.1\.",)).is_skipped("model.layers.1.self_attn.q_proj")
+
+
+def test_check_layer_names_the_layer_and_sizes():
+    s = QuantScheme(group_size=64)
+    with pytest.raises(SlimlmError, match=r"model\.layers\.0\.mlp\.down_proj has in_features=96.*group size 64"):
+        s.check_layer("model.layers.0.mlp.down_proj", 64, 96)
+    QuantScheme(group_size=32).check_layer("x", 64, 96)  # 96 = 3 groups of 32
+    QuantScheme(group_size=-1).check_layer("x", 64, 96)
+    with pytest.raises(SlimlmError, match="out_features=36.*not divisible by 8"):
+        QuantScheme(group_size=-1).check_layer("x", 36, 64)
+    QuantScheme(bits=8, group_size=-1).check_layer("x", 36, 64)  # 4 codes per int32 at 8 bits
+
+
+# ------------------------------------------------------------------ RTN, hand-computed
+
+def one_group(values, n=32):
+    w = torch.zeros(1, n)
+    w[0, : len(values)] = torch.tensor(values)
+    return w
+
+
+def test_rtn_symmetric_grid_by_hand():
+    qw = rtn_quantize(one_group([-0.75, 0.3, 0.75]), QuantScheme(bits=4, group_size=32, sym=True))
+    s = fp16(2 * 0.75 / 15)  # 0.1 rounded to float16 before any code is chosen
+    assert qw.scales.item() == s and qw.zeros.item() == 8
+    # -0.75/s = -7.5018 -> -8 (+8) = 0;  0.3/s = 3.0007 -> 3 (+8) = 11;  0.75/s = 7.5018 -> 8 (+8) = 16 -> 15
+    assert qw.codes[0, :4].tolist() == [0, 11, 15, 8]
+    deq = qw.dequantize()[0, :4].tolist()
+    assert deq == [s * -8, s * 3, s * 7, 0.0]
+
+
+def test_rtn_asymmetric_grid_by_hand():
+    qw = rtn_quantize(one_group([-0.3, 1.2]), QuantScheme(bits=4, group_size=32, sym=False))
+    s = fp16(1.5 / 15)
+    assert qw.scales.item() == s and qw.zeros.item() == 3  # round(0.3 / s) = round(3.0007)
+    assert qw.codes[0, :3].tolist() == [0, 15, 3]  # -3+3, round(12.003)+3, 0+3
+
+
+def test_rtn_asymmetric_never_uses_zero_point_0():
+    # All weights >= 0: the plain rule gives zero point 0, which GPTQ v1 cannot store.
+    qw = rtn_quantize(one_group([0.2, 1.0]), QuantScheme(bits=4, group_size=32, sym=False))
+    s = fp16(1.0 / 14)
+    assert qw.zeros.item() == 1 and qw.scales.item() == s
+    assert qw.codes[0, :3].tolist() == [4, 15, 1]  # round(2.8)+1, round(14.0)+1, 0+1
+    assert qw.dequantize()[0, 2].item() == 0.0
+
+
+@pytest.mark.parametrize("bits, group, sym", [(4, 32, True), (4, 64, False), (8, 128, True), (8, -1, False),
+                                              (4, -1, True)])
+def test_rtn_error_is_at_most_half_a_step(bits, group, sym):
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * torch.rand(48, 1)
+    w[:, 5] = 0.0
+    scheme = QuantScheme(bits=bits, group_size=group, sym=sym)
+    qw = rtn_quantize(w, scheme)
+    n_groups = 1 if group == -1 else 256 // group
+    assert qw.codes.shape == (48, 256) and qw.scales.shape == qw.zeros.shape == (48, n_groups)
+    assert int(qw.codes.max()) <= scheme.maxq
+    assert torch.equal(qw.g_idx, torch.arange(256, dtype=torch.int32) // (256 if group == -1 else group))
+    step = qw.scales[:, qw.g_idx.long()]  # [out, in]
+    deq = qw.dequantize()
+    err = (deq - w).abs()
+    inner = (qw.codes > 0) & (qw.codes < scheme.maxq)
+    assert (err[inner] <= step[inner] / 2 * (1 + 1e-6)).all()  # nearest grid point
+    # At the grid's ends only the float16 rounding of the scale (2^-11 relative) may clip a little more.
+    assert (err[~inner] <= step[~inner] * (0.5 + scheme.maxq * 2.0 ** -11)).all()
+    assert (deq[:, 5] == 0).all()  # zero is on every grid
+    assert torch.equal(qw.scales.half().float(), qw.scales)  # exactly storable as float16
+
+
+def test_group_params_are_per_group():
+    w = torch.tensor([[1.0, -2.0, 0.5, 0.25]])  # two groups of 2
+    scale, zero = group_params(w.view(1, 2, 2), QuantScheme(bits=4, group_size=32, sym=True))
+    assert scale.tolist() == [[fp16(4 / 15), fp16(1 / 15)]] and zero.tolist() == [[8.0, 8.0]]
+
+
+def test_bf16_scales_are_bf16_values():
+    torch.manual_seed(1)
+    qw = rtn_quantize(torch.randn(8, 64), QuantScheme(group_size=32, scale_dtype="bf16"))
+    assert torch.equal(qw.scales.bfloat16().float(), qw.scales)
+
+
+# ------------------------------------------------------------------ fake quant
+
+def test_fake_quant_matches_rtn_and_passes_gradients_straight_through():
+    torch.manual_seed(2)
+    scheme = QuantScheme(bits=4, group_size=32, sym=False)
+    w = torch.randn(16, 64, requires_grad=True)
+    y = fake_quant(w, scheme)
+    assert torch.equal(y.detach(), rtn_dequantize(w.detach(), scheme))
+    upstream = torch.randn(16, 64)
+    (y * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)
+
+
+def test_fake_quant_keeps_dtype():
+    w = torch.randn(8, 32).bfloat16()
+    y = fake_quant(w, QuantScheme(group_size=32))
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, rtn_dequantize(w, QuantScheme(group_size=32)).bfloat16())

@@ -1,0 +1,1 @@
+"""Weight quantization: schemes, RTN, GPTQ, fake-quant for QAT, layer-by-layer calibration, GPTQ checkpoints."""

@@ -1,0 +1,277 @@
+"""The GPTQ checkpoint format, as vLLM, SGLang, TGI and transformers (+ gptqmodel) read it.
+
+Per quantized linear `<name>` (weights `[out, in]`, `G` groups, `pf = 32 / bits` codes per int32):
+
+| tensor            | dtype | shape            | content                                                   |
+|-------------------|-------|------------------|-----------------------------------------------------------|
+| `<name>.qweight`  | int32 | `[in / pf, out]` | codes packed along the input dim: word r of column o holds |
+|                   |       |                  | inputs r*pf .. r*pf+pf-1, input r*pf+j in bits j*bits..    |
+| `<name>.qzeros`   | int32 | `[G, out / pf]`  | zero points packed the same way along the output dim      |
+| `<name>.scales`   | fp16  | `[G, out]`       | one scale per (group, output)                              |
+| `<name>.g_idx`    | int32 | `[in]`           | group of each input (`i // group_size` unless act-order)   |
+| `<name>.bias`     | fp16  | `[out]`          | if the layer has one                                       |
+
+and `config.json` gets `quantization_config = {quant_method: "gptq", bits, group_size, desc_act, sym,
+checkpoint_format: "gptq", ...}`. Words are little-endian bit fields, low bits first; int32 is the
+two's-complement view of the unsigned word.
+
+The zero-point convention (checkpoint_format "gptq", a.k.a. v1): the stored field is `zero - 1`, and
+readers compute `w = scale * (q - (stored + 1))`. This is the original GPTQ/AutoGPTQ layout (AutoGPTQ
+subtracted 1 when packing and its kernels add it back); vLLM's `gptq_gemm` adds 1 unless the config says
+`checkpoint_format: "gptq_v2"`, where zeros are stored as they are. A symmetric 4-bit scheme therefore
+stores 7 (`0x77777777` per word) for its zero point 8, 8-bit stores 127 for 128. A zero point of 0 cannot
+be stored (the field is unsigned), which is why `group_params` never produces one.
+
+Everything else in the model (embeddings, norms, an untied lm_head) is stored in the scale dtype
+(float16 by default), which is also the `dtype` recorded in config.json: the dtype GPTQ kernels run in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import SlimlmError
+from .qweight import QuantizedWeight, dequantize_codes
+from .scheme import QuantScheme
+
+PACKED = ("qweight", "qzeros", "scales", "g_idx")
+_WORD = 1 << 32
+
+
+def pack_last(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned `values` [..., N] (each < 2**bits) into int32 words along the last dim: [..., N*bits/32]."""
+    pf = 32 // bits
+    v = values.to(torch.int64)
+    if v.shape[-1] % pf:
+        raise SlimlmError(f"cannot pack {v.shape[-1]} values into whole int32 words of {pf}.")
+    if v.numel() and (v.min() < 0 or v.max() >= (1 << bits)):
+        raise SlimlmError(f"values to pack must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing.")
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // pf, pf)  # [..., words, pf]
+    shifts = torch.arange(pf, dtype=torch.int64) * bits  # [pf]
+    words = (v << shifts).sum(-1)  # [..., words], in [0, 2**32)
+    return torch.where(words >= (1 << 31), words - _WORD, words).to(torch.int32)
+
+
+def unpack_last(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_last`: int32 words [..., M] -> unsigned values [..., M*32/bits] (int64)."""
+    pf = 32 // bits
+    words = packed.to(torch.int64) & (_WORD - 1)  # [..., M], unsigned
+    shifts = torch.arange(pf, dtype=torch.int64) * bits  # [pf]
+    v = (words[..., None] >> shifts) & ((1 << bits) - 1)  # [..., M, pf]
+    return v.reshape(*packed.shape[:-1], packed.shape[-1] * pf)
+
+
+def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [out, in] -> `qweight` int32 [in * bits / 32, out]."""
+    return pack_last(codes, bits).T.contiguous()
+
+
+def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """`qweight` int32 [in * bits / 32, out] -> codes [out, in] (int64)."""
+    return unpack_last(qweight.T, bits)
+
+
+def pack_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """True zero points [out, G] -> `qzeros` int32 [G, out * bits / 32], storing `zero - 1` (v1)."""
+    z = zeros.to(torch.int64)
+    if z.numel() and z.min() < 1:
+        raise SlimlmError("a zero point of 0 cannot be stored in the GPTQ (v1) format, which stores zero - 1.",
+                          "Quantize with slimlm's group_params (zero points in [1, maxq]).")
+    return pack_last((z - 1).T, bits)
+
+
+def unpack_qzeros(qzeros: torch.Tensor, bits: int, offset: int = 1) -> torch.Tensor:
+    """`qzeros` int32 [G, out * bits / 32] -> true zero points [out, G] (int64); offset 0 for gptq_v2."""
+    return unpack_last(qzeros, bits).T + offset
+
+
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    bits: int, offset: int = 1) -> torch.Tensor:
+    """The weight [out, in] (float32) a packed GPTQ layer stands for: the reference for serving kernels."""
+    codes = unpack_last(qweight.T, bits)  # [out, in]
+    zeros = unpack_qzeros(qzeros, bits, offset)  # [out, G]
+    g = g_idx.long()
+    return dequantize_codes(codes, scales.T[:, g], zeros[:, g])  # [out, in]
+
+
+def pack_layer(qw: QuantizedWeight, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """The four packed tensors of one quantized linear (without the bias)."""
+    return {"qweight": pack_qweight(qw.codes, scheme.bits),
+            "qzeros": pack_qzeros(qw.zeros, scheme.bits),
+            "scales": qw.scales.T.to(scheme.torch_scale_dtype).contiguous(),  # [G, out], exact
+            "g_idx": qw.g_idx.to(torch.int32).clone()}  # own storage: safetensors refuses shared tensors
+
+
+def quantization_config(scheme: QuantScheme, skipped: list[str] = ()) -> dict:
+    """The `quantization_config` written to config.json.
+
+    Linears inside the decoder layers that a skip pattern kept in full precision are listed under
+    gptqmodel's `dynamic` key as negative matches (`"-:<regex>"`), which vLLM and gptqmodel honour.
+    """
+    config = {"quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size,
+              "desc_act": scheme.act_order, "static_groups": scheme.static_groups, "sym": scheme.sym,
+              "true_sequential": True, "lm_head": False, "checkpoint_format": "gptq"}
+    if skipped:
+        config["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in skipped}
+    return config
+
+
+def gptq_state_dict(model, quantized_state: dict[str, QuantizedWeight], scheme: QuantScheme) -> dict:
+    """The model's state dict with each quantized linear's `weight` replaced by its packed tensors and
+    every other float tensor cast to the scale dtype (tied tensors stay tied)."""
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, qw in quantized_state.items():
+        weight = state.pop(f"{name}.weight", None)
+        if weight is None:
+            raise SlimlmError(f"quantized layer {name} is not a module of this model.")
+        if tuple(weight.shape) != qw.shape:
+            raise SlimlmError(f"quantized layer {name} has shape {qw.shape}, the model's weight {tuple(weight.shape)}.")
+        for key, tensor in pack_layer(qw, scheme).items():
+            out[f"{name}.{key}"] = tensor
+    cast: dict = {}  # storage -> cast tensor, so tied weights stay one tensor
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            ptr = tensor.untyped_storage().data_ptr()
+            if ptr not in cast:
+                cast[ptr] = tensor.detach().to(scheme.torch_scale_dtype).contiguous()
+            tensor = cast[ptr]
+        out[key] = tensor
+    return out
+
+
+def save_gptq(model, tokenizer, quantized_state: dict[str, QuantizedWeight], scheme: QuantScheme,
+              out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a GPTQ checkpoint that is also a slimlm export (manifest with sha256 of every tensor file).
+
+    `quantized_state` is `quantize_model`'s result; `meta` is `toolkit.export.write`'s meta (its
+    `transforms.quant` is merged over the scheme's description). Returns the folder's absolute path.
+    """
+    from ..export import write
+    from .calibrate import decoder_layers
+
+    prefix, _ = decoder_layers(model)
+    skipped = sorted(name for name, module in model.named_modules()
+                     if name.startswith(prefix + ".") and isinstance(module, torch.nn.Linear)
+                     and name not in quantized_state)
+    qconfig = quantization_config(scheme, skipped)
+    state = gptq_state_dict(model, quantized_state, scheme)
+    meta = dict(meta or {})
+    transforms = dict(meta.get("transforms") or {})
+    transforms["quant"] = {"format": "gptq", "checkpoint_format": "gptq", **scheme.to_dict(),
+                           "quantized_modules": len(quantized_state), **(transforms.get("quant") or {})}
+    meta["transforms"] = transforms
+    original = model.save_pretrained
+
+    # `write` saves through `model.save_pretrained`; this stand-in saves the packed state dict instead
+    # and records the quantization in config.json, inside write's temporary folder (so atomically).
+    def save_packed(directory, **kwargs):
+        original(directory, state_dict=state, **kwargs)
+        path = Path(directory) / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["quantization_config"] = qconfig
+        config["dtype"] = config["torch_dtype"] = scheme.scale_dtype
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    model.save_pretrained = save_packed
+    try:
+        return write(model, tokenizer, out_dir, meta=meta, overwrite=overwrite)
+    finally:
+        del model.save_pretrained
+
+
+def gptq_config(path: str | os.PathLike) -> dict:
+    """The `quantization_config` of the checkpoint at `path`; SlimlmError unless it is GPTQ."""
+    config_path = Path(path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SlimlmError(f"cannot read {config_path} ({err}).", "Pass a GPTQ checkpoint folder.") from err
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
+        raise SlimlmError(f"{path} is not a GPTQ checkpoint (config.json has no gptq quantization_config).",
+                          "Pass a folder written by `slimlm quantize` or another GPTQ tool.")
+    if qc.get("bits") not in (2, 3, 4, 8) or qc.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
+        raise SlimlmError(f"{path}: unsupported GPTQ config (bits={qc.get('bits')}, "
+                          f"checkpoint_format={qc.get('checkpoint_format')}).",
+                          "slimlm reads 4- and 8-bit GPTQ checkpoints in the gptq (v1) or gptq_v2 format.")
+    if qc["bits"] not in (4, 8):
+        raise SlimlmError(f"{path}: {qc['bits']}-bit GPTQ is not supported.", "slimlm reads 4- and 8-bit GPTQ.")
+    return qc
+
+
+def read_gptq_tensors(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """The packed layers of a GPTQ checkpoint, `{module name: {qweight, qzeros, scales, g_idx[, bias]}}`,
+    exactly as stored (for the serving kernels); `gptq_config(path)` gives bits and group size."""
+    gptq_config(path)
+    tensors = _read_safetensors(Path(path))
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key in tensors:
+        if key.endswith(".qweight"):
+            name = key[: -len(".qweight")]
+            missing = [p for p in PACKED if f"{name}.{p}" not in tensors]
+            if missing:
+                raise SlimlmError(f"{path}: layer {name} lacks {', '.join(missing)}.", "Re-export the checkpoint.")
+            layers[name] = {p: tensors[f"{name}.{p}"] for p in PACKED}
+            if f"{name}.bias" in tensors:
+                layers[name]["bias"] = tensors[f"{name}.bias"]
+    return layers
+
+
+def load_gptq(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = True):
+    """Load a GPTQ checkpoint as `(model with dequantized weights in dtype, tokenizer)`.
+
+    A slimlm export is verified first (sha256 of every tensor file; `verify=False` skips that for a
+    caller that just did it). GPTQ folders from other tools load too. The model is a plain HF model
+    with no quantizer attached, so every tool that takes a model (eval, serve, compare) can use it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..export import is_export, read
+
+    folder = Path(path)
+    if verify and is_export(folder):
+        read(folder)
+    qc = gptq_config(folder)
+    bits, offset = qc["bits"], 0 if qc.get("checkpoint_format") == "gptq_v2" else 1
+    tensors = _read_safetensors(folder)
+    state = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".qweight"):
+            name = key[: -len(".qweight")]
+            state[f"{name}.weight"] = dequantize_gptq(
+                tensor, tensors[f"{name}.qzeros"], tensors[f"{name}.scales"], tensors[f"{name}.g_idx"],
+                bits, offset).to(dtype)
+        elif not key.endswith((".qzeros", ".scales", ".g_idx")):
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise SlimlmError(f"{folder} does not match its config: missing {sorted(set(missing) - tied)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}.", "Re-export the checkpoint.")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise SlimlmError(f"{folder / name} is missing.", "Re-export or re-download the checkpoint.")
+        tensors.update(load_file(folder / name))
+    return tensors

@@ -1,0 +1,71 @@
+"""Round-to-nearest (RTN) quantization, and the scale/zero rule every method shares.
+
+RTN rounds each weight to the nearest point of its group's grid, with no data. It is the baseline GPTQ
+must beat, and the rule `group_params` (how a group's scale and zero point follow from its weights) is
+also what GPTQ uses when it reaches a group, so the two differ only in how they round.
+"""
+from __future__ import annotations
+
+import torch
+
+from .qweight import QuantizedWeight, quantize_to_codes
+from .scheme import QuantScheme
+
+
+def group_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for groups of weights `w` [..., k] (one group per leading index).
+
+    Returns `(scale [...], zero [...])`, float32, with the scale already rounded to the scheme's scale
+    dtype so codes are chosen against the scale that will be stored.
+
+    The grid always contains 0, so zero weights stay exactly zero:
+    - symmetric: zero = 2**(bits-1), scale = 2 * max|w| / maxq (the GPTQ convention: the grid covers
+      [-8, 7] * scale for 4 bits, so +max|w| is clipped by half a step; kept for comparability with
+      other GPTQ tools).
+    - asymmetric: the grid spans [min(w, 0), max(w, 0)], zero = round(-min / scale). A zero point of 0
+      cannot be stored in the GPTQ v1 format, so such groups (no weight below -scale/2) use zero = 1
+      with scale = max / (maxq - 1), which still covers the group exactly.
+    """
+    w = w.float()
+    maxq = float((1 << scheme.bits) - 1)
+    dtype = scheme.torch_scale_dtype
+    tiny = torch.finfo(dtype).tiny  # an all-zero group still needs a finite, positive scale
+    wmin = w.amin(dim=-1).clamp(max=0)  # [...]
+    wmax = w.amax(dim=-1).clamp(min=0)  # [...]
+    if scheme.sym:
+        absmax = torch.maximum(-wmin, wmax)
+        scale = _round_to(2 * absmax / maxq, dtype, tiny)
+        zero = torch.full_like(scale, float(scheme.sym_zero))
+        return scale, zero
+    scale = _round_to((wmax - wmin) / maxq, dtype, tiny)
+    zero = torch.round(-wmin / scale)
+    low = zero < 1
+    if low.any():
+        scale = torch.where(low, _round_to(wmax / (maxq - 1), dtype, tiny), scale)
+        zero = torch.where(low, torch.ones_like(zero), zero)
+    return scale, zero.clamp(1, maxq)
+
+
+def _round_to(scale: torch.Tensor, dtype: torch.dtype, tiny: float) -> torch.Tensor:
+    # Clamped first, so no scale rounds to 0 (or overflows to inf in float16) and codes stay finite.
+    return scale.clamp(min=tiny, max=torch.finfo(dtype).max).to(dtype).float()
+
+
+def rtn_quantize(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """Quantize a weight `w` [out, in] by rounding to nearest; groups are consecutive columns.
+
+    The caller is expected to have checked the layer with `scheme.check_layer` (in_features must be
+    divisible by the group size).
+    """
+    out_f, in_f = w.shape
+    n_groups, length = scheme.groups(in_f), scheme.group_len(in_f)
+    grouped = w.detach().float().reshape(out_f, n_groups, length)  # [out, G, gs]
+    scale, zero = group_params(grouped, scheme)  # [out, G]
+    codes = quantize_to_codes(grouped, scale[..., None], zero[..., None], scheme.maxq)  # [out, G, gs]
+    g_idx = (torch.arange(in_f) // length).to(torch.int32)  # [in]
+    return QuantizedWeight(codes.reshape(out_f, in_f).to(torch.uint8), scale, zero.to(torch.uint8), g_idx)
+
+
+def rtn_dequantize(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """`w` [out, in] after a round trip through RTN codes: float32, same shape."""
+    return rtn_quantize(w, scheme).dequantize()
