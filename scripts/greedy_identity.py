@@ -28,8 +28,10 @@ def hf_greedy(model, prompts, new):
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([p])
-            out.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                      min_new_tokens=new, do_sample=False)[0, len(p):].tolist())
+            # eos_token_id=None: generate past EOS like the engine's ignore_eos (min_new_tokens would
+            # instead forbid EOS, a different greedy choice whenever EOS is the argmax).
+            out.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(p):].tolist())
     return out
 
 
@@ -59,10 +61,11 @@ def main() -> int:
         report[name] = sum(a == b for a, b in zip(got, ref)) / len(prompts)
     bf = model.to(torch.bfloat16)
     ref_bf = hf_greedy(bf, prompts, args.new)
-    got_bf = engine_greedy(LLM(bf, tok), prompts, args.new, 16)
-    report["bf16 batch 16 identical to HF bf16"] = sum(a == b for a, b in zip(got_bf, ref_bf)) / len(prompts)
-    report["bf16 mean identical prefix (tokens)"] = sum(
-        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(got_bf, ref_bf)) / len(prompts)
+    for batch in (1, 16):
+        got_bf = engine_greedy(LLM(bf, tok), prompts, args.new, batch)
+        report[f"bf16 batch {batch} identical to HF bf16"] = sum(a == b for a, b in zip(got_bf, ref_bf)) / len(prompts)
+        report[f"bf16 batch {batch} mean identical prefix (tokens)"] = sum(
+            next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(got_bf, ref_bf)) / len(prompts)
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(report, indent=2))
     return 0 if all(report[k] == 1.0 for k in report if k.startswith("fp32")) else 1
