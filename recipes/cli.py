@@ -107,6 +107,8 @@ def add_bench(sub) -> None:
     p.add_argument("--gen-len", type=int, default=128, help="new tokens per request (default 128)")
     p.add_argument("--reps", type=int, default=3, help="repetitions after the warm-up (default 3)")
     p.add_argument("--dtype", default="bf16", help="bf16 (default), float32 or fp16")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+                   help="auto: the model's dtype (default); int8: per-block, per-head scales, half the memory")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", metavar="OUT", help="write every figure, the settings and the command to OUT")
 
@@ -133,14 +135,15 @@ def run_bench(args) -> int:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     hf_model, tokenizer = load(args.model, dtype=args.dtype)
-    engine = LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, args.concurrency or 1])),
+    engine = LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, args.concurrency or 1]),
+                                                        kv_cache_dtype=args.kv_cache_dtype),
                        model_name=args.model)
     with console.status("benchmarking") as status:
         result = benchmark(engine, hf_model if args.baseline == "hf" else None, batch_sizes,
                            args.concurrency or None, args.rate, args.num_requests, args.prompt_len,
                            args.gen_len, args.reps, progress=status.update)
     table = Table(title=escape(f"bench: {args.model} ({args.dtype}, {args.prompt_len}-token prompts, "
-                               f"{args.gen_len} new tokens; median [min, max] of {args.reps})"))
+                               f"{args.gen_len} new tokens, KV cache {args.kv_cache_dtype}; median [min, max] of {args.reps})"))
     table.add_column("run")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -151,7 +154,8 @@ def run_bench(args) -> int:
         table.add_row(name, "ratio (tokens/s)", f"{ratio:.2f}x")
     Console().print(table)
     if args.json:
-        write_json({**result, "model": args.model, "command": args.command_line}, args.json)
+        write_json({**result, "model": args.model, "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),
+                    "command": args.command_line}, args.json)
     return 0
 
 
@@ -168,6 +172,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch (default 64)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (default 1.0)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+                   help="auto: the model's dtype (default); int8: per-block, per-head scales, twice the sequences")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--max-queue", type=int, default=256, help="requests held at once; past it, 429 (default 256)")
 
@@ -182,7 +188,8 @@ def run_serve(args) -> int:
     resolve(args.model)
     hf_model, tokenizer = load(args.model, dtype=args.dtype)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                          kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=not args.no_prefix_caching)
+                          kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=not args.no_prefix_caching,
+                          kv_cache_dtype=args.kv_cache_dtype)
     try:
         engine = LLMEngine(hf_model, tokenizer, config, model_name=args.served_model_name or args.model)
     except ValueError as err:

@@ -33,7 +33,9 @@ def add_quantize(sub) -> None:
     p.add_argument("--group-size", type=int, default=64, help="32, 64 (default), 128, or -1 for per channel")
     p.add_argument("--sym", action="store_true",
                    help="symmetric grid (fixed zero point; what Marlin-type GPU kernels need); default asymmetric")
-    p.add_argument("--act-order", action="store_true", help="GPTQ desc_act: quantize columns by decreasing activation")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ desc_act: quantize columns by decreasing activation; recommended with "
+                   "--static-groups (SmolLM2 int4 g64 sym: +13%% perplexity instead of +30%%)")
     p.add_argument("--static-groups", action="store_true",
                    help="with --act-order: keep groups on consecutive columns (trivial g_idx, faster kernels)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H) (default 0.01)")

@@ -13,7 +13,11 @@ from .sampling_params import SamplingParams
 
 
 class LLM:
-    """`model` is anything `slimlm.toolkit.models.load` accepts, or a loaded HF model (pass `tokenizer`)."""
+    """`model` is anything `slimlm.toolkit.models.load` accepts, or a loaded HF model (pass `tokenizer`).
+
+    `config` holds `EngineConfig` fields, e.g. `LLM("smollm2-135m", kv_cache_dtype="int8")` for an int8
+    KV cache (twice the sequences of bf16 in the same `kv_cache_gb`).
+    """
 
     def __init__(self, model, tokenizer=None, dtype=None, device: str = "cpu", **config):
         cfg = EngineConfig(**config)

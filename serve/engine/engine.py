@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layers.kv_quant import resolve_kv_dtype
 from ..layers.sampler import sample
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
@@ -26,7 +27,10 @@ from .sequence import Sequence
 @dataclass
 class EngineConfig:
     """Engine limits. `num_blocks` None: as many KV blocks as `kv_cache_gb` holds (at least enough
-    for one sequence of `max_model_len`). `max_model_len` None: the model's context, capped at 4096."""
+    for one sequence of `max_model_len`). `max_model_len` None: the model's context, capped at 4096.
+    `kv_cache_dtype`: "auto" stores K/V in the model's dtype; "int8" in int8 with a scale per block
+    and KV head (`serve/layers/kv_quant.py`), so the same `kv_cache_gb` holds ~2x the blocks of bf16
+    (~4x of fp32) for a small accuracy cost."""
 
     block_size: int = 16
     num_blocks: int | None = None
@@ -36,7 +40,8 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     chunked_prefill: bool = True
-    dtype: torch.dtype | None = None  # of weights and KV cache; None keeps the model's
+    dtype: torch.dtype | None = None  # of weights (and of an "auto" KV cache); None keeps the model's
+    kv_cache_dtype: str = "auto"  # "auto" | "int8"
 
 
 @dataclass
@@ -60,9 +65,11 @@ class LLMEngine:
         from ..models import load_model
 
         self.config = config = config or EngineConfig()
+        resolve_kv_dtype(config.kv_cache_dtype, torch.float32)  # refuse a bad value before loading
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(hf_model.config, "_name_or_path", None) or "model"
         self.model = load_model(hf_model, dtype=config.dtype).eval()
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.model.dtype)
         ctx = getattr(hf_model.config, "max_position_embeddings", 4096) or 4096
         self.max_model_len = config.max_model_len or min(ctx, 4096)
         config.max_model_len = self.max_model_len
@@ -72,7 +79,7 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, chunked_prefill=config.chunked_prefill), self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, kv_dtype=self.kv_dtype)
         self.eos_token_ids = _eos_ids(hf_model, tokenizer)
         self._requests: dict[str, _Request] = {}
         self._owner: dict[int, tuple[_Request, int]] = {}  # seq_id -> (request, completion index)
@@ -89,9 +96,7 @@ class LLMEngine:
         return cls(hf_model, tokenizer, config, model_name=spec)
 
     def _blocks_for(self, gb: float) -> int:
-        a = self.model.args
-        dtype = self.config.dtype or self.model.dtype
-        per_block = 2 * a.num_layers * self.config.block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
+        per_block = self.model.kv_cache_block_bytes(self.config.block_size, self.kv_dtype)
         return max(1, int(gb * 2**30) // per_block)
 
     # -- requests ------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Runs one scheduled step on the model: gathers inputs, executes copy-on-write, returns logits.
 
 The runner owns the paged KV cache tensors (one (k, v) pair per layer, `[num_blocks, block_size,
-KVH, D]`) and turns a `SchedulerOutput` into the flattened batch the model code expects. It
-returns logits only for the rows that are sampled (the last token of each sequence that finished
-its prompt) plus, for sequences that asked for prompt logprobs, every row of their chunk.
+KVH, D]`, in the model dtype or in int8 with per-block scales) and turns a `SchedulerOutput` into
+the flattened batch the model code expects. It returns logits only for the rows that are sampled
+(the last token of each sequence that finished its prompt) plus, for sequences that asked for
+prompt logprobs, every row of their chunk.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..layers.attention import AttentionMetadata
+from ..layers.kv_quant import cache_nbytes, copy_blocks_
 from .scheduler import SchedulerOutput
 
 
@@ -27,6 +29,7 @@ class StepLogits:
 
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
+        """`kv_dtype`: the cache's dtype (None: the model's; torch.int8: quantized, see `kv_quant`)."""
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -34,18 +37,18 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
 
     def kv_cache_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv_caches)
+        return sum(cache_nbytes(k) + cache_nbytes(v) for k, v in self.kv_caches)
 
     @torch.inference_mode()
     def copy_blocks(self, copy_ops: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate block src into dst in every layer, before the step writes."""
+        """Copy-on-write: duplicate block src into dst in every layer (int8 scales too), before the step writes."""
         if not copy_ops:
             return
         src = torch.tensor([s for s, _ in copy_ops], device=self.device)
         dst = torch.tensor([d for _, d in copy_ops], device=self.device)
         for k, v in self.kv_caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
+            copy_blocks_(k, src, dst)
+            copy_blocks_(v, src, dst)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, prompt_logits_for: set[int] = frozenset()) -> StepLogits:

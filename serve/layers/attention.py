@@ -2,7 +2,8 @@
 
 An engine step runs N new tokens that belong to S sequences, laid end to end (no padding):
 some sequences are decoding (one new token), others are prefilling a chunk of their prompt.
-Each layer's cache is a pair of tensors `[num_blocks, block_size, KVH, D]`; a sequence owns a
+Each layer's cache is a pair `[num_blocks, block_size, KVH, D]` (tensors in the model dtype, or
+int8 `QuantizedKV`s with per-block scales, see `kv_quant.py`); a sequence owns a
 list of blocks (its row of `block_tables`), so its token at position p lives in slot
 `block_tables[s, p // block_size] * block_size + p % block_size` of the flattened cache.
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.cpu_build import build_cpu_kernels, kernels_enabled
+from .kv_quant import QuantizedKV, gather_slots, is_quantized, quantize_write, write_plan
 
 
 @dataclass
@@ -218,22 +220,34 @@ def _check_tables(tables: Tensor, lens: list[int], num_blocks: int, block_size: 
                          f"({int(used.min())}..{int(used.max())})")
 
 
-def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Store the new tokens' keys and values: k, v [N, KVH, D] into slots `slot_mapping` [N] of the caches."""
+def write_kv(k: Tensor, v: Tensor, k_cache: Tensor | QuantizedKV, v_cache: Tensor | QuantizedKV,
+             slot_mapping: Tensor) -> None:
+    """Store the new tokens' keys and values: k, v [N, KVH, D] into slots `slot_mapping` [N] of the caches.
+
+    Int8 caches (`QuantizedKV`) quantize on the way in, raising their block scales as needed.
+    """
+    if is_quantized(k_cache) != is_quantized(v_cache):
+        raise ValueError("k_cache and v_cache must both be int8 QuantizedKV or both plain tensors")
+    if is_quantized(k_cache):
+        plan = write_plan(slot_mapping, k_cache.shape[1])  # one grouping for K and V
+        quantize_write(k, k_cache, slot_mapping, plan)
+        quantize_write(v, v_cache, slot_mapping, plan)
+        return
     kvh, d = k_cache.shape[-2:]
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-                    scale: float) -> Tensor:
+def paged_attention(q: Tensor, k_cache: Tensor | QuantizedKV, v_cache: Tensor | QuantizedKV,
+                    meta: AttentionMetadata, scale: float) -> Tensor:
     """Causal attention of the step's queries over their sequences' cached context.
 
     q: [N, H, D]; caches: [num_blocks, block_size, KVH, D] with this step's K/V already written
     (`write_kv`); H must be a multiple of KVH (query head h reads KV head h // (H // KVH)).
     Returns [N, H, D]. All rows go through slimlm's C kernel where it can run (`attention_kernel_for`),
     each as one query over its causal context; otherwise decode rows are gathered into one
-    `scaled_dot_product_attention` call and each prefill chunk into another.
+    `scaled_dot_product_attention` call and each prefill chunk into another. Int8 caches always take
+    the PyTorch path, dequantized to q's dtype as they are gathered.
     """
     if meta._plan is None:
         meta._plan = _build_plan(meta)
@@ -241,8 +255,6 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Attention
     n, h, d = q.shape
     kvh = k_cache.shape[-2]
     group = h // kvh
-    k_flat = k_cache.view(-1, kvh, d)  # [num_slots, KVH, D]
-    v_flat = v_cache.view(-1, kvh, d)
 
     if n and (kernel := attention_kernel_for(q, k_cache, v_cache)) is not None:
         tables, lens, nkeys = kernel_args(meta, k_cache)  # every row, prefill rows included
@@ -260,8 +272,8 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Attention
         # A decode query sees its whole context, so the G query heads sharing a KV head can ride
         # as G "query positions" of that head: GQA with no repeated K/V and no causal mask.
         q_d = q_d.reshape(s_d, kvh, group, d)                                    # [Sd, KVH, G, D]
-        k = k_flat.index_select(0, slots.view(-1)).view(s_d, l_max, kvh, d)      # [Sd, L, KVH, D]
-        v = v_flat.index_select(0, slots.view(-1)).view(s_d, l_max, kvh, d)
+        k = gather_slots(k_cache, slots.view(-1), q.dtype).view(s_d, l_max, kvh, d)  # [Sd, L, KVH, D]
+        v = gather_slots(v_cache, slots.view(-1), q.dtype).view(s_d, l_max, kvh, d)
         decode_out = F.scaled_dot_product_attention(
             q_d, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
         decode_out = decode_out.reshape(s_d, h, d)  # [Sd, H, D]; reshape: kernels differ in output layout
@@ -274,17 +286,19 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Attention
         out = q.new_empty(n, h, d)
     for start, end, slots, mask in _prefill_plan(meta):
         q_s = q[start:end].transpose(0, 1)                                   # [H, q, D]
-        k = k_flat.index_select(0, slots).transpose(0, 1)                    # [KVH, L, D]
-        v = v_flat.index_select(0, slots).transpose(0, 1)
+        k = gather_slots(k_cache, slots, q.dtype).transpose(0, 1)            # [KVH, L, D]
+        v = gather_slots(v_cache, slots, q.dtype).transpose(0, 1)
         o = F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask, is_causal=mask is None,
                                            scale=scale, enable_gqa=group > 1)  # [H, q, D]
         out[start:end] = o.transpose(0, 1)
     return out
 
 
-def reference_paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-                              scale: float) -> Tensor:
+def reference_paged_attention(q: Tensor, k_cache: Tensor | QuantizedKV, v_cache: Tensor | QuantizedKV,
+                              meta: AttentionMetadata, scale: float) -> Tensor:
     """The same contract as `paged_attention`, one sequence and one query at a time, in float64."""
+    if is_quantized(k_cache):
+        k_cache, v_cache = k_cache.dequantize(torch.float64), v_cache.dequantize(torch.float64)
     n, h, d = q.shape
     kvh = k_cache.shape[-2]
     group = h // kvh
@@ -322,11 +336,13 @@ KERNEL_MAX_HEAD_DIM = 256
 def attention_kernel_for(q: Tensor, k_cache: Tensor, v_cache: Tensor):
     """The C attention function for these tensors, or None where it cannot run them.
 
-    It runs CPU tensors in bfloat16 or float32 (q and both caches alike; caches contiguous; each
-    query row's [H, D] contiguous), head_dim a multiple of 16 up to 256, up to 1024 query heads,
-    where the library builds (see `serve.kernels.cpu_build.build_cpu_kernels`) and
-    SLIMLM_CPU_KERNELS is not 0.
+    It runs CPU tensors in bfloat16 or float32 (q and both caches alike, so never an int8
+    `QuantizedKV`; caches contiguous; each query row's [H, D] contiguous), head_dim a multiple of
+    16 up to 256, up to 1024 query heads, where the library builds (see
+    `serve.kernels.cpu_build.build_cpu_kernels`) and SLIMLM_CPU_KERNELS is not 0.
     """
+    if not (isinstance(k_cache, Tensor) and isinstance(v_cache, Tensor)):
+        return None  # int8 QuantizedKV: the kernel reads only caches in q's dtype
     h, d = q.shape[-2:]
     kvh = k_cache.shape[-2]
     if not (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32)

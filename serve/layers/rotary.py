@@ -8,7 +8,7 @@ i pairs with i + D/2.
 `rope_write_kv` is the decode-time fusion of the step after the q/k/v projection: rotate q and k,
 store k and v in the paged cache. On CPU one C kernel call does it (~3 us a token instead of ~18
 for the views, rotation and two `index_copy_`), rounding where the PyTorch ops round (bit-identical
-to them in our tests).
+to them in our tests). An int8 cache (`QuantizedKV`) takes the PyTorch path, which quantizes as it writes.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import write_kv
+from .kv_quant import QuantizedKV
 from ..kernels.cpu_build import build_cpu_kernels, kernels_enabled
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -93,12 +94,12 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-def rope_write_kv(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
-                  num_heads: int) -> Tensor:
+def rope_write_kv(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | QuantizedKV, v_cache: Tensor | QuantizedKV,
+                  slot_mapping: Tensor, num_heads: int) -> Tensor:
     """Rotate and store: qkv [N, (H + 2 KVH) * D] (the fused projection) -> q [N, H, D], rotated.
 
     Writes the rotated keys and the values into cache slots `slot_mapping` [N] of k_cache, v_cache
-    [num_blocks, block_size, KVH, D]; cos, sin [N, 1, D] from `RotaryEmbedding`.
+    [num_blocks, block_size, KVH, D] (plain, or int8 `QuantizedKV`); cos, sin [N, 1, D] from `RotaryEmbedding`.
     """
     n = qkv.shape[0]
     kvh, d = k_cache.shape[-2:]
@@ -115,6 +116,8 @@ def rope_write_kv(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cach
 
 def _kernel_for(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads):
     # The kernel trusts slot_mapping to lie inside the cache: the model checks it once per step.
+    if not (isinstance(k_cache, Tensor) and isinstance(v_cache, Tensor)):
+        return None  # int8 QuantizedKV: the kernel stores in qkv's dtype only
     kvh, d = k_cache.shape[-2:]
     dtype = qkv.dtype
     if not (qkv.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and d % 32 == 0

@@ -10,7 +10,8 @@ It runs the same kernels in the same order as the layer-by-layer path, so the re
 identical to it (bit for bit in our tests); `silu_mul` is the one kernel of its own, also used by
 that path. It applies when every projection is a `PackedLinear` whose rows its GEMV reads, the
 family has no per-head q/k norm (Qwen3 takes the layer path), the step decodes at most
-GEMV_MAX_ROWS sequences (one token each) and the C library builds (see
+GEMV_MAX_ROWS sequences (one token each), the KV cache is in the model dtype (an int8
+`QuantizedKV` cache runs layer by layer) and the C library builds (see
 `serve.kernels.cpu_build.build_cpu_kernels`; SLIMLM_CPU_KERNELS=0 turns it off).
 """
 from __future__ import annotations
@@ -70,6 +71,8 @@ class DecodeStack:
 
     def bind(self, kv_caches, n_layers: int) -> bool:
         """Point the layers at these caches; False where the kernels cannot read them (dtype, layout)."""
+        if not all(isinstance(k, Tensor) and isinstance(v, Tensor) for k, v in kv_caches[:n_layers]):
+            return False  # int8 QuantizedKV caches: the kernels read caches in the model dtype only
         ptrs = [(k.data_ptr(), v.data_ptr()) for k, v in kv_caches[:n_layers]]
         if ptrs == self._caches:
             return True

@@ -7,7 +7,8 @@ small Qwens), an explicit head_dim (Qwen3, some Mistrals), RoPE scaling (Llama 3
 Built for batch-1 decode on CPU, where Python overhead per layer is a large share of the time:
 q/k/v are one matmul and gate/up another (weights concatenated at load), q and k get RoPE (and the
 Qwen3 norm) in one op on their joint view, RoPE tables are looked up once per step, and the cache
-is preallocated by `allocate_kv_cache` and written in place.
+is preallocated by `allocate_kv_cache` and written in place (in the model dtype, or in int8 with
+per-block scales: `serve/layers/kv_quant.py`).
 
 `forward` returns the residual stream before the final norm, after `num_layers` layers (all by
 default): early-exit heads read it there. `compute_logits` applies the final norm and the LM head
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.attention import AttentionMetadata, paged_attention, write_kv
+from ..layers.kv_quant import QuantizedKV, kv_block_bytes
 from ..layers.linear import LinearFactory, make_linear as dense_linear
 from ..layers.norm import RMSNorm, add_rms_norm, rms_norm
 from ..layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq, rope_write_kv
@@ -103,9 +105,9 @@ class DecoderLayer(nn.Module):
         # so one norm covers the joint q|k view.
         self.qk_norm_weight = None if qk_norm_weight is None else nn.Parameter(qk_norm_weight, requires_grad=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                meta: AttentionMetadata) -> Tensor:
-        # x: [N, hidden]; cos, sin: [N, 1, D]; caches: [num_blocks, block_size, KVH, D]
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | QuantizedKV,
+                v_cache: Tensor | QuantizedKV, meta: AttentionMetadata) -> Tensor:
+        # x: [N, hidden]; cos, sin: [N, 1, D]; caches: [num_blocks, block_size, KVH, D] (plain or int8)
         n = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(self.input_norm(x))                            # [N, (H + 2 KVH) D]
@@ -198,19 +200,31 @@ class CausalLM(nn.Module):
                           device: torch.device | str | None = None) -> list[tuple[Tensor, Tensor]]:
         """One zeroed (k_cache, v_cache) pair per layer, each [num_blocks, block_size, KVH, D].
 
-        Zeroed, not empty: padding slots are read (then masked), and masked NaN garbage would still
-        poison the softmax-weighted sum.
+        `dtype` defaults to the model's; torch.int8 gives `QuantizedKV` pairs (int8 data plus
+        per-block, per-head scales). Zeroed, not empty: padding slots are read (then masked), and
+        masked NaN garbage would still poison the softmax-weighted sum.
         """
         a = self.args
         shape = (num_blocks, block_size, a.num_kv_heads, a.head_dim)
-        kw = dict(dtype=dtype or self.dtype, device=device or self.device)
+        dtype, device = dtype or self.dtype, device or self.device
+        if dtype == torch.int8:
+            return [(QuantizedKV.zeros(shape, device), QuantizedKV.zeros(shape, device)) for _ in range(a.num_layers)]
+        if not dtype.is_floating_point:
+            raise ValueError(f"KV cache dtype {dtype} is not supported: use a float dtype or torch.int8")
+        kw = dict(dtype=dtype, device=device)
         return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in range(a.num_layers)]
+
+    def kv_cache_block_bytes(self, block_size: int, dtype: torch.dtype | None = None) -> int:
+        """Bytes of one KV block over all layers (K and V, int8 scales included) for cache `dtype`."""
+        a = self.args
+        return kv_block_bytes(a.num_layers, block_size, a.num_kv_heads, a.head_dim, dtype or self.dtype)
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
                 meta: AttentionMetadata, num_layers: int | None = None) -> Tensor:
         """Run the first `num_layers` layers (all by default) on a flattened step.
 
-        input_ids, positions: [N]; kv_caches: from `allocate_kv_cache` (at least `num_layers` pairs).
+        input_ids, positions: [N]; kv_caches: from `allocate_kv_cache` (at least `num_layers` pairs). Int8
+        caches run layer by layer (the fused C decode stack reads only caches in the model dtype).
         Returns the residual stream [N, hidden], before the final norm.
         """
         n_layers = len(self.layers) if num_layers is None else num_layers

@@ -124,6 +124,15 @@ def test_bench_runs_with_a_baseline_and_writes_json(model_dir, tmp_path, capsys)
     assert result["command"].startswith("slimlm bench")
 
 
+def test_bench_with_an_int8_kv_cache(model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model_dir), "--batch-sizes", "2", "--concurrency", "0", "--prompt-len", "8",
+                 "--gen-len", "3", "--reps", "1", "--dtype", "float32", "--kv-cache-dtype", "int8", "--json", str(out)])
+    assert code == 0
+    assert "KV cache int8" in capsys.readouterr().out
+    assert json.loads(out.read_text())["kv_cache_dtype"] == "int8"
+
+
 def test_bench_refuses_bad_batch_sizes(model_dir, capsys):
     assert main(["bench", str(model_dir), "--batch-sizes", "1,x"]) == 2
     assert "--batch-sizes" in capsys.readouterr().err

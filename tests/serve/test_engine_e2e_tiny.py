@@ -135,3 +135,85 @@ def test_the_preemption_test_really_preempts(monkeypatch):
     monkeypatch.setattr(sched.Scheduler, "_preempt", lambda self, out: count.append(1) or original(self, out))
     test_preemption_keeps_outputs_identical()
     assert count, "the KV cache was big enough that nothing was preempted"
+
+
+# ---- int8 KV cache -----------------------------------------------------------------------------
+# Lossy, so not token-identical to HF by contract: every greedy token must instead be HF's argmax up
+# to a small logit margin (teacher-forced on the engine's own output), and the engine's bookkeeping
+# (prefix cache, preemption, block reuse) must hold as it does for the float cache.
+
+def assert_near_greedy(model, tok, prompt, tokens, margin=0.1):
+    ids = tok(prompt).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + tokens])).logits[0].float()  # [P + T, V]
+    for i, t in enumerate(tokens):
+        row = logits[len(ids) - 1 + i]
+        assert row.max() - row[t] <= margin, (prompt, i, float(row.max() - row[t]))
+
+
+@pytest.mark.parametrize("arch, prefix_caching", [("llama", True), ("llama", False), ("qwen3", True)])
+def test_int8_kv_greedy_stays_near_hf(arch, prefix_caching):
+    model, tok = make(arch)
+    llm = LLM(model, tok, block_size=4, num_blocks=256, enable_prefix_caching=prefix_caching,
+              max_num_batched_tokens=64, kv_cache_dtype="int8")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate(PROMPTS[:6], params)
+    for prompt, out in zip(PROMPTS[:6], outs):
+        assert len(out.outputs[0].token_ids) == 8
+        assert_near_greedy(model, tok, prompt, out.outputs[0].token_ids)
+    if prefix_caching:  # a shared system prompt is served from int8 blocks, scales and all
+        system = "SYSTEM: you are a helpful assistant, answer briefly. "
+        llm.generate(system + "USER: hi", params)
+        second = llm.generate(system + "USER: hello", params)[0]
+        assert second.num_cached_tokens >= 40
+        assert_near_greedy(model, tok, system + "USER: hello", second.outputs[0].token_ids)
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_int8_kv_preemption_and_n_completions(monkeypatch):
+    from slimlm.serve.engine import scheduler as sched
+
+    count = []
+    original = sched.Scheduler._preempt
+    monkeypatch.setattr(sched.Scheduler, "_preempt", lambda self, out: count.append(1) or original(self, out))
+    model, tok = make()
+    llm = LLM(model, tok, block_size=4, num_blocks=24, max_model_len=96, kv_cache_dtype="int8")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [p + " pad pad" for p in PROMPTS[:12]]
+    for prompt, out in zip(prompts, llm.generate(prompts, params)):
+        assert_near_greedy(model, tok, prompt, out.outputs[0].token_ids)
+    assert count, "nothing was preempted"
+    three = llm.generate("hello world", SamplingParams(temperature=0, n=3, max_tokens=8, ignore_eos=True))[0]
+    assert len({tuple(c.token_ids) for c in three.outputs}) == 1
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_int8_kv_reused_blocks_forget_their_old_scales():
+    # Poison every block (huge scales, full-range data) as if a previous owner had written there:
+    # reused blocks must restart their scales, so the same request gives the same tokens.
+    model, tok = make()
+    llm = LLM(model, tok, block_size=4, num_blocks=64, enable_prefix_caching=False, kv_cache_dtype="int8")
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
+    clean = llm.generate(PROMPTS[:4], params)
+    for pair in llm.engine.runner.kv_caches:
+        for cache in pair:
+            cache.data.fill_(127)
+            cache.scale.fill_(1e4)
+    again = llm.generate(PROMPTS[:4], params)
+    for a, b in zip(clean, again):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == pytest.approx(b.outputs[0].logprobs, abs=1e-5)
+
+
+def test_int8_kv_holds_more_blocks_for_the_same_memory():
+    model, tok = make()
+    cfg = dict(kv_cache_gb=0.002, block_size=16, max_model_len=64)
+    fp32 = LLMEngine(model, tok, EngineConfig(**cfg))
+    int8 = LLMEngine(model, tok, EngineConfig(**cfg, kv_cache_dtype="int8"))
+    a = model.config
+    head_dim = a.hidden_size // a.num_attention_heads
+    per_head = 16 * head_dim  # int8 data of one block and head; its scale adds 4 bytes
+    assert int8.runner.num_blocks / fp32.runner.num_blocks == pytest.approx(4 * per_head / (per_head + 4), rel=0.01)
+    assert int8.runner.kv_cache_bytes() <= 0.002 * 2**30
+    with pytest.raises(ValueError, match="auto, int8"):
+        LLMEngine(model, tok, EngineConfig(kv_cache_dtype="fp8"))

@@ -15,10 +15,10 @@ STACK_SHAPES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=
                     initializer_range=0.3)
 
 
-def decode(model, prompts, steps, stack: bool):
+def decode(model, prompts, steps, stack: bool, kv_dtype=None):
     """Greedy: prefill every prompt in one step, then decode them together. Returns tokens and hidden rows."""
     model._stack = cpu_decode.decode_stack_for(model) if stack else None
-    caches = model.allocate_kv_cache(64, BLOCK)
+    caches = model.allocate_kv_cache(64, BLOCK, dtype=kv_dtype)
     free = list(range(64))
     random.Random(0).shuffle(free)
     tables = [[] for _ in prompts]
@@ -98,6 +98,24 @@ def test_stack_runs_a_prefix_of_the_layers(pair):
             outs.append(model(torch.tensor([7]), torch.tensor([5]), caches, meta, num_layers=1))
         del model._stack
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_int8_cache_takes_the_layer_path(pair, monkeypatch):
+    # The stack reads caches in the model dtype only: with int8 caches it must step aside (bind says
+    # no) and the step runs layer by layer, with the same result as when no stack exists at all.
+    _, model = pair
+    prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6]]
+    layered, h_layered = decode(model, prompts, 8, stack=False, kv_dtype=torch.int8)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused stack ran over an int8 cache")
+    monkeypatch.setattr(cpu_decode.DecodeStack, "__call__", refuse)
+    fused, h_fused = decode(model, prompts, 8, stack=True, kv_dtype=torch.int8)
+    assert fused == layered
+    for a, b in zip(h_fused, h_layered):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    caches = model.allocate_kv_cache(4, BLOCK, dtype=torch.int8)
+    assert not cpu_decode.decode_stack_for(model).bind(caches, len(caches))
 
 
 def test_stack_not_built_where_it_cannot_run(monkeypatch):

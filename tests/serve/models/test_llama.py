@@ -67,10 +67,9 @@ def test_prefill_logits_match_hf(pair):
     torch.testing.assert_close(logits, hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_chunked_prefill_and_decode_in_one_batch_match_hf(pair):
-    # Three sequences of different lengths share every step: prompts arrive in 2-3 chunks while
-    # the others already decode. Every new token's logits must equal HF's at that position.
-    hf, model = pair
+def mixed_schedule_logits(model, caches):
+    """Three sequences of different lengths share every step: prompts arrive in 2-3 chunks while the
+    others already decode. Returns the sequences and each one's logits [len, V] at every position."""
     gen = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (30, 14, 24)]
     schedule = [  # new tokens per sequence per step; then one each (decode) until a sequence is done
@@ -79,7 +78,6 @@ def test_chunked_prefill_and_decode_in_one_batch_match_hf(pair):
         [5, 1, 5],   # last chunks
     ]
     pool = Pool(40, seed=3)
-    caches = model.allocate_kv_cache(40, BLOCK)
     done = [0, 0, 0]
     got = [[] for _ in seqs]
     steps_seen = set()
@@ -96,8 +94,40 @@ def test_chunked_prefill_and_decode_in_one_batch_match_hf(pair):
             got[i].append(logits[starts[j]:starts[j + 1]])
             done[i] += len(new)
     assert (8, 1, 7) in steps_seen and (1, 1, 1) in steps_seen  # mixed steps and decode-only steps ran
-    for seq, parts in zip(seqs, got):
-        torch.testing.assert_close(torch.cat(parts), hf_logits(hf, seq), atol=1e-4, rtol=1e-4)
+    return seqs, [torch.cat(parts) for parts in got]
+
+
+def test_chunked_prefill_and_decode_in_one_batch_match_hf(pair):
+    # Every new token's logits must equal HF's at that position.
+    hf, model = pair
+    seqs, got = mixed_schedule_logits(model, model.allocate_kv_cache(40, BLOCK))
+    for seq, logits in zip(seqs, got):
+        torch.testing.assert_close(logits, hf_logits(hf, seq), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_kv_cache_stays_close_to_hf(pair):
+    # The same schedule over an int8 cache: logits off by a small fraction of their spread (these
+    # random models with wide weights amplify noise more than trained ones: ~2% on average here).
+    hf, model = pair
+    caches = model.allocate_kv_cache(40, BLOCK, dtype=torch.int8)
+    assert type(caches[0][0]).__name__ == "QuantizedKV"
+    seqs, got = mixed_schedule_logits(model, caches)
+    for seq, logits in zip(seqs, got):
+        ref = hf_logits(hf, seq)
+        err = (logits - ref).abs() / ref.std()
+        assert 0 < err.mean() < 0.04 and err.max() < 0.35, (err.mean(), err.max())
+
+
+def test_kv_cache_dtypes_and_block_bytes(pair):
+    _, model = pair
+    a = model.args
+    elems = 2 * a.num_layers * BLOCK * a.num_kv_heads * a.head_dim
+    assert model.kv_cache_block_bytes(BLOCK) == elems * 4  # fp32 model
+    assert model.kv_cache_block_bytes(BLOCK, torch.int8) == elems + 2 * a.num_layers * a.num_kv_heads * 4
+    (k, v), = model.allocate_kv_cache(3, BLOCK, dtype=torch.int8)[:1]
+    assert k.data.dtype == torch.int8 and k.scale.shape == (3, a.num_kv_heads) and k.scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="int8"):
+        model.allocate_kv_cache(3, BLOCK, dtype=torch.int16)
 
 
 def greedy(model, prompts, steps):
