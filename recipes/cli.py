@@ -221,10 +221,10 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, command_line: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    args.command_line = "slimlm " + shlex.join(argv)
+    args.command_line = command_line or "slimlm " + shlex.join(argv)
     quiet_libraries()
     try:
         return VERBS[args.verb][1](args)
@@ -244,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimlm {args.verb}: internal error: {type(err).__name__}: {err}\n"
               "Rerun with --debug for the traceback, and please report it.", file=sys.stderr)
         return 1
+
+
+def run_script(verb: str, argv: list[str] | None = None) -> int:
+    """`python recipes/VERB.py ARGS` runs exactly as `slimlm VERB ARGS` (a --debug may come anywhere)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest = [a for a in argv if a != "--debug"]
+    return main(["--debug"] * (len(rest) < len(argv)) + [verb, *rest],
+                command_line=f"python recipes/{verb}.py " + shlex.join(rest))
 
 
 if __name__ == "__main__":

@@ -24,11 +24,9 @@ So a re-run with one more model measures that model and the base's speed; an int
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -375,24 +373,9 @@ def run_compare(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python recipes/compare.py ...`: the same options as `slimlm compare`."""
-    from slimlm.recipes.cli import quiet_libraries
+    from slimlm.recipes.cli import run_script
 
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="recipes/compare.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.command_line = "python recipes/compare.py " + shlex.join(argv)
-    quiet_libraries()
-    try:
-        return run_compare(args)
-    except SlimlmError as err:
-        print(f"compare: error: {err.what}", file=sys.stderr)
-        if err.hint:
-            print(err.hint, file=sys.stderr)
-        if args.debug:
-            raise
-        return 2
+    return run_script("compare", argv)
 
 
 if __name__ == "__main__":

@@ -212,24 +212,9 @@ def run_prune(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python recipes/prune.py ...`: the same options as `slimlm prune`."""
-    from slimlm.recipes.cli import quiet_libraries
+    from slimlm.recipes.cli import run_script
 
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="recipes/prune.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.command_line = "python recipes/prune.py " + shlex.join(argv)
-    quiet_libraries()
-    try:
-        return run_prune(args)
-    except SlimlmError as err:
-        print(f"prune: error: {err.what}", file=sys.stderr)
-        if err.hint:
-            print(err.hint, file=sys.stderr)
-        if args.debug:
-            raise
-        return 2
+    return run_script("prune", argv)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ the scheme, the settings and both perplexities. Also runnable as `python recipes
 """
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -144,26 +142,10 @@ def _perplexity(model, tokenizer, args) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python recipes/quantize.py MODEL --out DIR ...`: the same as `slimlm quantize`."""
-    from slimlm.recipes.cli import quiet_libraries
+    """`python recipes/quantize.py ...`: the same options as `slimlm quantize`."""
+    from slimlm.recipes.cli import run_script
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv  # as `slimlm --debug quantize ...`: show tracebacks
-    argv = [a for a in argv if a != "--debug"]
-    parser = argparse.ArgumentParser(prog="quantize.py")
-    add_quantize(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(["quantize", *argv])
-    args.command_line = "slimlm quantize " + shlex.join(argv)
-    quiet_libraries()
-    try:
-        return run_quantize(args)
-    except SlimlmError as err:
-        print(f"slimlm quantize: error: {err.what}", file=sys.stderr)
-        if err.hint:
-            print(err.hint, file=sys.stderr)
-        if debug:
-            raise
-        return 2
+    return run_script("quantize", argv)
 
 
 if __name__ == "__main__":

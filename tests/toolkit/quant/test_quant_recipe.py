@@ -42,7 +42,7 @@ def test_quantize_writes_a_verified_gptq_checkpoint_and_reports_perplexity(model
     assert manifest.transforms["quant"]["calibration"]["samples"] == 4
     before, after = manifest.eval["perplexity_before"], manifest.eval["perplexity_after"]
     assert before > 1 and after > 1 and f"{before:.3f}" in printed and f"{after:.3f}" in printed
-    assert manifest.command.startswith("slimlm quantize ")
+    assert manifest.command.startswith("python recipes/quantize.py ")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (4, 32, True, True)
     assert len(read_gptq_tensors(out)) == 14
