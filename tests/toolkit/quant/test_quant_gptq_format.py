@@ -197,3 +197,29 @@ def test_state_that_does_not_fit_the_model_is_refused(tmp_path):
     model.model.layers[0].mlp.gate_proj = nn.Identity()
     with pytest.raises(SlimlmError, match="not a module"):
         save_gptq(model, tok, state, scheme, tmp_path / "q")
+
+
+def test_models_load_routes_gptq_folders_to_load_gptq(tmp_path):
+    """`slimlm eval DIR` and every other tool load a GPTQ folder through toolkit.models.load: an export
+    (verified) and a plain GPTQ folder from another tool (no slimlm.json) give the dequantized model."""
+    from slimlm.toolkit.models import load
+
+    model, tok = tiny_model("llama", seed=3)
+    scheme = QuantScheme(bits=4, group_size=32, sym=False)
+    state = quantize_model(model, scheme, "rtn")
+    out = save_gptq(model, tok, state, scheme, tmp_path / "q", meta={"base_model": "tiny", "command": "test"})
+    ref, _ = load_gptq(out)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in out.iterdir():
+        if f.name != "slimlm.json":
+            (plain / f.name).write_bytes(f.read_bytes())
+    with torch.no_grad():
+        expected = ref(IDS).logits
+        for folder in (out, plain):
+            loaded, _ = load(str(folder))
+            torch.testing.assert_close(loaded(IDS).logits, expected, rtol=0, atol=0)
+    tensor_file = next(out.glob("*.safetensors"))
+    tensor_file.write_bytes(tensor_file.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(SlimlmError, match="sha256|changed|integrity"):
+        load(str(out))  # an export is still verified first
