@@ -87,8 +87,11 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], gen_len: int, concur
         while pending and (concurrency is None or len(in_flight) < concurrency) and arrivals[pending[0]] <= now:
             i = pending.pop(0)
             rid = str(i)
-            engine.add_request(rid, prompts[i], params, arrival_time=max(arrivals[i], start))
-            in_flight[rid] = max(arrivals[i], start)
+            # Open loop (rate): the request arrived at its Poisson time, queueing counts in its TTFT. Closed loop
+            # (concurrency): its client sends it only now, when a slot frees, so its clock starts now.
+            sent = arrivals[i] if rate else now
+            engine.add_request(rid, prompts[i], params, arrival_time=sent)
+            in_flight[rid] = sent
             last_count[rid] = 0
 
     while pending or in_flight:

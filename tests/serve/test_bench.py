@@ -29,6 +29,19 @@ def test_run_engine_produces_every_token_and_latency(engine_and_model, concurren
     assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished()
 
 
+def test_closed_loop_ttft_starts_when_the_client_sends(engine_and_model):
+    """At concurrency 1 each request is sent when the previous one finishes: its TTFT is one prefill, not the
+    time spent waiting for earlier requests (which would make the 4th TTFT about 3/4 of the whole run)."""
+    import time
+
+    engine, _ = engine_and_model
+    prompts = bench_prompts(engine.tokenizer, 4, 8)
+    start = time.perf_counter()
+    stats = run_engine(engine, prompts, gen_len=30, concurrency=1)
+    wall = time.perf_counter() - start
+    assert len(stats.ttft) == 4 and max(stats.ttft) < 0.25 * wall
+
+
 def test_benchmark_reports_rows_and_ratios(engine_and_model):
     engine, model = engine_and_model
     result = benchmark(engine, model, batch_sizes=(1, 2), concurrency=2, num_requests=3, prompt_len=8,
