@@ -8,7 +8,9 @@ so a step is one ctypes call plus the embedding lookup and the LM head.
 
 It runs the same kernels in the same order as the layer-by-layer path, so the results are
 identical to it (bit for bit in our tests); `silu_mul` is the one kernel of its own, also used by
-that path. It applies when every projection is a `PackedLinear` whose rows its GEMV reads, the
+that path. It applies when every projection is a `PackedLinear` whose rows its GEMV reads or a
+`QuantLinear` running slimlm's int4/int8 kernel in the model dtype (a GPTQ checkpoint; the stack calls
+the same `slimlm_qlinear` with the layer's own arguments, so it equals the layer path too), the
 family has no per-head q/k norm (Qwen3 takes the layer path), the step decodes at most
 GEMV_MAX_ROWS sequences (one token each), the KV cache is in the model dtype (an int8
 `QuantizedKV` cache runs layer by layer) and the C library builds (see
@@ -26,6 +28,7 @@ from torch import Tensor
 from ..kernels.cpu_build import build_cpu_kernels, kernels_enabled
 from ..layers import attention
 from ..layers.linear import GEMV_MAX_ROWS, PackedLinear
+from ..layers.quant_linear import QuantLinear
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:
@@ -44,7 +47,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "in_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "o_b", "gu_w", "gu_b", "down_w", "down_b",
-        "k_cache", "v_cache")]
+        "qkv_q", "o_q", "gu_q", "down_q", "k_cache", "v_cache")]
 
 
 class DecodeStack:
@@ -63,8 +66,11 @@ class DecodeStack:
         for entry, layer in zip(self.layers, model.layers):
             for name, lin in (("qkv", layer.qkv_proj), ("o", layer.o_proj), ("gu", layer.gate_up_proj),
                               ("down", layer.down_proj)):
-                setattr(entry, f"{name}_w", lin._gemv_weight)
-                setattr(entry, f"{name}_b", ptr(lin.bias))
+                if isinstance(lin, QuantLinear):  # its fixed kernel arguments, kept alive by the model
+                    setattr(entry, f"{name}_q", lin._args_ptr)
+                else:
+                    setattr(entry, f"{name}_w", lin._gemv_weight)
+                    setattr(entry, f"{name}_b", ptr(lin.bias))
             entry.in_norm = layer.input_norm.weight.data_ptr()
             entry.post_norm = layer.post_attention_norm.weight.data_ptr()
         self._caches: list | None = None  # the (k, v) data pointers the layers point at
@@ -114,11 +120,17 @@ def decode_stack_for(model) -> DecodeStack | None:
         if layer.qk_norm_weight is not None:
             return None
         for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
-            if not (isinstance(lin, PackedLinear) and lin.uses_gemv and lin.dtype == model.dtype
-                    and (lin.bias is None or lin.bias.dtype == model.dtype)):
+            if not _runs_in_stack(lin, model.dtype):
                 return None
     lib = _library()
     return None if lib is None else DecodeStack(model, lib)
+
+
+def _runs_in_stack(lin, dtype: torch.dtype) -> bool:
+    if isinstance(lin, QuantLinear):  # the stack calls slimlm_qlinear with the layer's own arguments
+        return lin.uses_kernel and lin.act_dtype == dtype
+    return (isinstance(lin, PackedLinear) and lin.uses_gemv and lin.dtype == dtype
+            and (lin.bias is None or lin.bias.dtype == dtype))
 
 
 def can_run(meta, n: int) -> bool:

@@ -151,12 +151,14 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_hf(cls, source, config=None, dtype: torch.dtype | None = None,
-                make_linear: LinearFactory = dense_linear) -> CausalLM:
+                make_linear: LinearFactory = dense_linear, quantized=None) -> CausalLM:
         """Build from a transformers model (or its state dict plus `config`), fusing q/k/v and gate/up.
 
         `dtype` defaults to the checkpoint's. `make_linear` builds every projection (the seam where a
-        quantized format replaces the dense `F.linear`). The weights are copied where fused or cast and
-        shared otherwise, so the source model can be dropped afterwards.
+        quantized format replaces the dense `F.linear`). `quantized(names, bias)`, if given, is asked
+        first for each projection (`names`: the state-dict names of its fused parts, without ".weight";
+        `bias` in `dtype`) and returns a module or None (dense). The weights are copied where fused or
+        cast and shared otherwise, so the source model can be dropped afterwards.
         """
         if isinstance(source, nn.Module):
             config = config if config is not None else source.config
@@ -172,29 +174,36 @@ class CausalLM(nn.Module):
         get = lambda name: None if name not in state else state[name].to(dtype)  # noqa: E731
         cat = lambda *ts: None if ts[0] is None else torch.cat(ts, dim=0)  # noqa: E731
 
+        def linear(*names: str) -> nn.Module:  # one projection, its parts fused along the output dim
+            bias = cat(*(get(n + ".bias") for n in names))
+            if quantized is not None and (layer := quantized(list(names), bias)) is not None:
+                return layer
+            return make_linear(cat(*(get(n + ".weight") for n in names)), bias)
+
         layers = []
         for i in range(args.num_layers):
             p = f"{prefix}layers.{i}."
-            attn = lambda name: get(p + "self_attn." + name)  # noqa: E731
-            q_norm, k_norm = attn("q_norm.weight"), attn("k_norm.weight")
+            a, m = p + "self_attn.", p + "mlp."
+            q_norm, k_norm = get(a + "q_norm.weight"), get(a + "k_norm.weight")
             qk_norm = None
             if q_norm is not None:
                 qk_norm = torch.cat((q_norm.expand(args.num_heads, -1), k_norm.expand(args.num_kv_heads, -1)))
             layers.append(DecoderLayer(
                 args,
-                qkv_proj=make_linear(cat(attn("q_proj.weight"), attn("k_proj.weight"), attn("v_proj.weight")),
-                                     cat(attn("q_proj.bias"), attn("k_proj.bias"), attn("v_proj.bias"))),
-                o_proj=make_linear(attn("o_proj.weight"), attn("o_proj.bias")),
-                gate_up_proj=make_linear(cat(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")),
-                                         cat(get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias"))),
-                down_proj=make_linear(get(p + "mlp.down_proj.weight"), get(p + "mlp.down_proj.bias")),
+                qkv_proj=linear(a + "q_proj", a + "k_proj", a + "v_proj"),
+                o_proj=linear(a + "o_proj"),
+                gate_up_proj=linear(m + "gate_proj", m + "up_proj"),
+                down_proj=linear(m + "down_proj"),
                 input_norm=RMSNorm(get(p + "input_layernorm.weight"), args.rms_norm_eps),
                 post_attention_norm=RMSNorm(get(p + "post_attention_layernorm.weight"), args.rms_norm_eps),
                 qk_norm_weight=qk_norm))
         embed = embed.to(dtype)
-        head = embed if args.tie_word_embeddings or "lm_head.weight" not in state else get("lm_head.weight")
+        if args.tie_word_embeddings or "lm_head.weight" not in state:
+            head = make_linear(embed, None)
+        else:
+            head = linear("lm_head")
         return cls(args, embed, layers, RMSNorm(get(prefix + "norm.weight"), args.rms_norm_eps),
-                   make_linear(head, None), inv_freq=_hf_inv_freq(source, args))
+                   head, inv_freq=_hf_inv_freq(source, args))
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
                           device: torch.device | str | None = None) -> list[tuple[Tensor, Tensor]]:

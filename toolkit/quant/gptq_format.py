@@ -39,6 +39,7 @@ from .qweight import QuantizedWeight, dequantize_codes
 from .scheme import QuantScheme
 
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
+GPTQ_DIR_ATTR = "slimlm_gptq_dir"  # set by load_gptq on the model it returns: the folder it read
 _WORD = 1 << 32
 
 
@@ -227,7 +228,8 @@ def load_gptq(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verif
 
     A slimlm export is verified first (sha256 of every tensor file; `verify=False` skips that for a
     caller that just did it). GPTQ folders from other tools load too. The model is a plain HF model
-    with no quantizer attached, so every tool that takes a model (eval, serve, compare) can use it.
+    with no quantizer attached, so every tool that takes a model (eval, serve, compare) can use it;
+    its attribute `slimlm_gptq_dir` (GPTQ_DIR_ATTR) names the folder, for serving the packed codes.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -258,6 +260,9 @@ def load_gptq(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verif
         raise SlimlmError(f"{folder} does not match its config: missing {sorted(set(missing) - tied)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}.", "Re-export the checkpoint.")
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    # Where the packed codes are: slimlm's serving engine reads them from here and runs its int4/int8
+    # kernels instead of the dense weights above (`serve/models/gptq_weights.py`).
+    setattr(model, GPTQ_DIR_ATTR, str(folder.resolve()))
     return model.eval(), tokenizer
 
 

@@ -4,6 +4,7 @@
 #include "norm.c"
 #include "rope.c"
 #include "attention.c"
+#include "qgemv.c"
 #include "prelude.h"
 
 /* out[n][I] = round(round(silu(gate)) * up) for gate_up [n][2I] = gate | up; silu(g) = g / (1 + e^-g). */
@@ -20,13 +21,18 @@ static void silu_mul(const void* gu, void* out, int n, int I, int threads, int b
 void slimlm_silu_mul_bf16(const void* gu, void* out, int n, int I, int threads) { silu_mul(gu, out, n, I, threads, 1); }
 void slimlm_silu_mul_f32(const void* gu, void* out, int n, int I, int threads) { silu_mul(gu, out, n, I, threads, 0); }
 
+/* Per projection either a dense weight in the GEMV's layout (*_w, *_b in the model dtype) or, where *_q is
+   not NULL, a quantized one (QuantLinear's slimlm_qweight: codes, scales, zeros, float32 bias). */
 typedef struct {
     const void *in_norm, *post_norm, *qkv_w, *qkv_b, *o_w, *o_b, *gu_w, *gu_b, *down_w, *down_b;
+    const slimlm_qweight *qkv_q, *o_q, *gu_q, *down_q;
     void *k_cache, *v_cache;
 } slimlm_layer;
 
-static void gemv(const void* w, const void* x, void* y, const void* b, int m, int out, int in, int threads, int bf16) {
-    if (bf16) slimlm_gemv_bf16(w, x, y, b, m, out, in, threads);
+static void gemv(const slimlm_qweight* q, const void* w, const void* x, void* y, const void* b, int m, int out, int in,
+                 int threads, int bf16) {
+    if (q) slimlm_qlinear(q, x, y, m, threads);   /* what QuantLinear.forward calls: the same results */
+    else if (bf16) slimlm_gemv_bf16(w, x, y, b, m, out, in, threads);
     else slimlm_gemv_f32(w, x, y, b, m, out, in, threads);
 }
 
@@ -48,15 +54,15 @@ void slimlm_decode_stack(const slimlm_layer* L, int nl, void* x, int m, int hidd
     void* dn = w;
     for (int l = 0; l < nl; l++) {
         rms_norm(x, NULL, NULL, L[l].in_norm, h, m, hidden, eps, 1, bf16);
-        gemv(L[l].qkv_w, h, qkv, L[l].qkv_b, m, (int)qkvw, hidden, threads, bf16);
+        gemv(L[l].qkv_q, L[l].qkv_w, h, qkv, L[l].qkv_b, m, (int)qkvw, hidden, threads, bf16);
         rope_write_kv(qkv, cos, sin, slots, q, L[l].k_cache, L[l].v_cache, m, H, KVH, D, 1, bf16);
         decode_attention(q, H * D, L[l].k_cache, L[l].v_cache, tables, tstride, lens, NULL, attn, m, H, KVH, D, bs,
                          scale, threads, bf16);
-        gemv(L[l].o_w, attn, o, L[l].o_b, m, hidden, H * D, threads, bf16);
+        gemv(L[l].o_q, L[l].o_w, attn, o, L[l].o_b, m, hidden, H * D, threads, bf16);
         rms_norm(x, o, x, L[l].post_norm, h, m, hidden, eps, 1, bf16);   /* x += o; h = norm(x) */
-        gemv(L[l].gu_w, h, gu, L[l].gu_b, m, 2 * I, hidden, threads, bf16);
+        gemv(L[l].gu_q, L[l].gu_w, h, gu, L[l].gu_b, m, 2 * I, hidden, threads, bf16);
         silu_mul(gu, act, m, I, 1, bf16);
-        gemv(L[l].down_w, act, dn, L[l].down_b, m, hidden, I, threads, bf16);
+        gemv(L[l].down_q, L[l].down_w, act, dn, L[l].down_b, m, hidden, I, threads, bf16);
         for (size_t j = 0; j < (size_t)m * hidden; j += 16)                /* x += down (rounded) */
             st16(x, j, _mm512_add_ps(ld16(x, j, bf16), ld16(dn, j, bf16)), bf16);
     }

@@ -1,0 +1,79 @@
+"""Decode speed of GPTQ int4/int8 folders served from their packed codes, against the bf16 engine.
+
+Every engine runs the same prompts, interleaved within each repetition (A B C, A B C, ...), so load
+that drifts on a shared machine hits all of them alike; the figure is the median of the per-rep
+ratios to the first engine, with min and max. "+layers" rows run the same quantized model with the
+fused C decode stack off (the per-layer path), to show what the stack is worth.
+
+    python scripts/time_quant_decode.py smollm2-135m /tmp/q4 /tmp/q8 --batch-sizes 1,16 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+from slimlm.serve.layers.quant_linear import QuantLinear
+from slimlm.serve.sampling_params import SamplingParams
+from slimlm.toolkit.models import load
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], gen: int) -> float:
+    """Seconds to generate `gen` tokens for every prompt at once (prefill included)."""
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{time.perf_counter_ns()}-{i}", p, params)
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="the baseline first (e.g. smollm2-135m), then GPTQ folders")
+    ap.add_argument("--batch-sizes", default="1,16")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-layer-path", action="store_true", help="skip the '+layers' (stack off) rows")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    engines = {}
+    for spec in args.models:
+        for layered in (False, True):
+            if layered and args.no_layer_path:
+                continue
+            hf, tok = load(spec, dtype="bf16")
+            engine = LLMEngine(hf, tok, EngineConfig(max_num_seqs=64, num_blocks=512))
+            quant = sum(isinstance(m, QuantLinear) for m in engine.model.modules())
+            if layered:
+                if not quant:
+                    continue
+                engine.model._stack = None  # the per-layer path
+            engines[f"{spec}{' +layers' if layered else ''} ({quant} QuantLinear)"] = engine
+    gen = torch.Generator().manual_seed(0)
+    for b in [int(x) for x in args.batch_sizes.split(",")]:
+        prompts = [torch.randint(100, 20000, (args.prompt_len,), generator=gen).tolist() for _ in range(b)]
+        for e in engines.values():  # warm-up (kernel builds, first allocations)
+            run(e, prompts, 4)
+        times = {name: [] for name in engines}
+        for _ in range(args.reps):
+            for name, e in engines.items():
+                times[name].append(run(e, prompts, args.gen_len))
+        base = times[next(iter(engines))]
+        print(f"batch {b}, {args.prompt_len}-token prompts, {args.gen_len} new tokens, {args.threads} threads, "
+              f"median [min, max] of {args.reps}:")
+        for name, ts in times.items():
+            ratios = [bt / t for bt, t in zip(base, ts)]
+            tps = [b * args.gen_len / t for t in ts]
+            print(f"  {name:55s} {statistics.median(tps):7.1f} tok/s  x{statistics.median(ratios):.2f} "
+                  f"[{min(ratios):.2f}, {max(ratios):.2f}]")
+
+
+if __name__ == "__main__":
+    main()

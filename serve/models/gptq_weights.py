@@ -1,0 +1,147 @@
+"""Serve a GPTQ checkpoint from its packed codes: one `QuantLinear` per (fused) projection.
+
+`toolkit.quant.gptq_format.load_gptq` returns a plain HF model holding the *dequantized* weights
+(so eval and every other tool can take it) and records its folder on the model (`slimlm_gptq_dir`).
+`load_model` sees that attribute and builds, through `GPTQWeights.linear`, each projection whose
+parts are all quantized in the folder from the codes, scales and zero points as stored: int4 g64
+moves ~0.55 bytes per weight where bf16 moves 2, which is what decode's speed is bound by.
+
+What stays dense (built from the HF model's dequantized weights, as before, and listed with its reason
+in `GPTQWeights.dense`):
+- layers the checkpoint did not quantize (the LM head and embeddings by default, `dynamic` exclusions);
+  a fused projection (q|k|v, gate|up) is quantized only if all its parts are, in one bits and group size;
+- act-order checkpoints whose `g_idx` is not `i // group_size` (other tools' `desc_act=True`): the
+  groups of such a layer are scattered over the inputs, which the kernel's layout cannot hold;
+- anything the kernel cannot take (a group size that is not a multiple of 16, a v1 zero point past
+  2^bits - 1, as AutoGPTQ writes for a zero point of 0) or a layer whose dequantized codes are not
+  the HF model's weight (the model was changed after loading: its weights win).
+The unexpected ones (all but not-quantized) are reported in one warning per model.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.toolkit.errors import SlimlmError
+from slimlm.toolkit.quant.gptq_format import (GPTQ_DIR_ATTR, gptq_config, read_gptq_tensors, unpack_qweight,
+                                              unpack_qzeros)
+
+from ..layers.quant_linear import ACT_DTYPES, QuantLinear
+from ..kernels.quant_cpu import check_quant_args, dequantize_rows
+
+NOT_QUANTIZED = "not quantized in the checkpoint"
+
+
+def gptq_dir(hf_model: nn.Module) -> str | None:
+    """The GPTQ folder `hf_model` was loaded from by `load_gptq`, or None."""
+    folder = getattr(hf_model, GPTQ_DIR_ATTR, None)
+    return folder if isinstance(folder, str) and folder else None
+
+
+class GPTQWeights:
+    """The packed layers of one GPTQ folder, checked against `reference` (the HF model's state dict).
+
+    `linear(names, bias)` gives a QuantLinear for the projection that concatenates `names` along the
+    output dim, or None (the caller builds it dense). `quantized` and `dense` record what went where.
+    """
+
+    def __init__(self, folder: str, reference: dict[str, Tensor], act_dtype: torch.dtype):
+        if act_dtype not in ACT_DTYPES:
+            raise ValueError(f"quantized serving computes in {ACT_DTYPES}, not {act_dtype}")
+        try:
+            config = gptq_config(folder)
+            self.layers = read_gptq_tensors(folder)
+        except SlimlmError as err:
+            raise ValueError(f"cannot read the GPTQ checkpoint {folder}: {err}") from err
+        self.folder, self.reference, self.act_dtype = folder, reference, act_dtype
+        self.offset = 0 if config.get("checkpoint_format") == "gptq_v2" else 1
+        self.quantized: list[str] = []
+        self.dense: dict[str, str] = {}
+
+    def linear(self, names: list[str], bias: Tensor | None) -> QuantLinear | None:
+        """QuantLinear for the parts `names` ([out_i, in] each) fused along the output dim, or None."""
+        parts = []
+        for name in names:
+            part = self._unpack(name)
+            if isinstance(part, str):
+                self._keep_dense(names, f"{name}: {part}" if len(names) > 1 and part != NOT_QUANTIZED else part)
+                return None
+            parts.append(part)
+        if len({(c.shape[1], bits, gs, s.dtype) for c, s, _, gs, bits in parts}) > 1:
+            self._keep_dense(names, "its parts differ in bits, group size or scale dtype")
+            return None
+        codes, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))  # along the output dim
+        _, _, _, gs, bits = parts[0]
+        layer = QuantLinear.from_codes(codes, scales, zeros, gs, bits, bias, self.act_dtype)
+        self.quantized.extend(names)
+        return layer
+
+    def _keep_dense(self, names: list[str], reason: str) -> None:
+        for name in names:
+            self.dense[name] = reason
+
+    def _unpack(self, name: str):
+        """(codes uint8 [out, in], scales [out, G], zeros uint8 [out, G], group_size, bits), or why not."""
+        layer = self.layers.get(name)
+        if layer is None:
+            return NOT_QUANTIZED
+        qweight, g_idx = layer["qweight"], layer["g_idx"]
+        in_f, out_f = g_idx.numel(), qweight.shape[1]
+        bits = qweight.shape[0] * 32 // max(in_f, 1)
+        if bits not in (4, 8) or qweight.shape[0] * 32 != in_f * bits:
+            return f"qweight {tuple(qweight.shape)} is not a 4- or 8-bit packing of {in_f} inputs"
+        groups = layer["scales"].shape[0]
+        if groups == 0 or in_f % groups:
+            return f"{groups} groups do not divide {in_f} inputs"
+        gs = in_f // groups
+        if not torch.equal(g_idx.long(), torch.arange(in_f) // gs):
+            return "act-order g_idx (groups scattered over the inputs; the kernel needs consecutive groups)"
+        codes = unpack_qweight(qweight, bits).to(torch.uint8)                    # [out, in]
+        zeros = unpack_qzeros(layer["qzeros"], bits, self.offset)[:out_f]        # [out, G], int64
+        scales = layer["scales"].T.contiguous()                                  # [out, G]
+        if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) >= 1 << bits):
+            return f"zero points outside 0..{(1 << bits) - 1} (an AutoGPTQ v1 zero of 0)"
+        zeros = zeros.to(torch.uint8)
+        try:
+            check_quant_args(codes, scales, zeros, gs, bits)
+        except ValueError as err:
+            return str(err)
+        weight = self.reference.get(name + ".weight")
+        if weight is None or tuple(weight.shape) != (out_f, in_f):
+            return "the model has no weight of this shape"
+        rows = [0, out_f - 1]  # a spot check: the dequantized rows must be what the model holds
+        ref = dequantize_rows(codes[rows], scales[rows], zeros[rows], gs).to(weight.dtype)
+        if not torch.equal(ref, weight.detach()[rows].cpu()):
+            return "the model's weight is not the checkpoint's (changed after loading?): serving the model's"
+        return codes, scales, zeros, gs, bits
+
+    def warn_unexpected(self) -> None:
+        """One warning naming the projections kept dense for a reason other than not being quantized."""
+        odd = {name: why for name, why in self.dense.items() if why != NOT_QUANTIZED}
+        if odd:
+            shown = "; ".join(f"{n} ({w})" for n, w in list(odd.items())[:4])
+            warnings.warn(f"{len(odd)} quantized layer(s) of {self.folder} run dense (dequantized weights, no int4/int8 "
+                          f"speed-up): {shown}{' ...' if len(odd) > 4 else ''}", stacklevel=3)
+
+
+def gptq_weights_for(hf_model: nn.Module, dtype: torch.dtype) -> GPTQWeights | None:
+    """`GPTQWeights` for a model `load_gptq` returned, served in `dtype` on CPU; None for any other model.
+
+    A GPTQ model served in another dtype (fp16), on a GPU, or whose folder can no longer be read runs
+    dense (its dequantized weights), with a warning.
+    """
+    folder = gptq_dir(hf_model)
+    if folder is None:
+        return None
+    device = next(hf_model.parameters()).device
+    if dtype not in ACT_DTYPES or device.type != "cpu":
+        warnings.warn(f"{folder}: the int4/int8 kernels run on CPU in bfloat16 or float32; serving {dtype} on "
+                      f"{device.type} with the dequantized weights instead", stacklevel=3)
+        return None
+    try:
+        return GPTQWeights(folder, hf_model.state_dict(), dtype)
+    except ValueError as err:  # the folder moved or changed since loading: the model's own weights still serve
+        warnings.warn(f"{err}; serving the model's dequantized weights instead", stacklevel=3)
+        return None
