@@ -26,7 +26,8 @@ _QUANT_ATTRS = ("hf_quantizer", "is_quantized", "quantization_method")
 
 
 def write(model, tokenizer, out_dir: str | os.PathLike, meta: dict | None = None,
-          overwrite: bool = False, max_shard_size: int | str = "2GB") -> Path:
+          overwrite: bool = False, max_shard_size: int | str = "2GB",
+          extra_tensors: dict[str, dict] | None = None) -> Path:
     """Export `model` (and `tokenizer`, unless None) to `out_dir`; return its absolute path.
 
     `meta` may hold `base_model` (default: the model's `name_or_path`), `command` (default: this
@@ -34,9 +35,13 @@ def write(model, tokenizer, out_dir: str | os.PathLike, meta: dict | None = None
     any other key is refused, so a misspelt key is not silently dropped. A non-empty `out_dir` is
     refused unless `overwrite`; then it is replaced only once the new export is complete.
     Shards of at most `max_shard_size` keep each file loadable with bounded memory.
+    `extra_tensors` maps a file name (`*.safetensors`, not one of HF's `model*` names) to a dict of
+    tensors written beside the model (e.g. early-exit norms): hashed like the weights, and never
+    read by transformers, which loads only `model.safetensors` or the files its index lists.
     """
     out = Path(os.path.abspath(out_dir))
     manifest = _manifest_from_meta(model, meta)
+    extra = _check_extra(extra_tensors)
     _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "tmp")
@@ -49,6 +54,7 @@ def write(model, tokenizer, out_dir: str | os.PathLike, meta: dict | None = None
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _write_extra(tmp, extra)
         manifest.files = describe_files(tmp)
         text = json.dumps(manifest.to_dict(), indent=2) + "\n"
         (tmp / MANIFEST_NAME).write_text(text, encoding="utf-8")
@@ -85,6 +91,35 @@ def _manifest_from_meta(model, meta: dict | None) -> Manifest:
                         eval=evals, transforms={**empty_transforms(), **transforms})
     manifest.to_dict()  # fail now, not after the weights are written, if meta is not JSON-able
     return manifest
+
+
+def _check_extra(extra: dict | None) -> dict:
+    # Checked before any weights are written. HF names its weight files model.safetensors and
+    # model-0000k-of-0000n.safetensors: an extra file must never shadow or join them.
+    import torch
+
+    extra = dict(extra or {})
+    for name, tensors in extra.items():
+        plain = isinstance(name, str) and "/" not in name and "\\" not in name and not name.startswith(".")
+        if not plain or not name.endswith(".safetensors") or name.startswith("model"):
+            raise SlimlmError(f"extra tensor file name {name!r} is not allowed.",
+                              "Use a plain name ending in .safetensors that does not start with 'model', "
+                              "e.g. early_exit.safetensors.")
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            raise SlimlmError(f"extra_tensors[{name!r}] must map tensor names (str) to torch tensors.")
+    return extra
+
+
+def _write_extra(folder: Path, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    for name, tensors in extra.items():
+        if (folder / name).exists():  # e.g. a model class that saves under an unusual name
+            raise SlimlmError(f"extra tensor file {name} collides with a file the model itself wrote.",
+                              "Choose another name for the extra tensors.")
+        save_file({k: v.detach().to("cpu").clone() for k, v in tensors.items()}, str(folder / name),
+                  metadata={"format": "pt"})
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
