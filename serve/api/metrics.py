@@ -28,10 +28,16 @@ _GAUGES = {  # stats key -> (metric name, help)
     "kv_blocks_used": ("slimlm_kv_blocks_used", "KV-cache blocks in use."),
     "kv_blocks_free": ("slimlm_kv_blocks_free", "KV-cache blocks free."),
     "prefix_cache_hit_rate": ("slimlm_prefix_cache_hit_rate", "Share of prompt blocks served from the prefix cache."),
+    "spec_acceptance_rate": ("slimlm_spec_acceptance_rate", "Share of drafted tokens accepted (speculative decoding)."),
+    "spec_mean_accepted_length": ("slimlm_spec_mean_accepted_length",
+                                  "Tokens emitted per speculative step and sequence (accepted drafts + 1)."),
 }
 _COUNTERS = {
     "prompt_tokens_total": ("slimlm_prompt_tokens", "Prompt tokens received."),
     "generation_tokens_total": ("slimlm_generation_tokens", "Tokens generated."),
+    "spec_draft_tokens_total": ("slimlm_spec_draft_tokens", "Tokens drafted by speculative decoding."),
+    "spec_accepted_tokens_total": ("slimlm_spec_accepted_tokens", "Drafted tokens the target model accepted."),
+    "spec_steps_total": ("slimlm_spec_steps", "Speculative steps, counted per sequence."),
 }
 
 

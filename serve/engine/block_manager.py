@@ -290,6 +290,13 @@ class BlockManager:
             if self._ref[last] == 1:
                 self._unname(last)
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past those `seq.num_tokens` tokens need: look-ahead slots reserved for draft
+        tokens that were rejected. Their KV lies beyond `num_computed_tokens` and was never named."""
+        keep = _ceil_div(seq.num_tokens, self.block_size)
+        while len(seq.block_table) > keep:
+            self._decref(seq.block_table.pop())
+
     # -- debugging -----------------------------------------------------------------------------
     def check_consistency(self, seqs: Iterable[Sequence]) -> None:
         """Raise AssertionError unless refcounts equal the references in `seqs`' block tables and

@@ -22,6 +22,7 @@ from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .speculative import SelfSpeculator, SpeculativeConfig
 
 
 @dataclass
@@ -42,6 +43,7 @@ class EngineConfig:
     chunked_prefill: bool = True
     dtype: torch.dtype | None = None  # of weights (and of an "auto" KV cache); None keeps the model's
     kv_cache_dtype: str = "auto"  # "auto" | "int8"
+    speculative: SpeculativeConfig | None = None  # self-speculative decoding (greedy requests), see speculative.py
 
 
 @dataclass
@@ -80,6 +82,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, chunked_prefill=config.chunked_prefill), self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, kv_dtype=self.kv_dtype)
+        self.speculator = SelfSpeculator(self.model, config.speculative) if config.speculative else None
         self.eos_token_ids = _eos_ids(hf_model, tokenizer)
         self._requests: dict[str, _Request] = {}
         self._owner: dict[int, tuple[_Request, int]] = {}  # seq_id -> (request, completion index)
@@ -142,6 +145,8 @@ class LLMEngine:
         for seq, out in zip(req.seqs, req.outputs):
             self.scheduler.abort(seq.seq_id)
             self._owner.pop(seq.seq_id, None)
+            if self.speculator:
+                self.speculator.forget(seq.seq_id)
             out.finish_reason = out.finish_reason or "abort"
 
     def has_unfinished(self) -> bool:
@@ -153,7 +158,15 @@ class LLMEngine:
                 "requests": len(self._requests), "kv_blocks_used": bm.num_used_blocks,
                 "kv_blocks_free": bm.num_free_blocks, "kv_blocks_total": bm.num_blocks,
                 "prefix_cache_hit_rate": bm.hit_rate, "prompt_tokens_total": self.prompt_tokens_total,
-                "generation_tokens_total": self.generation_tokens_total}
+                "generation_tokens_total": self.generation_tokens_total, **self._spec_stats()}
+
+    def _spec_stats(self) -> dict:
+        if self.speculator is None:
+            return {}
+        st = self.speculator.stats
+        return {"spec_acceptance_rate": st.acceptance_rate, "spec_mean_accepted_length": st.mean_accepted_length,
+                "spec_draft_tokens_total": st.drafted, "spec_accepted_tokens_total": st.accepted,
+                "spec_steps_total": st.steps}
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -161,11 +174,14 @@ class LLMEngine:
         if out.is_empty:
             return []
         want_prompt = {s.seq.seq_id for s in out.scheduled if s.seq.skip_prefix_cache}
-        logits = self.runner.execute(out, want_prompt)
-        advanced: dict[str, _Request] = {}
+        plan = self.speculator.plan(out, self.block_manager, self.max_model_len) if self.speculator else {}
+        if plan:
+            logits, new_tokens = self.speculator.execute(self.runner, out, plan, want_prompt)
+        else:
+            logits, new_tokens = self.runner.execute(out, want_prompt), {}
+        advanced: dict[str, _Request] = {self._owner[i][0].request_id: self._owner[i][0] for i in new_tokens}
         for seq_id, (rows, first_pos) in logits.prompt.items():
             self._record_prompt_logprobs(self._owner[seq_id][0], rows, first_pos)
-        new_tokens: dict[int, list[int]] = {}
         if logits.sampled_ids:
             seqs = [self._owner[i][0].seqs[self._owner[i][1]] for i in logits.sampled_ids]
             params = [s.params for s in seqs]
@@ -186,7 +202,9 @@ class LLMEngine:
                 req.first_token_time = req.first_token_time or now
                 advanced[req.request_id] = req
         self.scheduler.update(out, new_tokens)
-        self.generation_tokens_total += len(new_tokens)
+        if plan:
+            self.speculator.after_update(plan, [s.seq for s in out.scheduled], self.block_manager)
+        self.generation_tokens_total += sum(map(len, new_tokens.values()))
         for seq_id in new_tokens:
             req, idx = self._owner[seq_id]
             self._update_completion(req, idx)

@@ -1,0 +1,242 @@
+"""Self-speculative decoding inside continuous batching: draft with the first E layers, verify with the rest.
+
+Per step, each decoding sequence chosen to speculate drafts `k` tokens greedily with layers `[0, E)`
+and an exit head (the model's final norm, or an exit norm of its own, then the shared LM head), then
+one pass of layers `[E, L)` over `[last token, d_1 .. d_k]` verifies them all: the draft already wrote
+those tokens' KV for layers `< E` and kept their layer-E hidden states, so nothing is computed twice.
+Accepted drafts plus the target's next token are appended; the KV of rejected drafts stays behind the
+sequence's computed length, is overwritten later, and blocks holding only rejected slots go back to
+the pool. Greedy requests only: the accepted tokens are the target model's own argmaxes, so the output
+is the plain engine's (up to the rounding of a multi-token pass against a one-token pass).
+
+Never slower than plain decoding (by design, measured by `slimlm bench --speculative self`): each
+sequence keeps a running acceptance rate `a` and drafts the `k` that maximises expected tokens per
+unit of work, `(1 - a^(k+1)) / (1 - a)` over `(k + 1) * E/L + (1 - E/L) * (1 + verify_cost * k)`;
+where no `k` pays it decodes plainly and re-probes with one draft now and then. A batch larger than
+`max_batch` never speculates: there decoding is compute-bound and drafts cost full price.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..layers.attention import AttentionMetadata
+from ..layers.norm import RMSNorm
+from .block_manager import BlockManager
+from .model_runner import ModelRunner, StepLogits
+from .scheduler import SchedulerOutput
+from .sequence import Sequence
+
+
+@dataclass
+class SpeculativeConfig:
+    """`exit_layer` E: layers run by the draft (1 <= E < num_layers). `num_draft`: most tokens drafted
+    per step. `exit_norm`: the exit's own RMSNorm weight [hidden] (None: the model's final norm).
+    `adaptive` False drafts exactly `num_draft` tokens every step (for measuring acceptance)."""
+
+    exit_layer: int
+    num_draft: int = 4
+    exit_norm: Tensor | None = None
+    adaptive: bool = True
+    verify_cost: float = 0.15  # extra cost of each verified token, relative to a one-token pass
+    max_batch: int = 16
+    prior_acceptance: float = 0.6
+    probe_every: int = 16
+
+
+@dataclass
+class SpecStats:
+    """Counters for /metrics and the benchmark: drafted and accepted tokens, speculative steps."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    by_draft_len: dict[int, list[int]] = field(default_factory=dict)  # k -> [steps, accepted]
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per speculative step per sequence (accepted drafts + the target's token)."""
+        return self.emitted / self.steps if self.steps else 0.0
+
+
+def expected_speedup(acceptance: float, k: int, layer_fraction: float, verify_cost: float) -> float:
+    """Tokens per unit of work of drafting `k` tokens, relative to plain decoding (1.0)."""
+    if k == 0:
+        return 1.0
+    a = min(max(acceptance, 0.0), 0.999)
+    tokens = (1 - a ** (k + 1)) / (1 - a)
+    cost = (k + 1) * layer_fraction + (1 - layer_fraction) * (1 + verify_cost * k)
+    return tokens / cost
+
+
+class SelfSpeculator:
+    """Plans and runs speculative steps for an `LLMEngine` (see the module docstring)."""
+
+    def __init__(self, model, config: SpeculativeConfig):
+        num_layers = len(model.layers)
+        if not 1 <= config.exit_layer < num_layers:
+            raise ValueError(f"exit_layer must be in 1..{num_layers - 1} (the model has {num_layers} layers), "
+                             f"got {config.exit_layer}")
+        if config.num_draft < 1:
+            raise ValueError(f"num_draft must be at least 1, got {config.num_draft}")
+        self.model, self.config = model, config
+        self.exit_layer = config.exit_layer
+        self.layer_fraction = config.exit_layer / num_layers
+        if config.exit_norm is None:
+            self.norm = model.norm
+        else:
+            weight = config.exit_norm.to(model.dtype).to(model.device)
+            if weight.shape != model.norm.weight.shape:
+                raise ValueError(f"exit_norm has shape {tuple(weight.shape)}, expected {tuple(model.norm.weight.shape)}")
+            self.norm = RMSNorm(weight, model.args.rms_norm_eps)
+        self.acceptance: dict[int, float] = {}  # seq_id -> running acceptance rate
+        self.plain_steps: dict[int, int] = {}  # seq_id -> plain steps since its last speculation
+        self.stats = SpecStats()
+
+    # -- planning -----------------------------------------------------------------------------
+    def eligible(self, seq: Sequence) -> bool:
+        p = seq.params
+        return p is None or (p.greedy and p.logprobs is None and not p.needs_penalties)
+
+    def draft_len(self, seq: Sequence) -> int:
+        c = self.config
+        room = min(seq.max_tokens - seq.num_output_tokens, c.num_draft + 1) - 1  # the target adds one token
+        if room <= 0:
+            return 0
+        if not c.adaptive:
+            return room
+        a = self.acceptance.get(seq.seq_id, c.prior_acceptance)
+        best_k, best = 0, 1.05  # speculate only where it is expected to pay by a margin
+        for k in range(1, room + 1):
+            gain = expected_speedup(a, k, self.layer_fraction, c.verify_cost)
+            if gain > best:
+                best_k, best = k, gain
+        if best_k == 0:
+            waited = self.plain_steps.get(seq.seq_id, 0) + 1
+            self.plain_steps[seq.seq_id] = waited
+            if waited >= c.probe_every:  # re-measure now and then: the text may have become easy
+                self.plain_steps[seq.seq_id] = 0
+                return 1
+        return best_k
+
+    def plan(self, out: SchedulerOutput, bm: BlockManager, max_model_len: int) -> dict[int, int]:
+        """Draft lengths `{seq_id: k >= 1}` for this step's decoding sequences, with KV slots reserved."""
+        decodes = [s for s in out.scheduled if s.sample and s.num_tokens == 1]
+        if not decodes or len(decodes) > self.config.max_batch:
+            return {}
+        plan = {}
+        for s in decodes:
+            seq = s.seq
+            if not self.eligible(seq):
+                continue
+            k = min(self.draft_len(seq), max_model_len - seq.num_tokens - 1)
+            if k >= 1 and bm.can_allocate(seq, 1 + k):
+                bm.allocate(seq, 1 + k)  # slots for [last token, d_1 .. d_k]
+                plan[seq.seq_id] = k
+        out.copy_ops.extend(bm.pop_copy_ops())
+        return plan
+
+    # -- running ------------------------------------------------------------------------------
+    def exit_logits(self, hidden: Tensor) -> Tensor:
+        return self.model.lm_head(self.norm(hidden))
+
+    @torch.inference_mode()
+    def execute(self, runner: ModelRunner, out: SchedulerOutput, plan: dict[int, int],
+                prompt_logits_for: set[int]) -> tuple[StepLogits, dict[int, list[int]]]:
+        """Run the step: plain rows through `runner`, planned sequences by draft + verify.
+
+        Returns the plain rows' logits (to sample as usual) and each planned sequence's new tokens.
+        """
+        runner.copy_blocks(out.copy_ops)
+        plain = [s for s in out.scheduled if s.seq.seq_id not in plan]
+        spec = [s for s in out.scheduled if s.seq.seq_id in plan]
+        logits = StepLogits([], None, {})
+        if plain:
+            logits = runner.execute(SchedulerOutput(scheduled=plain), prompt_logits_for)
+        drafts, hidden = self._draft(runner, spec, plan)
+        return logits, self._verify(runner, spec, plan, drafts, hidden)
+
+    def _draft(self, runner: ModelRunner, spec, plan) -> tuple[dict[int, list[int]], dict[int, list[Tensor]]]:
+        model, dev, bs = self.model, runner.device, runner.block_size
+        tokens = {s.seq.seq_id: [s.seq.last_token_id] for s in spec}   # [last token, d_1, ...]
+        hidden: dict[int, list[Tensor]] = {s.seq.seq_id: [] for s in spec}  # layer-E states, one per token
+        for j in range(max(plan.values(), default=-1) + 1):
+            batch = [s for s in spec if plan[s.seq.seq_id] >= j]
+            ids = torch.tensor([tokens[s.seq.seq_id][j] for s in batch], dtype=torch.long, device=dev)
+            pos = torch.tensor([s.start + j for s in batch], dtype=torch.long, device=dev)
+            meta = AttentionMetadata.build([1] * len(batch), [s.start + j + 1 for s in batch],
+                                           [s.seq.block_table for s in batch], bs, device=dev)
+            h = model(ids, pos, runner.kv_caches, meta, num_layers=self.exit_layer)  # [B, hidden]
+            drafting = [i for i, s in enumerate(batch) if j < plan[s.seq.seq_id]]
+            next_ids = self.exit_logits(h[drafting]).argmax(-1).tolist() if drafting else []
+            for i, s in enumerate(batch):
+                hidden[s.seq.seq_id].append(h[i])
+            for i, tok in zip(drafting, next_ids):
+                tokens[batch[i].seq.seq_id].append(tok)
+        return tokens, hidden
+
+    def _verify(self, runner: ModelRunner, spec, plan, drafts, hidden) -> dict[int, list[int]]:
+        if not spec:
+            return {}
+        model, dev = self.model, runner.device
+        x = torch.stack([h for s in spec for h in hidden[s.seq.seq_id]])            # [N, hidden]
+        positions = [p for s in spec for p in range(s.start, s.start + plan[s.seq.seq_id] + 1)]
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        meta = AttentionMetadata.build([plan[s.seq.seq_id] + 1 for s in spec],
+                                       [s.start + plan[s.seq.seq_id] + 1 for s in spec],
+                                       [s.seq.block_table for s in spec], runner.block_size, device=dev)
+        cos, sin = model.rotary(pos, meta.max_seq_len - 1)
+        for layer, (k_cache, v_cache) in zip(model.layers[self.exit_layer:], runner.kv_caches[self.exit_layer:]):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        target = model.compute_logits(x).argmax(-1).tolist()                         # [N]
+        new_tokens, row = {}, 0
+        for s in spec:
+            sid, k = s.seq.seq_id, plan[s.seq.seq_id]
+            d, g = drafts[sid], target[row:row + k + 1]
+            a = 0
+            while a < k and d[a + 1] == g[a]:
+                a += 1
+            new_tokens[sid] = d[1:a + 1] + [g[a]]
+            self._record(sid, k, a)
+            row += k + 1
+        return new_tokens
+
+    def _record(self, seq_id: int, k: int, accepted: int) -> None:
+        st = self.stats
+        st.steps += 1
+        st.drafted += k
+        st.accepted += accepted
+        st.emitted += accepted + 1
+        cell = st.by_draft_len.setdefault(k, [0, 0])
+        cell[0] += 1
+        cell[1] += accepted
+        # Acceptance per drafted token, from this step: a run of `accepted` then (maybe) a miss.
+        rate = accepted / k if accepted == k else accepted / (accepted + 1)
+        prev = self.acceptance.get(seq_id, self.config.prior_acceptance)
+        self.acceptance[seq_id] = 0.7 * prev + 0.3 * rate
+        self.plain_steps[seq_id] = 0
+
+    def after_update(self, plan: dict[int, int], seqs: list[Sequence], bm: BlockManager) -> None:
+        """After `Scheduler.update`: accepted drafts' KV is valid in every layer, so all but the newest token
+        count as computed; blocks that only rejected drafts touched go back to the pool."""
+        for seq in seqs:
+            if seq.is_finished:
+                self.forget(seq.seq_id)
+                continue
+            if seq.seq_id not in plan:
+                continue
+            seq.num_computed_tokens = seq.num_tokens - 1
+            bm.register_full_blocks(seq)
+            bm.trim(seq)
+
+    def forget(self, seq_id: int) -> None:
+        self.acceptance.pop(seq_id, None)
+        self.plain_steps.pop(seq_id, None)
+

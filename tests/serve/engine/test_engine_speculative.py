@@ -1,0 +1,163 @@
+"""Self-speculative decoding in the engine: greedy output identical to plain decoding at batch 1 and 16,
+whatever the drafts' quality; the paged KV cache never leaks a block; the adaptive policy backs off."""
+import pytest
+import torch
+
+from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+from slimlm.serve.engine.speculative import SelfSpeculator, SpeculativeConfig, expected_speedup
+from slimlm.serve.llm import LLM
+from slimlm.serve.sampling_params import SamplingParams
+from slimlm.toolkit.models import tiny_model
+
+PROMPTS = ["hello world", "the quick brown fox jumps", "a", "zzzz zzzz zzzz zzzz zzzz zzzz",
+           "SYSTEM: be brief. USER: hi", "SYSTEM: be brief. USER: what is 2+2?", "0123456789" * 3,
+           "Once upon a time", "x", "fn main() {}", "SYSTEM: be brief. USER: bye", "é ü ß ∑",
+           "The capital of France is", "def f(x): return x", "one two three four five", "!"]
+GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(arch="llama", layers=4, seed=0, skip_from=None):
+    """A wide-init tiny model; `skip_from=E` zeroes the residual writes of layers >= E, so an exit after E
+    layers (with the final norm) predicts exactly what the full model does: every draft is accepted."""
+    model, tok = tiny_model(arch, seed=seed, num_hidden_layers=layers)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        if skip_from is not None:
+            for layer in model.model.layers[skip_from:]:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+    return model, tok
+
+
+def run(model, tok, prompts, spec=None, params=GREEDY, **config):
+    llm = LLM(model, tok, block_size=4, max_num_batched_tokens=64, speculative=spec, **config)
+    outs = llm.generate(prompts, params)
+    assert llm.engine.block_manager.num_used_blocks == 0  # nothing leaked
+    return [o.outputs[0].token_ids for o in outs], llm.engine
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("exit_layer, num_draft", [(1, 3), (3, 2)])
+def test_greedy_output_equals_plain_decoding(arch, batch, exit_layer, num_draft):
+    model, tok = make(arch)
+    prompts = PROMPTS[:batch]
+    plain, _ = run(model, tok, prompts)
+    spec = SpeculativeConfig(exit_layer=exit_layer, num_draft=num_draft, adaptive=False)
+    fast, engine = run(model, tok, prompts, spec)
+    assert fast == plain
+    st = engine.speculator.stats
+    assert st.steps > 0 and st.drafted == sum(k * n for k, (n, _) in st.by_draft_len.items())
+
+
+def test_drafts_that_always_agree_are_all_accepted_and_stay_exact():
+    model, tok = make(layers=4, skip_from=2)
+    plain, _ = run(model, tok, PROMPTS[:5])
+    fast, engine = run(model, tok, PROMPTS[:5], SpeculativeConfig(exit_layer=2, num_draft=4, adaptive=False))
+    assert fast == plain
+    st = engine.speculator.stats
+    assert st.acceptance_rate == 1.0
+    assert st.mean_accepted_length > 3  # 14 tokens in about 14 / 5 steps per sequence
+    assert all(len(t) == 14 for t in fast)  # max_tokens is kept even when a step could emit more
+
+
+def test_random_exits_are_mostly_rejected_yet_exact_under_memory_pressure():
+    model, tok = make(layers=4, seed=1)
+    plain, _ = run(model, tok, PROMPTS, num_blocks=40, max_model_len=64)
+    fast, engine = run(model, tok, PROMPTS, SpeculativeConfig(exit_layer=1, num_draft=3, adaptive=False),
+                       num_blocks=40, max_model_len=64)
+    assert fast == plain
+    assert engine.speculator.stats.acceptance_rate < 0.9
+
+
+def test_eos_inside_accepted_drafts_stops_there():
+    model, tok = make(layers=4, skip_from=2)
+    plain, _ = run(model, tok, PROMPTS[:4])
+    stop_at = plain[0][5]  # a token the first prompt produces at position 5
+    params = SamplingParams(temperature=0, max_tokens=14, stop_token_ids=[stop_at])
+    want, _ = run(model, tok, PROMPTS[:4], params=params)
+    got, _ = run(model, tok, PROMPTS[:4], SpeculativeConfig(exit_layer=2, num_draft=4, adaptive=False), params=params)
+    assert got == want and got[0][-1] == stop_at and len(got[0]) <= 6
+
+
+def test_block_tables_stay_consistent_every_step():
+    model, tok = make(layers=4, seed=2)
+    spec = SpeculativeConfig(exit_layer=2, num_draft=4, adaptive=False)
+    engine = LLMEngine(model, tok, EngineConfig(block_size=4, num_blocks=60, speculative=spec))
+    for i, p in enumerate(PROMPTS[:8]):
+        engine.add_request(str(i), tok(p).input_ids, GREEDY)
+    while engine.has_unfinished():
+        engine.step()
+        live = engine.scheduler.unfinished()
+        engine.block_manager.check_consistency(live)
+        for seq in live:  # no look-ahead block survives a step
+            assert len(seq.block_table) <= -(-seq.num_tokens // 4)
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_sampled_and_logprob_requests_decode_plainly():
+    model, tok = make(layers=4)
+    spec = SpeculativeConfig(exit_layer=2, num_draft=3, adaptive=False)
+    sampled = SamplingParams(temperature=0.8, max_tokens=6, seed=3)
+    logprob = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
+    plain_s, _ = run(model, tok, PROMPTS[:2], params=sampled)
+    spec_s, engine = run(model, tok, PROMPTS[:2], spec, params=sampled)
+    assert spec_s == plain_s and engine.speculator.stats.steps == 0
+    _, engine = run(model, tok, PROMPTS[:2], spec, params=logprob)
+    assert engine.speculator.stats.steps == 0
+
+
+def test_adaptive_policy_backs_off_when_drafts_miss_and_probes_again():
+    model, tok = make(layers=4, seed=1)
+    spec = SpeculativeConfig(exit_layer=1, num_draft=4, prior_acceptance=0.9, probe_every=4)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain, _ = run(model, tok, PROMPTS[:2], params=params)
+    fast, engine = run(model, tok, PROMPTS[:2], spec, params=params)
+    assert fast == plain
+    st = engine.speculator.stats
+    assert st.steps > 0
+    assert st.steps < 2 * 40 / 2  # it stopped drafting on most steps once drafts kept missing
+
+
+def test_expected_speedup_model():
+    assert expected_speedup(0.0, 0, 0.25, 0.1) == 1.0
+    assert expected_speedup(0.0, 3, 0.25, 0.1) < 1.0          # nothing accepted: pure cost
+    assert expected_speedup(0.95, 4, 0.2, 0.1) > 2.0          # good exits at a shallow layer pay
+    assert expected_speedup(0.9, 4, 0.9, 0.1) < 1.0           # a deep exit drafts at nearly full price
+
+
+def test_bad_configs_are_refused():
+    model, tok = make(layers=4)
+    with pytest.raises(ValueError, match="exit_layer must be in 1..3"):
+        LLMEngine(model, tok, EngineConfig(speculative=SpeculativeConfig(exit_layer=4)))
+    with pytest.raises(ValueError, match="num_draft"):
+        LLMEngine(model, tok, EngineConfig(speculative=SpeculativeConfig(exit_layer=1, num_draft=0)))
+    engine = LLMEngine(model, tok, EngineConfig())
+    with pytest.raises(ValueError, match="exit_norm has shape"):
+        SelfSpeculator(engine.model, SpeculativeConfig(exit_layer=1, exit_norm=torch.ones(3)))
+
+
+def test_stats_and_metrics_report_acceptance():
+    from slimlm.serve.api.metrics import Metrics
+
+    model, tok = make(layers=4, skip_from=2)
+    _, engine = run(model, tok, PROMPTS[:3], SpeculativeConfig(exit_layer=2, num_draft=4, adaptive=False))
+    stats = engine.stats()
+    assert stats["spec_acceptance_rate"] == 1.0 and stats["spec_draft_tokens_total"] > 0
+    text = Metrics(engine.stats).render().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values["slimlm_spec_acceptance_rate"] == 1.0
+    assert values["slimlm_spec_mean_accepted_length"] == stats["spec_mean_accepted_length"] > 1
+    assert values["slimlm_spec_accepted_tokens_total"] == stats["spec_accepted_tokens_total"]
+    _, plain = run(model, tok, PROMPTS[:1])
+    assert "spec_acceptance_rate" not in plain.stats()
