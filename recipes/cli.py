@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from slimlm.recipes import compare, distill, prune, quantize
+from slimlm.recipes import compare, distill, early_exit, pipeline, prune, quantize
 from slimlm.toolkit.errors import SlimlmError
 
 
@@ -33,7 +33,29 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows or choices per forward pass")
     p.add_argument("--dtype", default="float32", help="float32 (default), bf16 or fp16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--exits", default=None, metavar="E,E",
+                   help="also report, per exit after layer E (shared final norm), perplexity and how often its "
+                   "greedy token equals the final layer's (default: the exits an early-exit export records)")
     p.add_argument("--json", metavar="OUT", help="write every figure, the settings and the command to OUT")
+
+
+def exits_to_evaluate(args, model):
+    """ExitHeads of an early-exit export, or the --exits layers with the shared norm; None for neither."""
+    from slimlm.toolkit.early_exit import load_exits, read_exit_spec
+    from slimlm.toolkit.models import resolve
+
+    if args.exits:
+        try:
+            layers = [int(e) for e in args.exits.split(",") if e.strip()]
+        except ValueError:
+            raise SlimlmError(f"--exits {args.exits!r} is not a comma-separated list of layer numbers.") from None
+        n = model.config.num_hidden_layers
+        if not layers or not all(1 <= e <= n for e in layers):
+            raise SlimlmError(f"--exits {args.exits!r}: layers must be in 1..{n} (the model has {n} layers).")
+        return layers
+    if resolve(args.model).kind == "export" and read_exit_spec(args.model, verify=False):
+        return load_exits(args.model, model, verify=False)
+    return None
 
 
 def run_eval(args) -> int:
@@ -58,6 +80,15 @@ def run_eval(args) -> int:
     results["settings"] = {k: getattr(args, k) for k in ("split", "window", "max_windows", "batch_size", "dtype")}
     results["command"] = args.command_line
     print_results(results)
+    exits = exits_to_evaluate(args, model)
+    if exits is not None and data:
+        from slimlm.toolkit.early_exit import evaluate_exits, format_exit_table
+
+        results["early_exit"] = evaluate_exits(model, tokenizer, exits, data=data[0], split=args.split,
+                                               window=args.window, max_windows=args.max_windows,
+                                               batch_size=args.batch_size)
+        print(f"early exits on {data[0]} ({args.split}): perplexity and agreement with the final layer's "
+              f"greedy token\n{format_exit_table(results['early_exit'])}")
     if args.json:
         write_json(results, args.json)
     return 0
@@ -91,6 +122,39 @@ def run_export(args) -> int:
     return 0
 
 
+def add_speculative_arguments(p) -> None:
+    p.add_argument("--speculative", choices=["self"], default=None,
+                   help="self: draft with the first --exit-layer layers and verify with the rest (greedy "
+                   "requests; lossless; the draft length adapts and switches off where it does not pay)")
+    p.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: a quarter)")
+    p.add_argument("--num-draft", type=int, default=4, help="most tokens drafted per step (default 4)")
+
+
+def speculative_config(args, num_layers: int):
+    """The engine's SpeculativeConfig for --speculative (None without it); SlimlmError for a bad layer.
+
+    From an early-exit export, the exit layer defaults to its shallowest trained exit, and an exit with a
+    norm of its own drafts through that norm."""
+    from slimlm.serve.engine.speculative import SpeculativeConfig
+    from slimlm.toolkit.early_exit import load_exit_tensors, read_exit_spec
+    from slimlm.toolkit.models import resolve
+
+    if args.speculative is None:
+        if args.exit_layer is not None:
+            raise SlimlmError("--exit-layer needs --speculative self.")
+        return None
+    spec = read_exit_spec(args.model, verify=False) if resolve(args.model).kind == "export" else None
+    default = spec.layers[0] if spec else max(1, num_layers // 4)
+    exit_layer = args.exit_layer if args.exit_layer is not None else default
+    if not 1 <= exit_layer < num_layers or args.num_draft < 1:
+        raise SlimlmError(f"--exit-layer must be in 1..{num_layers - 1} (the model has {num_layers} layers) "
+                          f"and --num-draft at least 1; got {exit_layer} and {args.num_draft}.")
+    norm = None
+    if spec and spec.norm == "own" and exit_layer in spec.layers:
+        norm = load_exit_tensors(args.model, spec)[f"exits.{exit_layer}.norm.weight"]
+    return SpeculativeConfig(exit_layer=exit_layer, num_draft=args.num_draft, exit_norm=norm)
+
+
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput and latency of the serving engine, against a baseline in the same run",
                        description="Offline throughput at each batch size and online load (fixed concurrency or "
@@ -109,6 +173,7 @@ def add_bench(sub) -> None:
     p.add_argument("--dtype", default="bf16", help="bf16 (default), float32 or fp16")
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="auto: the model's dtype (default); int8: per-block, per-head scales, half the memory")
+    add_speculative_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", metavar="OUT", help="write every figure, the settings and the command to OUT")
 
@@ -135,13 +200,25 @@ def run_bench(args) -> int:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     hf_model, tokenizer = load(args.model, dtype=args.dtype)
-    engine = LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, args.concurrency or 1]),
-                                                        kv_cache_dtype=args.kv_cache_dtype),
-                       model_name=args.model)
+    spec = speculative_config(args, hf_model.config.num_hidden_layers)
+
+    def engine_with(speculative):
+        return LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, args.concurrency or 1]),
+                                                           kv_cache_dtype=args.kv_cache_dtype, speculative=speculative),
+                         model_name=args.model)
+
+    engine = engine_with(None)
     with console.status("benchmarking") as status:
         result = benchmark(engine, hf_model if args.baseline == "hf" else None, batch_sizes,
                            args.concurrency or None, args.rate, args.num_requests, args.prompt_len,
                            args.gen_len, args.reps, progress=status.update)
+        if spec is not None:  # the same engine with speculation, same prompts, same run; plain is 1.0x
+            del engine
+            engine = engine_with(spec)
+            fast = benchmark(engine, None, batch_sizes, args.concurrency or None, args.rate, args.num_requests,
+                             args.prompt_len, args.gen_len, args.reps,
+                             progress=lambda msg: status.update(f"speculative {msg}"))
+            merge_speculative(result, fast, engine.stats())
     table = Table(title=escape(f"bench: {args.model} ({args.dtype}, {args.prompt_len}-token prompts, "
                                f"{args.gen_len} new tokens, KV cache {args.kv_cache_dtype}; median [min, max] of {args.reps})"))
     table.add_column("run")
@@ -152,6 +229,10 @@ def run_bench(args) -> int:
             table.add_row(name, metric, escape(f"{spread['median']:.1f} [{spread['min']:.1f}, {spread['max']:.1f}]"))
     for name, ratio in result["ratios"].items():
         table.add_row(name, "ratio (tokens/s)", f"{ratio:.2f}x")
+    if "speculative" in result:
+        st = result["speculative"]
+        table.add_row("spec", "draft tokens accepted", f"{st['spec_acceptance_rate']:.1%}")
+        table.add_row("spec", "tokens per spec. step", f"{st['spec_mean_accepted_length']:.2f}")
     Console().print(table)
     if args.json:
         write_json({**result, "model": args.model, "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),
@@ -174,8 +255,19 @@ def add_serve(sub) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (default 1.0)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="auto: the model's dtype (default); int8: per-block, per-head scales, twice the sequences")
+    add_speculative_arguments(p)
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--max-queue", type=int, default=256, help="requests held at once; past it, 429 (default 256)")
+
+
+def merge_speculative(result: dict, fast: dict, stats: dict) -> None:
+    """Add the speculative engine's rows as "spec ..." beside the plain ones, with their ratios and acceptance."""
+    for name, row in fast["rows"].items():
+        spec_name = name.replace("engine", "spec", 1)
+        result["rows"][spec_name] = row
+        result["ratios"][f"{spec_name} / {name}"] = (row["tokens_per_s"]["median"]
+                                                     / result["rows"][name]["tokens_per_s"]["median"])
+    result["speculative"] = {k: v for k, v in stats.items() if k.startswith("spec_")}
 
 
 def run_serve(args) -> int:
@@ -189,7 +281,8 @@ def run_serve(args) -> int:
     hf_model, tokenizer = load(args.model, dtype=args.dtype)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=not args.no_prefix_caching,
-                          kv_cache_dtype=args.kv_cache_dtype)
+                          kv_cache_dtype=args.kv_cache_dtype,
+                          speculative=speculative_config(args, hf_model.config.num_hidden_layers))
     try:
         engine = LLMEngine(hf_model, tokenizer, config, model_name=args.served_model_name or args.model)
     except ValueError as err:
@@ -201,7 +294,9 @@ def run_serve(args) -> int:
 VERBS = {"eval": (add_eval, run_eval), "export": (add_export, run_export), "bench": (add_bench, run_bench),
          "serve": (add_serve, run_serve), "compare": (compare.add_compare, compare.run_compare),
          "distill": (distill.add_distill, distill.run_distill), "prune": (prune.add_prune, prune.run_prune),
-         "quantize": (quantize.add_quantize, quantize.run_quantize)}
+         "quantize": (quantize.add_quantize, quantize.run_quantize),
+         "pipeline": (pipeline.add_pipeline, pipeline.run_pipeline),
+         "early-exit": (early_exit.add_early_exit, early_exit.run_early_exit)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -301,11 +301,13 @@ def measure_speed(spec: str, settings: dict, progress=None) -> dict:
 
 # -- the comparison -------------------------------------------------------------------------------
 
-def compare(models: list[dict], settings: dict, out: Path, command: str = "", progress: bool = True) -> dict:
+def compare(models: list[dict], settings: dict, out: Path, command: str = "", progress: bool = True,
+            extra: dict | None = None) -> dict:
     """Measure what the cache lacks (module doc), write the report files, return the report dict.
 
     `models` come from `check_models` (the first is the base), `out` from `check_out` then `start_out`.
-    Each measurement goes to the cache as soon as it is done."""
+    Each measurement goes to the cache as soon as it is done. `extra` joins the report as it is (the
+    pipeline passes its variants, failed ones included, under "pipeline")."""
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -351,7 +353,7 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
 
     report = {"command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "run": run,
               "settings": settings, "machine": compare_report.machine(), "out": str(out),
-              "models": [{k: v for k, v in e.items() if k != "cache_file"} for e in entries]}
+              "models": [{k: v for k, v in e.items() if k != "cache_file"} for e in entries], **(extra or {})}
     return compare_report.write_report(report, out)
 
 

@@ -206,11 +206,28 @@ def markdown(report: dict) -> str:
     lines += [""] + [f"- {line}" for line in notes(report)]
     front = ", ".join(report["pareto"]["front"]) or "-"
     lines += ["", f"Pareto front (quality {report['pareto']['y']} against batch-1 speedup): {front}", "",
-              "![quality against speedup](pareto.png)", "", "## Models", ""]
-    lines += [f"- {esc(m['label'])}: `{m['spec']}`" for m in report["models"]]
+              "![quality against speedup](pareto.png)", ""]
+    lines += pipeline_lines(report, esc)
+    lines += ["## Models", ""] + [f"- {esc(m['label'])}: `{m['spec']}`" for m in report["models"]]
     lines += ["", "## Settings", "", "```", *(f"{k}: {v}" for k, v in report["settings"].items()), "```",
               "", "## Machine", "", "```", *(f"{k}: {v}" for k, v in report["machine"].items()), "```", ""]
     return "\n".join(lines)
+
+
+def pipeline_lines(report: dict, esc) -> list[str]:
+    """`slimlm pipeline`'s variants (failed ones with their error; they are not in the table), markdown."""
+    variants = report.get("pipeline", {}).get("variants", {})
+    if not variants:
+        return []
+    lines = ["## Variants", "", f"Made by `slimlm pipeline {esc(report['pipeline']['config'])}`; "
+             "each variant's command and log are in pipeline.json.", "",
+             "| variant | recipe | from | status | seconds | export or error |", "|---|---|---|---|---:|---|"]
+    for name, v in variants.items():
+        status = v["status"] + (" (earlier run)" if v.get("skipped") else "")
+        what = f"`{v['export']}`" if v["status"] == "done" else v.get("error", "")
+        lines.append(f"| {esc(name)} | {v['recipe']} | {esc(v.get('from') or 'base')} | {status} | "
+                     f"{v.get('seconds', 0):.0f} | {esc(what)} |")
+    return lines + [""]
 
 
 def rich_table(report: dict) -> Table:
@@ -276,5 +293,8 @@ def print_report(report: dict, console) -> None:
     console.print(rich_table(report))
     for line in notes(report):
         console.print(f"[dim]{escape(line)}[/]", highlight=False)
+    for name, v in report.get("pipeline", {}).get("variants", {}).items():
+        if v["status"] != "done":
+            console.print(f"[red]failed[/] {escape(name)}: {escape(v.get('error', ''))}", highlight=False)
     out = Path(report["out"])
     console.print(escape(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'pareto.png'}"), highlight=False)

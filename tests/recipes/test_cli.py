@@ -174,3 +174,58 @@ def test_serve_answers_an_openai_client(model_dir):
 def test_serve_refuses_a_bad_port(model_dir, capsys):
     assert main(["serve", str(model_dir), "--port", "0"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_bench_speculative_reports_plain_and_speculative_side_by_side(model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model_dir), "--batch-sizes", "1", "--concurrency", "0", "--prompt-len", "8",
+                 "--gen-len", "6", "--reps", "1", "--dtype", "float32", "--speculative", "self", "--exit-layer", "1",
+                 "--num-draft", "2", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert {"engine batch 1", "spec batch 1"} <= set(result["rows"])
+    assert result["ratios"]["spec batch 1 / engine batch 1"] > 0
+    assert 0 <= result["speculative"]["spec_acceptance_rate"] <= 1
+    assert "draft tokens accepted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [(["--speculative", "self", "--exit-layer", "9"], "--exit-layer must be in 1.."),
+                                         (["--exit-layer", "1"], "needs --speculative")])
+def test_bench_refuses_bad_speculative_flags(model_dir, capsys, argv, words):
+    assert main(["bench", str(model_dir), "--batch-sizes", "1", "--reps", "1", *argv]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_eval_reports_exits_of_an_early_exit_export(tmp_path, text_file, capsys):
+    from slimlm.toolkit.early_exit import ExitHeads, write_with_exits
+
+    model, tok = tiny_model("llama", num_hidden_layers=3)
+    out = write_with_exits(model, tok, ExitHeads.for_model(model, [1, 2], "own"), tmp_path / "ee")
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--data", str(text_file), "--window", "32", "--max-windows", "2",
+                 "--json", str(out_json)]) == 0
+    assert "agreement" in capsys.readouterr().out
+    result = json.loads(out_json.read_text())["early_exit"]
+    assert set(result["exits"]) == {"1", "2"} and result["norm"] == "own"
+    assert all(0 <= r["agreement"] <= 1 and r["perplexity"] > 1 for r in result["exits"].values())
+    # the same model with --exits reads the shared norm; a layer past the model is refused
+    assert main(["eval", str(out), "--data", str(text_file), "--window", "32", "--max-windows", "1",
+                 "--exits", "3", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["early_exit"]["norm"] == "shared"
+    assert main(["eval", str(out), "--data", str(text_file), "--exits", "4"]) == 2
+    assert "layers must be in 1..3" in capsys.readouterr().err
+
+
+def test_bench_speculative_drafts_through_an_exports_own_exit_norm(tmp_path):
+    from slimlm.recipes.cli import build_parser, speculative_config
+    from slimlm.toolkit.early_exit import ExitHeads, write_with_exits
+
+    model, tok = tiny_model("llama", num_hidden_layers=3)
+    heads = ExitHeads.for_model(model, [2], "own")
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.fill_(0.5)
+    out = write_with_exits(model, tok, heads, tmp_path / "ee")
+    args = build_parser().parse_args(["bench", str(out), "--speculative", "self"])
+    spec = speculative_config(args, 3)
+    assert spec.exit_layer == 2 and torch.equal(spec.exit_norm, torch.full((model.config.hidden_size,), 0.5))

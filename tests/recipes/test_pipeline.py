@@ -1,0 +1,165 @@
+"""`slimlm pipeline`: a tiny pipeline end to end (one variant fails, its child is skipped, the others go
+on), the re-run rule, an export that fails its integrity check, refusals before any work, shipped YAMLs."""
+import json
+import shutil
+
+import pytest
+import yaml
+
+from slimlm.recipes import pipeline
+from slimlm.recipes.cli import main
+from slimlm.toolkit.export import read
+from slimlm.toolkit.models import tiny_model
+
+TEXT = "\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(40))
+FAST = {"window": 32, "max-windows": 2, "eval-batch-size": 2, "prompt-len": 8, "gen-len": 3, "concurrency": 2,
+        "num-requests": 2, "reps": 1, "dtype": "float32", "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    model, tok = tiny_model("llama", num_hidden_layers=2)
+    model.save_pretrained(root / "tiny")
+    tok.save_pretrained(root / "tiny")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+def write_config(root, variants, name="pipe.yaml", out="out"):
+    cfg = {"base": str(root / "tiny"), "out": str(root / out), "variants": variants,
+           "compare": {**FAST, "data": [str(root / "text.txt")]}}
+    path = root / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def variants(root):
+    return [{"name": "int8", "recipe": "quantize", "args": {"method": "rtn", "bits": 8, "group-size": 32, "no-eval": True}},
+            {"name": "broken", "recipe": "quantize",  # fails: its launcher is not installed
+             "launcher": "no-such-launcher --num_gpus 8", "args": {"method": "rtn", "bits": 8}},
+            {"name": "broken-child", "recipe": "quantize", "from": "broken", "args": {"method": "rtn", "bits": 8}}]
+
+
+def test_tiny_pipeline_end_to_end_then_rerun(base, monkeypatch, capsys):
+    config = write_config(base, variants(base))
+    out = base / "out"
+    real_run_step, ran = pipeline.run_step, []
+
+    def counting(cmd, log, show=None):
+        ran.append(log.stem)
+        return real_run_step(cmd, log, show)
+
+    monkeypatch.setattr(pipeline, "run_step", counting)
+    assert main(["pipeline", str(config)]) == 1  # one variant failed: the run says so
+    assert ran == ["int8", "broken"]  # the child of a failed variant never runs
+    err = capsys.readouterr().err
+    assert "broken" in err and "failed" in err
+
+    state = json.loads((out / "pipeline.json").read_text())
+    v = state["variants"]
+    assert v["int8"]["status"] == "done" and v["int8"]["command"].split()[3:5] == ["quantize", str(base / "tiny")]
+    assert v["int8"]["seconds"] > 0 and v["int8"]["cpu_seconds"] > 0
+    assert v["broken"]["status"] == "failed" and "cannot start no-such-launcher" in v["broken"]["error"]
+    assert v["broken-child"] == {"recipe": "quantize", "from": "broken", "status": "failed",
+                                 "error": "parent broken failed", "seconds": 0.0}
+    assert "verified" in (out / "logs" / "int8.log").read_text()  # the child's output, teed
+    assert read(out / "variants" / "int8").command.startswith("slimlm quantize ")  # as a user would type it
+
+    md = (out / "compare" / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert any(r.startswith("| tiny (base)") for r in rows) and any(r.startswith("| int8 |") for r in rows)
+    assert "## Variants" in md and "no-such-launcher" in md and "parent broken failed" in md
+    report = json.loads((out / "compare" / "report.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["tiny", "int8"]
+    assert report["pipeline"]["variants"]["broken"]["status"] == "failed"
+    assert (out / "compare" / "pareto.png").is_file()
+
+    # Re-run, same config: int8 is skipped (its export verifies); broken runs again, and this time its
+    # "recipe" leaves an export with a corrupted tensor file, which the integrity check refuses.
+    ran.clear()
+
+    def corrupting(cmd, log, show=None):
+        ran.append(log.stem)
+        target = cmd[cmd.index("--out") + 1]
+        shutil.copytree(out / "variants" / "int8", target)
+        tensor = next(p for p in sorted(pipeline.Path(target).glob("*.safetensors")))
+        tensor.write_bytes(tensor.read_bytes()[:-8] + b"\0" * 8)
+        return 0, []
+
+    monkeypatch.setattr(pipeline, "run_step", corrupting)
+    assert main(["pipeline", str(config)]) == 1
+    assert ran == ["broken"]
+    v = json.loads((out / "pipeline.json").read_text())["variants"]
+    assert v["int8"]["status"] == "done" and v["int8"]["skipped"]
+    assert v["broken"]["status"] == "failed" and "integrity check" in v["broken"]["error"]
+
+
+def test_args_become_the_recipes_flags_and_overrides():
+    assert pipeline._flag_args({"group-size": 64, "sym": True, "act_order": False, "eval-windows": 0,
+                                "skip": ["a", "b"], "seed": None}) == [
+        "--group-size", "64", "--sym", "--eval-windows", "0", "--skip", "a", "--skip", "b"]
+    assert pipeline._override_args({"lr": 1e-3, "progress": False, "loss": {"kind": "js", "chunk_size": None}}) == [
+        "lr=0.001", "progress=false", "loss.kind=js", "loss.chunk_size=null"]
+
+
+def test_the_error_is_the_childs_own_error_line(tmp_path):
+    tail = ["loading", "slimlm quantize: error: text source 'x.txt' does not exist.", "Check the path.", ""]
+    said = pipeline.error_of(2, tail, tmp_path / "v.log")
+    assert said.startswith("slimlm quantize: error: text source 'x.txt' does not exist. Check the path.")
+    assert "exit code 2" in said and "v.log" in said
+    assert pipeline.error_of(137, ["step 3/16"], tmp_path / "v.log").startswith("step 3/16 (exit code 137")
+
+
+def refused(capsys, argv, *words):
+    assert main(["pipeline", *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda vs: vs[0].update(recipe="sparsify"), ["unknown recipe 'sparsify'", "quantize, prune, distill"]),
+    (lambda vs: vs[2].update({"from": "nowhere"}), ["from: nowhere", "names no variant"]),
+    (lambda vs: vs[0]["args"].update(bitz=4), ["unrecognized arguments: --bitz"]),
+    (lambda vs: vs[0]["args"].update(out="x"), ["without"]),
+    (lambda vs: vs[1].update(name="int8"), ["unique `name`"]),
+    (lambda vs: vs.append({"name": "d", "recipe": "distill", "config": "configs/distill/smollm2-135m.yaml",
+                           "args": {"loss": {"kind": "forward_kl", "tempo": 2}}}), ["unknown setting 'loss.tempo'"]),
+])
+def test_bad_configs_are_refused_before_any_work(base, monkeypatch, capsys, change, words):
+    monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("work started"))
+    vs = variants(base)
+    change(vs)
+    refused(capsys, [write_config(base, vs, name="bad.yaml", out="bad_out")], *words)
+    assert not (base / "bad_out").exists()
+
+
+def test_unknown_model_and_other_configs_out_are_refused(base, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("work started"))
+    config = write_config(base, variants(base)[:1], name="unknown.yaml", out="u_out")
+    config.write_text(config.read_text().replace(str(base / "tiny"), "no-such-model"))
+    refused(capsys, [config], "unknown model 'no-such-model'")
+
+    out = base / "other_out"
+    out.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"config": "old.yaml", "sha256": "0123456789abcdef"}))
+    config = write_config(base, variants(base)[:1], name="other.yaml", out="other_out")
+    refused(capsys, [config], "another config", "--overwrite")
+    (out / "pipeline.json").unlink()
+    (out / "notes.txt").write_text("mine")
+    refused(capsys, [config], "holds no slimlm pipeline")
+
+
+def test_shipped_configs_validate(capsys):
+    plan = pipeline.load_pipeline("configs/pipeline/quickstart.yaml")
+    assert plan["base"] == "smollm2-135m" and len(plan["variants"]) >= 4
+    assert {v["recipe"] for v in plan["variants"]} >= {"quantize", "prune", "distill"}
+    assert plan["compare"]["reps"] >= 3
+
+    # A hub id is resolved by name only (nothing is fetched), so the cluster config validates offline.
+    assert main(["pipeline", "configs/pipeline/cluster-example.yaml", "--dry-run", "--out", "/nonexistent/x"]) == 0
+    printed = capsys.readouterr().out
+    deepspeed = [line for line in printed.splitlines() if line.startswith("deepspeed --num_gpus 8 ")]
+    assert len(deepspeed) == 2 and all("recipes/distill.py --config " in line for line in deepspeed)
+    assert "student=/nonexistent/x/variants/pruned-4b teacher=meta-llama/Llama-3.1-8B-Instruct" in printed
+    assert "quantize /nonexistent/x/variants/pruned-4b-distilled/model --out" in printed
