@@ -253,11 +253,14 @@ def plot_pareto(report: dict, path: str | Path) -> Path:
     p = report["pareto"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     front = set(p["front"])
-    for label, (x, y) in p["points"].items():
-        if x is None or y is None:
-            continue
+    shown = sorted(((x, y, label) for label, (x, y) in p["points"].items() if x is not None and y is not None))
+    for i, (x, y, label) in enumerate(shown):
         ax.scatter([x], [y], s=40, zorder=3, color="tab:red" if label in front else "tab:gray")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # Neighbours along x take turns above and below their point, so close labels do not overprint.
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12), fontsize=8)
+    ys = [y for _, y, _ in shown]
+    if ys and min(ys) > 0 and max(ys) / min(ys) > 10:
+        ax.set_yscale("log")  # perplexities spanning decades: a linear axis flattens all the good models
     pts = [p["points"][label] for label in p["front"]]
     if len(pts) > 1:
         # Between two front points, the best quality reachable at a speedup >= x is the next point's.
