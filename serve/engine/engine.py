@@ -175,10 +175,15 @@ class LLMEngine:
             return []
         want_prompt = {s.seq.seq_id for s in out.scheduled if s.seq.skip_prefix_cache}
         plan = self.speculator.plan(out, self.block_manager, self.max_model_len) if self.speculator else {}
+        started = time.perf_counter()
         if plan:
             logits, new_tokens = self.speculator.execute(self.runner, out, plan, want_prompt)
         else:
             logits, new_tokens = self.runner.execute(out, want_prompt), {}
+        if self.speculator and all(s.sample and s.num_tokens == 1 for s in out.scheduled):
+            ks = {plan.get(s.seq.seq_id, 0) for s in out.scheduled}
+            if len(ks) == 1:  # a pure decode step, every sequence drafting the same k: a clean timing
+                self.speculator.observe(time.perf_counter() - started, len(out.scheduled), ks.pop())
         advanced: dict[str, _Request] = {self._owner[i][0].request_id: self._owner[i][0] for i in new_tokens}
         for seq_id, (rows, first_pos) in logits.prompt.items():
             self._record_prompt_logprobs(self._owner[seq_id][0], rows, first_pos)

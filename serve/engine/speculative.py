@@ -98,6 +98,8 @@ class SelfSpeculator:
             self.norm = RMSNorm(weight, model.args.rms_norm_eps)
         self.acceptance: dict[int, float] = {}  # seq_id -> running acceptance rate
         self.plain_steps: dict[int, int] = {}  # seq_id -> plain steps since its last speculation
+        self.plain_time: dict[int, float] = {}  # batch size -> running mean seconds of a plain decode step
+        self.spec_time: dict[tuple[int, int], float] = {}  # (batch size, k) -> the same for a speculative step
         self.stats = SpecStats()
 
     # -- planning -----------------------------------------------------------------------------
@@ -105,7 +107,22 @@ class SelfSpeculator:
         p = seq.params
         return p is None or (p.greedy and p.logprobs is None and not p.needs_penalties)
 
-    def draft_len(self, seq: Sequence) -> int:
+    def gain(self, acceptance: float, k: int, batch: int) -> float:
+        """Expected speedup of drafting k: from measured step times at this batch size once there are
+        both (this machine's real cost of a draft + verify step), from the cost model until then."""
+        plain, spec = self.plain_time.get(batch), self.spec_time.get((batch, k))
+        if plain is None or spec is None:
+            return expected_speedup(acceptance, k, self.layer_fraction, self.config.verify_cost)
+        a = min(max(acceptance, 0.0), 0.999)
+        return (1 - a ** (k + 1)) / (1 - a) * plain / spec
+
+    def observe(self, seconds: float, batch: int, k: int) -> None:
+        """Record the wall time of a decode step of `batch` sequences that drafted `k` tokens each (0: plain)."""
+        table, key = (self.plain_time, batch) if k == 0 else (self.spec_time, (batch, k))
+        prev = table.get(key)
+        table[key] = seconds if prev is None else 0.8 * prev + 0.2 * seconds
+
+    def draft_len(self, seq: Sequence, batch: int = 1) -> int:
         c = self.config
         room = min(seq.max_tokens - seq.num_output_tokens, c.num_draft + 1) - 1  # the target adds one token
         if room <= 0:
@@ -114,11 +131,13 @@ class SelfSpeculator:
             return room
         a = self.acceptance.get(seq.seq_id, c.prior_acceptance)
         best_k, best = 0, 1.05  # speculate only where it is expected to pay by a margin
+        could_pay = False
         for k in range(1, room + 1):
-            gain = expected_speedup(a, k, self.layer_fraction, c.verify_cost)
+            gain = self.gain(a, k, batch)
+            could_pay = could_pay or self.gain(1.0, k, batch) > best
             if gain > best:
                 best_k, best = k, gain
-        if best_k == 0:
+        if best_k == 0 and could_pay:  # (where even perfect drafts cannot pay, never probe)
             waited = self.plain_steps.get(seq.seq_id, 0) + 1
             self.plain_steps[seq.seq_id] = waited
             if waited >= c.probe_every:  # re-measure now and then: the text may have become easy
@@ -136,7 +155,7 @@ class SelfSpeculator:
             seq = s.seq
             if not self.eligible(seq):
                 continue
-            k = min(self.draft_len(seq), max_model_len - seq.num_tokens - 1)
+            k = min(self.draft_len(seq, len(decodes)), max_model_len - seq.num_tokens - 1)
             if k >= 1 and bm.can_allocate(seq, 1 + k):
                 bm.allocate(seq, 1 + k)  # slots for [last token, d_1 .. d_k]
                 plan[seq.seq_id] = k

@@ -161,3 +161,31 @@ def test_stats_and_metrics_report_acceptance():
     assert values["slimlm_spec_accepted_tokens_total"] == stats["spec_accepted_tokens_total"]
     _, plain = run(model, tok, PROMPTS[:1])
     assert "spec_acceptance_rate" not in plain.stats()
+
+
+def test_measured_step_times_override_the_cost_model():
+    """Once this machine's step times are known, drafting happens only where they say it pays."""
+    from slimlm.serve.engine.sequence import Sequence
+
+    model, tok = make(layers=4)
+    engine = LLMEngine(model, tok, EngineConfig(speculative=SpeculativeConfig(exit_layer=1, num_draft=3,
+                                                                              probe_every=2)))
+    spec = engine.speculator
+    seq = Sequence(0, [1, 2, 3], max_tokens=50, params=GREEDY)
+    spec.acceptance[0] = 0.95
+    assert spec.draft_len(seq) > 0                        # the cost model alone: good drafts at a shallow exit pay
+    spec.observe(0.010, batch=1, k=0)
+    for k in (1, 2, 3):
+        spec.observe(0.010 * (k + 2) * 2, batch=1, k=k)   # verify far dearer than the model assumes
+    assert [spec.draft_len(seq) for _ in range(5)] == [0] * 5  # not even a probe: perfect drafts could not pay
+    for k in (1, 2, 3):
+        for _ in range(30):
+            spec.observe(0.011, batch=1, k=k)             # now a speculative step costs about a plain one
+    assert spec.draft_len(seq) == 3
+    assert spec.gain(0.95, 3, batch=1) > 3
+
+
+def test_engine_times_pure_decode_steps():
+    model, tok = make(layers=4)
+    _, engine = run(model, tok, PROMPTS[:1], SpeculativeConfig(exit_layer=2, num_draft=2, adaptive=False))
+    assert engine.speculator.spec_time.get((1, 2), 0) > 0
