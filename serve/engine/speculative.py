@@ -98,6 +98,8 @@ class SelfSpeculator:
             self.norm = RMSNorm(weight, model.args.rms_norm_eps)
         self.acceptance: dict[int, float] = {}  # seq_id -> running acceptance rate
         self.plain_steps: dict[int, int] = {}  # seq_id -> plain steps since its last speculation
+        self.probe_wait: dict[int, int] = {}  # seq_id -> plain steps before its next probe (doubles per miss)
+        self.engine_acceptance = config.prior_acceptance  # running rate over all sequences: a new one's prior
         self.plain_time: dict[int, float] = {}  # batch size -> running mean seconds of a plain decode step
         self.spec_time: dict[tuple[int, int], float] = {}  # (batch size, k) -> the same for a speculative step
         self.stats = SpecStats()
@@ -129,7 +131,7 @@ class SelfSpeculator:
             return 0
         if not c.adaptive:
             return room
-        a = self.acceptance.get(seq.seq_id, c.prior_acceptance)
+        a = self.acceptance.get(seq.seq_id, self.engine_acceptance)
         best_k, best = 0, 1.05  # speculate only where it is expected to pay by a margin
         could_pay = False
         for k in range(1, room + 1):
@@ -140,8 +142,10 @@ class SelfSpeculator:
         if best_k == 0 and could_pay:  # (where even perfect drafts cannot pay, never probe)
             waited = self.plain_steps.get(seq.seq_id, 0) + 1
             self.plain_steps[seq.seq_id] = waited
-            if waited >= c.probe_every:  # re-measure now and then: the text may have become easy
+            wait = self.probe_wait.get(seq.seq_id, c.probe_every)
+            if waited >= wait:  # re-measure now and then: the text may have become easy
                 self.plain_steps[seq.seq_id] = 0
+                self.probe_wait[seq.seq_id] = min(8 * c.probe_every, 2 * wait)  # a miss doubles the wait
                 return 1
         return best_k
 
@@ -238,7 +242,10 @@ class SelfSpeculator:
         cell[1] += accepted
         # Acceptance per drafted token, from this step: a run of `accepted` then (maybe) a miss.
         rate = accepted / k if accepted == k else accepted / (accepted + 1)
-        prev = self.acceptance.get(seq_id, self.config.prior_acceptance)
+        prev = self.acceptance.get(seq_id, self.engine_acceptance)
+        self.engine_acceptance = 0.9 * self.engine_acceptance + 0.1 * rate
+        if accepted:
+            self.probe_wait.pop(seq_id, None)  # drafts land again: probe at the base rate
         self.acceptance[seq_id] = 0.7 * prev + 0.3 * rate
         self.plain_steps[seq_id] = 0
 
@@ -258,4 +265,5 @@ class SelfSpeculator:
     def forget(self, seq_id: int) -> None:
         self.acceptance.pop(seq_id, None)
         self.plain_steps.pop(seq_id, None)
+        self.probe_wait.pop(seq_id, None)
 

@@ -189,3 +189,21 @@ def test_engine_times_pure_decode_steps():
     model, tok = make(layers=4)
     _, engine = run(model, tok, PROMPTS[:1], SpeculativeConfig(exit_layer=2, num_draft=2, adaptive=False))
     assert engine.speculator.spec_time.get((1, 2), 0) > 0
+
+
+def test_new_sequences_start_from_the_engines_acceptance_and_probes_back_off():
+    from slimlm.serve.engine.sequence import Sequence
+
+    model, tok = make(layers=4)
+    engine = LLMEngine(model, tok, EngineConfig(speculative=SpeculativeConfig(exit_layer=1, num_draft=3,
+                                                                              probe_every=2)))
+    spec = engine.speculator
+    for seq_id in range(20):
+        spec._record(seq_id, 3, 0)                       # every draft missed
+    assert spec.engine_acceptance < 0.1
+    fresh = Sequence(99, [1, 2], max_tokens=500, params=GREEDY)
+    ks = [spec.draft_len(fresh) for _ in range(40)]
+    assert ks[0] == 0                                     # no optimistic start after the engine's misses
+    probes = [i for i, k in enumerate(ks) if k]
+    assert probes and all(b - a > 2 for a, b in zip(probes, probes[1:]))  # waits grow: 2, 4, 8, ...
+    assert probes[1] - probes[0] < probes[-1] - probes[-2] or len(probes) == 2
