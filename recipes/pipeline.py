@@ -63,9 +63,8 @@ RECIPES = {
     "prune": Recipe("prune", "prune"),
     "distill": Recipe("distill", "distill", style="overrides", model_key="student", out_key="out_dir",
                       base_key="teacher", config_class="DistillConfig", needs_config=True, export_subdir="model"),
-    # Once `slimlm early-exit` is a verb (recipes/early_exit.py; QAT alike):
-    # "early-exit": Recipe("early-exit", "early_exit", style="overrides", model_key="model", out_key="out_dir",
-    #                      config_class="EarlyExitConfig", needs_config=True, export_subdir="model"),
+    "early-exit": Recipe("early-exit", "early_exit", style="overrides", model_key="model", out_key="out_dir",
+                         config_class="EarlyExitConfig", needs_config=True, export_subdir="model"),
 }
 OWNED = {"model", "out", "overwrite", "config", "resume", "debug"}  # set by the pipeline, never by args
 

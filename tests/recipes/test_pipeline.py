@@ -163,3 +163,18 @@ def test_shipped_configs_validate(capsys):
     assert len(deepspeed) == 2 and all("recipes/distill.py --config " in line for line in deepspeed)
     assert "student=/nonexistent/x/variants/pruned-4b teacher=meta-llama/Llama-3.1-8B-Instruct" in printed
     assert "quantize /nonexistent/x/variants/pruned-4b-distilled/model --out" in printed
+
+
+def test_an_early_exit_variant_runs_as_slimlm_early_exit(tmp_path, capsys):
+    cfg = tmp_path / "ee.yaml"
+    cfg.write_text("base: smollm2-135m\nvariants:\n"
+                   "  - {name: exits, recipe: early-exit, config: configs/early_exit/smollm2-135m.yaml,"
+                   " args: {max_steps: 2}}\n")
+    assert main(["pipeline", str(cfg), "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if " early-exit " in x)
+    assert "early-exit --config " in line and "configs/early_exit/smollm2-135m.yaml" in line and "max_steps=2" in line
+    assert f"out_dir={tmp_path / 'o' / 'variants' / 'exits'}" in line and "model=smollm2-135m" in line
+    cfg.write_text("base: smollm2-135m\nvariants:\n"
+                   "  - {name: exits, recipe: early-exit, config: configs/early_exit/smollm2-135m.yaml,"
+                   " args: {no_such_key: 1}}\n")
+    assert main(["pipeline", str(cfg), "--dry-run", "--out", str(tmp_path / "o2")]) == 2
