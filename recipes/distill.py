@@ -21,7 +21,6 @@ Strategies, checkpoints and logs: see training.py.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -384,15 +383,7 @@ def run_distill(args) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = T.add_launch_arguments(argparse.ArgumentParser("distill.py", description=__doc__.splitlines()[0])).parse_intermixed_args(argv)
-    T.quiet_libraries()
-    try:
-        return run_distill(args)
-    except SlimlmError as err:
-        print(f"distill: error: {err.what}", file=sys.stderr)
-        if err.hint:
-            print(err.hint, file=sys.stderr)
-        return 2
+    return T.run_as_script("distill", __doc__.splitlines()[0], run_distill, argv)
 
 
 if __name__ == "__main__":

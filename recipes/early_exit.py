@@ -20,7 +20,6 @@ Strategies, checkpoints and logs: see training.py.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, field
@@ -336,15 +335,7 @@ def run_early_exit(args) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = T.add_launch_arguments(argparse.ArgumentParser("early_exit.py", description=__doc__.splitlines()[0])).parse_intermixed_args(argv)
-    T.quiet_libraries()
-    try:
-        return run_early_exit(args)
-    except SlimlmError as err:
-        print(f"early-exit: error: {err.what}", file=sys.stderr)
-        if err.hint:
-            print(err.hint, file=sys.stderr)
-        return 2
+    return T.run_as_script("early_exit", __doc__.splitlines()[0], run_early_exit, argv)
 
 
 if __name__ == "__main__":

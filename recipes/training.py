@@ -47,6 +47,25 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def run_as_script(prog: str, description: str, run, argv: list[str] | None = None) -> int:
+    """`python recipes/PROG.py --config FILE [key=value ...]` (also under deepspeed/torchrun): parse the launch
+    arguments, keep libraries quiet, run `run(args)`; a user error prints one line and exits 2."""
+    import sys
+
+    from slimlm.toolkit.errors import SlimlmError
+
+    parser = add_launch_arguments(argparse.ArgumentParser(f"{prog}.py", description=description))
+    args = parser.parse_intermixed_args(argv)
+    quiet_libraries()
+    try:
+        return run(args)
+    except SlimlmError as err:
+        print(f"{prog.replace('_', '-')}: error: {err.what}", file=sys.stderr)
+        if err.hint:
+            print(err.hint, file=sys.stderr)
+        return 2
+
+
 def quiet_libraries() -> None:
     """Our progress bar and summary speak; transformers' per-load bars and Lightning's tips do not."""
     import logging

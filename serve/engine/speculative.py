@@ -9,10 +9,12 @@ sequence's computed length, is overwritten later, and blocks holding only reject
 the pool. Greedy requests only: the accepted tokens are the target model's own argmaxes, so the output
 is the plain engine's (up to the rounding of a multi-token pass against a one-token pass).
 
-Never slower than plain decoding (by design, measured by `slimlm bench --speculative self`): each
-sequence keeps a running acceptance rate `a` and drafts the `k` that maximises expected tokens per
-unit of work, `(1 - a^(k+1)) / (1 - a)` over `(k + 1) * E/L + (1 - E/L) * (1 + verify_cost * k)`;
-where no `k` pays it decodes plainly and re-probes with one draft now and then. A batch larger than
+Aimed at never being slower than plain decoding (check with `slimlm bench --speculative self`; with
+untrained exits it measured 0.95x, see docs/benchmarks.md): each sequence keeps a running acceptance
+rate `a` and drafts the `k` that maximises expected tokens per unit of work, `(1 - a^(k+1)) / (1 - a)`
+over the cost of a step - this machine's measured step times once known, before that the model
+`(k + 1) * E/L + (1 - E/L) * (1 + verify_cost * k)`; where no `k` pays it decodes plainly and re-probes
+with one draft after a wait that doubles with each miss. A batch larger than
 `max_batch` never speculates: there decoding is compute-bound and drafts cost full price.
 """
 from __future__ import annotations
@@ -66,14 +68,19 @@ class SpecStats:
         return self.emitted / self.steps if self.steps else 0.0
 
 
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one step emits on average with `k` drafts each accepted with probability `acceptance`
+    (the accepted run plus the target's own token)."""
+    a = min(max(acceptance, 0.0), 0.999)
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
 def expected_speedup(acceptance: float, k: int, layer_fraction: float, verify_cost: float) -> float:
     """Tokens per unit of work of drafting `k` tokens, relative to plain decoding (1.0)."""
     if k == 0:
         return 1.0
-    a = min(max(acceptance, 0.0), 0.999)
-    tokens = (1 - a ** (k + 1)) / (1 - a)
     cost = (k + 1) * layer_fraction + (1 - layer_fraction) * (1 + verify_cost * k)
-    return tokens / cost
+    return expected_tokens(acceptance, k) / cost
 
 
 class SelfSpeculator:
@@ -115,8 +122,7 @@ class SelfSpeculator:
         plain, spec = self.plain_time.get(batch), self.spec_time.get((batch, k))
         if plain is None or spec is None:
             return expected_speedup(acceptance, k, self.layer_fraction, self.config.verify_cost)
-        a = min(max(acceptance, 0.0), 0.999)
-        return (1 - a ** (k + 1)) / (1 - a) * plain / spec
+        return expected_tokens(acceptance, k) * plain / spec
 
     def observe(self, seconds: float, batch: int, k: int) -> None:
         """Record the wall time of a decode step of `batch` sequences that drafted `k` tokens each (0: plain)."""
