@@ -206,10 +206,12 @@ class LLMEngine:
                     comp.top_logprobs.append(result.top_logprobs[j])
                 req.first_token_time = req.first_token_time or now
                 advanced[req.request_id] = req
+        before = sum(s.seq.num_output_tokens for s in out.scheduled)
         self.scheduler.update(out, new_tokens)
+        # What was appended: a speculative step's tokens past an EOS or max_tokens are dropped by update().
+        self.generation_tokens_total += sum(s.seq.num_output_tokens for s in out.scheduled) - before
         if plan:
             self.speculator.after_update(plan, [s.seq for s in out.scheduled], self.block_manager)
-        self.generation_tokens_total += sum(map(len, new_tokens.values()))
         for seq_id in new_tokens:
             req, idx = self._owner[seq_id]
             self._update_completion(req, idx)
