@@ -174,6 +174,7 @@ def add_bench(sub) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="auto: the model's dtype (default); int8: per-block, per-head scales, half the memory")
     add_speculative_arguments(p)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (Triton attention and int4/int8 kernels)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", metavar="OUT", help="write every figure, the settings and the command to OUT")
 
@@ -199,7 +200,7 @@ def run_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
-    hf_model, tokenizer = load(args.model, dtype=args.dtype)
+    hf_model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     spec = speculative_config(args, hf_model.config.num_hidden_layers)
 
     def engine_with(speculative):
@@ -256,6 +257,7 @@ def add_serve(sub) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="auto: the model's dtype (default); int8: per-block, per-head scales, twice the sequences")
     add_speculative_arguments(p)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (Triton attention and int4/int8 kernels)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--max-queue", type=int, default=256, help="requests held at once; past it, 429 (default 256)")
 
@@ -278,7 +280,7 @@ def run_serve(args) -> int:
     if not 0 < args.port < 65536 or args.max_num_seqs < 1 or args.kv_cache_gb <= 0 or args.max_queue < 1:
         raise SlimlmError("--port must be 1-65535; --max-num-seqs, --kv-cache-gb and --max-queue positive.")
     resolve(args.model)
-    hf_model, tokenizer = load(args.model, dtype=args.dtype)
+    hf_model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=not args.no_prefix_caching,
                           kv_cache_dtype=args.kv_cache_dtype,

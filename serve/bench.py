@@ -125,8 +125,8 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], gen_len: int, concur
 def run_hf(model, prompts: list[list[int]], gen_len: int, pad_id: int) -> float:
     """transformers.generate on one left-padded batch; returns generated tokens per second."""
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     start = time.perf_counter()
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen_len, min_new_tokens=gen_len,

@@ -16,7 +16,7 @@ import sys
 import torch
 
 __all__ = ["interpreting", "reference", "reference_paged_attention", "triton_available",
-           "triton_paged_attention", "triton_write_kv", "write_kv"]
+           "triton_paged_attention", "triton_write_kv", "use_triton", "write_kv"]
 
 _LAZY = {
     "triton_paged_attention": ("paged_attention_triton", "triton_paged_attention"),
@@ -59,6 +59,14 @@ def triton_available(device: torch.device | str | None = None) -> bool:
     if device is None:
         return torch.cuda.is_available()
     return torch.device(device).type == "cuda"
+
+
+def use_triton(device: torch.device | str) -> bool:
+    """Whether the runtime should run its Triton kernels for tensors on `device`: a CUDA device where
+    Triton works, unless SLIMLM_TRITON=0 (the PyTorch paths then run, for comparisons)."""
+    if torch.device(device).type != "cuda" or os.environ.get("SLIMLM_TRITON", "1").strip() in ("0", "false", "off"):
+        return False
+    return triton_available(device)
 
 
 def __getattr__(name: str):

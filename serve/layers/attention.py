@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import use_triton
 from ..kernels.cpu_build import build_cpu_kernels, kernels_enabled
 from .kv_quant import QuantizedKV, gather_slots, is_quantized, quantize_write, write_plan
 
@@ -244,11 +245,16 @@ def paged_attention(q: Tensor, k_cache: Tensor | QuantizedKV, v_cache: Tensor | 
 
     q: [N, H, D]; caches: [num_blocks, block_size, KVH, D] with this step's K/V already written
     (`write_kv`); H must be a multiple of KVH (query head h reads KV head h // (H // KVH)).
-    Returns [N, H, D]. All rows go through slimlm's C kernel where it can run (`attention_kernel_for`),
-    each as one query over its causal context; otherwise decode rows are gathered into one
+    Returns [N, H, D]. On CUDA, with caches in q's dtype, the Triton kernels run (`paged_attention_triton`;
+    SLIMLM_TRITON=0 turns them off). On CPU all rows go through slimlm's C kernel where it can run
+    (`attention_kernel_for`), each as one query over its causal context; otherwise decode rows are gathered into one
     `scaled_dot_product_attention` call and each prefill chunk into another. Int8 caches always take
     the PyTorch path, dequantized to q's dtype as they are gathered.
     """
+    if q.is_cuda and not is_quantized(k_cache) and k_cache.dtype == q.dtype and use_triton(q.device):
+        from ..kernels.paged_attention_triton import triton_paged_attention
+
+        return triton_paged_attention(q, k_cache, v_cache, meta, scale)
     if meta._plan is None:
         meta._plan = _build_plan(meta)
     plan = meta._plan

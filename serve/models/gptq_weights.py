@@ -1,4 +1,6 @@
-"""Serve a GPTQ checkpoint from its packed codes: one `QuantLinear` per (fused) projection.
+"""Serve a GPTQ checkpoint from its packed codes: one quantized linear per (fused) projection.
+
+On CPU that is `QuantLinear` (slimlm's C kernels), on a CUDA GPU `TritonQuantLinear` (Triton kernels).
 
 `toolkit.quant.gptq_format.load_gptq` returns a plain HF model holding the *dequantized* weights
 (so eval and every other tool can take it) and records its folder on the model (`slimlm_gptq_dir`).
@@ -28,8 +30,11 @@ from slimlm.toolkit.errors import SlimlmError
 from slimlm.toolkit.quant.gptq_format import (GPTQ_DIR_ATTR, gptq_config, read_gptq_tensors, unpack_qweight,
                                               unpack_qzeros)
 
-from ..layers.quant_linear import ACT_DTYPES, QuantLinear
+from ..kernels import use_triton
 from ..kernels.quant_cpu import check_quant_args, dequantize_rows
+from ..layers.quant_linear import ACT_DTYPES, QuantLinear
+
+GPU_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the Triton kernels' (quant_triton.ACT_DTYPES)
 
 NOT_QUANTIZED = "not quantized in the checkpoint"
 
@@ -43,13 +48,17 @@ def gptq_dir(hf_model: nn.Module) -> str | None:
 class GPTQWeights:
     """The packed layers of one GPTQ folder, checked against `reference` (the HF model's state dict).
 
-    `linear(names, bias)` gives a QuantLinear for the projection that concatenates `names` along the
-    output dim, or None (the caller builds it dense). `quantized` and `dense` record what went where.
+    `linear(names, bias)` gives a quantized linear on `device` (QuantLinear on CPU, TritonQuantLinear on
+    CUDA) for the projection that concatenates `names` along the output dim, or None (the caller builds
+    it dense). `quantized` and `dense` record what went where.
     """
 
-    def __init__(self, folder: str, reference: dict[str, Tensor], act_dtype: torch.dtype):
-        if act_dtype not in ACT_DTYPES:
-            raise ValueError(f"quantized serving computes in {ACT_DTYPES}, not {act_dtype}")
+    def __init__(self, folder: str, reference: dict[str, Tensor], act_dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        allowed = GPU_ACT_DTYPES if self.device.type == "cuda" else ACT_DTYPES
+        if act_dtype not in allowed:
+            raise ValueError(f"quantized serving on {self.device.type} computes in {allowed}, not {act_dtype}")
         try:
             config = gptq_config(folder)
             self.layers = read_gptq_tensors(folder)
@@ -60,8 +69,8 @@ class GPTQWeights:
         self.quantized: list[str] = []
         self.dense: dict[str, str] = {}
 
-    def linear(self, names: list[str], bias: Tensor | None) -> QuantLinear | None:
-        """QuantLinear for the parts `names` ([out_i, in] each) fused along the output dim, or None."""
+    def linear(self, names: list[str], bias: Tensor | None) -> nn.Module | None:
+        """The quantized linear for the parts `names` ([out_i, in] each) fused along the output dim, or None."""
         parts = []
         for name in names:
             part = self._unpack(name)
@@ -74,7 +83,12 @@ class GPTQWeights:
             return None
         codes, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))  # along the output dim
         _, _, _, gs, bits = parts[0]
-        layer = QuantLinear.from_codes(codes, scales, zeros, gs, bits, bias, self.act_dtype)
+        if self.device.type == "cuda":
+            from ..layers.quant_linear_triton import TritonQuantLinear  # imports Triton: only where it runs
+
+            layer = TritonQuantLinear.from_codes(codes, scales, zeros, gs, bits, bias, self.act_dtype, self.device)
+        else:
+            layer = QuantLinear.from_codes(codes, scales, zeros, gs, bits, bias, self.act_dtype)
         self.quantized.extend(names)
         return layer
 
@@ -127,21 +141,24 @@ class GPTQWeights:
 
 
 def gptq_weights_for(hf_model: nn.Module, dtype: torch.dtype) -> GPTQWeights | None:
-    """`GPTQWeights` for a model `load_gptq` returned, served in `dtype` on CPU; None for any other model.
+    """`GPTQWeights` for a model `load_gptq` returned, served in `dtype` on its device; None for any other model.
 
-    A GPTQ model served in another dtype (fp16), on a GPU, or whose folder can no longer be read runs
-    dense (its dequantized weights), with a warning.
+    The kernels run on CPU in bfloat16 or float32 and on CUDA (with Triton) in bfloat16, float16 or
+    float32. A GPTQ model served otherwise, or whose folder can no longer be read, runs dense (its
+    dequantized weights), with a warning.
     """
     folder = gptq_dir(hf_model)
     if folder is None:
         return None
     device = next(hf_model.parameters()).device
-    if dtype not in ACT_DTYPES or device.type != "cpu":
-        warnings.warn(f"{folder}: the int4/int8 kernels run on CPU in bfloat16 or float32; serving {dtype} on "
-                      f"{device.type} with the dequantized weights instead", stacklevel=3)
+    cpu_ok = device.type == "cpu" and dtype in ACT_DTYPES
+    gpu_ok = device.type == "cuda" and dtype in GPU_ACT_DTYPES and use_triton(device)
+    if not (cpu_ok or gpu_ok):
+        warnings.warn(f"{folder}: the int4/int8 kernels run on CPU in bfloat16 or float32 and on CUDA with Triton; "
+                      f"serving {dtype} on {device.type} with the dequantized weights instead", stacklevel=3)
         return None
     try:
-        return GPTQWeights(folder, hf_model.state_dict(), dtype)
+        return GPTQWeights(folder, hf_model.state_dict(), dtype, device)
     except ValueError as err:  # the folder moved or changed since loading: the model's own weights still serve
         warnings.warn(f"{err}; serving the model's dequantized weights instead", stacklevel=3)
         return None
