@@ -175,6 +175,9 @@ def add_bench(sub) -> None:
                    help="auto: the model's dtype (default); int8: per-block, per-head scales, half the memory")
     add_speculative_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (Triton attention and int4/int8 kernels)")
+    p.add_argument("--quantize-lm-head", choices=["int4", "int8"], default=None,
+                   help="RTN-quantize the LM head at load (g64, asymmetric): faster decode for small models "
+                        "with big vocabularies, at a perplexity cost (docs/benchmarks.md); default: dense")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", metavar="OUT", help="write every figure, the settings and the command to OUT")
 
@@ -205,7 +208,8 @@ def run_bench(args) -> int:
 
     def engine_with(speculative):
         return LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, args.concurrency or 1]),
-                                                           kv_cache_dtype=args.kv_cache_dtype, speculative=speculative),
+                                                           kv_cache_dtype=args.kv_cache_dtype, speculative=speculative,
+                                                           quantize_lm_head=args.quantize_lm_head),
                          model_name=args.model)
 
     engine = engine_with(None)
@@ -237,6 +241,7 @@ def run_bench(args) -> int:
     Console().print(table)
     if args.json:
         write_json({**result, "model": args.model, "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),
+                    "quantize_lm_head": args.quantize_lm_head, "device": args.device,
                     "command": args.command_line}, args.json)
     return 0
 
@@ -258,6 +263,9 @@ def add_serve(sub) -> None:
                    help="auto: the model's dtype (default); int8: per-block, per-head scales, twice the sequences")
     add_speculative_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (Triton attention and int4/int8 kernels)")
+    p.add_argument("--quantize-lm-head", choices=["int4", "int8"], default=None,
+                   help="RTN-quantize the LM head at load (g64, asymmetric): faster decode for small models "
+                        "with big vocabularies, at a perplexity cost (docs/benchmarks.md); default: dense")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--max-queue", type=int, default=256, help="requests held at once; past it, 429 (default 256)")
 
@@ -283,7 +291,7 @@ def run_serve(args) -> int:
     hf_model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=not args.no_prefix_caching,
-                          kv_cache_dtype=args.kv_cache_dtype,
+                          kv_cache_dtype=args.kv_cache_dtype, quantize_lm_head=args.quantize_lm_head,
                           speculative=speculative_config(args, hf_model.config.num_hidden_layers))
     try:
         engine = LLMEngine(hf_model, tokenizer, config, model_name=args.served_model_name or args.model)

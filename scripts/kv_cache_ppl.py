@@ -1,8 +1,9 @@
-"""Perplexity cost of the int8 KV cache, measured through slimlm's serving model and its paged cache.
+"""Perplexity cost of the int8 KV cache and of a quantized LM head, measured through slimlm's serving
+model and its paged cache.
 
     .venv/bin/python scripts/kv_cache_ppl.py [--model smollm2-135m] [--windows N] [--chunk 64]
                                              [--batch 16] [--dtypes fp32,bf16] [--kv auto,int8]
-                                             [--kv-cache-gb 1]
+                                             [--lm-head none,int8,int4] [--kv-cache-gb 1]
 
 Held-out text: the validation part of builtin:wiki (never used for calibration or training), as
 one token stream cut into non-overlapping `--window`-token windows, like `toolkit.eval.perplexity`:
@@ -13,8 +14,8 @@ over a paged KV cache, so every chunk reads the earlier ones back from the cache
 grow token by token and re-round the block, the cache's worst case); `--batch` windows run side
 by side as separate sequences of one step, as the engine batches them.
 
-For each (model dtype, KV dtype) it prints the perplexity, its increase over the "auto" cache of
-the same model dtype, and how many KV blocks `--kv-cache-gb` holds (what sets how many sequences
+For each (model dtype, LM head, KV dtype) it prints the perplexity, its increase over the dense head
+and "auto" cache of the same model dtype, and how many KV blocks `--kv-cache-gb` holds (what sets how many sequences
 run at once). Prints one JSON object per line and a table at the end.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from slimlm.serve.layers import AttentionMetadata
 from slimlm.serve.layers.kv_quant import resolve_kv_dtype
 from slimlm.serve.models import load_model
+from slimlm.serve.models.quant_head import quantize_lm_head
 from slimlm.toolkit.data import load_texts, token_stream
 from slimlm.toolkit.models import load
 
@@ -77,6 +79,7 @@ def main(argv=None) -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--dtypes", default="fp32,bf16", help="model dtypes: fp32,bf16")
     ap.add_argument("--kv", default="auto,int8", help="KV cache dtypes: auto,int8")
+    ap.add_argument("--lm-head", default="none", help="LM heads: none (dense), int8, int4 (RTN g64, as --quantize-lm-head)")
     ap.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory budget for the block counts")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -94,28 +97,32 @@ def main(argv=None) -> None:
 
     rows = []
     for name in args.dtypes.split(","):
-        model = load_model(hf, dtype=DTYPES[name]).eval()
         base = None
-        for kv in args.kv.split(","):
-            kv_dtype = resolve_kv_dtype(kv, model.dtype)
-            t0 = time.perf_counter()
-            nll, count = window_nll(model, windows, kv_dtype, args.chunk, args.batch, args.block_size)
-            ppl = math.exp(nll / count)
-            base = ppl if kv == "auto" else base
-            blocks = int(args.kv_cache_gb * 2**30) // model.kv_cache_block_bytes(args.block_size, kv_dtype)
-            row = {"model_dtype": name, "kv_cache_dtype": kv, "kv_storage": str(kv_dtype).removeprefix("torch."),
-                   "ppl": round(ppl, 4), "rel_increase": None if base is None else round(ppl / base - 1, 5),
-                   "tokens": count, "blocks_per_gb": round(blocks / args.kv_cache_gb),
-                   "tokens_per_gb": round(blocks * args.block_size / args.kv_cache_gb),
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        del model
+        for head in args.lm_head.split(","):
+            model = load_model(hf, dtype=DTYPES[name]).eval()
+            if head != "none":
+                quantize_lm_head(model, head)
+            for kv in args.kv.split(","):
+                kv_dtype = resolve_kv_dtype(kv, model.dtype)
+                t0 = time.perf_counter()
+                nll, count = window_nll(model, windows, kv_dtype, args.chunk, args.batch, args.block_size)
+                ppl = math.exp(nll / count)
+                base = ppl if kv == "auto" and head == "none" else base
+                blocks = int(args.kv_cache_gb * 2**30) // model.kv_cache_block_bytes(args.block_size, kv_dtype)
+                row = {"model_dtype": name, "lm_head": head, "kv_cache_dtype": kv,
+                       "kv_storage": str(kv_dtype).removeprefix("torch."),
+                       "ppl": round(ppl, 4), "rel_increase": None if base is None else round(ppl / base - 1, 5),
+                       "tokens": count, "blocks_per_gb": round(blocks / args.kv_cache_gb),
+                       "tokens_per_gb": round(blocks * args.block_size / args.kv_cache_gb),
+                       "seconds": round(time.perf_counter() - t0, 1)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del model
 
-    print(f"\n{'model':>5} {'kv':>5} {'ppl':>9} {'vs auto':>9} {'blocks/GiB':>11} {'tokens/GiB':>11}")
+    print(f"\n{'model':>5} {'head':>5} {'kv':>5} {'ppl':>9} {'vs base':>9} {'blocks/GiB':>11} {'tokens/GiB':>11}")
     for r in rows:
         rel = "" if r["rel_increase"] is None else f"{100 * r['rel_increase']:+.2f}%"
-        print(f"{r['model_dtype']:>5} {r['kv_cache_dtype']:>5} {r['ppl']:9.4f} {rel:>9} "
+        print(f"{r['model_dtype']:>5} {r['lm_head']:>5} {r['kv_cache_dtype']:>5} {r['ppl']:9.4f} {rel:>9} "
               f"{r['blocks_per_gb']:11d} {r['tokens_per_gb']:11d}")
 
 

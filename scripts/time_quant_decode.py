@@ -6,6 +6,7 @@ ratios to the first engine, with min and max. "+layers" rows run the same quanti
 fused C decode stack off (the per-layer path), to show what the stack is worth.
 
     python scripts/time_quant_decode.py smollm2-135m /tmp/q4 /tmp/q8 --batch-sizes 1,16 --threads 2
+    python scripts/time_quant_decode.py smollm2-135m /tmp/q4 --head int4,int8 --no-layer-path
 """
 from __future__ import annotations
 
@@ -41,21 +42,26 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-layer-path", action="store_true", help="skip the '+layers' (stack off) rows")
+    ap.add_argument("--head", default="", help="also run each quantized folder with its LM head quantized at load: "
+                                               "int4, int8 or both (int4,int8); '+head int4' rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engines = {}
+    heads = [h for h in args.head.split(",") if h]
     for spec in args.models:
-        for layered in (False, True):
-            if layered and args.no_layer_path:
+        for variant in [None, "layers", *heads]:
+            if variant == "layers" and args.no_layer_path:
                 continue
             hf, tok = load(spec, dtype="bf16")
-            engine = LLMEngine(hf, tok, EngineConfig(max_num_seqs=64, num_blocks=512))
-            quant = sum(isinstance(m, QuantLinear) for m in engine.model.modules())
-            if layered:
-                if not quant:
-                    continue
+            head = variant if variant in ("int4", "int8") else None
+            engine = LLMEngine(hf, tok, EngineConfig(max_num_seqs=64, num_blocks=512, quantize_lm_head=head))
+            quant = sum(isinstance(m, QuantLinear) for m in engine.model.modules()) - (head is not None)
+            if variant is not None and not quant:
+                continue  # the baseline: no layer path or head variants
+            if variant == "layers":
                 engine.model._stack = None  # the per-layer path
-            engines[f"{spec}{' +layers' if layered else ''} ({quant} QuantLinear)"] = engine
+            suffix = {None: "", "layers": " +layers"}.get(variant, f" +head {variant}")
+            engines[f"{spec}{suffix} ({quant} QuantLinear)"] = engine
     gen = torch.Generator().manual_seed(0)
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         prompts = [torch.randint(100, 20000, (args.prompt_len,), generator=gen).tolist() for _ in range(b)]

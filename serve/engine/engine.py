@@ -44,6 +44,7 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # of weights (and of an "auto" KV cache); None keeps the model's
     kv_cache_dtype: str = "auto"  # "auto" | "int8"
     speculative: SpeculativeConfig | None = None  # self-speculative decoding (greedy requests), see speculative.py
+    quantize_lm_head: str | None = None  # "int4" | "int8": RTN-quantize the LM head at load (models/quant_head.py)
 
 
 @dataclass
@@ -65,12 +66,15 @@ class _Request:
 class LLMEngine:
     def __init__(self, hf_model, tokenizer, config: EngineConfig | None = None, model_name: str | None = None):
         from ..models import load_model
+        from ..models.quant_head import quantize_lm_head
 
         self.config = config = config or EngineConfig()
         resolve_kv_dtype(config.kv_cache_dtype, torch.float32)  # refuse a bad value before loading
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(hf_model.config, "_name_or_path", None) or "model"
         self.model = load_model(hf_model, dtype=config.dtype).eval()
+        if config.quantize_lm_head:
+            quantize_lm_head(self.model, config.quantize_lm_head)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.model.dtype)
         ctx = getattr(hf_model.config, "max_position_embeddings", 4096) or 4096
         self.max_model_len = config.max_model_len or min(ctx, 4096)
