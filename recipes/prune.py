@@ -35,7 +35,7 @@ class PruneConfig:
     shape: str | None = None
     axes: str = "heads,mlp,width,depth"
     score: str = "activation"
-    multiple: int = 16
+    multiple: int = 64
     norm_correction: bool = True
     data: str = "builtin:wiki"
     calib_samples: int = 32
@@ -62,12 +62,14 @@ def _add_arguments(p) -> None:
     p.add_argument("--out", help="output folder for the pruned export (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
     p.add_argument("--target-params", help="parameter budget: 70M, 1.5B, 500K, a count, or a fraction (0.5, 50%%)")
-    p.add_argument("--shape", help="explicit shape instead of a budget, e.g. layers=24,heads=6,mlp=1024,hidden=512 "
-                   "(heads must be whole KV groups)")
+    p.add_argument("--shape", help="explicit shape instead of a budget, e.g. layers=24,heads=6,kv=3,mlp=1024,"
+                   "hidden=512 (the same number of query heads in every kept KV group; without kv, whole groups "
+                   "where heads allow)")
     p.add_argument("--axes", help="what may shrink: heads,mlp,width,depth, comma-separated, each optionally "
                    f"axis:weight (width:0.5 shrinks half as fast as the rest; default {d.axes})")
     p.add_argument("--score", choices=["activation", "taylor"], help=f"importance score (default {d.score})")
-    p.add_argument("--multiple", type=int, help=f"round MLP and hidden sizes to this multiple (default {d.multiple})")
+    p.add_argument("--multiple", type=int, help="round MLP and hidden sizes to this multiple (default "
+                   f"{d.multiple}: the serving engine's fast CPU kernels need multiples of 64)")
     p.add_argument("--norm-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="rescale RMSNorm weights so their outputs keep their size after width pruning (default on)")
     p.add_argument("--data", help=f"calibration text; built-in corpora use their train split (default {d.data})")
@@ -120,23 +122,33 @@ def load_config(args) -> PruneConfig:
     return cfg
 
 
-SHAPE_KEYS = {"layers": "num_hidden_layers", "heads": "num_attention_heads", "mlp": "intermediate_size",
-              "hidden": "hidden_size"}
+SHAPE_KEYS = {"layers": "num_hidden_layers", "heads": "num_attention_heads", "kv": "num_key_value_heads",
+              "mlp": "intermediate_size", "hidden": "hidden_size"}
 
 
 def parse_shape(spec: str, model):
-    """`layers=24,heads=6,mlp=1024,hidden=512` (any subset) -> a Shape; KV heads follow from the heads."""
+    """`layers=24,heads=6,kv=3,mlp=1024,hidden=512` (any subset) -> a Shape.
+
+    Without `kv`, heads that make whole KV groups keep whole groups (6 of SmolLM2's 9 heads: 2 groups of 3),
+    other counts the most groups that hold them evenly (4: 2 groups of 2); `check_shape` refuses the rest.
+    """
     from slimlm.toolkit.prune import Shape, shape_of
+    from slimlm.toolkit.prune.structure import head_layouts
 
     cur = shape_of(model).to_dict()
-    per_group = cur["num_attention_heads"] // cur["num_key_value_heads"]
+    n_heads, n_kv = cur["num_attention_heads"], cur["num_key_value_heads"]
+    given = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, _, value = item.partition("=")
         if key.strip() not in SHAPE_KEYS or not value.strip().isdigit():
             raise SlimlmError(f"cannot read {item!r} in --shape {spec!r}.",
                               f"Write key=integer pairs with keys among {', '.join(SHAPE_KEYS)}.")
-        cur[SHAPE_KEYS[key.strip()]] = int(value)
-    cur["num_key_value_heads"] = max(1, cur["num_attention_heads"] // per_group)  # check_shape refuses a remainder
+        given[SHAPE_KEYS[key.strip()]] = int(value)
+    cur.update(given)
+    if "num_key_value_heads" not in given:
+        heads, per_group = cur["num_attention_heads"], n_heads // n_kv
+        fits = [g for h, g, _ in head_layouts(n_heads, n_kv) if h == heads]
+        cur["num_key_value_heads"] = (heads // per_group if heads % per_group == 0 or not fits else max(fits))
     return Shape(**cur)
 
 
@@ -200,6 +212,13 @@ def run_prune(args) -> int:
         table.add_row(f"perplexity ({cfg.eval_windows} x {cfg.window} tokens)", f"{before['perplexity']:.3f}",
                       f"{after['perplexity']:.3f}")
     Console().print(table)
+    shape_after = report["shape_after"]
+    off = [f"{name} {shape_after[key]}" for key, name in [("intermediate_size", "MLP"), ("hidden_size", "hidden")]
+           if shape_after[key] != report["shape_before"][key] and shape_after[key] % 64
+           and report["shape_before"][key] >= 256]  # smaller models round to smaller multiples on purpose
+    if off:
+        console.print(f"note: {' and '.join(off)} not a multiple of 64: the serving engine's fast bf16 CPU GEMV "
+                      "needs multiples of 64 (--multiple 64, and the heads axis so that heads can divide the width).")
 
     evals = {} if before is None else {"perplexity_before": before, "perplexity_after": after,
                                        "source": cfg.eval_data, "split": "validation"}

@@ -69,11 +69,45 @@ def test_explicit_shape(setup):
             config["intermediate_size"], config["hidden_size"]) == (2, 2, 1, 48, 64)
 
 
+def test_explicit_shape_with_heads_within_groups(setup):
+    out = setup / "out_shape_kv"
+    shape = ["--shape", "heads=2,kv=2,mlp=64,hidden=32"]
+    assert main(common(setup) + shape + ["--eval-windows", "0", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]) == (2, 2, 32)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_attention_heads == 2
+
+
+@pytest.mark.parametrize("target", ["0.45", "0.6"])
+def test_three_heads_per_group_prune_to_a_loadable_export(setup, target):
+    # 6 heads in 2 KV groups of 3 and hidden 192: the old rule (whole groups, multiples of 16) planned e.g. 3
+    # heads with hidden 112, which transformers refuses to save or load; now heads divide the width.
+    model, tok = tiny_model("llama", num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+                            hidden_size=192, intermediate_size=256)
+    src = setup / "tiny6"
+    if not src.exists():
+        model.save_pretrained(src)
+        tok.save_pretrained(src)
+    out = setup / f"out6_{target}"
+    args = [str(src)] + common(setup)[1:] + ["--eval-windows", "0", "--target-params", target, "--axes",
+                                             "heads,mlp,width", "--out", str(out)]
+    assert main(args) == 0
+    report = read(out).transforms["pruned_shapes"]
+    shape = report["shape_after"]
+    assert report["multiple"] == 64 and report["multiples"] == {"mlp": 64, "hidden": 32}
+    assert shape["hidden_size"] % 32 == 0 and shape["intermediate_size"] % 64 == 0
+    assert shape["hidden_size"] % shape["num_attention_heads"] == 0
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in loaded.parameters()) == report["params_after"] <= report["target_params"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--target-params", "10M"], "larger than the model"),
     (["--target-params", "0.5", "--axes", "heads,vocab"], "unknown pruning axis 'vocab'"),
     (["--target-params", "0.2", "--axes", "mlp"], "cannot be reached by pruning mlp"),
     (["--shape", "heads=3"], "query heads per KV group"),
+    (["--shape", "heads=4,kv=1"], "query heads per KV group"),
+    (["--target-params", "0.5", "--multiple", "0"], "multiple must be a positive integer"),
     (["--target-params", "0.5", "--shape", "heads=2"], "exactly one of"),
 ])
 def test_user_errors_exit_2_with_a_message(setup, capsys, extra, message):

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from ..errors import SlimlmError
 from .importance import compute_importance, norm_scales
-from .plan import AXES, plan
+from .plan import AXES, MULTIPLE, multiples, plan
 from .select import check_shape, select
 from .shrink import shrink
 from .structure import Shape, count_params, head_dim, shape_of
 
 
 def prune_model(model, samples, target=None, shape: Shape | None = None, axes=AXES, score: str = "activation",
-                multiple: int = 16, batch_size: int = 8, norm_correction: bool = True, progress: bool = False):
+                multiple: int = MULTIPLE, batch_size: int = 8, norm_correction: bool = True, progress: bool = False):
     """Prune `model` to `target` parameters (see `plan.parse_target`) or to an explicit `shape`.
 
     Importance is measured once, on the original model, on calibration windows `samples` [N, T]; the
@@ -36,6 +36,7 @@ def prune_model(model, samples, target=None, shape: Shape | None = None, axes=AX
         "params_before": count_params(model), "params_after": count_params(small), "target_params": goal,
         "shape_before": before.to_dict(), "shape_after": chosen.to_dict(), "head_dim": head_dim(model.config),
         "axes": used_axes, "keep_ratio": ratio, "score": score, "multiple": multiple,
+        "multiples": None if shape is not None else multiples(model, used_axes, multiple),
         "norm_correction": scales is not None,
         "calibration": {"samples": int(samples.shape[0]), "tokens_per_sample": int(samples.shape[1])},
         "kept_layers": keep.layers,

@@ -8,7 +8,8 @@ a state dict sliced from the original. Whatever that model computes is therefore
 
 Every weight is sliced by the axis table in `structure.py`: hidden channels everywhere the residual
 stream appears (embedding columns, every norm, projection inputs/outputs, and the LM head, which stays
-tied when it was), query rows/`o_proj` columns of the kept heads, k/v rows of the kept KV heads, MLP
+tied when it was), query rows/`o_proj` columns of the kept query heads (whole KV groups, or the same
+number of heads in each kept group), k/v rows of the kept KV heads, MLP
 rows/columns of the kept channels, biases along with their rows. Qwen3's q/k norms act per `head_dim`
 and stay as they are.
 """
@@ -35,7 +36,7 @@ def shrink(model, keep: Keep, norm_scale: dict[str, float] | None = None):
     _check_keep(keep, cur)
     c = model.config
     d = head_dim(c)
-    per_group = c.num_attention_heads // c.num_key_value_heads
+    q_heads = keep.query_heads(model)
     new_shape = keep.shape(model)
 
     config = copy.deepcopy(c)
@@ -52,8 +53,9 @@ def shrink(model, keep: Keep, norm_scale: dict[str, float] | None = None):
     hidden = torch.tensor(keep.hidden)
     index = []  # per kept layer: axis -> indices into the original
     for j, _ in enumerate(keep.layers):
-        q_heads = [g * per_group + r for g in keep.kv_heads[j] for r in range(per_group)]
-        index.append({"hidden": hidden, "q": rows(q_heads), "kv": rows(keep.kv_heads[j]),
+        # Query heads stay in ascending order, so the kept ones of each group are contiguous and the pruned
+        # model's GQA (query head i reads KV head i // p) pairs each with its own KV head.
+        index.append({"hidden": hidden, "q": rows(q_heads[j]), "kv": rows(keep.kv_heads[j]),
                       "mlp": torch.tensor(keep.mlp[j])})
     position = {old: new for new, old in enumerate(keep.layers)}
 
@@ -106,6 +108,25 @@ def _check_keep(keep: Keep, cur) -> None:
         ok(keep.mlp[j], cur.intermediate_size, f"MLP channels of layer {layer}")
     if len({len(k) for k in keep.kv_heads}) > 1 or len({len(m) for m in keep.mlp}) > 1:
         raise SlimlmError("every kept layer must keep the same number of KV heads and of MLP channels.",
+                          "Uniform shapes are what lets a plain HF config describe the pruned model.")
+    if keep.q_heads is None:
+        return
+    per_group = cur.num_attention_heads // cur.num_key_value_heads
+    if len(keep.q_heads) != len(keep.layers):
+        raise SlimlmError("a Keep needs one list of query heads per kept layer.")
+    counts = set()
+    for j, layer in enumerate(keep.layers):
+        ok(keep.q_heads[j], cur.num_attention_heads, f"query heads of layer {layer}")
+        per = [sum(1 for h in keep.q_heads[j] if h // per_group == g) for g in range(cur.num_key_value_heads)]
+        if any(n and g not in keep.kv_heads[j] for g, n in enumerate(per)) \
+                or any(per[g] != per[keep.kv_heads[j][0]] for g in keep.kv_heads[j]):
+            raise SlimlmError(f"layer {layer} keeps query heads {_short(keep.q_heads[j])} with KV heads "
+                              f"{keep.kv_heads[j]}: every kept KV group must keep the same number of query heads, "
+                              "and no query head may outlive its KV group.",
+                              f"Query head h belongs to KV group h // {per_group}.")
+        counts.add(len(keep.q_heads[j]))
+    if len(counts) > 1:
+        raise SlimlmError("every kept layer must keep the same number of query heads.",
                           "Uniform shapes are what lets a plain HF config describe the pruned model.")
 
 

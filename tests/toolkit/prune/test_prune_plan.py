@@ -62,18 +62,21 @@ def test_parse_axes_refuses_unknown_or_empty():
         parse_axes(" , ")
 
 
-def test_shape_rule_rounds_to_multiples_and_whole_groups():
+def test_shape_rule_rounds_to_multiples_and_uniform_head_groups():
     model, _ = tiny_model("llama", num_hidden_layers=4, intermediate_size=256, num_attention_heads=8,
                           num_key_value_heads=4, hidden_size=128)
     s = shape_at(model, 0.6, ("heads", "mlp", "width", "depth"), multiple=16)
-    # 0.6 * 256 = 153.6 -> 160 (10 x 16); 0.6 * 128 = 76.8 -> 80; 0.6 * 4 groups = 2.4 -> 2; 0.6 * 4 layers -> 2
+    # 0.6 * 256 = 153.6 -> 160 (10 x 16); 0.6 * 128 = 76.8 -> 80; 0.6 * 8 heads = 4.8 -> 4, as 2 whole groups
+    # (whole groups win a tie of head counts; 80 = 5 x lcm(16, 4)); 0.6 * 4 layers = 2.4 -> 2
     assert s == Shape(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160,
                       hidden_size=80)
-    assert shape_at(model, 0.6, ("mlp",)) == Shape(4, 8, 4, 160, 128)  # other axes untouched
+    # The default multiple is 64; hidden 128 holds fewer than 4 of them, so it falls back to 32.
+    assert shape_at(model, 0.6, ("mlp",)) == Shape(4, 8, 4, 128, 128)  # 153.6 -> 128; other axes untouched
     assert shape_at(model, 1.0, ("mlp", "width")) == shape_of(model)
-    assert shape_at(model, 0.0, ("mlp", "width", "heads", "depth")) == Shape(1, 2, 1, 16, 16)
+    assert shape_at(model, 0.0, ("mlp", "width", "heads", "depth")) == Shape(1, 1, 1, 64, 32)
     # Weights: width:0.5 keeps 1 - 0.5 * 0.4 = 0.8 -> 102.4 -> 96; depth:2 keeps 1 - 2 * 0.4 = 0.2 -> 0.8 -> 1
-    assert shape_at(model, 0.6, "mlp,width:0.5,depth:2") == Shape(1, 8, 4, 160, 96)
+    assert shape_at(model, 0.6, "mlp,width:0.5,depth:2") == Shape(1, 8, 4, 128, 96)
+    assert shape_at(model, 0.6, "mlp,width:0.5,depth:2", multiple=16) == Shape(1, 8, 4, 160, 96)
 
 
 def test_weighted_plan_shrinks_the_light_axis_less():
@@ -130,9 +133,27 @@ def test_unknown_axis_is_refused_by_plan():
 
 def test_head_counts_must_keep_kv_groups_uniform():
     model, _ = tiny_model("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=96)  # 3 per group
-    with pytest.raises(SlimlmError, match="3 query heads per KV group") as err:
-        check_shape(model, Shape(2, 4, 2, 128, 96))
-    assert "3/1, 6/2" in str(err.value)
+    for heads, kv in [(5, 2), (6, 1), (4, 1)]:  # a ragged group, or more heads per group than the model has
+        with pytest.raises(SlimlmError, match="same number of query heads per KV group") as err:
+            check_shape(model, Shape(2, heads, kv, 128, 96))
+        assert "1/1, 2/1, 2/2, 3/1, 4/2, 6/2" in str(err.value)
     with pytest.raises(SlimlmError, match="the model has 6"):
         check_shape(model, Shape(2, 9, 3, 128, 96))
-    check_shape(model, Shape(2, 3, 1, 128, 96))  # one whole group is fine
+    for heads, kv in [(6, 2), (4, 2), (2, 2), (3, 1), (1, 1)]:  # whole groups, or p heads in each of g groups
+        check_shape(model, Shape(2, heads, kv, 128, 96))
+
+
+def test_llama_width_must_be_a_multiple_of_the_heads():
+    model, _ = tiny_model("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
+    with pytest.raises(SlimlmError, match="hidden_size to be a multiple of num_attention_heads"):
+        check_shape(model, Shape(2, 6, 2, 128, 64))  # transformers would refuse to load 64 / 6
+    check_shape(model, Shape(2, 4, 2, 128, 64))
+    qwen, _ = tiny_model("qwen2", num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
+    check_shape(qwen, Shape(2, 6, 2, 128, 64))  # Qwen2's config has no such rule
+
+
+def test_bad_multiple_is_refused():
+    model, _ = tiny_model("llama")
+    for bad in (0, -16, 1.5, "64", True):
+        with pytest.raises(SlimlmError, match="size multiple must be a positive integer"):
+            plan(model, 0.5, ("mlp",), multiple=bad)

@@ -38,7 +38,8 @@ def make(arch, **kw):
 def masked_reference(model, keep: Keep):
     """The original model with everything `keep` drops switched off, by hand, without slicing a tensor.
 
-    Removed query heads: their o_proj columns are zero (the head's output is never read).
+    Removed query heads (of a removed KV group, or dropped within a kept one): their o_proj columns are zero
+    (the head's output is never read); a kept head still reads its own original KV head.
     Removed MLP channels: their down_proj columns are zero.
     Removed layers: a hook returns the layer's input unchanged.
     Removed hidden channels: dead in the residual stream (zero embedding columns and o_proj/down_proj rows),
@@ -70,7 +71,8 @@ def masked_reference(model, keep: Keep):
             j = keep.layers.index(i)
             attn, mlp = layer.self_attn, layer.mlp
             for h in range(c.num_attention_heads):
-                if h // per_group not in keep.kv_heads[j]:
+                if keep.q_heads is None and h // per_group not in keep.kv_heads[j] \
+                        or keep.q_heads is not None and h not in keep.q_heads[j]:
                     attn.o_proj.weight[:, h * d:(h + 1) * d] = 0
             gone = torch.ones(c.intermediate_size, dtype=torch.bool)
             gone[keep.mlp[j]] = False
@@ -90,11 +92,17 @@ KEEPS = {  # for 3 layers, 2 KV groups, MLP 128, hidden 64
     "depth": lambda: Keep([0, 2], [[0, 1]] * 2, [list(range(128))] * 2, list(range(64))),
     "width": lambda: Keep([0, 1, 2], [[0, 1]] * 3, [list(range(128))] * 3, sorted({*range(0, 64, 3), 1, 62})),
     "all": lambda: Keep([1, 2], [[1], [0]], [list(range(18)), [3, 7] + list(range(100, 116))], list(range(8, 40))),
+    # One query head of each of the 2 groups (heads 0,1 | 2,3), a different one per layer.
+    "qheads": lambda: Keep([0, 1, 2], [[0, 1]] * 3, [list(range(128))] * 3, list(range(64)), [[0, 2], [1, 3], [0, 3]]),
+    # Fewer groups and fewer heads in each, with MLP, width and depth pruned too.
+    "qall": lambda: Keep([0, 2], [[1], [0]], [list(range(0, 128, 4)), list(range(32))], list(range(16, 48)),
+                         [[3], [0]]),
 }
 
 
 # Each axis alone on Llama (GQA, tied), heads on Qwen2 (biases), every axis at once on all three families.
-CASES = [("llama", a) for a in ("heads", "mlp", "depth", "width")] + [("qwen2", "heads")] + [(a, "all") for a in ARCHS]
+CASES = ([("llama", a) for a in ("heads", "mlp", "depth", "width", "qheads")] + [("qwen2", "heads")]
+         + [(a, "all") for a in ARCHS] + [(a, "qall") for a in ARCHS])
 
 
 @pytest.mark.parametrize("arch, axis", CASES)
@@ -108,6 +116,7 @@ def test_pruned_model_equals_masked_original(arch, axis):
     assert (got - full).abs().max() > 1e-3  # the pruning did change the model, so equality means something
     assert small.config.num_hidden_layers == len(keep.layers) == len(small.model.layers)
     assert small.config.num_key_value_heads == len(keep.kv_heads[0])
+    assert small.config.num_attention_heads == len(keep.query_heads(model)[0])
     assert small.config.hidden_size == len(keep.hidden) and small.config.head_dim == 16
 
 
@@ -161,13 +170,14 @@ def test_qwen2_biases_follow_their_heads():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_export_reloads_with_plain_transformers(arch, tmp_path):
+@pytest.mark.parametrize("case", ["all", "qall"])
+def test_export_reloads_with_plain_transformers(arch, case, tmp_path):
     model = make(arch)
-    small = shrink(model, KEEPS["all"]())
+    small = shrink(model, KEEPS[case]())
     out = write(small, None, tmp_path / "pruned", meta={"transforms": {"pruned_shapes": {"test": True}}})
     config = json.loads((out / "config.json").read_text())
     assert config["head_dim"] == 16 and config["hidden_size"] == 32 and config["num_hidden_layers"] == 2
-    assert config["num_attention_heads"] == 2 and config["num_key_value_heads"] == 1
+    assert config["num_attention_heads"] == (2 if case == "all" else 1) and config["num_key_value_heads"] == 1
     assert "auto_map" not in config  # no custom code
     if arch != "llama":
         assert config["layer_types"] == ["full_attention"] * 2
@@ -196,8 +206,32 @@ def test_qwen2_sliding_window_layers_stay_the_same_kind():
     (Keep([0], [[0]], [[0]], [64]), "hidden channels"),
     (Keep([0, 1], [[0], [0, 1]], [[0], [1]], [0]), "same number"),
     (Keep([0, 1], [[0]], [[0], [1]], [0]), "one list"),
+    (Keep([0], [[0, 1]], [[0]], [0], [[0, 1, 2]]), "same number of query heads"),  # 2 heads in group 0, 1 in 1
+    (Keep([0], [[0]], [[0]], [0], [[0, 2]]), "outlive its KV group"),  # head 2 is in the dropped group 1
+    (Keep([0, 1], [[0, 1]] * 2, [[0]] * 2, [0], [[0, 2], [0, 1, 2, 3]]), "same number of query heads"),
+    (Keep([0], [[0, 1]], [[0]], [0], [[2, 0]]), "query heads of layer 0"),
+    (Keep([0], [[0, 1]], [[0]], [0], [[0], [1]]), "one list of query heads"),
 ])
 def test_bad_keep_is_refused(bad, match):
     model = make("llama")
     with pytest.raises(SlimlmError, match=match):
         shrink(model, bad)
+
+
+def test_three_heads_per_group_keep_two_in_each(tmp_path):
+    # 6 heads in 2 KV groups of 3 (heads 0-2 | 3-5); keep 2 per group, a different pair in each layer.
+    model = make("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
+    keep = Keep([0, 1, 2], [[0, 1]] * 3, [list(range(128))] * 3, list(range(96)),
+                [[0, 1, 3, 5], [1, 2, 3, 4], [0, 2, 4, 5]])
+    small = shrink(model, keep)
+    ids = tokens(4)
+    torch.testing.assert_close(logits(small, ids), logits(masked_reference(model, keep), ids), atol=2e-5, rtol=1e-4)
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (4, 2)
+    out = write(small, None, tmp_path / "pruned")
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(loaded, ids), logits(small, ids), atol=0, rtol=0)
+    # q rows of layer 1: heads 1, 2, 3, 4 of 16 rows each; k/v untouched
+    torch.testing.assert_close(small.model.layers[1].self_attn.q_proj.weight,
+                               model.model.layers[1].self_attn.q_proj.weight[16:80])
+    torch.testing.assert_close(small.model.layers[1].self_attn.k_proj.weight,
+                               model.model.layers[1].self_attn.k_proj.weight)
