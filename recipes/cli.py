@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from slimlm.recipes import compare, distill, early_exit, pipeline, prune, quantize
+from slimlm.recipes import compare, distill, early_exit, pipeline, prune, qat, quantize
 from slimlm.toolkit.errors import SlimlmError
 
 
@@ -306,7 +306,8 @@ VERBS = {"eval": (add_eval, run_eval), "export": (add_export, run_export), "benc
          "distill": (distill.add_distill, distill.run_distill), "prune": (prune.add_prune, prune.run_prune),
          "quantize": (quantize.add_quantize, quantize.run_quantize),
          "pipeline": (pipeline.add_pipeline, pipeline.run_pipeline),
-         "early-exit": (early_exit.add_early_exit, early_exit.run_early_exit)}
+         "early-exit": (early_exit.add_early_exit, early_exit.run_early_exit),
+         "qat": (qat.add_qat, qat.run_qat)}
 
 
 def build_parser() -> argparse.ArgumentParser:

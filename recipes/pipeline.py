@@ -65,6 +65,8 @@ RECIPES = {
                       base_key="teacher", config_class="DistillConfig", needs_config=True, export_subdir="model"),
     "early-exit": Recipe("early-exit", "early_exit", style="overrides", model_key="model", out_key="out_dir",
                          config_class="EarlyExitConfig", needs_config=True, export_subdir="model"),
+    "qat": Recipe("qat", "qat", style="overrides", model_key="model", out_key="out_dir", config_class="QATConfig",
+                  needs_config=True, export_subdir="model"),
 }
 OWNED = {"model", "out", "overwrite", "config", "resume", "debug"}  # set by the pipeline, never by args
 

@@ -165,6 +165,21 @@ def test_shipped_configs_validate(capsys):
     assert "quantize /nonexistent/x/variants/pruned-4b-distilled/model --out" in printed
 
 
+def test_a_qat_variant_runs_as_slimlm_qat(tmp_path, capsys):
+    cfg = tmp_path / "qat.yaml"
+    cfg.write_text("base: smollm2-135m\nvariants:\n"
+                   "  - {name: int4-qat, recipe: qat, config: configs/qat/smollm2-135m.yaml,"
+                   " args: {max_steps: 3, quant.group_size: 128}}\n")
+    assert main(["pipeline", str(cfg), "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if " qat " in x)
+    assert "qat --config " in line and "configs/qat/smollm2-135m.yaml" in line and "max_steps=3" in line
+    assert "quant.group_size=128" in line and "model=smollm2-135m" in line
+    assert f"out_dir={tmp_path / 'o' / 'variants' / 'int4-qat'}" in line
+    cfg.write_text("base: smollm2-135m\nvariants:\n"
+                   "  - {name: q, recipe: qat, config: configs/qat/smollm2-135m.yaml, args: {quant.nope: 1}}\n")
+    assert main(["pipeline", str(cfg), "--dry-run", "--out", str(tmp_path / "o2")]) == 2
+
+
 def test_an_early_exit_variant_runs_as_slimlm_early_exit(tmp_path, capsys):
     cfg = tmp_path / "ee.yaml"
     cfg.write_text("base: smollm2-135m\nvariants:\n"
