@@ -248,8 +248,8 @@ def paged_attention(q: Tensor, k_cache: Tensor | QuantizedKV, v_cache: Tensor | 
     Returns [N, H, D]. On CUDA, with caches in q's dtype, the Triton kernels run (`paged_attention_triton`;
     SLIMLM_TRITON=0 turns them off). On CPU all rows go through slimlm's C kernel where it can run
     (`attention_kernel_for`), each as one query over its causal context; otherwise decode rows are gathered into one
-    `scaled_dot_product_attention` call and each prefill chunk into another. Int8 caches always take
-    the PyTorch path, dequantized to q's dtype as they are gathered.
+    `scaled_dot_product_attention` call and each prefill chunk into another (int8 caches dequantized
+    to q's dtype as they are gathered).
     """
     if q.is_cuda and not is_quantized(k_cache) and k_cache.dtype == q.dtype and use_triton(q.device):
         from ..kernels.paged_attention_triton import triton_paged_attention
@@ -265,9 +265,13 @@ def paged_attention(q: Tensor, k_cache: Tensor | QuantizedKV, v_cache: Tensor | 
     if n and (kernel := attention_kernel_for(q, k_cache, v_cache)) is not None:
         tables, lens, nkeys = kernel_args(meta, k_cache)  # every row, prefill rows included
         out = q.new_empty(n, h, d)
-        kernel(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-               tables.shape[1], lens.data_ptr(), nkeys.data_ptr(), out.data_ptr(), n, h, kvh, d, meta.block_size,
-               scale, torch.get_num_threads())
+        rest = (tables.data_ptr(), tables.shape[1], lens.data_ptr(), nkeys.data_ptr(), out.data_ptr(), n, h, kvh, d,
+                meta.block_size, scale, torch.get_num_threads())
+        if is_quantized(k_cache):
+            kernel(q.data_ptr(), q.stride(0), k_cache.data.data_ptr(), v_cache.data.data_ptr(),
+                   k_cache.scale.data_ptr(), v_cache.scale.data_ptr(), *rest, int(q.dtype == torch.bfloat16))
+        else:
+            kernel(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), *rest)
         return out
 
     out = None
@@ -339,27 +343,37 @@ KERNEL_MAX_HEADS = 1024
 KERNEL_MAX_HEAD_DIM = 256
 
 
-def attention_kernel_for(q: Tensor, k_cache: Tensor, v_cache: Tensor):
+def attention_kernel_for(q: Tensor, k_cache: Tensor | QuantizedKV, v_cache: Tensor | QuantizedKV):
     """The C attention function for these tensors, or None where it cannot run them.
 
-    It runs CPU tensors in bfloat16 or float32 (q and both caches alike, so never an int8
-    `QuantizedKV`; caches contiguous; each query row's [H, D] contiguous), head_dim a multiple of
-    16 up to 256, up to 1024 query heads, where the library builds (see
-    `serve.kernels.cpu_build.build_cpu_kernels`) and SLIMLM_CPU_KERNELS is not 0.
+    It runs CPU tensors: q in bfloat16 or float32, both caches in q's dtype or both int8 `QuantizedKV`
+    (read in place with their per-block scales: `slimlm_decode_attention_kv8`); caches contiguous;
+    each query row's [H, D] contiguous; head_dim a multiple of 16 up to 256, up to 1024 query heads,
+    where the library builds (see `serve.kernels.cpu_build.build_cpu_kernels`) and SLIMLM_CPU_KERNELS
+    is not 0.
     """
-    if not (isinstance(k_cache, Tensor) and isinstance(v_cache, Tensor)):
-        return None  # int8 QuantizedKV: the kernel reads only caches in q's dtype
+    quantized = is_quantized(k_cache) and is_quantized(v_cache)
+    if quantized:
+        k_data, v_data = k_cache.data, v_cache.data
+        same = (k_data.dtype == v_data.dtype == torch.int8 and k_cache.scale.dtype == v_cache.scale.dtype == torch.float32
+                and k_cache.scale.is_contiguous() and v_cache.scale.is_contiguous())
+    elif isinstance(k_cache, Tensor) and isinstance(v_cache, Tensor):
+        k_data, v_data = k_cache, v_cache
+        same = k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+    else:
+        return None
     h, d = q.shape[-2:]
-    kvh = k_cache.shape[-2]
-    if not (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32)
-            and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
-            and k_cache.is_contiguous() and v_cache.is_contiguous()
+    kvh = k_data.shape[-2]
+    if not (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and same
+            and k_data.device.type == "cpu" and k_data.is_contiguous() and v_data.is_contiguous()
             and q.stride(-1) == 1 and q.stride(-2) == d and d % 16 == 0 and d <= KERNEL_MAX_HEAD_DIM
             and h % kvh == 0 and h <= KERNEL_MAX_HEADS and kernels_enabled()):
         return None
     lib = _decode_library()
     if lib is None:
         return None
+    if quantized:
+        return lib.slimlm_decode_attention_kv8
     return lib.slimlm_decode_attention_bf16 if q.dtype == torch.bfloat16 else lib.slimlm_decode_attention_f32
 
 
@@ -373,6 +387,8 @@ def _decode_library():
         fn = getattr(lib, name)
         fn.argtypes = [p, i, p, p, p, i, p, p, p, i, i, i, i, i, ctypes.c_float, i]
         fn.restype = None
+    lib.slimlm_decode_attention_kv8.argtypes = [p, i, p, p, p, p, p, i, p, p, p, i, i, i, i, i, ctypes.c_float, i, i]
+    lib.slimlm_decode_attention_kv8.restype = None
     return lib
 
 

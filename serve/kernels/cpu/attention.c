@@ -45,10 +45,12 @@ static inline __m512 exp_u20(__m512 x) {
    chunk, in place; the weighted sum of V into acc [H][D]. nd = D / 16 is a constant at each call
    site below, so the compiler keeps q and the accumulators in registers. */
 static inline __attribute__((always_inline)) void attend_impl(
-        const void* q, const void* kc, const void* vc, const int32_t* table, int len, int nkeys, int bs,
-        int kvh, int kh0, int kh1, int G, int D, float scale, void* out, float* s, float* qs, float* acc,
-        float* rescale, int bf16, const int nd) {
-    const int esz = bf16 ? 2 : 4, nblocks = (len + bs - 1) / bs, h0 = kh0 * G, h1 = kh1 * G;
+        const void* q, const void* kc, const void* vc, const float* ksc, const float* vsc, const int32_t* table,
+        int len, int nkeys, int bs, int kvh, int kh0, int kh1, int G, int D, float scale, void* out, float* s,
+        float* qs, float* acc, float* rescale, int bf16, const int nd, const int kv8) {
+    /* kv8: the caches hold int8 with one float scale per (block, KV head) (serve/layers/kv_quant.py): a
+       key's scale multiplies its score, a value's its softmax weight, so each int8 is read once. */
+    const int esz = kv8 ? 1 : bf16 ? 2 : 4, nblocks = (len + bs - 1) / bs, h0 = kh0 * G, h1 = kh1 * G;
     const int nchunks = (len + KV_SPLIT - 1) / KV_SPLIT;
     const size_t bstride = (size_t)bs * kvh * D, pstride = (size_t)kvh * D;
     for (int h = h0; h < h1; h++)
@@ -64,12 +66,14 @@ static inline __attribute__((always_inline)) void attend_impl(
                 const int h = kh * G + g;
                 __m512 qg[MAXDV];
                 for (int j = 0; j < nd; j++) qg[j] = _mm512_loadu_ps(qs + (size_t)h * D + j * 16);
+                const float sc = kv8 ? scale * ksc[(size_t)table[b] * kvh + kh] : scale;
                 for (int o = 0; o < n; o++) {
                     const size_t k0 = base + o * pstride + (size_t)kh * D;
                     if (ahead && g == 0) prefetch_range(ahead + (o * pstride + (size_t)kh * D) * esz, (size_t)D * esz);
-                    __m512 a = _mm512_mul_ps(qg[0], ld16(kc, k0, bf16));
-                    for (int j = 1; j < nd; j++) a = _mm512_fmadd_ps(qg[j], ld16(kc, k0 + j * 16, bf16), a);
-                    s[(size_t)h * len + p0 + o] = _mm512_reduce_add_ps(a) * scale;
+                    __m512 a = _mm512_mul_ps(qg[0], kv8 ? ld16_i8(kc, k0) : ld16(kc, k0, bf16));
+                    for (int j = 1; j < nd; j++)
+                        a = _mm512_fmadd_ps(qg[j], kv8 ? ld16_i8(kc, k0 + j * 16) : ld16(kc, k0 + j * 16, bf16), a);
+                    s[(size_t)h * len + p0 + o] = _mm512_reduce_add_ps(a) * sc;
                 }
             }
     }
@@ -135,8 +139,13 @@ static inline __attribute__((always_inline)) void attend_impl(
                         __m512 f = _mm512_set1_ps(rescale[(size_t)h * nchunks + (p0 + o) / KV_SPLIT]);
                         for (int j = 0; j < nd; j++) a[j] = _mm512_mul_ps(a[j], f);
                     }
-                    __m512 w = _mm512_set1_ps(sh[o]);
-                    for (int j = 0; j < nd; j++) a[j] = _mm512_fmadd_ps(w, ld16(vc, v0 + j * 16, bf16), a[j]);
+                    if (kv8) {
+                        __m512 w = _mm512_set1_ps(sh[o] * vsc[(size_t)table[b] * kvh + kh]);
+                        for (int j = 0; j < nd; j++) a[j] = _mm512_fmadd_ps(w, ld16_i8(vc, v0 + j * 16), a[j]);
+                    } else {
+                        __m512 w = _mm512_set1_ps(sh[o]);
+                        for (int j = 0; j < nd; j++) a[j] = _mm512_fmadd_ps(w, ld16(vc, v0 + j * 16, bf16), a[j]);
+                    }
                 }
                 for (int j = 0; j < nd; j++) _mm512_storeu_ps(acc + (size_t)h * D + j * 16, a[j]);
             }
@@ -147,26 +156,31 @@ static inline __attribute__((always_inline)) void attend_impl(
                  _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)h * D + j * 16), _mm512_set1_ps(inv[h])), bf16);
 }
 
-static void attend(const void* q, const void* kc, const void* vc, const int32_t* table, int len, int nkeys, int bs,
-                   int kvh, int kh0, int kh1, int G, int D, float scale, void* out, float* s, float* qs, float* acc,
-                   float* rescale, int bf16) {
-#define ATTEND(BF16, ND) attend_impl(q, kc, vc, table, len, nkeys, bs, kvh, kh0, kh1, G, D, scale, out, s, qs, acc, \
-                                     rescale, BF16, ND)
+static void attend(const void* q, const void* kc, const void* vc, const float* ksc, const float* vsc,
+                   const int32_t* table, int len, int nkeys, int bs, int kvh, int kh0, int kh1, int G, int D,
+                   float scale, void* out, float* s, float* qs, float* acc, float* rescale, int bf16) {
+#define ATTEND(BF16, ND, KV8) attend_impl(q, kc, vc, ksc, vsc, table, len, nkeys, bs, kvh, kh0, kh1, G, D, scale, \
+                                          out, s, qs, acc, rescale, BF16, ND, KV8)
+#define BY_D(BF16, KV8) if (D == 64) ATTEND(BF16, 4, KV8); else if (D == 128) ATTEND(BF16, 8, KV8); \
+                        else ATTEND(BF16, D / 16, KV8)
+    const int kv8 = ksc != NULL;
     if (bf16) {
-        if (D == 64) ATTEND(1, 4); else if (D == 128) ATTEND(1, 8); else ATTEND(1, D / 16);
+        if (kv8) { BY_D(1, 1); } else { BY_D(1, 0); }
     } else {
-        if (D == 64) ATTEND(0, 4); else if (D == 128) ATTEND(0, 8); else ATTEND(0, D / 16);
+        if (kv8) { BY_D(0, 1); } else { BY_D(0, 0); }
     }
+#undef BY_D
 #undef ATTEND
 }
 
 /* q: S rows of [H][D] (row stride qstride elements); out [S][H][D]; row i attends over positions
    < lens[i] through block table i (nkeys: see the top; NULL = lens). caches [blocks][bs][KVH][D];
-   tables int32 [S][tstride]. A row is one unit of work, or KVH units (one per KV head) when there
-   are fewer rows than threads. */
-static void decode_attention(const void* q, int qstride, const void* kc, const void* vc, const int32_t* tables,
-                             int tstride, const int32_t* lens, const int32_t* nkeys, void* out, int S, int H,
-                             int kvh, int D, int bs, float scale, int threads, int bf16) {
+   tables int32 [S][tstride]. ksc, vsc: NULL, or the int8 caches' scales [blocks][KVH]. A row is one
+   unit of work, or KVH units (one per KV head) when there are fewer rows than threads. */
+static void decode_attention(const void* q, int qstride, const void* kc, const void* vc, const float* ksc,
+                             const float* vsc, const int32_t* tables, int tstride, const int32_t* lens,
+                             const int32_t* nkeys, void* out, int S, int H, int kvh, int D, int bs, float scale,
+                             int threads, int bf16) {
     const int G = H / kvh, esz = bf16 ? 2 : 4, split = S < threads ? kvh : 1;
     #pragma omp parallel num_threads(threads) if (threads > 1 && S * split >= 2)
     {
@@ -183,7 +197,7 @@ static void decode_attention(const void* q, int qstride, const void* kc, const v
                 s = (float*)malloc(sizeof(float) * cap * H);
                 rescale = (float*)malloc(sizeof(float) * H * (cap / KV_SPLIT + 1));
             }
-            attend((const char*)q + (size_t)i * qstride * esz, kc, vc, tables + (size_t)i * tstride, lens[i],
+            attend((const char*)q + (size_t)i * qstride * esz, kc, vc, ksc, vsc, tables + (size_t)i * tstride, lens[i],
                    nkeys ? nkeys[i] : lens[i], bs, kvh, kh0, kh1, G, D, scale, (char*)out + (size_t)i * H * D * esz,
                    s, qs, qs + (size_t)H * D, rescale, bf16);
         }
@@ -195,12 +209,23 @@ static void decode_attention(const void* q, int qstride, const void* kc, const v
 void slimlm_decode_attention_bf16(const void* q, int qstride, const void* kc, const void* vc, const int32_t* tables,
                                   int tstride, const int32_t* lens, const int32_t* nkeys, void* out, int S, int H,
                                   int kvh, int D, int bs, float scale, int threads) {
-    decode_attention(q, qstride, kc, vc, tables, tstride, lens, nkeys, out, S, H, kvh, D, bs, scale, threads, 1);
+    decode_attention(q, qstride, kc, vc, NULL, NULL, tables, tstride, lens, nkeys, out, S, H, kvh, D, bs, scale,
+                     threads, 1);
 }
 void slimlm_decode_attention_f32(const void* q, int qstride, const void* kc, const void* vc, const int32_t* tables,
                                  int tstride, const int32_t* lens, const int32_t* nkeys, void* out, int S, int H,
                                  int kvh, int D, int bs, float scale, int threads) {
-    decode_attention(q, qstride, kc, vc, tables, tstride, lens, nkeys, out, S, H, kvh, D, bs, scale, threads, 0);
+    decode_attention(q, qstride, kc, vc, NULL, NULL, tables, tstride, lens, nkeys, out, S, H, kvh, D, bs, scale,
+                     threads, 0);
+}
+/* The same over int8 caches (kc, vc int8 [blocks][bs][KVH][D]) with their scales ksc, vsc [blocks][KVH];
+   q and out in bf16 (bf16 = 1) or float32. */
+void slimlm_decode_attention_kv8(const void* q, int qstride, const void* kc, const void* vc, const float* ksc,
+                                 const float* vsc, const int32_t* tables, int tstride, const int32_t* lens,
+                                 const int32_t* nkeys, void* out, int S, int H, int kvh, int D, int bs, float scale,
+                                 int threads, int bf16) {
+    decode_attention(q, qstride, kc, vc, ksc, vsc, tables, tstride, lens, nkeys, out, S, H, kvh, D, bs, scale,
+                     threads, bf16);
 }
 
 #endif  /* SLIMLM_ATTENTION_C */

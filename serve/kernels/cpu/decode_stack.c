@@ -56,8 +56,8 @@ void slimlm_decode_stack(const slimlm_layer* L, int nl, void* x, int m, int hidd
         rms_norm(x, NULL, NULL, L[l].in_norm, h, m, hidden, eps, 1, bf16);
         gemv(L[l].qkv_q, L[l].qkv_w, h, qkv, L[l].qkv_b, m, (int)qkvw, hidden, threads, bf16);
         rope_write_kv(qkv, cos, sin, slots, q, L[l].k_cache, L[l].v_cache, m, H, KVH, D, 1, bf16);
-        decode_attention(q, H * D, L[l].k_cache, L[l].v_cache, tables, tstride, lens, NULL, attn, m, H, KVH, D, bs,
-                         scale, threads, bf16);
+        decode_attention(q, H * D, L[l].k_cache, L[l].v_cache, NULL, NULL, tables, tstride, lens, NULL, attn, m, H,
+                         KVH, D, bs, scale, threads, bf16);
         gemv(L[l].o_q, L[l].o_w, attn, o, L[l].o_b, m, hidden, H * D, threads, bf16);
         rms_norm(x, o, x, L[l].post_norm, h, m, hidden, eps, 1, bf16);   /* x += o; h = norm(x) */
         gemv(L[l].gu_q, L[l].gu_w, h, gu, L[l].gu_b, m, 2 * I, hidden, threads, bf16);

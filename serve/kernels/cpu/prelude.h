@@ -14,6 +14,9 @@ static inline __m512 ld16(const void* p, size_t i, int bf16) {
                   _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i))), 16));
     return _mm512_loadu_ps((const float*)p + i);
 }
+static inline __m512 ld16_i8(const void* p, size_t i) {  /* 16 int8 as fp32 */
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((const int8_t*)p + i))));
+}
 static inline void st16(void* p, size_t i, __m512 v, int bf16) {
     if (bf16) _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), (__m256i)_mm512_cvtneps_pbh(v));
     else _mm512_storeu_ps((float*)p + i, v);

@@ -11,6 +11,7 @@ from slimlm.serve.layers.kv_quant import (copy_blocks_, gather_slots, kv_block_b
                                           resolve_kv_dtype)
 from slimlm.serve.layers.rotary import _kernel_for as rope_kernel_for, apply_rotary, rope_write_kv
 
+C_KERNELS = attention_kernel_for(torch.zeros(1, 4, 16), torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16)) is not None
 BATCHES = {
     "decode_ragged": [(3, 1), (17, 1), (0, 1), (8, 1)],
     "prefill_from_zero": [(0, 11), (0, 5)],
@@ -21,7 +22,7 @@ BATCHES = {
 
 @pytest.fixture(params=["kernels-on", "kernels-off"])
 def path(request, monkeypatch):
-    """With the C kernels on, int8 caches must still take (and pass through) the PyTorch path."""
+    """With the C kernels on, int8 caches are read by the C attention kernel (where it builds); off, by PyTorch."""
     if request.param == "kernels-off":
         monkeypatch.setenv("SLIMLM_CPU_KERNELS", "0")
     return request.param
@@ -163,10 +164,14 @@ def test_block_bytes_and_dtype_names():
         resolve_kv_dtype("fp8", torch.float32)
 
 
-def test_kernels_step_aside_for_int8():
+def test_attention_kernel_reads_int8_and_rope_steps_aside():
     q = torch.zeros(1, 4, 32)
     qk = QuantizedKV.zeros((2, 4, 2, 32))
-    assert attention_kernel_for(q, qk, qk) is None
+    plain = torch.zeros(2, 4, 2, 32)
+    if attention_kernel_for(q, plain, plain) is not None:  # the C kernels build here
+        assert attention_kernel_for(q, qk, qk).__name__ == "slimlm_decode_attention_kv8"
+        assert attention_kernel_for(q.bfloat16(), qk, qk).__name__ == "slimlm_decode_attention_kv8"
+    assert attention_kernel_for(q, qk, plain) is None  # one int8 and one float cache: no kernel
     qkv = torch.zeros(1, 8 * 32)
     cos, sin = torch.zeros(1, 1, 32), torch.zeros(1, 1, 32)
     assert rope_kernel_for(qkv, cos, sin, qk, qk, torch.zeros(1, dtype=torch.long), 4) is None
@@ -199,6 +204,7 @@ def test_rope_write_kv_quantizes_what_the_float_path_writes(dtype, path):
 def test_paged_attention_int8_equals_reference_on_dequantized_cache(batch, heads, kv_heads, block_size, path):
     q, k_cache, v_cache, meta = make_step(BATCHES[batch], block_size, heads, kv_heads, seed=block_size + heads)
     qk, qv = quantize_step(k_cache, v_cache)
+    assert (attention_kernel_for(q, qk, qv) is None) == (path == "kernels-off" or not C_KERNELS)
     scale = 16 ** -0.5
     out = paged_attention(q, qk, qv, meta, scale)
     # Exact up to float rounding: the same attention over the values the int8 cache stands for ...
