@@ -36,15 +36,15 @@ brings its own scale, so slot 0 is only ever written by a new owner, and a freed
 reused does not inherit the old owner's (possibly much larger) scale. Nothing else has to tell the
 cache which blocks are fresh.
 
-Reading: slimlm's C attention kernel reads the int8 cache in place (`slimlm_decode_attention_kv8`:
-a key's block scale multiplies its score, a value's its softmax weight, so each int8 is loaded once
-and never written back in a wider dtype); the PyTorch path (no C kernels, or a GPU) dequantizes the
-gathered slots on the fly (`gather_slots`), in the activation dtype. Rotary's fused write and the
-fused decode stack take float caches only, so with int8 a decode step runs layer by layer, with the
-quantizing write in PyTorch (~0.1 ms per layer on one CPU thread). Before the C kernel read int8, a
-SmolLM2 decode step at context ~270 took 2.6x (batch 1) and 2.1x (batch 8) the CPU time of the bf16
-cache's C kernels (docs/benchmarks.md has the figures after). On a GPU the write syncs once per call
-(it asks whether any scale grew), acceptable next to the PyTorch attention it feeds.
+Reading and writing in C: slimlm's attention kernel reads the int8 cache in place
+(`slimlm_decode_attention_kv8`: a key's block scale multiplies its score, a value's its softmax
+weight, so each int8 is loaded once), and in a decode step (one token per block) rotary's fused
+store quantizes each token as `quantize_write` does, bit for bit (`slimlm_rope_write_kv_q8`), in the
+fused decode stack too. Prefill chunks quantize in PyTorch (several tokens of a block grow its scale
+once). Without the C kernels (or on a GPU) the gathered slots are dequantized on the fly
+(`gather_slots`), in the activation dtype. Decode with an int8 cache runs at 0.9-1.0x the bf16
+cache's speed (docs/benchmarks.md). On a GPU the write syncs once per call (it asks whether any
+scale grew), acceptable next to the PyTorch attention it feeds.
 """
 from __future__ import annotations
 

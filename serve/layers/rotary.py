@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import write_kv
-from .kv_quant import QuantizedKV
+from .kv_quant import QuantizedKV, is_quantized
 from ..kernels.cpu_build import build_cpu_kernels, kernels_enabled
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -95,18 +95,25 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def rope_write_kv(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | QuantizedKV, v_cache: Tensor | QuantizedKV,
-                  slot_mapping: Tensor, num_heads: int) -> Tensor:
+                  slot_mapping: Tensor, num_heads: int, one_token_per_block: bool = False) -> Tensor:
     """Rotate and store: qkv [N, (H + 2 KVH) * D] (the fused projection) -> q [N, H, D], rotated.
 
     Writes the rotated keys and the values into cache slots `slot_mapping` [N] of k_cache, v_cache
     [num_blocks, block_size, KVH, D] (plain, or int8 `QuantizedKV`); cos, sin [N, 1, D] from `RotaryEmbedding`.
+    `one_token_per_block`: no two tokens write the same block (a decode step), which lets the C kernel
+    quantize an int8 cache's writes one token at a time exactly as `quantize_write` does.
     """
     n = qkv.shape[0]
     kvh, d = k_cache.shape[-2:]
-    if (kernel := _kernel_for(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads)) is not None:
+    if (kernel := _kernel_for(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, one_token_per_block)) is not None:
         q = qkv.new_empty(n, num_heads, d)
-        kernel(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q.data_ptr(),
-               k_cache.data_ptr(), v_cache.data_ptr(), n, num_heads, kvh, d, torch.get_num_threads())
+        if is_quantized(k_cache):
+            kernel(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q.data_ptr(),
+                   k_cache.data.data_ptr(), v_cache.data.data_ptr(), k_cache.scale.data_ptr(), v_cache.scale.data_ptr(),
+                   n, num_heads, kvh, d, k_cache.data.shape[1], int(qkv.dtype == torch.bfloat16))
+        else:
+            kernel(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q.data_ptr(),
+                   k_cache.data_ptr(), v_cache.data_ptr(), n, num_heads, kvh, d, torch.get_num_threads())
         return q
     qkv = qkv.view(n, num_heads + 2 * kvh, d)
     qk = apply_rotary(qkv[:, :num_heads + kvh], cos, sin)                  # [N, H + KVH, D]
@@ -114,21 +121,33 @@ def rope_write_kv(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor | Quant
     return qk[:, :num_heads]
 
 
-def _kernel_for(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads):
+def _kernel_for(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_heads, one_token_per_block=False):
     # The kernel trusts slot_mapping to lie inside the cache: the model checks it once per step.
-    if not (isinstance(k_cache, Tensor) and isinstance(v_cache, Tensor)):
-        return None  # int8 QuantizedKV: the kernel stores in qkv's dtype only
+    quantized = is_quantized(k_cache) and is_quantized(v_cache)
+    if quantized:  # int8: only where each token has a block of its own (see rope_write_kv)
+        if not one_token_per_block:
+            return None
+        caches_ok = all(c.data.is_contiguous() and c.scale.is_contiguous() and c.data.device.type == "cpu"
+                        for c in (k_cache, v_cache))
+        tensors = (qkv, cos, sin)
+    elif isinstance(k_cache, Tensor) and isinstance(v_cache, Tensor):
+        caches_ok = True
+        tensors = (qkv, cos, sin, k_cache, v_cache)
+    else:
+        return None
     kvh, d = k_cache.shape[-2:]
     dtype = qkv.dtype
-    if not (qkv.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and d % 32 == 0
-            and qkv.dim() == 2 and qkv.shape[1] == (num_heads + 2 * kvh) * d
-            and all(t.dtype == dtype and t.is_contiguous() for t in (qkv, cos, sin, k_cache, v_cache))
+    if not (caches_ok and qkv.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and d % 32 == 0
+            and d <= 256 and qkv.dim() == 2 and qkv.shape[1] == (num_heads + 2 * kvh) * d
+            and all(t.dtype == dtype and t.is_contiguous() for t in tensors)
             and cos.numel() == sin.numel() == qkv.shape[0] * d and slot_mapping.dtype == torch.int64
             and slot_mapping.is_contiguous() and kernels_enabled()):
         return None
     lib = _library()
     if lib is None:
         return None
+    if quantized:
+        return lib.slimlm_rope_write_kv_q8
     return lib.slimlm_rope_write_kv_bf16 if dtype == torch.bfloat16 else lib.slimlm_rope_write_kv_f32
 
 
@@ -141,6 +160,8 @@ def _library():
     for name in ("slimlm_rope_write_kv_bf16", "slimlm_rope_write_kv_f32"):
         getattr(lib, name).argtypes = [p, p, p, p, p, p, p, i, i, i, i, i]
         getattr(lib, name).restype = None
+    lib.slimlm_rope_write_kv_q8.argtypes = [p, p, p, p, p, p, p, p, p, i, i, i, i, i, i]
+    lib.slimlm_rope_write_kv_q8.restype = None
     return lib
 
 

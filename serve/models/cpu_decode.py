@@ -12,8 +12,9 @@ that path. It applies when every projection is a `PackedLinear` whose rows its G
 `QuantLinear` running slimlm's int4/int8 kernel in the model dtype (a GPTQ checkpoint; the stack calls
 the same `slimlm_qlinear` with the layer's own arguments, so it equals the layer path too), the
 family has no per-head q/k norm (Qwen3 takes the layer path), the step decodes at most
-GEMV_MAX_ROWS sequences (one token each), the KV cache is in the model dtype (an int8
-`QuantizedKV` cache runs layer by layer) and the C library builds (see
+GEMV_MAX_ROWS sequences (one token each), the KV cache is in the model dtype or an int8
+`QuantizedKV` (each token quantized as it is stored, as `kv_quant.quantize_write` does), and the
+C library builds (see
 `serve.kernels.cpu_build.build_cpu_kernels`; SLIMLM_CPU_KERNELS=0 turns it off).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from ..kernels.cpu_build import build_cpu_kernels, kernels_enabled
 from ..layers import attention
+from ..layers.kv_quant import is_quantized
 from ..layers.linear import GEMV_MAX_ROWS, PackedLinear
 from ..layers.quant_linear import QuantLinear
 
@@ -47,7 +49,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "in_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "o_b", "gu_w", "gu_b", "down_w", "down_b",
-        "qkv_q", "o_q", "gu_q", "down_q", "k_cache", "v_cache")]
+        "qkv_q", "o_q", "gu_q", "down_q", "k_cache", "v_cache", "k_scale", "v_scale")]
 
 
 class DecodeStack:
@@ -76,20 +78,28 @@ class DecodeStack:
         self._caches: list | None = None  # the (k, v) data pointers the layers point at
 
     def bind(self, kv_caches, n_layers: int) -> bool:
-        """Point the layers at these caches; False where the kernels cannot read them (dtype, layout)."""
-        if not all(isinstance(k, Tensor) and isinstance(v, Tensor) for k, v in kv_caches[:n_layers]):
-            return False  # int8 QuantizedKV caches: the kernels read caches in the model dtype only
-        ptrs = [(k.data_ptr(), v.data_ptr()) for k, v in kv_caches[:n_layers]]
+        """Point the layers at these caches; False where the kernels cannot read them (dtype, layout).
+
+        Caches in the model dtype, or int8 `QuantizedKV`s (data and scales; a decode step writes one token
+        per block, which is what the kernel's quantizing store needs)."""
+        caches = kv_caches[:n_layers]
+        quantized = all(is_quantized(k) and is_quantized(v) for k, v in caches)
+        if not quantized and not all(isinstance(k, Tensor) and isinstance(v, Tensor) for k, v in caches):
+            return False
+        parts = [(k.data, v.data, k.scale, v.scale) if quantized else (k, v) for k, v in caches]
+        ptrs = [tuple(t.data_ptr() for t in p) for p in parts]
         if ptrs == self._caches:
             return True
-        k0 = kv_caches[0][0]
-        if not all(k.dtype == v.dtype == self.dtype and k.shape == v.shape == k0.shape and k.is_contiguous()
-                   and v.is_contiguous() and k.device.type == "cpu" for k, v in kv_caches[:n_layers]):
+        k0 = parts[0][0]
+        want = torch.int8 if quantized else self.dtype
+        if not all(p[0].dtype == p[1].dtype == want and p[0].shape == p[1].shape == k0.shape
+                   and all(t.is_contiguous() and t.device.type == "cpu" for t in p) for p in parts):
             return False
         if tuple(k0.shape[-2:]) != (self.dims[2], self.dims[3]):
             return False
-        for entry, (k, v) in zip(self.layers, ptrs):
-            entry.k_cache, entry.v_cache = k, v
+        for entry, p in zip(self.layers, ptrs):
+            entry.k_cache, entry.v_cache = p[0], p[1]
+            entry.k_scale, entry.v_scale = (p[2], p[3]) if quantized else (None, None)
         self._caches = ptrs
         return True
 

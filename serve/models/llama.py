@@ -112,7 +112,8 @@ class DecoderLayer(nn.Module):
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(self.input_norm(x))                            # [N, (H + 2 KVH) D]
         if self.qk_norm_weight is None:
-            q = rope_write_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, h)  # [N, H, D]
+            q = rope_write_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, h,  # [N, H, D]
+                              one_token_per_block=meta.is_decode_only)
         else:
             qkv = qkv.view(n, h + 2 * kvh, d)                              # [N, H + 2 KVH, D]
             qk, v = qkv[:, :h + kvh], qkv[:, h + kvh:]                     # [N, H + KVH, D], [N, KVH, D]

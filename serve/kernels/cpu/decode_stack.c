@@ -27,6 +27,7 @@ typedef struct {
     const void *in_norm, *post_norm, *qkv_w, *qkv_b, *o_w, *o_b, *gu_w, *gu_b, *down_w, *down_b;
     const slimlm_qweight *qkv_q, *o_q, *gu_q, *down_q;
     void *k_cache, *v_cache;
+    float *k_scale, *v_scale;   /* int8 caches (QuantizedKV): their scales; NULL for caches in the model dtype */
 } slimlm_layer;
 
 static void gemv(const slimlm_qweight* q, const void* w, const void* x, void* y, const void* b, int m, int out, int in,
@@ -55,9 +56,13 @@ void slimlm_decode_stack(const slimlm_layer* L, int nl, void* x, int m, int hidd
     for (int l = 0; l < nl; l++) {
         rms_norm(x, NULL, NULL, L[l].in_norm, h, m, hidden, eps, 1, bf16);
         gemv(L[l].qkv_q, L[l].qkv_w, h, qkv, L[l].qkv_b, m, (int)qkvw, hidden, threads, bf16);
-        rope_write_kv(qkv, cos, sin, slots, q, L[l].k_cache, L[l].v_cache, m, H, KVH, D, 1, bf16);
-        decode_attention(q, H * D, L[l].k_cache, L[l].v_cache, NULL, NULL, tables, tstride, lens, NULL, attn, m, H,
-                         KVH, D, bs, scale, threads, bf16);
+        if (L[l].k_scale)   /* a decode step: every sequence writes its own block */
+            rope_write_kv_q8(qkv, cos, sin, slots, q, (int8_t*)L[l].k_cache, (int8_t*)L[l].v_cache, L[l].k_scale,
+                             L[l].v_scale, m, H, KVH, D, bs, bf16);
+        else
+            rope_write_kv(qkv, cos, sin, slots, q, L[l].k_cache, L[l].v_cache, m, H, KVH, D, 1, bf16);
+        decode_attention(q, H * D, L[l].k_cache, L[l].v_cache, L[l].k_scale, L[l].v_scale, tables, tstride, lens,
+                         NULL, attn, m, H, KVH, D, bs, scale, threads, bf16);
         gemv(L[l].o_q, L[l].o_w, attn, o, L[l].o_b, m, hidden, H * D, threads, bf16);
         rms_norm(x, o, x, L[l].post_norm, h, m, hidden, eps, 1, bf16);   /* x += o; h = norm(x) */
         gemv(L[l].gu_q, L[l].gu_w, h, gu, L[l].gu_b, m, 2 * I, hidden, threads, bf16);

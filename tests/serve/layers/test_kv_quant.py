@@ -164,7 +164,7 @@ def test_block_bytes_and_dtype_names():
         resolve_kv_dtype("fp8", torch.float32)
 
 
-def test_attention_kernel_reads_int8_and_rope_steps_aside():
+def test_attention_kernel_reads_int8_and_rope_only_one_token_per_block():
     q = torch.zeros(1, 4, 32)
     qk = QuantizedKV.zeros((2, 4, 2, 32))
     plain = torch.zeros(2, 4, 2, 32)
@@ -174,9 +174,35 @@ def test_attention_kernel_reads_int8_and_rope_steps_aside():
     assert attention_kernel_for(q, qk, plain) is None  # one int8 and one float cache: no kernel
     qkv = torch.zeros(1, 8 * 32)
     cos, sin = torch.zeros(1, 1, 32), torch.zeros(1, 1, 32)
-    assert rope_kernel_for(qkv, cos, sin, qk, qk, torch.zeros(1, dtype=torch.long), 4) is None
+    assert rope_kernel_for(qkv, cos, sin, qk, qk, torch.zeros(1, dtype=torch.long), 4) is None  # maybe 2 per block
     with pytest.raises(ValueError, match="both"):
         write_kv(torch.zeros(1, 2, 32), torch.zeros(1, 2, 32), qk, torch.zeros(2, 4, 2, 32), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_writes_in_c_store_the_bytes_pytorch_stores(dtype, path):
+    # One token per block per step (decode): the C store (rope_write_kv_q8) and quantize_write give the
+    # same int8 data and scales, step after step, through fresh blocks, growing scales and re-rounding.
+    g = torch.Generator().manual_seed(7)
+    h, kvh, d, bs, seqs = 4, 2, 32, 4, 3
+    tables = [[5, 1, 8], [0, 6, 3], [2, 7, 4]]
+    caches = [(QuantizedKV.zeros((9, bs, kvh, d)), QuantizedKV.zeros((9, bs, kvh, d))) for _ in range(2)]
+    for pos in range(3 * bs):
+        slots = torch.tensor([t[pos // bs] * bs + pos % bs for t in tables])
+        # growing magnitudes, so scales grow and blocks re-round; a spike now and then
+        qkv = (torch.randn(seqs, (h + 2 * kvh) * d, generator=g) * (1 + pos / 3) * (3 if pos % 5 == 2 else 1)).to(dtype)
+        ang = torch.randn(seqs, 1, d // 2, generator=g)
+        cos, sin = torch.cat((ang.cos(), ang.cos()), -1).to(dtype), torch.cat((-ang.sin(), ang.sin()), -1).to(dtype)
+        if pos == 0:
+            c_store = rope_kernel_for(qkv, cos, sin, *caches[0], slots, h, True)
+            assert (c_store is not None) == (path == "kernels-on" and C_KERNELS)
+        outs = [rope_write_kv(qkv, cos, sin, k, v, slots, h, one_token_per_block=fast)
+                for (k, v), fast in zip(caches, (True, False))]
+        torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    (ck, cv), (pk, pv) = caches
+    for got, want in ((ck, pk), (cv, pv)):
+        assert torch.equal(got.scale, want.scale) and torch.equal(got.data, want.data)
+    assert (pk.scale > 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
