@@ -123,15 +123,18 @@ def run_export(args) -> int:
 
 
 def add_speculative_arguments(p) -> None:
-    p.add_argument("--speculative", choices=["self"], default=None,
-                   help="self: draft with the first --exit-layer layers and verify with the rest (greedy "
-                   "requests; lossless; the draft length adapts and switches off where it does not pay)")
+    p.add_argument("--speculative", choices=["self", "draft"], default=None,
+                   help="self: draft with the first --exit-layer layers and verify with the rest; draft: draft "
+                   "with --draft-model (greedy requests; lossless; the draft length adapts and switches off "
+                   "where it does not pay)")
     p.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: a quarter)")
+    p.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="--speculative draft: a smaller model with the same tokenizer (e.g. a pruned, distilled export)")
     p.add_argument("--num-draft", type=int, default=4, help="most tokens drafted per step (default 4)")
 
 
-def speculative_config(args, num_layers: int):
-    """The engine's SpeculativeConfig for --speculative (None without it); SlimlmError for a bad layer.
+def speculative_config(args, num_layers: int, tokenizer=None):
+    """The engine's SpeculativeConfig for --speculative (None without it); SlimlmError for a bad layer or draft.
 
     From an early-exit export, the exit layer defaults to its shallowest trained exit, and an exit with a
     norm of its own drafts through that norm."""
@@ -139,10 +142,17 @@ def speculative_config(args, num_layers: int):
     from slimlm.toolkit.early_exit import load_exit_tensors, read_exit_spec
     from slimlm.toolkit.models import resolve
 
+    if args.speculative != "self" and args.exit_layer is not None:
+        raise SlimlmError("--exit-layer needs --speculative self.")
+    if (args.speculative == "draft") != (args.draft_model is not None):
+        raise SlimlmError("--speculative draft and --draft-model go together.",
+                          "Pass --speculative draft --draft-model MODEL (a smaller model with the same tokenizer).")
     if args.speculative is None:
-        if args.exit_layer is not None:
-            raise SlimlmError("--exit-layer needs --speculative self.")
         return None
+    if args.num_draft < 1:
+        raise SlimlmError(f"--num-draft must be at least 1, got {args.num_draft}.")
+    if args.speculative == "draft":
+        return SpeculativeConfig(num_draft=args.num_draft, draft_model=draft_model(args, tokenizer))
     spec = read_exit_spec(args.model, verify=False) if resolve(args.model).kind == "export" else None
     default = spec.layers[0] if spec else max(1, num_layers // 4)
     exit_layer = args.exit_layer if args.exit_layer is not None else default
@@ -153,6 +163,18 @@ def speculative_config(args, num_layers: int):
     if spec and spec.norm == "own" and exit_layer in spec.layers:
         norm = load_exit_tensors(args.model, spec)[f"exits.{exit_layer}.norm.weight"]
     return SpeculativeConfig(exit_layer=exit_layer, num_draft=args.num_draft, exit_norm=norm)
+
+
+def draft_model(args, tokenizer):
+    """The --draft-model, loaded like the target (dtype, device); SlimlmError unless its tokenizer is `tokenizer`."""
+    from slimlm.toolkit.models import load, resolve
+
+    resolve(args.draft_model)
+    draft, draft_tok = load(args.draft_model, dtype=args.dtype, device=args.device)
+    if draft_tok.get_vocab() != tokenizer.get_vocab():
+        raise SlimlmError(f"--draft-model {args.draft_model} has another tokenizer than {args.model}.",
+                          "A draft must share the target's tokenizer (e.g. a pruned or distilled variant of it).")
+    return draft
 
 
 def add_bench(sub) -> None:
@@ -204,7 +226,7 @@ def run_bench(args) -> int:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     hf_model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
-    spec = speculative_config(args, hf_model.config.num_hidden_layers)
+    spec = speculative_config(args, hf_model.config.num_hidden_layers, tokenizer)
 
     def engine_with(speculative):
         return LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, args.concurrency or 1]),
@@ -292,7 +314,7 @@ def run_serve(args) -> int:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=not args.no_prefix_caching,
                           kv_cache_dtype=args.kv_cache_dtype, quantize_lm_head=args.quantize_lm_head,
-                          speculative=speculative_config(args, hf_model.config.num_hidden_layers))
+                          speculative=speculative_config(args, hf_model.config.num_hidden_layers, tokenizer))
     try:
         engine = LLMEngine(hf_model, tokenizer, config, model_name=args.served_model_name or args.model)
     except ValueError as err:

@@ -22,6 +22,7 @@ from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .draft_speculative import DraftSpeculator
 from .speculative import SelfSpeculator, SpeculativeConfig
 
 
@@ -86,7 +87,12 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, chunked_prefill=config.chunked_prefill), self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, kv_dtype=self.kv_dtype)
-        self.speculator = SelfSpeculator(self.model, config.speculative) if config.speculative else None
+        if config.speculative is None:
+            self.speculator = None
+        elif config.speculative.draft_model is not None:
+            self.speculator = DraftSpeculator(self.model, config.speculative, self.runner)
+        else:
+            self.speculator = SelfSpeculator(self.model, config.speculative)
         self.eos_token_ids = _eos_ids(hf_model, tokenizer)
         self._requests: dict[str, _Request] = {}
         self._owner: dict[int, tuple[_Request, int]] = {}  # seq_id -> (request, completion index)

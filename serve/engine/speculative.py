@@ -36,9 +36,10 @@ from .sequence import Sequence
 class SpeculativeConfig:
     """`exit_layer` E: layers run by the draft (1 <= E < num_layers). `num_draft`: most tokens drafted
     per step. `exit_norm`: the exit's own RMSNorm weight [hidden] (None: the model's final norm).
-    `adaptive` False drafts exactly `num_draft` tokens every step (for measuring acceptance)."""
+    `adaptive` False drafts exactly `num_draft` tokens every step (for measuring acceptance).
+    `draft_model`: draft with this smaller model of the same vocabulary instead of the first E layers."""
 
-    exit_layer: int
+    exit_layer: int = 0
     num_draft: int = 4
     exit_norm: Tensor | None = None
     adaptive: bool = True
@@ -46,6 +47,7 @@ class SpeculativeConfig:
     max_batch: int = 16
     prior_acceptance: float = 0.6
     probe_every: int = 16
+    draft_model: object | None = None  # a transformers model or slimlm CausalLM: draft with it (draft_speculative.py)
 
 
 @dataclass
@@ -93,7 +95,6 @@ class SelfSpeculator:
                              f"got {config.exit_layer}")
         if config.num_draft < 1:
             raise ValueError(f"num_draft must be at least 1, got {config.num_draft}")
-        self.model, self.config = model, config
         self.exit_layer = config.exit_layer
         self.layer_fraction = config.exit_layer / num_layers
         if config.exit_norm is None:
@@ -103,6 +104,10 @@ class SelfSpeculator:
             if weight.shape != model.norm.weight.shape:
                 raise ValueError(f"exit_norm has shape {tuple(weight.shape)}, expected {tuple(model.norm.weight.shape)}")
             self.norm = RMSNorm(weight, model.args.rms_norm_eps)
+        self._init_policy(model, config)
+
+    def _init_policy(self, model, config: SpeculativeConfig) -> None:
+        self.model, self.config = model, config
         self.acceptance: dict[int, float] = {}  # seq_id -> running acceptance rate
         self.plain_steps: dict[int, int] = {}  # seq_id -> plain steps since its last speculation
         self.probe_wait: dict[int, int] = {}  # seq_id -> plain steps before its next probe (doubles per miss)
@@ -121,8 +126,12 @@ class SelfSpeculator:
         both (this machine's real cost of a draft + verify step), from the cost model until then."""
         plain, spec = self.plain_time.get(batch), self.spec_time.get((batch, k))
         if plain is None or spec is None:
-            return expected_speedup(acceptance, k, self.layer_fraction, self.config.verify_cost)
+            return self.model_speedup(acceptance, k)
         return expected_tokens(acceptance, k) * plain / spec
+
+    def model_speedup(self, acceptance: float, k: int) -> float:
+        """The cost model's speedup of drafting k, before step times are measured."""
+        return expected_speedup(acceptance, k, self.layer_fraction, self.config.verify_cost)
 
     def observe(self, seconds: float, batch: int, k: int) -> None:
         """Record the wall time of a decode step of `batch` sequences that drafted `k` tokens each (0: plain)."""
@@ -225,6 +234,11 @@ class SelfSpeculator:
         for layer, (k_cache, v_cache) in zip(model.layers[self.exit_layer:], runner.kv_caches[self.exit_layer:]):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         target = model.compute_logits(x).argmax(-1).tolist()                         # [N]
+        return self._accept(spec, plan, drafts, target)
+
+    def _accept(self, spec, plan, drafts, target: list[int]) -> dict[int, list[int]]:
+        """Each sequence's new tokens: its drafts up to the first that differs from the target's argmax
+        (`target`: k + 1 per sequence, in `spec` order), then the target's own token there."""
         new_tokens, row = {}, 0
         for s in spec:
             sid, k = s.seq.seq_id, plan[s.seq.seq_id]

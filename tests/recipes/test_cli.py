@@ -189,8 +189,25 @@ def test_bench_speculative_reports_plain_and_speculative_side_by_side(model_dir,
     assert "draft tokens accepted" in capsys.readouterr().out
 
 
+def test_bench_speculative_with_a_draft_model(model_dir, tmp_path):
+    # The model as its own draft: the flags reach the engine (a draft as large as the target never pays,
+    # so the adaptive policy may not draft at all: the engine tests check what drafting computes).
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model_dir), "--batch-sizes", "1", "--concurrency", "0", "--prompt-len", "8",
+                 "--gen-len", "6", "--reps", "1", "--dtype", "float32", "--speculative", "draft", "--draft-model",
+                 str(model_dir), "--num-draft", "2", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert 0 <= result["speculative"]["spec_acceptance_rate"] <= 1
+    assert result["ratios"]["spec batch 1 / engine batch 1"] > 0
+
+
 @pytest.mark.parametrize("argv, words", [(["--speculative", "self", "--exit-layer", "9"], "--exit-layer must be in 1.."),
-                                         (["--exit-layer", "1"], "needs --speculative")])
+                                         (["--exit-layer", "1"], "needs --speculative"),
+                                         (["--speculative", "draft"], "go together"),
+                                         (["--draft-model", "x"], "go together"),
+                                         (["--speculative", "draft", "--draft-model", "x", "--exit-layer", "1"],
+                                          "needs --speculative self")])
 def test_bench_refuses_bad_speculative_flags(model_dir, capsys, argv, words):
     assert main(["bench", str(model_dir), "--batch-sizes", "1", "--reps", "1", *argv]) == 2
     assert words in capsys.readouterr().err
