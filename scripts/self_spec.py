@@ -5,6 +5,7 @@ on (adaptive off), and reports the acceptance rate, the mean tokens emitted per 
 the output equals plain decoding token for token, and tokens/s against the plain engine in the same run.
 
     python scripts/self_spec.py --model smollm2-135m --exits 6,10,15,20 --drafts 2,4 --prompts 8 --gen 64
+    python scripts/self_spec.py --model smollm2-135m --draft-model DIR --drafts 2,4 --adaptive   # a draft model
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--exits", default="6,10,15,20", help="exit layers E, comma-separated")
     p.add_argument("--drafts", default="2,4", help="draft lengths K, comma-separated")
     p.add_argument("--adaptive", action="store_true", help="also run the adaptive policy at the largest K")
+    p.add_argument("--draft-model", default=None, help="draft with this model instead of exit layers (--exits ignored)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen", type=int, default=64)
@@ -60,10 +62,12 @@ def main() -> None:
     print(f"plain: {plain_tps:.1f} tok/s (batch {args.batch}, {args.dtype})")
     rows = []
     drafts = [int(k) for k in args.drafts.split(",")]
-    for exit_layer in (int(e) for e in args.exits.split(",")):
+    draft = load(args.draft_model, dtype=args.dtype)[0] if args.draft_model else None
+    for exit_layer in ["draft"] if draft is not None else [int(e) for e in args.exits.split(",")]:
         runs = [(k, False) for k in drafts] + ([(max(drafts), True)] if args.adaptive else [])
         for k, adaptive in runs:
-            spec = SpeculativeConfig(exit_layer=exit_layer, num_draft=k, adaptive=adaptive)
+            spec = (SpeculativeConfig(num_draft=k, adaptive=adaptive, draft_model=draft) if draft is not None
+                    else SpeculativeConfig(exit_layer=exit_layer, num_draft=k, adaptive=adaptive))
             engine = LLMEngine(hf_model, tok, EngineConfig(max_num_seqs=max(args.batch, 1), speculative=spec))
             generate(engine, prompts[:1], 8, 1)
             engine.speculator.stats.__init__()
