@@ -343,20 +343,21 @@ def quant_matmul(x: Tensor, w: TritonQuantWeight, bias: Tensor | None = None, *,
         plan = _plan(m, w, x.device, config)
         if config is None:
             w.plans[m] = plan  # decode calls the same few row counts again and again: plan once
-    kernel, grid, split, kw, reduce_grid = plan
+    kernel, grid, kw, (reduce_grid, block) = plan
+    split = grid[2]
     has_bias = bias is not None
     bias_arg = bias if has_bias else x
     part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     kernel[grid](x, w.qweight, w.scales, w.zeros, bias_arg, out, part, m, n, k, w.qweight.shape[0], x.stride(0),
                  out.stride(0), w.qweight.stride(0), w.scales.stride(0), HAS_BIAS=has_bias, **kw)
     if split > 1:
-        _reduce_kernel[reduce_grid[:2]](part, bias_arg, out, m, n, out.stride(0), SPLIT_K=split, HAS_BIAS=has_bias,
-                                    BLOCK=reduce_grid[2])
+        _reduce_kernel[reduce_grid](part, bias_arg, out, m, n, out.stride(0), SPLIT_K=split, HAS_BIAS=has_bias,
+                                    BLOCK=block)
     return out
 
 
 def _plan(m: int, w: TritonQuantWeight, device: torch.device, config: dict | None):
-    # (kernel, grid, SPLIT_K, constexpr and launch kwargs, reduce grid + block) for m rows
+    # (kernel, grid (M tiles, N tiles, splits), constexpr and launch kwargs, (reduce grid, its block)) for m rows
     cfg = {**choose_config(m, w, device, (config or {}).get("kernel")), **(config or {})}
     gemv = cfg.pop("kernel") == "gemv"
     if gemv and w.group_size % (32 // w.bits):
@@ -371,12 +372,11 @@ def _plan(m: int, w: TritonQuantWeight, device: torch.device, config: dict | Non
         kw.pop("PER_CODE")
         kernel = _qgemv_kernel
     else:
-        interp = interpreting()
-        kw.update(UPCAST=interp and w.act_dtype != torch.float32,
+        kw.update(UPCAST=interpreting() and w.act_dtype != torch.float32,
                   DOT_PRECISION="ieee" if w.act_dtype == torch.float32 else "tf32")
         kernel = _qmm_kernel
     block = 256 if n >= 256 else triton.next_power_of_2(n)
-    return kernel, (m_tiles, n_tiles, split), split, kw, (m, triton.cdiv(n, block), block)
+    return kernel, (m_tiles, n_tiles, split), kw, ((m, triton.cdiv(n, block)), block)
 
 
 def dequantize(w: TritonQuantWeight) -> Tensor:
