@@ -125,8 +125,8 @@ def run_export(args) -> int:
 def add_speculative_arguments(p) -> None:
     p.add_argument("--speculative", choices=["self", "draft"], default=None,
                    help="self: draft with the first --exit-layer layers and verify with the rest; draft: draft "
-                   "with --draft-model (greedy requests; lossless; the draft length adapts and switches off "
-                   "where it does not pay)")
+                   "with --draft-model (lossless for greedy and sampled requests; the draft length adapts and "
+                   "switches off where it does not pay)")
     p.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: a quarter)")
     p.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="--speculative draft: a smaller model with the same tokenizer (e.g. a pruned, distilled export)")

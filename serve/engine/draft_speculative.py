@@ -2,9 +2,9 @@
 
 A smaller model with the target's vocabulary (a pruned and distilled export, say) drafts `k` tokens
 greedily; one pass of the target over `[last token, d_1 .. d_k]` verifies them (the same acceptance
-and adaptive draft length as `speculative.SelfSpeculator`, whose policy this class inherits). Greedy
-requests only: the emitted tokens are the target's own argmaxes, so the output is the plain engine's
-(up to the rounding of a multi-token pass against a one-token pass).
+and adaptive draft length as `speculative.SelfSpeculator`, whose policy this class inherits): greedy
+output is the plain engine's (up to the rounding of a multi-token pass against a one-token pass), and
+sampled tokens follow the target's distribution (the speculative-sampling rule).
 
 The draft keeps a KV cache of its own, parallel to the target's: the same number of blocks of the same
 size, addressed by the target's block ids, so it needs no block manager of its own (a block's slots
@@ -93,7 +93,7 @@ class DraftSpeculator(SelfSpeculator):
             meta = AttentionMetadata.build(q_lens, s_lens, [s.seq.block_table for s in batch], bs, device=dev)
             h = draft(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                       self.draft_caches, meta)
-            nxt = draft.compute_logits(h[meta.last_token_indices]).argmax(-1).tolist()
+            nxt = self._pick(draft.compute_logits(h[meta.last_token_indices]), [s.seq for s in batch])
             for s, tok in zip(batch, nxt):
                 tokens[s.seq.seq_id].append(tok)
         return tokens, None
@@ -109,7 +109,7 @@ class DraftSpeculator(SelfSpeculator):
                                        [s.seq.block_table for s in spec], runner.block_size, device=dev)
         x = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                   runner.kv_caches, meta)
-        new_tokens = self._accept(spec, plan, drafts, model.compute_logits(x).argmax(-1).tolist())
+        new_tokens = self._accept(spec, plan, drafts, model.compute_logits(x))
         for s in spec:
             seq, k = s.seq, plan[s.seq.seq_id]
             accepted = len(new_tokens[seq.seq_id]) - 1

@@ -93,6 +93,8 @@ class LLMEngine:
             self.speculator = DraftSpeculator(self.model, config.speculative, self.runner)
         else:
             self.speculator = SelfSpeculator(self.model, config.speculative)
+        if self.speculator is not None:
+            self.speculator.generator_for = self._generator_of
         self.eos_token_ids = _eos_ids(hf_model, tokenizer)
         self._requests: dict[str, _Request] = {}
         self._owner: dict[int, tuple[_Request, int]] = {}  # seq_id -> (request, completion index)
@@ -146,6 +148,10 @@ class LLMEngine:
             self.scheduler.add(seq)
         self._requests[request_id] = req
         self.prompt_tokens_total += len(prompt_token_ids)
+
+    def _generator_of(self, seq_id: int) -> torch.Generator | None:
+        req, idx = self._owner[seq_id]
+        return req.generators[idx]
 
     def abort_request(self, request_id: str) -> None:
         """Cancel a request and free its KV blocks now (no-op if unknown or finished)."""

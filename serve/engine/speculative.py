@@ -6,8 +6,11 @@ one pass of layers `[E, L)` over `[last token, d_1 .. d_k]` verifies them all: t
 those tokens' KV for layers `< E` and kept their layer-E hidden states, so nothing is computed twice.
 Accepted drafts plus the target's next token are appended; the KV of rejected drafts stays behind the
 sequence's computed length, is overwritten later, and blocks holding only rejected slots go back to
-the pool. Greedy requests only: the accepted tokens are the target model's own argmaxes, so the output
-is the plain engine's (up to the rounding of a multi-token pass against a one-token pass).
+the pool. Greedy requests: the accepted tokens are the target model's own argmaxes, so the output is
+the plain engine's (up to the rounding of a multi-token pass against a one-token pass). Sampled
+requests: drafts are sampled from the draft's distribution and kept by the speculative-sampling rule
+(`_accept`), so tokens follow the target's distribution (a seeded request is reproducible, but draws
+other numbers than plain decoding would). Requests with logprobs or penalties decode plainly.
 
 Aimed at never being slower than plain decoding (check with `slimlm bench --speculative self`; with
 untrained exits it measured 0.95x, see docs/benchmarks.md): each sequence keeps a running acceptance
@@ -26,6 +29,7 @@ from torch import Tensor
 
 from ..layers.attention import AttentionMetadata
 from ..layers.norm import RMSNorm
+from ..layers.sampler import filter_logits
 from .block_manager import BlockManager
 from .model_runner import ModelRunner, StepLogits
 from .scheduler import SchedulerOutput
@@ -85,6 +89,12 @@ def expected_speedup(acceptance: float, k: int, layer_fraction: float, verify_co
     return expected_tokens(acceptance, k) / cost
 
 
+def _probs(logits: Tensor, params: list) -> Tensor:
+    """The sampling distribution each row's request draws from: its temperature, top-k, top-p, min-p."""
+    probs = filter_logits(logits.float(), params).softmax(-1)
+    return torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 class SelfSpeculator:
     """Plans and runs speculative steps for an `LLMEngine` (see the module docstring)."""
 
@@ -115,11 +125,14 @@ class SelfSpeculator:
         self.plain_time: dict[int, float] = {}  # batch size -> running mean seconds of a plain decode step
         self.spec_time: dict[tuple[int, int], float] = {}  # (batch size, k) -> the same for a speculative step
         self.stats = SpecStats()
+        self.generator_for = lambda seq_id: None  # the engine sets it: a request's torch.Generator (its seed)
+        self._q: dict[int, list[Tensor]] = {}  # seq_id -> the draft's distribution at each sampled draft
 
     # -- planning -----------------------------------------------------------------------------
     def eligible(self, seq: Sequence) -> bool:
+        """Greedy and sampled requests speculate; those that ask for logprobs or penalties decode plainly."""
         p = seq.params
-        return p is None or (p.greedy and p.logprobs is None and not p.needs_penalties)
+        return p is None or (p.logprobs is None and not p.needs_penalties)
 
     def gain(self, acceptance: float, k: int, batch: int) -> float:
         """Expected speedup of drafting k: from measured step times at this batch size once there are
@@ -182,6 +195,20 @@ class SelfSpeculator:
         return plan
 
     # -- running ------------------------------------------------------------------------------
+    def _pick(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
+        """The draft's tokens for `logits` [B, V]: the argmax for greedy requests; for sampled ones a sample
+        from the draft's filtered distribution q (kept for the acceptance test)."""
+        tokens = logits.argmax(-1).tolist()
+        sampled = [i for i, seq in enumerate(seqs) if seq.params is not None and not seq.params.greedy]
+        if sampled:
+            q = _probs(logits[sampled], [seqs[i].params for i in sampled])
+            for j, i in enumerate(sampled):
+                sid = seqs[i].seq_id
+                if q[j].sum() > 0:
+                    tokens[i] = torch.multinomial(q[j], 1, generator=self.generator_for(sid)).item()
+                self._q.setdefault(sid, []).append(q[j])
+        return tokens
+
     def exit_logits(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(self.norm(hidden))
 
@@ -213,7 +240,7 @@ class SelfSpeculator:
                                            [s.seq.block_table for s in batch], bs, device=dev)
             h = model(ids, pos, runner.kv_caches, meta, num_layers=self.exit_layer)  # [B, hidden]
             drafting = [i for i, s in enumerate(batch) if j < plan[s.seq.seq_id]]
-            next_ids = self.exit_logits(h[drafting]).argmax(-1).tolist() if drafting else []
+            next_ids = self._pick(self.exit_logits(h[drafting]), [batch[i].seq for i in drafting]) if drafting else []
             for i, s in enumerate(batch):
                 hidden[s.seq.seq_id].append(h[i])
             for i, tok in zip(drafting, next_ids):
@@ -233,23 +260,47 @@ class SelfSpeculator:
         cos, sin = model.rotary(pos, meta.max_seq_len - 1)
         for layer, (k_cache, v_cache) in zip(model.layers[self.exit_layer:], runner.kv_caches[self.exit_layer:]):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
-        target = model.compute_logits(x).argmax(-1).tolist()                         # [N]
-        return self._accept(spec, plan, drafts, target)
+        return self._accept(spec, plan, drafts, model.compute_logits(x))
 
-    def _accept(self, spec, plan, drafts, target: list[int]) -> dict[int, list[int]]:
-        """Each sequence's new tokens: its drafts up to the first that differs from the target's argmax
-        (`target`: k + 1 per sequence, in `spec` order), then the target's own token there."""
+    def _accept(self, spec, plan, drafts, logits: Tensor) -> dict[int, list[int]]:
+        """Each sequence's new tokens from the target's `logits` [N, V] (k + 1 rows per sequence, in `spec`
+        order). Greedy: its drafts up to the first that differs from the target's argmax, then the target's
+        argmax there. Sampled (speculative sampling): draft d_i, drawn from q_i, is kept with probability
+        min(1, p_i(d_i) / q_i(d_i)); the first one rejected is replaced by a sample of max(p_i - q_i, 0)
+        (renormalised), and when all k are kept one more token is sampled from p_(k+1). The tokens are then
+        distributed exactly as the target's own sampling would give (Leviathan et al. 2023; Chen et al. 2023)."""
+        target = logits.argmax(-1).tolist()
         new_tokens, row = {}, 0
         for s in spec:
             sid, k = s.seq.seq_id, plan[s.seq.seq_id]
-            d, g = drafts[sid], target[row:row + k + 1]
-            a = 0
-            while a < k and d[a + 1] == g[a]:
-                a += 1
-            new_tokens[sid] = d[1:a + 1] + [g[a]]
+            d = drafts[sid]
+            params = s.seq.params
+            if params is None or params.greedy:
+                g = target[row:row + k + 1]
+                a = 0
+                while a < k and d[a + 1] == g[a]:
+                    a += 1
+                new_tokens[sid] = d[1:a + 1] + [g[a]]
+            else:
+                new_tokens[sid] = self._accept_sampled(sid, d[1:k + 1], _probs(logits[row:row + k + 1], [params] * (k + 1)))
+                a = len(new_tokens[sid]) - 1
             self._record(sid, k, a)
             row += k + 1
         return new_tokens
+
+    def _accept_sampled(self, sid: int, drafts: list[int], p: Tensor) -> list[int]:
+        q = self._q.pop(sid)
+        gen = self.generator_for(sid)
+        out = []
+        for i, tok in enumerate(drafts):
+            if torch.rand((), generator=gen).item() * q[i][tok].item() < p[i][tok].item():  # u < p / q
+                out.append(tok)
+                continue
+            residual = (p[i] - q[i]).clamp_(min=0)
+            dist = residual if residual.sum() > 0 else p[i]
+            out.append(torch.multinomial(dist, 1, generator=gen).item())
+            return out
+        return out + [torch.multinomial(p[len(drafts)], 1, generator=gen).item()]
 
     def _record(self, seq_id: int, k: int, accepted: int) -> None:
         st = self.stats
@@ -283,6 +334,7 @@ class SelfSpeculator:
             bm.trim(seq)
 
     def forget(self, seq_id: int) -> None:
+        self._q.pop(seq_id, None)
         self.acceptance.pop(seq_id, None)
         self.plain_steps.pop(seq_id, None)
         self.probe_wait.pop(seq_id, None)

@@ -111,16 +111,19 @@ def test_block_tables_stay_consistent_every_step():
     assert engine.block_manager.num_used_blocks == 0
 
 
-def test_sampled_and_logprob_requests_decode_plainly():
+def test_logprob_and_penalty_requests_decode_plainly_and_sampled_ones_speculate():
     model, tok = make(layers=4)
     spec = SpeculativeConfig(exit_layer=2, num_draft=3, adaptive=False)
-    sampled = SamplingParams(temperature=0.8, max_tokens=6, seed=3)
-    logprob = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
-    plain_s, _ = run(model, tok, PROMPTS[:2], params=sampled)
-    spec_s, engine = run(model, tok, PROMPTS[:2], spec, params=sampled)
-    assert spec_s == plain_s and engine.speculator.stats.steps == 0
-    _, engine = run(model, tok, PROMPTS[:2], spec, params=logprob)
-    assert engine.speculator.stats.steps == 0
+    for params in (SamplingParams(temperature=0, max_tokens=6, logprobs=2),
+                   SamplingParams(temperature=0.8, max_tokens=6, seed=1, repetition_penalty=1.3)):
+        plain, _ = run(model, tok, PROMPTS[:2], params=params)
+        fast, engine = run(model, tok, PROMPTS[:2], spec, params=params)
+        assert fast == plain and engine.speculator.stats.steps == 0
+    sampled = SamplingParams(temperature=0.8, max_tokens=9, seed=3, ignore_eos=True)
+    fast, engine = run(model, tok, PROMPTS[:3], spec, params=sampled)
+    assert engine.speculator.stats.steps > 0 and all(len(t) == 9 for t in fast)
+    again, _ = run(model, tok, PROMPTS[:3], spec, params=sampled)
+    assert again == fast  # seeded: the same draws, the same text
 
 
 def test_adaptive_policy_backs_off_when_drafts_miss_and_probes_again():
