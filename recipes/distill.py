@@ -316,33 +316,8 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
     meta = {"config": to_dict(config)}
     start_step = found[1]["global_step"] if found else 0
     t0 = time.perf_counter()
-    if T.uses_deepspeed_engine(config.strategy, on):
-        rank, _ = T.init_deepspeed_distributed()
-        ds_config = T.deepspeed_config(stage, config.offload, config.batch_size, config.grad_accum,
-                                       config.grad_clip, config.precision)
-        engine, history = T.run_deepspeed(module, data, ds_config, config.max_steps, config.seed, ckpt_dir,
-                                          config.checkpoint_every, meta, resume, log_dir, "distill",
-                                          config.log_every, config.progress)
-        is_zero = rank == 0
-        final_step = engine.global_steps
-    else:
-        devices, num_nodes = T.world_from_env(config.devices, config.num_nodes)
-        layer_classes = {type(m) for m in student.modules() if type(m).__name__.endswith("DecoderLayer")}
-        trainer = L.Trainer(accelerator=on, devices=devices, num_nodes=num_nodes,
-                            strategy=T.lightning_strategy(config.strategy, config.offload, layer_classes),
-                            precision=T.PRECISIONS[config.precision], max_steps=config.max_steps, max_epochs=-1,
-                            accumulate_grad_batches=config.grad_accum, gradient_clip_val=config.grad_clip or None,
-                            logger=T.loggers(log_dir, "distill"), log_every_n_steps=config.log_every,
-                            callbacks=[T.checkpoint_callback(ckpt_dir, config.checkpoint_every, meta),
-                                       L.pytorch.callbacks.LearningRateMonitor("step"),
-                                       *([T.progress_bar()] if config.progress else [])],
-                            enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-                            enable_progress_bar=config.progress, enable_model_summary=False)
-        datamodule = T.step_datamodule(data, config.batch_size, config.max_steps * config.grad_accum,
-                                       config.seed, start_step * config.grad_accum)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(found[0] / "state.ckpt") if found else None,
-                    weights_only=True)
-        history, is_zero, final_step = module.history, trainer.is_global_zero, trainer.global_step
+    history, is_zero, final_step, trainer = T.fit(module, student, data, config, on, stage, ckpt_dir, meta, resume,
+                                                  log_dir, "distill", found, start_step)
 
     steps = T.per_step(history)
     results = {"steps": final_step, "resumed_from": start_step, "seconds_this_run": round(time.perf_counter() - t0, 2),

@@ -406,6 +406,45 @@ def run_deepspeed(module, data: dict[str, torch.Tensor], ds_config: dict, max_st
     return engine, history
 
 
+def fit(module, model, data: dict[str, torch.Tensor], config, on: str, stage: int | None, ckpt_dir: Path, meta: dict,
+        resume: bool, log_dir: Path, name: str, found: tuple[Path, dict] | None, start_step: int):
+    """Train `module` for `config.max_steps`: DeepSpeed's own engine where Lightning refuses ZeRO (CPU), else a
+    Lightning Trainer with `config.strategy`, checkpoints every `config.checkpoint_every` steps (`meta` in
+    each), CSV/TensorBoard logs under `log_dir/name`, resuming from `found` at `start_step`.
+
+    `config` carries the recipes' shared fields (strategy, offload, devices, num_nodes, batch_size,
+    grad_accum, grad_clip, precision, max_steps, seed, checkpoint_every, log_every, progress).
+    Returns (per-call history, is rank 0, final step, the Trainer or None).
+    """
+    import lightning as L
+
+    if uses_deepspeed_engine(config.strategy, on):
+        rank, _ = init_deepspeed_distributed()
+        ds_config = deepspeed_config(stage, config.offload, config.batch_size, config.grad_accum,
+                                     config.grad_clip, config.precision)
+        engine, history = run_deepspeed(module, data, ds_config, config.max_steps, config.seed, ckpt_dir,
+                                        config.checkpoint_every, meta, resume, log_dir, name,
+                                        config.log_every, config.progress)
+        return history, rank == 0, engine.global_steps, None
+    devices, num_nodes = world_from_env(config.devices, config.num_nodes)
+    layer_classes = {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
+    trainer = L.Trainer(accelerator=on, devices=devices, num_nodes=num_nodes,
+                        strategy=lightning_strategy(config.strategy, config.offload, layer_classes),
+                        precision=PRECISIONS[config.precision], max_steps=config.max_steps, max_epochs=-1,
+                        accumulate_grad_batches=config.grad_accum, gradient_clip_val=config.grad_clip or None,
+                        logger=loggers(log_dir, name), log_every_n_steps=config.log_every,
+                        callbacks=[checkpoint_callback(ckpt_dir, config.checkpoint_every, meta),
+                                   L.pytorch.callbacks.LearningRateMonitor("step"),
+                                   *([progress_bar()] if config.progress else [])],
+                        enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+                        enable_progress_bar=config.progress, enable_model_summary=False)
+    datamodule = step_datamodule(data, config.batch_size, config.max_steps * config.grad_accum,
+                                 config.seed, start_step * config.grad_accum)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(found[0] / "state.ckpt") if found else None,
+                weights_only=True)
+    return module.history, trainer.is_global_zero, trainer.global_step, trainer
+
+
 @contextlib.contextmanager
 def gathered(module, stage: int | None):
     """Inside, every parameter of `module` is whole on every rank (ZeRO-3 partitions them)."""
