@@ -53,7 +53,10 @@ class DraftSpeculator(SelfSpeculator):
         self._init_policy(model, config)
         self.draft = draft
         self.exit_layer = None
-        self.cost_fraction = _weights_read(draft.args) / _weights_read(model.args)  # a draft token's relative cost
+        # A draft token's cost relative to a target token: the weights it reads, or for small models (where a
+        # decode step is mostly per-layer overhead) its share of the layers, whichever is larger.
+        self.cost_fraction = max(_weights_read(draft.args) / _weights_read(model.args),
+                                 draft.args.num_layers / model.args.num_layers)
         self.block_size = runner.block_size
         self.draft_caches = draft.allocate_kv_cache(runner.num_blocks, runner.block_size, device=runner.device)
         self.computed: dict[int, tuple[int, tuple[int, ...]]] = {}  # seq_id -> (positions, block ids they used)
