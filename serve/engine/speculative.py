@@ -135,12 +135,15 @@ class SelfSpeculator:
         return p is None or (p.logprobs is None and not p.needs_penalties)
 
     def gain(self, acceptance: float, k: int, batch: int) -> float:
-        """Expected speedup of drafting k: from measured step times at this batch size once there are
-        both (this machine's real cost of a draft + verify step), from the cost model until then."""
+        """Expected speedup of drafting k: the cost model's, and once step times at this batch size are
+        measured (this machine's real cost of a draft + verify step), the smaller of the two. Both must
+        see a gain: a noisy timing alone (a plain step that happened to be slow) never turns drafting on
+        where drafts miss, since the cost model prices a step's extra work at more than nothing."""
+        model = self.model_speedup(acceptance, k)
         plain, spec = self.plain_time.get(batch), self.spec_time.get((batch, k))
         if plain is None or spec is None:
-            return self.model_speedup(acceptance, k)
-        return expected_tokens(acceptance, k) * plain / spec
+            return model
+        return min(model, expected_tokens(acceptance, k) * plain / spec)
 
     def model_speedup(self, acceptance: float, k: int) -> float:
         """The cost model's speedup of drafting k, before step times are measured."""

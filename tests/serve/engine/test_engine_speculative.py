@@ -172,8 +172,9 @@ def test_stats_and_metrics_report_acceptance():
     assert "spec_acceptance_rate" not in plain.stats()
 
 
-def test_measured_step_times_override_the_cost_model():
-    """Once this machine's step times are known, drafting happens only where they say it pays."""
+def test_measured_step_times_can_only_lower_the_cost_model():
+    """Once this machine's step times are known, drafting happens only where both they and the cost model
+    say it pays: a timing can veto drafting, never start it where drafts miss."""
     from slimlm.serve.engine.sequence import Sequence
 
     model, tok = make(layers=4)
@@ -191,7 +192,12 @@ def test_measured_step_times_override_the_cost_model():
         for _ in range(30):
             spec.observe(0.011, batch=1, k=k)             # now a speculative step costs about a plain one
     assert spec.draft_len(seq) == 3
-    assert spec.gain(0.95, 3, batch=1) > 3
+    assert spec.gain(0.95, 3, batch=1) == pytest.approx(spec.model_speedup(0.95, 3))  # capped by the model
+    spec.observe(0.001, batch=1, k=1)  # a freak timing: one speculative step "10x faster" than a plain one
+    for _ in range(30):
+        spec.observe(0.100, batch=1, k=0)
+    spec.acceptance[0] = 0.0           # ... while every draft misses
+    assert spec.gain(0.0, 1, batch=1) < 1 and spec.draft_len(seq) == 0
 
 
 def test_engine_times_pure_decode_steps():
