@@ -1,7 +1,7 @@
 """Issue 4's target: prune SmolLM2-135M to ~50% of its parameters, then distillation vs plain cross-entropy.
 
     python scripts/prune_distill_target.py [--out out/prune-distill-target] [--steps 80] [--seq-len 256] \\
-        [--batch-size 4] [--lr 3e-4] [--temperature 1.0] [--precision bf16] [--eval-windows 32] \\
+        [--batch-size 4] [--lr 3e-4] [--temperature 1.0] [--precision bf16] [--eval-windows 0] \\
         [--pruned DIR] [--eval-base] [--bench] [--threads 1] [--json FILE] [key=value ...]
 
 Steps, each through the project's own command line (printed before it runs, so it can be rerun alone):
@@ -15,7 +15,7 @@ Steps, each through the project's own command line (printed before it runs, so i
    Any extra key=value is passed to both runs. A run whose export exists with the same settings is reused.
 3. `slimlm eval` of the pruned start, the KD result and the CE result (optionally the base) on the
    validation split of builtin:wiki (the last 10% of wiki.utf8; training and calibration never read it),
-   the first --eval-windows windows of 512 tokens (0: all of them);
+   in windows of 512 tokens (all 123 by default, or the first --eval-windows);
 4. with --bench, `slimlm bench` of the base and of the KD result at batch 1 and 32 (decode tokens/s in
    the serving engine, bf16): ratios only, since absolute numbers on a shared CPU are noise.
 
@@ -95,7 +95,8 @@ def distill(name: str, pruned: Path, out: Path, args, env: dict) -> dict:
     result = manifest["eval"]["distill"]
     if not args.keep_checkpoints:  # ~1 GB of optimizer state per run; the export is what is evaluated
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    info = {"overrides": overrides, "command": shlex.join(["slimlm", "distill", "--config", DISTILL_CONFIG, *overrides]),
+    command = shlex.join(["slimlm", "distill", "--config", DISTILL_CONFIG, *overrides])
+    info = {"overrides": overrides, "command": command,
             "model": str(run_dir / "model"), "steps": result["steps"], "rows": rows,
             "tokens": rows * args.seq_len, "wall_s": round(wall, 1), "train_s": result["seconds_this_run"],
             "first_loss": result["first"], "final_loss": result["final"]}
@@ -127,11 +128,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps (default 10)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature (no effect on the CE run)")
     p.add_argument("--precision", default="bf16", choices=["32", "bf16"], help="training precision (default bf16)")
-    p.add_argument("--eval-windows", type=int, default=32, help="512-token held-out windows; 0: all (default 32)")
+    p.add_argument("--eval-windows", type=int, default=0, help="the first N 512-token held-out windows; 0: all 123 "
+                   "(default; the first windows are long articles, the last short stubs, so a prefix can mislead)")
     p.add_argument("--eval-base", action="store_true", help="also evaluate the unpruned base (context only)")
     p.add_argument("--bench", action="store_true", help="decode speed of the result vs the base, batch 1 and 32")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every step; 0: torch's choice (default 1: "
-                   "on a shared 2-core CPU, 2 spinning threads beside another busy process ran 6x slower per step)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every step; 0: torch's choice "
+                   "(default 1: on a shared 2-core CPU, 2 spinning threads beside another busy process "
+                   "ran 6x slower per step)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final training state")
     p.add_argument("--json", help="write the report here too (default OUT/report.json)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more overrides of the distill config (both runs)")
@@ -184,7 +187,8 @@ def main(argv=None) -> int:
         "perplexity": {k: v["perplexity"] for k, v in ppl.items()},
         "kd_gain_over_ce": gain, "target_met": gain >= 0.10, "runs": runs, "decode_speed": speed,
         "total_wall_s": round(time.perf_counter() - started, 1),
-        "command": shlex.join(["python", "scripts/prune_distill_target.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(["python", "scripts/prune_distill_target.py",
+                               *(argv if argv is not None else sys.argv[1:])]),
     }
     for path in {out / "report.json", Path(args.json or out / "report.json").resolve()}:
         path.write_text(json.dumps(report, indent=1))
