@@ -62,6 +62,7 @@ class _Request:
     prompt_top: list | None = None
     num_cached_tokens: int = 0
     done: set = field(default_factory=set)
+    unforked: list[int] = field(default_factory=list)  # completions that start from seqs[0]'s prompt logits
 
 
 class LLMEngine:
@@ -144,8 +145,9 @@ class LLMEngine:
                                                 top_logprobs=[] if params.logprobs else None))
             req.generators.append(None if params.seed is None else torch.Generator().manual_seed(params.seed + i))
             self._owner[seq.seq_id] = (req, i)
-        for seq in req.seqs:
-            self.scheduler.add(seq)
+        # n > 1: one prefill; the other completions fork from it when its first token is sampled.
+        self.scheduler.add(req.seqs[0])
+        req.unforked = list(range(1, params.n))
         self._requests[request_id] = req
         self.prompt_tokens_total += len(prompt_token_ids)
 
@@ -203,18 +205,32 @@ class LLMEngine:
         advanced: dict[str, _Request] = {self._owner[i][0].request_id: self._owner[i][0] for i in new_tokens}
         for seq_id, (rows, first_pos) in logits.prompt.items():
             self._record_prompt_logprobs(self._owner[seq_id][0], rows, first_pos)
+        forks: list[tuple[Sequence, Sequence, int]] = []  # (parent, child, child's first token)
         if logits.sampled_ids:
             seqs = [self._owner[i][0].seqs[self._owner[i][1]] for i in logits.sampled_ids]
+            rows = list(range(len(seqs)))
+            for j, seq in enumerate(list(seqs)):
+                req, idx = self._owner[seq.seq_id]
+                if idx == 0 and req.unforked and seq.num_output_tokens == 0:  # the prompt's logits: for all n
+                    seqs += [req.seqs[i] for i in req.unforked]
+                    rows += [j] * len(req.unforked)
+                    req.unforked = []
+            rows_sampled = logits.sample
+            if len(rows) > len(logits.sampled_ids):
+                rows_sampled = logits.sample.index_select(0, torch.tensor(rows, device=logits.sample.device))
             params = [s.params for s in seqs]
             gens = [self._owner[s.seq_id][0].generators[self._owner[s.seq_id][1]] for s in seqs]
             penal = any(p.needs_penalties for p in params)
-            result = sample(logits.sample, params, gens,
+            result = sample(rows_sampled, params, gens,
                             [s.prompt_token_ids for s in seqs] if penal else None,
                             [s.output_token_ids for s in seqs] if penal else None)
             now = time.perf_counter()
             for j, seq in enumerate(seqs):
                 req, idx = self._owner[seq.seq_id]
-                new_tokens[seq.seq_id] = [result.tokens[j]]
+                if j >= len(logits.sampled_ids):
+                    forks.append((seqs[rows[j]], seq, result.tokens[j]))
+                else:
+                    new_tokens[seq.seq_id] = [result.tokens[j]]
                 comp = req.outputs[idx]
                 if comp.logprobs is not None:
                     comp.logprobs.append(result.logprobs[j])
@@ -228,6 +244,16 @@ class LLMEngine:
         self.generation_tokens_total += sum(s.seq.num_output_tokens for s in out.scheduled) - before
         if plan:
             self.speculator.after_update(plan, [s.seq for s in out.scheduled], self.block_manager)
+        for parent, child, token in forks:
+            self.scheduler.fork_sampled(parent.seq_id, child, token)
+            new_tokens[child.seq_id] = [token]
+            self.generation_tokens_total += 1
+        for seq_id in list(new_tokens):
+            req, idx = self._owner[seq_id]
+            if idx == 0 and req.unforked:  # a one-token prompt drafted its first tokens: the others prefill alone
+                for i in req.unforked:
+                    self.scheduler.add(req.seqs[i])
+                req.unforked = []
         for seq_id in new_tokens:
             req, idx = self._owner[seq_id]
             self._update_completion(req, idx)

@@ -175,15 +175,53 @@ class Scheduler:
         if child_id in self._seqs:
             raise ValueError(f"fork: sequence id {child_id} is already scheduled")
         child = parent.clone(child_id)
-        self._keys[child_id] = (parent.arrival_time, next(self._counter))
-        self._seqs[child_id] = child
+        self._adopt(parent, child)
+        return child
+
+    def fork_sampled(self, parent_id: int, child: Sequence, token: int) -> None:
+        """Start `child`, a new sequence with the prompt of `parent_id`, from `token`: its first output,
+        sampled from the same prompt logits as the parent's (n > 1 sampling, forked after one prefill).
+
+        While the parent runs, the child shares its prompt blocks, the partly filled last one included
+        (copied on the first write); if the parent has finished, the child queues and recomputes its
+        prompt (mostly from the prefix cache). A token that stops the child (EOS, max_tokens) finishes
+        it at once, and it never enters the scheduler. Call between steps, after `update`.
+        """
+        if child.seq_id in self._seqs:
+            raise ValueError(f"fork: sequence id {child.seq_id} is already scheduled")
+        if child.status is not SequenceStatus.WAITING or child.block_table or child.num_output_tokens:
+            raise ValueError(f"fork: sequence {child.seq_id} must be new (waiting, no blocks, no output)")
+        parent = self._seqs.get(parent_id)
+        if parent is not None and parent.prompt_token_ids != child.prompt_token_ids:
+            raise ValueError(f"fork: sequence {child.seq_id} does not share the prompt of sequence {parent_id}")
+        child.append_token(token)
+        if (status := self._stop_status(child)) is not None:
+            child.status = status
+            return
+        if parent is None:
+            self._keys[child.seq_id] = (child.arrival_time, next(self._counter))
+            self._seqs[child.seq_id] = child
+            self._waiting.appendleft(child)  # its request was admitted before anything still waiting
+            return
+        self._adopt(parent, child)
+
+    def _adopt(self, parent: Sequence, child: Sequence) -> None:
+        self._keys[child.seq_id] = (parent.arrival_time, next(self._counter))
+        self._seqs[child.seq_id] = child
         if parent.status is SequenceStatus.RUNNING and len(self._running) < self.config.max_num_seqs:
             self.block_manager.fork(parent, child)
             child.status = SequenceStatus.RUNNING
             bisect.insort(self._running, child, key=self._key)
         else:
             self._waiting.append(child)
-        return child
+
+    def _stop_status(self, seq: Sequence) -> SequenceStatus | None:
+        """How seq finishes after its last token was appended: EOS, max_tokens or max_model_len; None: it goes on."""
+        if seq.last_token_id in seq.eos_token_ids:
+            return SequenceStatus.FINISHED_STOPPED
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
 
     # -- one step ------------------------------------------------------------------------------
     def _chunk(self, remaining: int, room: int) -> int:
@@ -296,12 +334,8 @@ class Scheduler:
                 continue
             for token in new_tokens[seq.seq_id]:
                 seq.append_token(token)
-                if token in seq.eos_token_ids:
-                    seq.status = SequenceStatus.FINISHED_STOPPED
-                elif (seq.num_output_tokens >= seq.max_tokens
-                      or seq.num_tokens >= self.config.max_model_len):
-                    seq.status = SequenceStatus.FINISHED_LENGTH
-                if seq.is_finished:
+                if (status := self._stop_status(seq)) is not None:
+                    seq.status = status
                     break
             if seq.is_finished:
                 self._running.remove(seq)

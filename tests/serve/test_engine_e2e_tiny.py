@@ -109,6 +109,56 @@ def test_n_completions_with_a_seed_are_reproducible_and_distinct():
     assert len({tuple(c.token_ids) for c in a.outputs}) > 1
 
 
+def computed_tokens(engine):
+    """Counts the prompt and output tokens the model computes, over every step of `engine`."""
+    seen = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda out, *a: seen.append(out.num_batched_tokens) or execute(out, *a)
+    return seen
+
+
+def test_n_completions_share_one_prefill_and_match_greedy():
+    model, tok = make()
+    llm = LLM(model, tok, block_size=4, enable_prefix_caching=False)
+    seen = computed_tokens(llm.engine)
+    prompt = "SYSTEM: be brief. USER: what is 2+2?"  # 36 tokens: its last block is partly filled
+    out = llm.generate(prompt, SamplingParams(temperature=0, n=4, max_tokens=6, ignore_eos=True))[0]
+    want = hf_greedy(model, tok, prompt, 6)
+    assert [c.token_ids for c in out.outputs] == [want] * 4
+    # One prefill for the four (no prefix cache here), then 5 decode tokens each.
+    assert sum(seen) == len(tok(prompt).input_ids) + 4 * 5
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_each_completions_first_token_follows_its_own_seed():
+    model, tok = make()
+    llm = LLM(model, tok)
+    params = SamplingParams(temperature=1.0, n=3, seed=5, max_tokens=1)
+    forked = [c.token_ids for c in llm.generate("hello", params)[0].outputs]
+    alone = [llm.generate("hello", SamplingParams(temperature=1.0, seed=5 + i, max_tokens=1))[0].outputs[0].token_ids
+             for i in range(3)]
+    assert forked == alone
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_completions_go_on_when_the_first_one_stops_at_its_first_token():
+    model, tok = make()
+    llm = LLM(model, tok, block_size=4)
+    for seed in range(30):  # a seed whose first completion's first token differs from the others'
+        firsts = [c.token_ids[0] for c in llm.generate(
+            "hello", SamplingParams(temperature=1.0, n=3, seed=seed, max_tokens=1))[0].outputs]
+        if firsts[0] not in firsts[1:]:
+            break
+    else:
+        pytest.fail("no seed in 30 gave a first token the other completions did not also draw")
+    params = SamplingParams(temperature=1.0, n=3, seed=seed, max_tokens=5, stop_token_ids=[firsts[0]], ignore_eos=True)
+    outs = llm.generate("hello", params)[0].outputs
+    assert outs[0].token_ids == [firsts[0]] and outs[0].finish_reason == "stop"
+    for c, first in zip(outs[1:], firsts[1:]):
+        assert c.token_ids[0] == first and (len(c.token_ids) == 5 or c.finish_reason == "stop")
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
 def test_abort_frees_blocks_at_once():
     model, tok = make()
     engine = LLMEngine(model, tok, EngineConfig(block_size=4))

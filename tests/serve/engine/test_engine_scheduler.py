@@ -290,6 +290,58 @@ def test_fork_shares_the_prompt_and_copies_on_write(fake_runner, drive):
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_fork_sampled_starts_a_child_on_the_parents_prompt_blocks(fake_runner, drive):
+    sched, bm = make()
+    runner = fake_runner(bm, token_fn=lambda seq, context: greedy(context + [seq.seq_id]))
+    parent = Sequence(0, [1, 2, 3, 4, 5, 6], max_tokens=4)
+    sched.add(parent)
+    step(sched, runner)  # the prompt's one prefill
+    child = Sequence(1, [1, 2, 3, 4, 5, 6], max_tokens=4)
+    sched.fork_sampled(0, child, 33)
+    assert child.output_token_ids == [33] and child.num_computed_tokens == 6
+    assert child.block_table == parent.block_table and bm.ref_count(parent.block_table[0]) == 2
+    out, _ = step(sched, runner)
+    assert [s.num_tokens for s in out.scheduled] == [1, 1]  # no prompt token is computed twice
+    assert len(out.copy_ops) == 1  # the shared, partly filled last block is copied once
+    drive(sched, runner)
+    assert child.num_output_tokens == 4 and bm.num_free_blocks == bm.num_blocks
+
+
+def test_fork_sampled_after_the_parent_finished_recomputes_or_stops(fake_runner, drive):
+    sched, bm = make()
+    runner = fake_runner(bm)
+    parent = Sequence(0, [1, 2, 3, 4, 5, 6], max_tokens=1)
+    sched.add(parent)
+    step(sched, runner)
+    assert parent.is_finished
+    late = Sequence(1, [1, 2, 3, 4, 5, 6], max_tokens=3)
+    sched.fork_sampled(0, late, 7)  # the parent is gone: it queues and prefills (from the prefix cache)
+    assert late.status is SequenceStatus.WAITING and sched.num_waiting == 1
+    drive(sched, runner)
+    assert late.output_token_ids[0] == 7 and late.num_output_tokens == 3
+    done = Sequence(2, [1, 2, 3, 4, 5, 6], max_tokens=1)
+    sched.fork_sampled(0, done, 8)  # max_tokens reached by its first token: finished, never scheduled
+    assert done.status is SequenceStatus.FINISHED_LENGTH and sched.get(2) is None
+    eos = Sequence(3, [1, 2, 3, 4, 5, 6], max_tokens=5, eos_token_ids=frozenset({9}))
+    sched.fork_sampled(0, eos, 9)
+    assert eos.status is SequenceStatus.FINISHED_STOPPED and sched.get(3) is None
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_fork_sampled_refuses_bad_children(fake_runner):
+    sched, bm = make()
+    sched.add(Sequence(0, [1, 2, 3], max_tokens=4))
+    step(sched, fake_runner(bm))
+    with pytest.raises(ValueError, match="does not share the prompt"):
+        sched.fork_sampled(0, Sequence(1, [1, 2, 4], max_tokens=4), 5)
+    with pytest.raises(ValueError, match="already scheduled"):
+        sched.fork_sampled(0, Sequence(0, [1, 2, 3], max_tokens=4), 5)
+    used = Sequence(2, [1, 2, 3], max_tokens=4)
+    used.append_token(6)
+    with pytest.raises(ValueError, match="must be new"):
+        sched.fork_sampled(0, used, 5)
+
+
 def test_rollback_recomputes_the_last_token_and_finishes_right(fake_runner, drive):
     sched, bm = make()
     runner = fake_runner(bm)
