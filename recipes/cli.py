@@ -196,12 +196,19 @@ def add_bench(sub) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="auto: the model's dtype (default); int8: per-block, per-head scales, half the memory")
     add_speculative_arguments(p)
+    add_engine_arguments(p)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", metavar="OUT", help="write every figure, the settings and the command to OUT")
+
+
+def add_engine_arguments(p) -> None:
+    """Where and how the engine runs: the same flags on `serve` and `bench`."""
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (Triton attention and int4/int8 kernels)")
     p.add_argument("--quantize-lm-head", choices=["int4", "int8"], default=None,
                    help="RTN-quantize the LM head at load (g64, asymmetric): faster decode for small models "
                         "with big vocabularies, at a perplexity cost (docs/benchmarks.md); default: dense")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--json", metavar="OUT", help="write every figure, the settings and the command to OUT")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA, run every decode step eagerly (default: replay a CUDA graph per batch-size bucket)")
 
 
 def run_bench(args) -> int:
@@ -231,7 +238,8 @@ def run_bench(args) -> int:
     def engine_with(speculative):
         return LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, args.concurrency or 1]),
                                                            kv_cache_dtype=args.kv_cache_dtype, speculative=speculative,
-                                                           quantize_lm_head=args.quantize_lm_head),
+                                                           quantize_lm_head=args.quantize_lm_head,
+                                                           cuda_graphs=False if args.enforce_eager else None),
                          model_name=args.model)
 
     engine = engine_with(None)
@@ -264,6 +272,7 @@ def run_bench(args) -> int:
     if args.json:
         write_json({**result, "model": args.model, "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),
                     "quantize_lm_head": args.quantize_lm_head, "device": args.device,
+                    "cuda_graphs": engine.runner.graphs is not None,
                     "command": args.command_line}, args.json)
     return 0
 
@@ -284,10 +293,7 @@ def add_serve(sub) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="auto: the model's dtype (default); int8: per-block, per-head scales, twice the sequences")
     add_speculative_arguments(p)
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (Triton attention and int4/int8 kernels)")
-    p.add_argument("--quantize-lm-head", choices=["int4", "int8"], default=None,
-                   help="RTN-quantize the LM head at load (g64, asymmetric): faster decode for small models "
-                        "with big vocabularies, at a perplexity cost (docs/benchmarks.md); default: dense")
+    add_engine_arguments(p)
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--max-queue", type=int, default=256, help="requests held at once; past it, 429 (default 256)")
 
@@ -314,6 +320,7 @@ def run_serve(args) -> int:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=not args.no_prefix_caching,
                           kv_cache_dtype=args.kv_cache_dtype, quantize_lm_head=args.quantize_lm_head,
+                          cuda_graphs=False if args.enforce_eager else None,
                           speculative=speculative_config(args, hf_model.config.num_hidden_layers, tokenizer))
     try:
         engine = LLMEngine(hf_model, tokenizer, config, model_name=args.served_model_name or args.model)

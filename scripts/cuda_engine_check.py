@@ -3,10 +3,12 @@
 1. Correctness (float32, tiny Llama and Qwen2): the engine's greedy outputs (Triton paged attention,
    Triton int4 kernels for a GPTQ folder) against transformers' `generate` on the same model, token
    for token; the RTN int4 folder against the HF model holding its dequantized weights.
+   Decode steps replay CUDA graphs (the engine's default on CUDA); the same prompts also run with
+   graphs off (`cuda_graphs=False`), and the first two alone (the batch-1 graph).
 2. Speed (bf16, a random model of the shape given, default ~0.4B: hidden 2048, 8 layers): generated
-   tokens/s of the engine at each batch size, for the bf16 model, its RTN int4 g128 GPTQ folder, the
-   bf16 model with the PyTorch attention path (SLIMLM_TRITON=0), and transformers' `generate`,
-   interleaved per repetition (median of --reps).
+   tokens/s of the engine at each batch size, for the bf16 model, its RTN int4 g128 GPTQ folder, each
+   with CUDA graphs and eager, the eager bf16 model with the PyTorch attention path (SLIMLM_TRITON=0),
+   and transformers' `generate`, interleaved per repetition (median of --reps).
 
     python scripts/cuda_engine_check.py --batch-sizes 1,16,64 --json /tmp/engine.json
 """
@@ -69,8 +71,16 @@ def check_correctness(tmp: str, dev: str) -> dict:
                                 num_attention_heads=8, num_key_value_heads=2)
         model = model.to(dev)
         engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=8, num_blocks=256))
-        same = sum(a == b for a, b in zip(greedy_engine(engine, prompts, 32), greedy_hf(model, prompts, 32)))
-        result[f"{arch} fp32 greedy identical"] = f"{same}/{len(prompts)}"
+        got, want = greedy_engine(engine, prompts, 32), greedy_hf(model, prompts, 32)
+        same = sum(a == b for a, b in zip(got, want))
+        graphs = engine.runner.graphs
+        result[f"{arch} fp32 greedy identical (CUDA graphs: {graphs.steps if graphs else 0} replays)"] = \
+            f"{same}/{len(prompts)}"
+        one = [greedy_engine(engine, [p], 32)[0] for p in prompts[:2]]  # batch 1: the bucket-1 graph
+        result[f"{arch} fp32 batch-1 greedy identical"] = f"{sum(a == b for a, b in zip(one, want))}/2"
+        eager = LLMEngine(model, tok, EngineConfig(max_num_seqs=8, num_blocks=256, cuda_graphs=False))
+        same = sum(a == b for a, b in zip(greedy_engine(eager, prompts, 32), want))
+        result[f"{arch} fp32 greedy identical, eager"] = f"{same}/{len(prompts)}"
         folder = int4_folder(model.cpu(), tok, 64, os.path.join(tmp, f"{arch}-int4"))
         qmodel, qtok = load(folder, dtype="float32", device=dev)
         engine = LLMEngine(qmodel, qtok, EngineConfig(max_num_seqs=8, num_blocks=256))
@@ -98,13 +108,16 @@ def time_engines(args, tmp: str) -> dict:
     params = sum(p.numel() for p in model.parameters())
     cap = max(args.batch_sizes)
     engines = {"bf16": LLMEngine(model, tok, EngineConfig(max_num_seqs=cap, kv_cache_gb=4)),
-               "int4": LLMEngine(qmodel, tok, EngineConfig(max_num_seqs=cap, kv_cache_gb=4))}
+               "int4": LLMEngine(qmodel, tok, EngineConfig(max_num_seqs=cap, kv_cache_gb=4)),
+               "bf16-eager": LLMEngine(model, tok, EngineConfig(max_num_seqs=cap, kv_cache_gb=4, cuda_graphs=False)),
+               "int4-eager": LLMEngine(qmodel, tok, EngineConfig(max_num_seqs=cap, kv_cache_gb=4, cuda_graphs=False))}
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 32000, (args.prompt_len,), generator=gen).tolist() for _ in range(cap)]
     table = {"model": f"random Llama {params / 1e6:.0f}M params (hidden {args.hidden}, {args.layers} layers)",
              "prompt_len": args.prompt_len, "gen_len": args.gen_len, "device": torch.cuda.get_device_name() if dev == "cuda" else dev}
     for b in args.batch_sizes:
-        runs = {name: [] for name in ("bf16", "int4", "bf16 torch-attention", "hf bf16")}
+        runs = {name: [] for name in ("bf16", "int4", "bf16-eager", "int4-eager", "bf16-eager torch-attention",
+                                      "hf bf16")}
         for rep in range(args.reps + 1):  # the first is a warm-up (Triton compiles, cuBLAS picks)
             for name in runs:
                 if name == "hf bf16" and (args.skip_hf or b > 16):
@@ -122,7 +135,8 @@ def time_engines(args, tmp: str) -> dict:
         row = {name: statistics.median(v) for name, v in runs.items() if v}
         table[f"batch {b}"] = row
         print(f"batch {b}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in row.items())
-              + f"; int4/bf16 {row['int4'] / row['bf16']:.2f}x", flush=True)
+              + f"; int4/bf16 {row['int4'] / row['bf16']:.2f}x, graphs/eager bf16 {row['bf16'] / row['bf16-eager']:.2f}x"
+              f" int4 {row['int4'] / row['int4-eager']:.2f}x", flush=True)
     return table
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import use_triton
 from ..layers.kv_quant import resolve_kv_dtype
 from ..layers.sampler import sample
 from ..sampling_params import SamplingParams
@@ -46,6 +47,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto" | "int8"
     speculative: SpeculativeConfig | None = None  # self-speculative decoding (greedy requests), see speculative.py
     quantize_lm_head: str | None = None  # "int4" | "int8": RTN-quantize the LM head at load (models/quant_head.py)
+    # Replay decode steps from CUDA graphs (engine/cuda_graph.py). None: on a CUDA model with a float KV
+    # cache and the Triton attention; False: always eager; True: also on a CPU (padded eager steps, for tests).
+    cuda_graphs: bool | None = None
 
 
 @dataclass
@@ -87,7 +91,11 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, chunked_prefill=config.chunked_prefill), self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, kv_dtype=self.kv_dtype)
+        graphs = config.cuda_graphs
+        if graphs is None:
+            graphs = self.model.device.type == "cuda" and self.kv_dtype != torch.int8 and use_triton(self.model.device)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, kv_dtype=self.kv_dtype,
+                                  graph_batch=config.max_num_seqs if graphs else 0, max_model_len=self.max_model_len)
         if config.speculative is None:
             self.speculator = None
         elif config.speculative.draft_model is not None:

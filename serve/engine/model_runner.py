@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..layers.attention import AttentionMetadata
 from ..layers.kv_quant import cache_nbytes, copy_blocks_
+from .cuda_graph import DecodeGraphs
 from .scheduler import SchedulerOutput
 
 
@@ -28,13 +29,24 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
-        """`kv_dtype`: the cache's dtype (None: the model's; torch.int8: quantized, see `kv_quant`)."""
+    def __init__(self, model, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
+                 graph_batch: int = 0, max_model_len: int | None = None):
+        """`kv_dtype`: the cache's dtype (None: the model's; torch.int8: quantized, see `kv_quant`).
+        `graph_batch` > 0: decode steps of up to that many sequences (and contexts up to `max_model_len`)
+        replay CUDA graphs (`cuda_graph.py`; eager padded steps on a CPU); the cache gets one scratch
+        block past `num_blocks` for the graphs' padding rows."""
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = model.device
-        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size, dtype=kv_dtype, device=self.device)
+        extra = 1 if graph_batch else 0
+        self.kv_caches = model.allocate_kv_cache(num_blocks + extra, block_size, dtype=kv_dtype, device=self.device)
+        self.graphs = None
+        if graph_batch:
+            if max_model_len is None:
+                raise ValueError("graph_batch needs max_model_len (the width of the graphs' block tables)")
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_model_len, graph_batch,
+                                       scratch_block=num_blocks)
 
     def kv_cache_bytes(self) -> int:
         return sum(cache_nbytes(k) + cache_nbytes(v) for k, v in self.kv_caches)
@@ -54,6 +66,8 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, prompt_logits_for: set[int] = frozenset()) -> StepLogits:
         """Run the step; `prompt_logits_for` are seq ids whose every-row logits are wanted."""
         self.copy_blocks(out.copy_ops)
+        if self.graphs is not None and self.graphs.can_run(out, prompt_logits_for):
+            return StepLogits([s.seq.seq_id for s in out.scheduled], self.graphs.run(out), {})
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens, seq_lens, tables = [], [], []
