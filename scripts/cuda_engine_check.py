@@ -7,8 +7,9 @@
    graphs off (`cuda_graphs=False`), and the first two alone (the batch-1 graph).
 2. Speed (bf16, a random model of the shape given, default ~0.4B: hidden 2048, 8 layers): generated
    tokens/s of the engine at each batch size, for the bf16 model, its RTN int4 g128 GPTQ folder, each
-   with CUDA graphs and eager, the eager bf16 model with the PyTorch attention path (SLIMLM_TRITON=0),
-   and transformers' `generate`, interleaved per repetition (median of --reps).
+   with CUDA graphs and eager, bf16 without the compiled elementwise kernels (SLIMLM_COMPILE=0), the
+   eager bf16 model with the PyTorch attention path (SLIMLM_TRITON=0), and transformers' `generate`,
+   interleaved per repetition (median of --reps).
 
     python scripts/cuda_engine_check.py --batch-sizes 1,16,64 --json /tmp/engine.json
 """
@@ -78,6 +79,11 @@ def check_correctness(tmp: str, dev: str) -> dict:
             f"{same}/{len(prompts)}"
         one = [greedy_engine(engine, [p], 32)[0] for p in prompts[:2]]  # batch 1: the bucket-1 graph
         result[f"{arch} fp32 batch-1 greedy identical"] = f"{sum(a == b for a, b in zip(one, want))}/2"
+        params = SamplingParams(temperature=0, n=3, max_tokens=32, ignore_eos=True)  # forks share the prompt's blocks
+        engine.add_request("n3", prompts[3], params)
+        while engine.has_unfinished():
+            forked = [list(c.token_ids) for o in engine.step() if o.finished for c in o.outputs] or None
+        result[f"{arch} fp32 n=3 forks greedy identical"] = f"{sum(f == want[3] for f in forked)}/3"
         eager = LLMEngine(model, tok, EngineConfig(max_num_seqs=8, num_blocks=256, cuda_graphs=False))
         same = sum(a == b for a, b in zip(greedy_engine(eager, prompts, 32), want))
         result[f"{arch} fp32 greedy identical, eager"] = f"{same}/{len(prompts)}"
@@ -107,36 +113,42 @@ def time_engines(args, tmp: str) -> dict:
     qmodel, _ = load(folder, dtype="bf16", device=dev)
     params = sum(p.numel() for p in model.parameters())
     cap = max(args.batch_sizes)
-    engines = {"bf16": LLMEngine(model, tok, EngineConfig(max_num_seqs=cap, kv_cache_gb=4)),
-               "int4": LLMEngine(qmodel, tok, EngineConfig(max_num_seqs=cap, kv_cache_gb=4)),
-               "bf16-eager": LLMEngine(model, tok, EngineConfig(max_num_seqs=cap, kv_cache_gb=4, cuda_graphs=False)),
-               "int4-eager": LLMEngine(qmodel, tok, EngineConfig(max_num_seqs=cap, kv_cache_gb=4, cuda_graphs=False))}
+    config = lambda **kw: EngineConfig(max_num_seqs=cap, kv_cache_gb=args.kv_cache_gb, **kw)  # noqa: E731
+    # name -> (engine, SLIMLM_COMPILE, SLIMLM_TRITON). A graph keeps the kernels of its capture, so a setting that
+    # changes them gets an engine of its own; eager engines follow the variables at every call.
+    eager_bf16 = LLMEngine(model, tok, config(cuda_graphs=False))
+    engines = {"bf16": (LLMEngine(model, tok, config()), "1", "1"),
+               "bf16 no-compile": (LLMEngine(model, tok, config()), "0", "1"),
+               "int4": (LLMEngine(qmodel, tok, config()), "1", "1"),
+               "bf16-eager": (eager_bf16, "1", "1"),
+               "int4-eager": (LLMEngine(qmodel, tok, config(cuda_graphs=False)), "1", "1"),
+               "bf16-eager torch-attention": (eager_bf16, "0", "0")}
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 32000, (args.prompt_len,), generator=gen).tolist() for _ in range(cap)]
     table = {"model": f"random Llama {params / 1e6:.0f}M params (hidden {args.hidden}, {args.layers} layers)",
              "prompt_len": args.prompt_len, "gen_len": args.gen_len, "device": torch.cuda.get_device_name() if dev == "cuda" else dev}
     for b in args.batch_sizes:
-        runs = {name: [] for name in ("bf16", "int4", "bf16-eager", "int4-eager", "bf16-eager torch-attention",
-                                      "hf bf16")}
+        runs = {name: [] for name in [*engines, "hf bf16"]}
         for rep in range(args.reps + 1):  # the first is a warm-up (Triton compiles, cuBLAS picks)
             for name in runs:
                 if name == "hf bf16" and (args.skip_hf or b > 16):
                     continue
-                os.environ["SLIMLM_TRITON"] = "0" if "torch-attention" in name else "1"
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 if name == "hf bf16":
                     value = run_hf(model, prompts[:b], args.gen_len, 0)
                 else:
-                    value = run_engine(engines[name.split()[0]], prompts[:b], args.gen_len).tokens_per_s
+                    engine, os.environ["SLIMLM_COMPILE"], os.environ["SLIMLM_TRITON"] = engines[name]
+                    value = run_engine(engine, prompts[:b], args.gen_len).tokens_per_s
                 if rep:
                     runs[name].append(value)
-        os.environ["SLIMLM_TRITON"] = "1"
+        os.environ["SLIMLM_COMPILE"] = os.environ["SLIMLM_TRITON"] = "1"
         row = {name: statistics.median(v) for name, v in runs.items() if v}
         table[f"batch {b}"] = row
         print(f"batch {b}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in row.items())
               + f"; int4/bf16 {row['int4'] / row['bf16']:.2f}x, graphs/eager bf16 {row['bf16'] / row['bf16-eager']:.2f}x"
-              f" int4 {row['int4'] / row['int4-eager']:.2f}x", flush=True)
+              f" int4 {row['int4'] / row['int4-eager']:.2f}x, compiled/plain elementwise in the graphs "
+              f"{row['bf16'] / row['bf16 no-compile']:.2f}x", flush=True)
     return table
 
 
@@ -151,6 +163,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--kv-cache-gb", type=float, default=4.0, help="KV cache of each of the 6 engines (default 4)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--json", default=None)

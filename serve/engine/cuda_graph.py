@@ -18,7 +18,9 @@ token per sequence, no prompt logprobs, a float KV cache and the Triton attentio
 every other step runs eagerly, as before.
 
 Graphs are captured lazily, at a bucket's first step (two eager warm-up passes on a side stream, so
-Triton compiles and cuBLAS picks its kernels outside the capture, then the capture). On a CPU (tests)
+Triton compiles and cuBLAS picks its kernels outside the capture, then the capture). The captured step
+runs each layer's elementwise chains (norms, rotary, SiLU-gate) as torch.compile'd fused kernels
+(`layers/compiled.py`; 1.16x at batch 1 on an H200). On a CPU (tests)
 the same padded step runs eagerly, which checks the padding and the static-buffer plumbing against the
 plain path.
 """
@@ -31,6 +33,7 @@ from torch import Tensor
 
 from ..kernels import use_triton
 from ..layers.attention import AttentionMetadata
+from ..layers.compiled import capturing
 from .scheduler import SchedulerOutput
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -93,12 +96,13 @@ class DecodeGraphs:
         meta = self._meta(size, [self.max_model_len] * size)  # host-side lengths: the longest the graph serves
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        with capturing(), torch.cuda.stream(stream):  # the warm-up compiles the fused elementwise kernels
             for _ in range(2):
                 self._forward(size, meta)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the server's other threads may run
+        # thread_local: the server's other threads may run meanwhile.
+        with capturing(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             logits = self._forward(size, meta)
         return graph, logits, meta
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import write_kv
+from .compiled import compile_enabled, compiled
 from .kv_quant import QuantizedKV, is_quantized
 from ..kernels.cpu_build import build_cpu_kernels, kernels_enabled
 
@@ -90,7 +91,15 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [N, heads, D] by position: x * cos + rotate_half(x) * sin, with the sign inside `sin`."""
+    """Rotate x [N, heads, D] by position: x * cos + rotate_half(x) * sin, with the sign inside `sin`.
+    On CUDA it runs compiled into one kernel (`compiled.py`)."""
+    if compile_enabled(x):
+        return compiled(reference_rotary)(x, cos, sin)
+    return reference_rotary(x, cos, sin)
+
+
+def reference_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`apply_rotary` in PyTorch ops."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 

@@ -23,11 +23,11 @@ import ctypes
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.cpu_build import build_cpu_kernels, kernels_enabled
 from ..layers import attention
+from ..layers.compiled import compile_enabled, compiled, silu_mul_ref
 from ..layers.kv_quant import is_quantized
 from ..layers.linear import GEMV_MAX_ROWS, PackedLinear
 from ..layers.quant_linear import QuantLinear
@@ -43,7 +43,9 @@ def silu_mul(gate_up: Tensor) -> Tensor:
         fn = lib.slimlm_silu_mul_bf16 if gate_up.dtype == torch.bfloat16 else lib.slimlm_silu_mul_f32
         fn(gate_up.data_ptr(), out.data_ptr(), n, i, torch.get_num_threads())
         return out
-    return F.silu(gate_up[:, :i]) * gate_up[:, i:]
+    if compile_enabled(gate_up):
+        return compiled(silu_mul_ref)(gate_up)
+    return silu_mul_ref(gate_up)
 
 
 class _Layer(ctypes.Structure):
