@@ -36,6 +36,8 @@ def add_quantize(sub) -> None:
                    "--static-groups (SmolLM2 int4 g64 sym: +13%% perplexity instead of +30%%)")
     p.add_argument("--static-groups", action="store_true",
                    help="with --act-order: keep groups on consecutive columns (trivial g_idx, faster kernels)")
+    p.add_argument("--mse-clip", action="store_true",
+                   help="search each group's clipping range for the lowest rounding error (same format; slower)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H) (default 0.01)")
     p.add_argument("--skip", action="append", metavar="REGEX", default=None,
                    help="keep modules whose name matches in full precision, repeatable (default: lm_head, embed)")
@@ -70,7 +72,7 @@ def run_quantize(args) -> int:
 
     # Everything cheap is checked before the (slow) model load.
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
-                         act_order=args.act_order, static_groups=args.static_groups,
+                         act_order=args.act_order, static_groups=args.static_groups, mse_clip=args.mse_clip,
                          skip=tuple(args.skip) if args.skip else DEFAULT_SKIP)
     if args.method == "rtn" and args.act_order:
         raise SlimlmError("--act-order is a GPTQ option; RTN rounds every column alike.",

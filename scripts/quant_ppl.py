@@ -2,7 +2,8 @@
 
     python scripts/quant_ppl.py [--max-windows N] [--threads 2] [--json out.json]
 
-Rows: fp32 base, RTN int4 g64 (asym, sym), GPTQ int4 g64 (sym, asym, sym + act-order), RTN and GPTQ
+Rows: fp32 base, RTN int4 g64 (asym, sym), GPTQ int4 g64 (sym, asym, sym + act-order), the same with
+the clipping search (`mse_clip`: RTN asym, GPTQ asym, sym + act-order, asym + act-order), RTN and GPTQ
 int8 g64 sym. GPTQ calibrates on 128 x 512 tokens of builtin:wiki's train split (seed 0); perplexity is
 on builtin:wiki's validation split (the last 10% of wiki.utf8) in non-overlapping 512-token windows.
 
@@ -29,6 +30,12 @@ ROWS = {
     "gptq-int4-g64-asym": dict(method="gptq", bits=4, group_size=64, sym=False),
     "gptq-int4-g64-sym-actorder": dict(method="gptq", bits=4, group_size=64, sym=True, act_order=True,
                                        static_groups=True),
+    "rtn-int4-g64-asym-mse": dict(method="rtn", bits=4, group_size=64, sym=False, mse_clip=True),
+    "gptq-int4-g64-asym-mse": dict(method="gptq", bits=4, group_size=64, sym=False, mse_clip=True),
+    "gptq-int4-g64-sym-actorder-mse": dict(method="gptq", bits=4, group_size=64, sym=True, act_order=True,
+                                           static_groups=True, mse_clip=True),
+    "gptq-int4-g64-asym-actorder-mse": dict(method="gptq", bits=4, group_size=64, sym=False, act_order=True,
+                                            static_groups=True, mse_clip=True),
     "rtn-int8-g64-sym": dict(method="rtn", bits=8, group_size=64, sym=True),
     "gptq-int8-g64-sym": dict(method="gptq", bits=8, group_size=64, sym=True),
 }

@@ -12,6 +12,11 @@ from .qweight import QuantizedWeight, quantize_to_codes
 from .scheme import QuantScheme
 
 
+# Clipping candidates of `mse_clip`: the grid spans [p * min, p * max] for p = 1.00, 0.99, ..., 0.80.
+CLIP_SHRINKS = tuple(1 - i / 100 for i in range(21))
+CLIP_NORM = 2.4  # the error |w - q|^2.4 summed over the group, as GPTQ's reference quantizer weighs it
+
+
 def group_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for groups of weights `w` [..., k] (one group per leading index).
 
@@ -25,13 +30,34 @@ def group_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, to
     - asymmetric: the grid spans [min(w, 0), max(w, 0)], zero = round(-min / scale). A zero point of 0
       cannot be stored in the GPTQ v1 format, so such groups (no weight below -scale/2) use zero = 1
       with scale = max / (maxq - 1), which still covers the group exactly.
+    With `scheme.mse_clip` the range is shrunk per group to the candidate of `CLIP_SHRINKS` whose
+    codes give the lowest sum of |w - dequantized|^2.4: clipping a few outliers buys a finer grid for
+    the rest.
     """
     w = w.float()
+    wmin = w.amin(dim=-1).clamp(max=0)  # [...]
+    wmax = w.amax(dim=-1).clamp(min=0)  # [...]
+    if not scheme.mse_clip:
+        return _range_params(wmin, wmax, scheme)
+    best_scale = best_zero = best_err = None
+    for p in CLIP_SHRINKS:
+        scale, zero = _range_params(wmin * p, wmax * p, scheme)
+        codes = quantize_to_codes(w, scale[..., None], zero[..., None], scheme.maxq)
+        err = (scale[..., None] * (codes.float() - zero[..., None]) - w).abs().pow(CLIP_NORM).sum(-1)  # [...]
+        if best_err is None:
+            best_scale, best_zero, best_err = scale, zero, err
+            continue
+        better = err < best_err
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+        best_err = torch.minimum(err, best_err)
+    return best_scale, best_zero
+
+
+def _range_params(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    # The grid for a range [wmin <= 0, wmax >= 0] per group (see group_params).
     maxq = float((1 << scheme.bits) - 1)
     dtype = scheme.torch_scale_dtype
     tiny = torch.finfo(dtype).tiny  # an all-zero group still needs a finite, positive scale
-    wmin = w.amin(dim=-1).clamp(max=0)  # [...]
-    wmax = w.amax(dim=-1).clamp(min=0)  # [...]
     if scheme.sym:
         absmax = torch.maximum(-wmin, wmax)
         scale = _round_to(2 * absmax / maxq, dtype, tiny)

@@ -49,6 +49,9 @@ class QuantScheme:
     act_order: bool = False
     static_groups: bool = False
     skip: tuple[str, ...] = field(default=DEFAULT_SKIP)
+    # Search each group's clipping range for the lowest rounding error instead of spanning [min, max]
+    # (`rtn.group_params`); the stored format is unchanged.
+    mse_clip: bool = False
 
     def __post_init__(self):
         if self.bits not in BITS or isinstance(self.bits, bool):
@@ -130,4 +133,4 @@ class QuantScheme:
         """A JSON-ready description (for the export manifest)."""
         return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym,
                 "scale_dtype": self.scale_dtype, "act_order": self.act_order,
-                "static_groups": self.static_groups, "skip": list(self.skip)}
+                "static_groups": self.static_groups, "skip": list(self.skip), "mse_clip": self.mse_clip}

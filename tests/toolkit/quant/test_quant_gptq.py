@@ -152,3 +152,16 @@ def test_without_escalation_an_indefinite_hessian_raises():
 
     with pytest.raises(NotPositiveDefinite):
         gptq_quantize(torch.randn(8, 16), -torch.eye(16) + 0.5, QuantScheme(group_size=-1), escalate=False)
+
+
+def test_gptq_with_mse_clip_and_isotropic_hessian_is_clipped_rtn():
+    # The clipping search chooses each group's grid when GPTQ reaches it: with nothing to compensate
+    # (H = c*I) the result must be RTN's with the same search, and differ from the unclipped grids.
+    torch.manual_seed(4)
+    w = torch.randn(32, 128) ** 3  # heavy tails: clipping pays
+    for scheme in (QuantScheme(group_size=32, sym=False, mse_clip=True), QuantScheme(group_size=64, sym=True, mse_clip=True)):
+        g = gptq_quantize(w, 3.0 * torch.eye(128), scheme, block_size=32)
+        r = rtn_quantize(w, scheme)
+        assert torch.equal(g.codes, r.codes) and torch.equal(g.scales, r.scales) and torch.equal(g.zeros, r.zeros)
+        plain = rtn_quantize(w, QuantScheme(group_size=scheme.group_size, sym=scheme.sym))
+        assert not torch.equal(g.scales, plain.scales)

@@ -141,3 +141,24 @@ def test_fake_quant_keeps_dtype():
     y = fake_quant(w, QuantScheme(group_size=32))
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, rtn_dequantize(w, QuantScheme(group_size=32)).bfloat16())
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_clip_never_rounds_worse_and_clips_outliers(sym):
+    from slimlm.toolkit.quant.rtn import CLIP_NORM
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    w[::4, 7] = 0.6  # one outlier in every fourth row's first group
+    plain, clipped = QuantScheme(group_size=32, sym=sym), QuantScheme(group_size=32, sym=sym, mse_clip=True)
+
+    def group_error(scheme):
+        q = rtn_quantize(w, scheme)
+        return (q.dequantize() - w).abs().pow(CLIP_NORM).reshape(64, 8, 32).sum(-1), q.scales  # [64, 8] each
+
+    err_plain, s_plain = group_error(plain)
+    err_clip, s_clip = group_error(clipped)
+    assert (err_clip <= err_plain * (1 + 1e-6)).all()  # the unclipped range is one of the candidates
+    assert (err_clip < err_plain).float().mean() > 0.5  # and most groups find a better one
+    assert (s_clip <= s_plain).all() and (s_clip < s_plain).any()  # only ever narrower
+    assert clipped.to_dict()["mse_clip"] and not plain.to_dict()["mse_clip"]
