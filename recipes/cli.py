@@ -131,6 +131,9 @@ def add_speculative_arguments(p) -> None:
     p.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="--speculative draft: a smaller model with the same tokenizer (e.g. a pruned, distilled export)")
     p.add_argument("--num-draft", type=int, default=4, help="most tokens drafted per step (default 4)")
+    p.add_argument("--exit-confidence", type=float, default=None, metavar="P",
+                   help="LOSSY (CALM-style): keep a greedy draft token whose draft probability is >= P even where "
+                        "the full model disagrees; off by default (docs/benchmarks.md has its accuracy cost)")
 
 
 def speculative_config(args, num_layers: int, tokenizer=None):
@@ -147,12 +150,16 @@ def speculative_config(args, num_layers: int, tokenizer=None):
     if (args.speculative == "draft") != (args.draft_model is not None):
         raise SlimlmError("--speculative draft and --draft-model go together.",
                           "Pass --speculative draft --draft-model MODEL (a smaller model with the same tokenizer).")
+    sure = getattr(args, "exit_confidence", None)
+    if sure is not None and (args.speculative is None or not 0 <= sure <= 1):
+        raise SlimlmError(f"--exit-confidence needs --speculative and a probability in [0, 1], got {sure}.")
     if args.speculative is None:
         return None
     if args.num_draft < 1:
         raise SlimlmError(f"--num-draft must be at least 1, got {args.num_draft}.")
     if args.speculative == "draft":
-        return SpeculativeConfig(num_draft=args.num_draft, draft_model=draft_model(args, tokenizer))
+        return SpeculativeConfig(num_draft=args.num_draft, draft_model=draft_model(args, tokenizer),
+                                 exit_confidence=sure)
     spec = read_exit_spec(args.model, verify=False) if resolve(args.model).kind == "export" else None
     default = spec.layers[0] if spec else max(1, num_layers // 4)
     exit_layer = args.exit_layer if args.exit_layer is not None else default
@@ -162,7 +169,8 @@ def speculative_config(args, num_layers: int, tokenizer=None):
     norm = None
     if spec and spec.norm == "own" and exit_layer in spec.layers:
         norm = load_exit_tensors(args.model, spec)[f"exits.{exit_layer}.norm.weight"]
-    return SpeculativeConfig(exit_layer=exit_layer, num_draft=args.num_draft, exit_norm=norm)
+    return SpeculativeConfig(exit_layer=exit_layer, num_draft=args.num_draft, exit_norm=norm,
+                             exit_confidence=sure)
 
 
 def draft_model(args, tokenizer):

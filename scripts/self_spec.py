@@ -6,6 +6,11 @@ the output equals plain decoding token for token, and tokens/s against the plain
 
     python scripts/self_spec.py --model smollm2-135m --exits 6,10,15,20 --drafts 2,4 --prompts 8 --gen 64
     python scripts/self_spec.py --model smollm2-135m --draft-model DIR --drafts 2,4 --adaptive   # a draft model
+    python scripts/self_spec.py --exits 20 --drafts 3 --exit-confidence 0.9,0.7,0.5   # lossy: accuracy beside speed
+
+With --exit-confidence (lossy, CALM-style) each listed threshold adds a run where a draft token whose
+draft probability reaches it is kept even where the full model disagrees; those rows also report the
+share of output tokens equal to plain decoding's, position by position.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--exit-confidence", default="", help="lossy runs: draft-probability thresholds, comma-separated")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -64,10 +70,12 @@ def main() -> None:
     drafts = [int(k) for k in args.drafts.split(",")]
     draft = load(args.draft_model, dtype=args.dtype)[0] if args.draft_model else None
     for exit_layer in ["draft"] if draft is not None else [int(e) for e in args.exits.split(",")]:
-        runs = [(k, False) for k in drafts] + ([(max(drafts), True)] if args.adaptive else [])
-        for k, adaptive in runs:
-            spec = (SpeculativeConfig(num_draft=k, adaptive=adaptive, draft_model=draft) if draft is not None
-                    else SpeculativeConfig(exit_layer=exit_layer, num_draft=k, adaptive=adaptive))
+        runs = [(k, False, None) for k in drafts] + ([(max(drafts), True, None)] if args.adaptive else [])
+        runs += [(max(drafts), False, float(c)) for c in args.exit_confidence.split(",") if c.strip()]
+        for k, adaptive, sure in runs:
+            spec = (SpeculativeConfig(num_draft=k, adaptive=adaptive, draft_model=draft, exit_confidence=sure)
+                    if draft is not None else
+                    SpeculativeConfig(exit_layer=exit_layer, num_draft=k, adaptive=adaptive, exit_confidence=sure))
             engine = LLMEngine(hf_model, tok, EngineConfig(max_num_seqs=max(args.batch, 1), speculative=spec))
             generate(engine, prompts[:1], 8, 1)
             engine.speculator.stats.__init__()
@@ -79,6 +87,9 @@ def main() -> None:
                    "acceptance": round(st.acceptance_rate, 3), "tokens_per_step": round(st.mean_accepted_length, 2),
                    "identical": f"{same}/{len(prompts)}", "tok_s": round(tps, 1), "plain_tok_s": round(plain_tps, 1),
                    "speedup": round(tps / plain_tps, 2)}
+            if sure is not None:
+                match = sum(x == y for o, r in zip(outs, reference) for x, y in zip(o, r))
+                row.update(exit_confidence=sure, matching_tokens=round(match / sum(map(len, reference)), 3))
             rows.append(row)
             print(json.dumps(row))
             del engine

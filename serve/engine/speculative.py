@@ -52,6 +52,9 @@ class SpeculativeConfig:
     prior_acceptance: float = 0.6
     probe_every: int = 16
     draft_model: object | None = None  # a transformers model or slimlm CausalLM: draft with it (draft_speculative.py)
+    # Lossy, opt-in (CALM-style confidence exit): a greedy draft token whose draft probability is at least
+    # this is kept even where the full model's argmax differs. None: lossless.
+    exit_confidence: float | None = None
 
 
 @dataclass
@@ -127,6 +130,7 @@ class SelfSpeculator:
         self.stats = SpecStats()
         self.generator_for = lambda seq_id: None  # the engine sets it: a request's torch.Generator (its seed)
         self._q: dict[int, list[Tensor]] = {}  # seq_id -> the draft's distribution at each sampled draft
+        self._conf: dict[int, list[float]] = {}  # seq_id -> the draft's probability of each greedy draft (exit_confidence)
 
     # -- planning -----------------------------------------------------------------------------
     def eligible(self, seq: Sequence) -> bool:
@@ -202,6 +206,10 @@ class SelfSpeculator:
         """The draft's tokens for `logits` [B, V]: the argmax for greedy requests; for sampled ones a sample
         from the draft's filtered distribution q (kept for the acceptance test)."""
         tokens = logits.argmax(-1).tolist()
+        if self.config.exit_confidence is not None:
+            top = torch.softmax(logits.float(), dim=-1).amax(-1).tolist()
+            for seq, p in zip(seqs, top):
+                self._conf.setdefault(seq.seq_id, []).append(p)
         sampled = [i for i, seq in enumerate(seqs) if seq.params is not None and not seq.params.greedy]
         if sampled:
             q = _probs(logits[sampled], [seqs[i].params for i in sampled])
@@ -268,7 +276,8 @@ class SelfSpeculator:
     def _accept(self, spec, plan, drafts, logits: Tensor) -> dict[int, list[int]]:
         """Each sequence's new tokens from the target's `logits` [N, V] (k + 1 rows per sequence, in `spec`
         order). Greedy: its drafts up to the first that differs from the target's argmax, then the target's
-        argmax there. Sampled (speculative sampling): draft d_i, drawn from q_i, is kept with probability
+        argmax there (with `exit_confidence`, lossy: a differing draft whose draft probability reaches it is
+        kept too). Sampled (speculative sampling): draft d_i, drawn from q_i, is kept with probability
         min(1, p_i(d_i) / q_i(d_i)); the first one rejected is replaced by a sample of max(p_i - q_i, 0)
         (renormalised), and when all k are kept one more token is sampled from p_(k+1). The tokens are then
         distributed exactly as the target's own sampling would give (Leviathan et al. 2023; Chen et al. 2023)."""
@@ -278,10 +287,12 @@ class SelfSpeculator:
             sid, k = s.seq.seq_id, plan[s.seq.seq_id]
             d = drafts[sid]
             params = s.seq.params
+            sure = self._conf.pop(sid, [])
             if params is None or params.greedy:
                 g = target[row:row + k + 1]
+                keep = self.config.exit_confidence
                 a = 0
-                while a < k and d[a + 1] == g[a]:
+                while a < k and (d[a + 1] == g[a] or (keep is not None and sure[a] >= keep)):
                     a += 1
                 new_tokens[sid] = d[1:a + 1] + [g[a]]
             else:
@@ -338,6 +349,7 @@ class SelfSpeculator:
 
     def forget(self, seq_id: int) -> None:
         self._q.pop(seq_id, None)
+        self._conf.pop(seq_id, None)
         self.acceptance.pop(seq_id, None)
         self.plain_steps.pop(seq_id, None)
         self.probe_wait.pop(seq_id, None)

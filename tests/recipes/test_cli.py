@@ -246,3 +246,16 @@ def test_bench_speculative_drafts_through_an_exports_own_exit_norm(tmp_path):
     args = build_parser().parse_args(["bench", str(out), "--speculative", "self"])
     spec = speculative_config(args, 3)
     assert spec.exit_layer == 2 and torch.equal(spec.exit_norm, torch.full((model.config.hidden_size,), 0.5))
+
+
+def test_exit_confidence_flag_is_lossy_opt_in_and_checked():
+    from slimlm.recipes.cli import build_parser, speculative_config
+    from slimlm.toolkit.errors import SlimlmError
+
+    parse = build_parser().parse_args
+    assert speculative_config(parse(["bench", "smollm2-135m", "--speculative", "self", "--exit-layer", "1"]), 3).exit_confidence is None
+    spec = speculative_config(parse(["bench", "smollm2-135m", "--speculative", "self", "--exit-layer", "1", "--exit-confidence", "0.8"]), 3)
+    assert spec.exit_confidence == 0.8
+    for bad in (["--exit-confidence", "0.8"], ["--speculative", "self", "--exit-layer", "1", "--exit-confidence", "1.5"]):
+        with pytest.raises(SlimlmError, match="exit-confidence"):
+            speculative_config(parse(["bench", "smollm2-135m", *bad]), 3)

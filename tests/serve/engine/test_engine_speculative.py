@@ -222,3 +222,18 @@ def test_new_sequences_start_from_the_engines_acceptance_and_probes_back_off():
     probes = [i for i, k in enumerate(ks) if k]
     assert probes and all(b - a > 2 for a, b in zip(probes, probes[1:]))  # waits grow: 2, 4, 8, ...
     assert probes[1] - probes[0] < probes[-1] - probes[-2] or len(probes) == 2
+
+
+def test_exit_confidence_is_lossy_only_where_the_draft_is_sure():
+    model, tok = make(layers=4, seed=1)
+    plain, _ = run(model, tok, PROMPTS[:6])
+    base = dict(exit_layer=1, num_draft=3, adaptive=False)
+    never, _ = run(model, tok, PROMPTS[:6], SpeculativeConfig(**base, exit_confidence=1.01))  # no draft is that sure
+    assert never == plain
+    always, engine = run(model, tok, PROMPTS[:6], SpeculativeConfig(**base, exit_confidence=0.0))
+    st = engine.speculator.stats
+    assert st.acceptance_rate == 1.0  # every draft kept, right or wrong
+    assert always != plain  # random exits: keeping their drafts changes the text
+    lossless, engine = run(model, tok, PROMPTS[:6], SpeculativeConfig(**base))
+    assert lossless == plain and engine.speculator.stats.acceptance_rate < 0.9
+    assert not engine.speculator._conf  # nothing recorded without the option
