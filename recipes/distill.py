@@ -8,7 +8,8 @@
 Teacher modes (`teacher_mode`):
 - `logits`: the frozen teacher runs beside the student in every step (no grad) and the student
   minimises `loss.kind` (forward/reverse/skew KL, JS) on its logits, plus optional cross-entropy
-  and hidden-state alignment of `loss.hidden_layers` evenly spaced layers.
+  and hidden-state alignment of `loss.hidden_layers` evenly spaced layers. At `loss.kd_weight` 0
+  with no hidden alignment (a plain cross-entropy baseline) the teacher's forward pass is skipped.
 - `topk`: the teacher's top-k log-probs are computed once into a TopkCache (`topk.cache`, reused if
   it exists), and training reads them instead of running the teacher.
 - `sequence`: sequence-level KD. The teacher generates continuations of prompts from the data with
@@ -144,9 +145,11 @@ def make_module(student, teacher, aligner, topk_cache, *, loss: LossConfig, opti
             out = self.student(input_ids=ids, output_hidden_states=hidden, use_cache=False)
             target, kd_w, ce_w = None, loss.kd_weight, loss.ce_weight
             if self.teacher is not None:
-                with torch.no_grad():
-                    t_out = self.teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
-                target = t_out.logits  # [B, T, V]
+                # At kd_weight 0 without hidden alignment nothing reads the teacher: skip its forward.
+                if kd_w > 0 or hidden:
+                    with torch.no_grad():
+                        t_out = self.teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+                    target = t_out.logits  # [B, T, V]
             elif topk_cache is not None:  # one cached batch per training row
                 got = [topk_cache.get(int(r), ids[i:i + 1].cpu()) for i, r in enumerate(batch["row"])]
                 target = tuple(torch.cat(x).to(ids.device) for x in zip(*got))  # values, indices: [B, T, k]

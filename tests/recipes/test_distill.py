@@ -217,3 +217,35 @@ def test_overrides_may_come_before_and_after_flags(assets, capsys):
     path = config_file(assets, assets["root"] / "mixed")
     assert cli(["a_typo=1", "--config", str(path), "--resume", "max_steps=2"]) == 2  # parsed, then refused
     assert "unknown setting(s) a_typo" in capsys.readouterr().err
+
+
+class RaisingTeacher(torch.nn.Module):
+    """A teacher whose forward pass must not run."""
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the teacher's forward pass ran")
+
+
+def test_plain_cross_entropy_skips_the_teacher_forward():
+    # teacher_mode=logits at kd_weight 0 (the CE baseline): nothing reads the teacher, so it must not run.
+    from slimlm.recipes.distill import LossConfig, make_module
+
+    torch.manual_seed(0)
+    student, _ = tiny_model("llama", seed=2)
+    ids = torch.randint(0, student.config.vocab_size, (4, 32))
+    batch = {"input_ids": ids, "labels": ids.clone(), "row": torch.arange(4)}
+    module = make_module(student.train(), RaisingTeacher(), None, None,
+                         loss=LossConfig(kd_weight=0.0, ce_weight=1.0), optim={})
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        total, parts = module(batch)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(parts["ce"])
+        assert "kd" not in parts
+    assert losses[-1] < losses[0]
+    kd = make_module(student, RaisingTeacher(), None, None, loss=LossConfig(kd_weight=1.0), optim={})
+    with pytest.raises(AssertionError, match="forward pass ran"):
+        kd(batch)  # with a KD term the teacher is still needed
