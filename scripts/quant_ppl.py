@@ -2,7 +2,7 @@
 
     python scripts/quant_ppl.py [--max-windows N] [--threads 2] [--json out.json]
 
-Rows: fp32 base, RTN int4 g64 (asym, sym), GPTQ int4 g64 (sym, asym, sym + act-order), the same with
+Rows: fp32 base, RTN int4 g64 (asym, sym), GPTQ int4 g64 (sym, asym, sym and asym + act-order), the same with
 the clipping search (`mse_clip`: RTN asym, GPTQ asym, sym + act-order, asym + act-order), RTN and GPTQ
 int8 g64 sym. GPTQ calibrates on 128 x 512 tokens of builtin:wiki's train split (seed 0); perplexity is
 on builtin:wiki's validation split (the last 10% of wiki.utf8) in non-overlapping 512-token windows.
@@ -30,6 +30,13 @@ ROWS = {
     "gptq-int4-g64-asym": dict(method="gptq", bits=4, group_size=64, sym=False),
     "gptq-int4-g64-sym-actorder": dict(method="gptq", bits=4, group_size=64, sym=True, act_order=True,
                                        static_groups=True),
+    "gptq-int4-g64-asym-actorder": dict(method="gptq", bits=4, group_size=64, sym=False, act_order=True,
+                                        static_groups=True),
+    "gptq-int4-g64-asym-actorder-mse-damp0.05": dict(method="gptq", bits=4, group_size=64, sym=False, act_order=True,
+                                                     static_groups=True, mse_clip=True, damp=0.05),
+    "gptq-int4-g64-sym-fp32calib": dict(method="gptq", bits=4, group_size=64, sym=True, compute_dtype="float32"),
+    "gptq-int4-g64-asym-actorder-mse-fp32calib": dict(method="gptq", bits=4, group_size=64, sym=False, act_order=True,
+                                                      static_groups=True, mse_clip=True, compute_dtype="float32"),
     "rtn-int4-g64-asym-mse": dict(method="rtn", bits=4, group_size=64, sym=False, mse_clip=True),
     "gptq-int4-g64-asym-mse": dict(method="gptq", bits=4, group_size=64, sym=False, mse_clip=True),
     "gptq-int4-g64-sym-actorder-mse": dict(method="gptq", bits=4, group_size=64, sym=True, act_order=True,
@@ -58,12 +65,15 @@ def run_row(name: str, args) -> dict:
     if spec is not None:
         spec = dict(spec)
         method = spec.pop("method")
+        options = {k: spec.pop(k) for k in ("damp", "compute_dtype") if k in spec}  # quantize_model's, not the scheme's
+        if "compute_dtype" in options:
+            options["compute_dtype"] = getattr(torch, options["compute_dtype"])
         samples = None
         if method == "gptq":
             texts = load_texts("builtin:wiki", split="train", tokenizer=tok)
             samples = calibration_samples(texts, tok, args.samples, args.seq_len, seed=0)
         start, cpu = time.perf_counter(), time.process_time()
-        state = quantize_model(model, QuantScheme(**spec), method, samples, progress=False)
+        state = quantize_model(model, QuantScheme(**spec), method, samples, progress=False, **options)
         row["quantize_seconds"] = round(time.perf_counter() - start, 1)
         # CPU seconds of all threads: on a shared machine, the part of the wall time that was ours.
         row["quantize_cpu_seconds"] = round(time.process_time() - cpu, 1)
