@@ -75,12 +75,12 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _pad(self, rows: int) -> None:
-        """Rows [rows:] of the static inputs become padding (scratch block, context of one position)."""
-        self.inputs[0:2, rows:] = 0
-        self.inputs[2, rows:] = self.scratch_block * self.block_size
-        self.inputs[3, rows:] = 1
-        self.tables[rows:] = self.scratch_block
+    def _pad_all(self) -> None:
+        """Every row of the static inputs becomes padding (scratch block, context of one position)."""
+        self.inputs[0:2] = 0
+        self.inputs[2] = self.scratch_block * self.block_size
+        self.inputs[3] = 1
+        self.tables.fill_(self.scratch_block)
 
     def _meta(self, size: int, seq_lens: list[int]) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.inputs[2, :size], query_start_loc=self.query_start[:size + 1],
@@ -92,7 +92,7 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)  # [size, V]
 
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, Tensor, AttentionMetadata]:
-        self._pad(0)  # warm-up passes run for real: only on padding, so they touch nothing but the scratch block
+        self._pad_all()  # warm-up passes run for real: only on padding, so they touch nothing but the scratch block
         meta = self._meta(size, [self.max_model_len] * size)  # host-side lengths: the longest the graph serves
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

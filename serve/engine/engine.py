@@ -256,12 +256,6 @@ class LLMEngine:
             self.scheduler.fork_sampled(parent.seq_id, child, token)
             new_tokens[child.seq_id] = [token]
             self.generation_tokens_total += 1
-        for seq_id in list(new_tokens):
-            req, idx = self._owner[seq_id]
-            if idx == 0 and req.unforked:  # a one-token prompt drafted its first tokens: the others prefill alone
-                for i in req.unforked:
-                    self.scheduler.add(req.seqs[i])
-                req.unforked = []
         for seq_id in new_tokens:
             req, idx = self._owner[seq_id]
             self._update_completion(req, idx)

@@ -134,9 +134,10 @@ class SelfSpeculator:
 
     # -- planning -----------------------------------------------------------------------------
     def eligible(self, seq: Sequence) -> bool:
-        """Greedy and sampled requests speculate; those that ask for logprobs or penalties decode plainly."""
+        """Greedy and sampled requests speculate; those that ask for logprobs or penalties decode plainly.
+        A sequence's first token always comes from its prompt's logits (the engine forks n > 1 there)."""
         p = seq.params
-        return p is None or (p.logprobs is None and not p.needs_penalties)
+        return seq.num_output_tokens > 0 and (p is None or (p.logprobs is None and not p.needs_penalties))
 
     def gain(self, acceptance: float, k: int, batch: int) -> float:
         """Expected speedup of drafting k: the cost model's, and once step times at this batch size are

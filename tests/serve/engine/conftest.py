@@ -84,3 +84,15 @@ def fake_runner():
 @pytest.fixture(scope="session")
 def drive():
     return run_to_completion
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the speculation tests time steps; two threads on a shared
+    2-core machine make those timings noisy)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

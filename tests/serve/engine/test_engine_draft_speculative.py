@@ -16,12 +16,7 @@ PROMPTS = ["hello world", "the quick brown fox jumps", "a", "zzzz zzzz zzzz zzzz
 GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: timings and drafts on one thread
 
 
 def make(seed=0, layers=4, init=0.3, **overrides):

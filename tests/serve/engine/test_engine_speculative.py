@@ -16,12 +16,7 @@ PROMPTS = ["hello world", "the quick brown fox jumps", "a", "zzzz zzzz zzzz zzzz
 GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: timings and drafts on one thread
 
 
 def make(arch="llama", layers=4, seed=0, skip_from=None):
@@ -237,3 +232,17 @@ def test_exit_confidence_is_lossy_only_where_the_draft_is_sure():
     lossless, engine = run(model, tok, PROMPTS[:6], SpeculativeConfig(**base))
     assert lossless == plain and engine.speculator.stats.acceptance_rate < 0.9
     assert not engine.speculator._conf  # nothing recorded without the option
+
+
+def test_n_completions_of_a_one_token_prompt_fork_under_speculation():
+    # A one-token prompt's first step looks like a decode; its first token must still come from the
+    # prompt's logits, where the engine forks the other completions.
+    model, tok = make(layers=4, skip_from=2)
+    params = SamplingParams(temperature=0, n=3, max_tokens=6, ignore_eos=True)
+    llm = LLM(model, tok, block_size=4, speculative=SpeculativeConfig(exit_layer=2, num_draft=3, adaptive=False))
+    plain = LLM(model, tok, block_size=4)
+    prompt = [tok("x").input_ids[-1]]
+    got = [c.token_ids for c in llm.generate(prompt, params)[0].outputs]
+    want = plain.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0].token_ids
+    assert got == [want] * 3 and llm.engine.speculator.stats.steps > 0
+    assert llm.engine.block_manager.num_used_blocks == 0
