@@ -150,7 +150,7 @@ def speculative_config(args, num_layers: int, tokenizer=None):
     if (args.speculative == "draft") != (args.draft_model is not None):
         raise SlimlmError("--speculative draft and --draft-model go together.",
                           "Pass --speculative draft --draft-model MODEL (a smaller model with the same tokenizer).")
-    sure = getattr(args, "exit_confidence", None)
+    sure = args.exit_confidence
     if sure is not None and (args.speculative is None or not 0 <= sure <= 1):
         raise SlimlmError(f"--exit-confidence needs --speculative and a probability in [0, 1], got {sure}.")
     if args.speculative is None:

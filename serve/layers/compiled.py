@@ -48,13 +48,9 @@ def compile_enabled(x: Tensor) -> bool:
             and os.environ.get("SLIMLM_COMPILE", "1").strip().lower() not in ("0", "false", "off"))
 
 
+@functools.cache
 def compiled(fn: Callable) -> Callable:
     """`fn` compiled by Inductor (dynamic shapes, eager's bf16/fp16 roundings), built once per function."""
-    return _compile(fn)
-
-
-@functools.cache
-def _compile(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .qweight import QuantizedWeight, quantize_to_codes
+from .qweight import QuantizedWeight, dequantize_codes, quantize_to_codes
 from .scheme import QuantScheme
 
 
@@ -39,14 +39,15 @@ def group_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, to
     wmax = w.amax(dim=-1).clamp(min=0)  # [...]
     if not scheme.mse_clip:
         return _range_params(wmin, wmax, scheme)
-    best_scale = best_zero = best_err = None
-    for p in CLIP_SHRINKS:
-        scale, zero = _range_params(wmin * p, wmax * p, scheme)
+    def error(scale, zero):  # [...]
         codes = quantize_to_codes(w, scale[..., None], zero[..., None], scheme.maxq)
-        err = (scale[..., None] * (codes.float() - zero[..., None]) - w).abs().pow(CLIP_NORM).sum(-1)  # [...]
-        if best_err is None:
-            best_scale, best_zero, best_err = scale, zero, err
-            continue
+        return (dequantize_codes(codes, scale[..., None], zero[..., None]) - w).abs().pow(CLIP_NORM).sum(-1)
+
+    best_scale, best_zero = _range_params(wmin, wmax, scheme)  # p = 1: the unclipped range
+    best_err = error(best_scale, best_zero)
+    for p in CLIP_SHRINKS[1:]:
+        scale, zero = _range_params(wmin * p, wmax * p, scheme)
+        err = error(scale, zero)
         better = err < best_err
         best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
         best_err = torch.minimum(err, best_err)
