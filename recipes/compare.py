@@ -17,6 +17,11 @@ Cache and resume rule: --out/cache/ holds a JSON per model named by a hash of th
 (kind, location, every file's size and mtime, an export's manifest hash) and the settings.
 - Accuracy, memory and parameters are measured once per model and settings, then reused.
 - The base's speed is measured in every run: a speed ratio divides two figures of the same run only.
+- The models measured in a run are loaded together and their repetitions alternate (--speed-order
+  alternate; `auto` does so where they fit in half the free memory): each repetition runs every model
+  once, so each has one ratio to the base per repetition, and a change of load on a shared machine
+  moves both sides of it. Their speed is cached when all are done. --speed-order sequential measures
+  (and caches) one model after the other, and its ratios divide medians.
 - A variant's cached speed is reused with the base figures of the run that measured it (stored with
   it), so its ratio is that run's; the report marks it †.
 So a re-run with one more model measures that model and the base's speed; an interrupted run resumes.
@@ -59,6 +64,10 @@ def _add_arguments(p) -> None:
     p.add_argument("--num-requests", type=int, default=None, help="online requests per repetition (default 2x concurrency)")
     p.add_argument("--reps", type=int, default=3, help="speed repetitions after a warm-up (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--speed-order", choices=["auto", "alternate", "sequential"], default="auto",
+                   help="alternate: all models loaded at once, their speed repetitions alternated (ratios per "
+                   "repetition); sequential: one model after the other (one model in memory); auto (default): "
+                   "alternate where the models fit in half the free memory")
 
 
 def add_compare(sub) -> None:
@@ -276,22 +285,31 @@ def measure_accuracy(spec: str, settings: dict) -> dict:
     return result
 
 
+def _engine(spec: str, settings: dict):
+    """`spec` loaded into slimlm's serving engine, with a KV cache just large enough for the benchmark."""
+    from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+    from slimlm.toolkit.models import load
+
+    hf_model, tokenizer = load(spec, dtype=settings["dtype"], device=settings["device"])
+    length = settings["prompt_len"] + settings["gen_len"]
+    blocks = settings["concurrency"] * (-(-length // 16) + 1) + 1  # every request in flight, plus one spare
+    config = EngineConfig(max_num_seqs=settings["concurrency"], num_blocks=blocks, max_model_len=length + 1)
+    try:
+        return LLMEngine(hf_model, tokenizer, config, model_name=spec)
+    except ValueError as err:
+        raise SlimlmError(f"cannot serve {spec}: {err}") from err
+
+
 def measure_speed(spec: str, settings: dict, progress=None) -> dict:
     """Load `spec` in the serving engine here and run `serve.bench.benchmark` at batch 1 and at fixed concurrency."""
     import gc
 
     from slimlm.serve.bench import benchmark
-    from slimlm.serve.engine.engine import EngineConfig, LLMEngine
-    from slimlm.toolkit.models import load
 
-    hf_model, tokenizer = load(spec, dtype=settings["dtype"], device=settings["device"])
-    try:
-        engine = LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=settings["concurrency"]), model_name=spec)
-    except ValueError as err:
-        raise SlimlmError(f"cannot serve {spec}: {err}") from err
+    engine = _engine(spec, settings)
     result = benchmark(engine, None, [1], settings["concurrency"], None, settings["num_requests"],
                        settings["prompt_len"], settings["gen_len"], settings["reps"], progress=progress)
-    del engine, hf_model
+    del engine
     gc.collect()  # the next model loads into the memory this one held (torch's caching allocator keeps it on GPU)
     online = result["rows"][f"engine online c={settings['concurrency']}"]
     return {"figures": {"batch1_tok_s": result["rows"]["engine batch 1"]["tokens_per_s"],
@@ -299,20 +317,63 @@ def measure_speed(spec: str, settings: dict, progress=None) -> dict:
             "rows": result["rows"], "bench_settings": result["settings"]}
 
 
+def measure_speeds(specs: list[str], settings: dict, progress=None) -> list[dict]:
+    """Speed of several models at once: each in its own engine, all loaded together, their repetitions
+    alternated (`serve.bench.benchmark_interleaved`), so per-repetition ratios to the first (the base)
+    see the same machine. Each result is `measure_speed`'s plus `values`, the per-repetition figures."""
+    import gc
+
+    from slimlm.serve.bench import benchmark_interleaved
+
+    engines = []
+    for i, spec in enumerate(specs):
+        (progress or (lambda msg: None))(f"loading {i + 1}/{len(specs)}: {spec}")
+        engines.append(_engine(spec, settings))
+    results = benchmark_interleaved(engines, settings["concurrency"], settings["num_requests"], settings["prompt_len"],
+                                    settings["gen_len"], settings["reps"], progress=progress)
+    del engines
+    gc.collect()
+    label = f"engine online c={settings['concurrency']}"
+    return [{"figures": {"batch1_tok_s": r["rows"]["engine batch 1"]["tokens_per_s"],
+                         "online_tok_s": r["rows"][label]["tokens_per_s"], "ttft_p50_ms": r["rows"][label]["ttft_p50_ms"]},
+             "rows": r["rows"], "bench_settings": r["settings"], "values": r["values"]} for r in results]
+
+
+def fit_together(entries: list[dict], settings: dict) -> bool:
+    """Whether the models' engines can all be held at once: three times their files (weights as loaded, the
+    engine's copy, slack) within half the free memory of the device (MemAvailable; CUDA's free memory)."""
+    need = 3 * sum(e.get("disk_bytes") or 0 for e in entries)
+    if any(e.get("disk_bytes") is None for e in entries):
+        return False
+    if settings["device"].startswith("cuda"):
+        import torch
+
+        free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+    else:
+        meminfo = Path("/proc/meminfo")
+        found = meminfo.exists() and next((int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
+                                           if line.startswith("MemAvailable:")), None)
+        free = found or 0
+    return need <= free / 2
+
+
 # -- the comparison -------------------------------------------------------------------------------
 
 def compare(models: list[dict], settings: dict, out: Path, command: str = "", progress: bool = True,
-            extra: dict | None = None) -> dict:
+            extra: dict | None = None, interleave: bool | None = None) -> dict:
     """Measure what the cache lacks (module doc), write the report files, return the report dict.
 
     `models` come from `check_models` (the first is the base), `out` from `check_out` then `start_out`.
     Each measurement goes to the cache as soon as it is done. `extra` joins the report as it is (the
-    pipeline passes its variants, failed ones included, under "pipeline")."""
+    pipeline passes its variants, failed ones included, under "pipeline"). `interleave` None: alternate
+    the models' speed repetitions (`measure_speeds`) where they fit in memory together (`fit_together`),
+    else measure them one after the other (`measure_speed`); True or False forces either."""
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from slimlm.recipes import compare_report
+    from slimlm.serve.bench import Spread
     from slimlm.toolkit.eval import write_json
 
     if settings["threads"]:
@@ -329,6 +390,14 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
     base = entries[0]
     save = lambda e: write_json({k: v for k, v in e.items() if k != "measured_now"}, e["cache_file"])  # noqa: E731
 
+    def record(e, speed, base_speed):
+        e["speed"] = {**speed, "run": run, "base_key": base["key"], "base_figures": base_speed["figures"]}
+        if "values" in speed:  # alternated: one ratio per repetition, each to the base's run beside it
+            e["speed"]["ratios"] = {key: Spread.of([v / b for v, b in zip(values, base_speed["values"][key])]).__dict__
+                                    for key, values in speed["values"].items()}
+        e["measured_now"]["speed"] = True
+        save(e)
+
     todo_accuracy = [e for e in entries if "accuracy" not in e]
     todo_speed = [base] + [e for e in entries[1:] if e.get("speed", {}).get("base_key") != base["key"]]
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -340,16 +409,23 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
             e["measured_now"]["accuracy"] = True
             save(e)
             bar.advance(acc_task)
-        speed_task = bar.add_task("speed", total=len(todo_speed))
-        base_figures = None
-        for e in todo_speed:
-            say = lambda msg, label=e["label"]: bar.update(speed_task, description=f"speed: {label}: {msg}")  # noqa: E731
-            speed = measure_speed(e["spec"], settings, progress=say)
-            base_figures = base_figures or speed["figures"]  # the base comes first in every run
-            e["speed"] = {**speed, "run": run, "base_key": base["key"], "base_figures": base_figures}
-            e["measured_now"]["speed"] = True
-            save(e)
-            bar.advance(speed_task)
+        together = fit_together(todo_speed, settings) if interleave is None else interleave
+        if together and len(todo_speed) > 1:
+            speed_task = bar.add_task("speed", total=None)
+            say = lambda msg: bar.update(speed_task, description=f"speed, {len(todo_speed)} models alternated: {msg}")  # noqa: E731
+            speeds = measure_speeds([e["spec"] for e in todo_speed], settings, progress=say)
+            for e, speed in zip(todo_speed, speeds):
+                record(e, speed, speeds[0])
+            bar.update(speed_task, total=1, completed=1)
+        else:
+            speed_task = bar.add_task("speed", total=len(todo_speed))
+            first = None
+            for e in todo_speed:
+                say = lambda msg, label=e["label"]: bar.update(speed_task, description=f"speed: {label}: {msg}")  # noqa: E731
+                speed = measure_speed(e["spec"], settings, progress=say)
+                first = first or speed  # the base comes first in every run
+                record(e, speed, first)
+                bar.advance(speed_task)
 
     report = {"command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "run": run,
               "settings": settings, "machine": compare_report.machine(), "out": str(out),
@@ -368,7 +444,8 @@ def run_compare(args) -> int:
     out = Path(args.out)
     check_out(out, settings, args.overwrite)
     start_out(out, settings, args.overwrite)
-    report = compare(models, settings, out, command=getattr(args, "command_line", ""))
+    interleave = {"auto": None, "alternate": True, "sequential": False}[args.speed_order]
+    report = compare(models, settings, out, command=getattr(args, "command_line", ""), interleave=interleave)
     compare_report.print_report(report, Console())
     return 0
 

@@ -97,6 +97,9 @@ def add_figures(report: dict) -> dict:
             figures[key] = {"value": spread["median"], "min": spread["min"], "max": spread["max"],
                             "ratio": _ratio(spread["median"], base_spread["median"]),
                             "earlier_run": speed["run"] != report["run"]}
+            ratios = speed.get("ratios", {}).get(key)
+            if ratios and model is not base:  # alternated repetitions: the median of per-repetition ratios
+                figures[key].update(ratio=ratios["median"], ratio_min=ratios["min"], ratio_max=ratios["max"])
         model["figures"] = figures
     report["pareto"] = pareto_summary(report)
     return report
@@ -146,11 +149,17 @@ def _num(value, digits) -> str:
 
 
 def cell(fig: dict, digits) -> str:
-    """`6.80 (1.00x)`, or for a speed figure `120.4 [118.0, 125.1] (0.97x)`; † marks an earlier run."""
+    """`6.80 (1.00x)`, or for a speed figure `120.4 [118.0, 125.1] (0.97x)`, with the range of the
+    per-repetition ratios where the repetitions alternated: `(0.97x, 0.95-0.99)`; † marks an earlier run."""
     text = _num(fig["value"], digits)
     if "min" in fig:
         text += f" [{_num(fig['min'], digits)}, {_num(fig['max'], digits)}]"
-    text += f" ({fig['ratio']:.2f}x)" if fig["ratio"] is not None else " (-)"
+    if fig["ratio"] is None:
+        text += " (-)"
+    elif "ratio_min" in fig:
+        text += f" ({fig['ratio']:.2f}x, {fig['ratio_min']:.2f}-{fig['ratio_max']:.2f})"
+    else:
+        text += f" ({fig['ratio']:.2f}x)"
     return text + (" †" if fig.get("earlier_run") else "")
 
 
@@ -180,7 +189,9 @@ def notes(report: dict) -> list[str]:
         f"{s['gen_len']} new tokens each (greedy, EOS ignored); median [min, max] of {s['reps']} repetition(s) after "
         f"a warm-up. batch-1 tok/s counts generated tokens over wall time, prefill included; c={s['concurrency']}: "
         f"{s['num_requests']} requests with {s['concurrency']} in flight. Speed ratios divide by the base measured in "
-        "the same run.",
+        "the same run" + ("; where a ratio shows a range, the models' repetitions alternated and the ratio is the "
+                          "median of the per-repetition ratios (range: their min-max)."
+                          if any("ratio_min" in f for m in report["models"] for f in m["figures"].values()) else "."),
         "Memory: peak RSS (VmHWM) of a fresh process while it loaded the model and ran the evaluation, minus "
         "its RSS just before the load (interpreter and libraries); the peak record was reset before the load.",
         "Disk: all files of the model folder (built-in aliases: the converted cached folder). Params: the loaded "

@@ -190,3 +190,49 @@ def benchmark(engine: LLMEngine, hf_model=None, batch_sizes=(1, 16), concurrency
             "settings": {"batch_sizes": list(batch_sizes), "concurrency": concurrency, "rate": rate,
                          "num_requests": n_online, "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps,
                          "threads": torch.get_num_threads(), "dtype": str(engine.model.dtype)}}
+
+
+def benchmark_interleaved(engines: list[LLMEngine], concurrency: int, num_requests: int | None = None,
+                          prompt_len: int = 128, gen_len: int = 128, reps: int = 3, progress=None) -> list[dict]:
+    """`benchmark`'s batch-1 and fixed-concurrency runs for several engines, alternated repetition by repetition.
+
+    After one warm-up run of every engine, each repetition runs every engine once, starting one engine
+    later each time (the first engine of a repetition can meet a machine in another state than the
+    last). A change of load on a shared machine then falls on all engines alike, and the ratio of two
+    engines within one repetition stays put where figures measured engine after engine (minutes
+    apart) drift. Returns one dict per engine, in order: `rows` as `benchmark` names them (Spreads as
+    dicts) and `values`, the raw per-repetition figures `{"batch1_tok_s", "online_tok_s",
+    "ttft_p50_ms"}` in repetition order, from which callers take per-repetition ratios.
+    """
+    if not engines or reps < 1 or concurrency < 1:
+        raise ValueError("need at least one engine, reps >= 1 and concurrency >= 1, "
+                         f"got {len(engines)} engine(s), reps {reps}, concurrency {concurrency}")
+    n_online = num_requests or 2 * concurrency
+    prompts = [bench_prompts(e.tokenizer, n_online, prompt_len) for e in engines]
+    say = progress or (lambda msg: None)
+    label = f"engine online c={concurrency}"
+    runs = {"batch 1": [[] for _ in engines], f"c={concurrency}": [[] for _ in engines]}
+    jobs = {"batch 1": lambda i: run_engine(engines[i], prompts[i][:1], gen_len),
+            f"c={concurrency}": lambda i: run_engine(engines[i], prompts[i], gen_len, concurrency)}
+    for name, job in jobs.items():
+        for i in range(len(engines)):
+            say(f"{name}: warm-up, engine {i + 1}/{len(engines)}")
+            job(i)
+        for r in range(reps):
+            for step in range(len(engines)):
+                i = (r + step) % len(engines)
+                say(f"{name}: repetition {r + 1}/{reps}, engine {i + 1}/{len(engines)}")
+                runs[name][i].append(job(i))
+    results = []
+    for engine, batch, online in zip(engines, runs["batch 1"], runs[f"c={concurrency}"]):
+        values = {"batch1_tok_s": [r.tokens_per_s for r in batch], "online_tok_s": [r.tokens_per_s for r in online],
+                  "ttft_p50_ms": [1e3 * percentile(r.ttft, 50) for r in online]}
+        rows = {"engine batch 1": {"tokens_per_s": Spread.of(values["batch1_tok_s"]).__dict__},
+                label: {"tokens_per_s": Spread.of(values["online_tok_s"]).__dict__,
+                        "ttft_p50_ms": Spread.of(values["ttft_p50_ms"]).__dict__,
+                        "tpot_p50_ms": Spread.of([1e3 * percentile(r.tpot, 50) for r in online]).__dict__}}
+        results.append({"rows": rows, "values": values,
+                        "settings": {"batch_sizes": [1], "concurrency": concurrency, "num_requests": n_online,
+                                     "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps, "interleaved": True,
+                                     "threads": torch.get_num_threads(), "dtype": str(engine.model.dtype)}})
+    return results

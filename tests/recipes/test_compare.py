@@ -6,6 +6,7 @@ One test measures for real (two tiny models, each evaluated in a spawned process
 import argparse
 import json
 import os
+import statistics
 
 import pytest
 
@@ -84,13 +85,26 @@ def test_report_has_every_figure_with_the_base_at_1x(models, text_file, tmp_path
 
 
 class Fakes:
-    """Counting stand-ins for the two measurements. The base runs at 100 tok/s in the first run and 50 after,
-    so a ratio divided by the wrong run's base shows."""
+    """Counting stand-ins for the measurements. The base runs at 100 tok/s in the first run and 50 after,
+    so a ratio divided by the wrong run's base shows. `measure_speeds` (alternated repetitions) gives
+    each model the per-repetition values in `reps` where it names the model, else its figure twice."""
 
-    def __init__(self, monkeypatch, fail_speed_on=None):
-        self.accuracy, self.speed, self.fail_speed_on = [], [], fail_speed_on
+    def __init__(self, monkeypatch, fail_speed_on=None, reps=None):
+        self.accuracy, self.speed, self.fail_speed_on, self.reps = [], [], fail_speed_on, reps or {}
+        self.together = []  # the model lists measure_speeds was called with
         monkeypatch.setattr(compare, "measure_accuracy", self.measure_accuracy)
         monkeypatch.setattr(compare, "measure_speed", self.measure_speed)
+        monkeypatch.setattr(compare, "measure_speeds", self.measure_speeds)
+
+    def measure_speeds(self, specs, settings, progress=None):
+        self.together.append([os.path.basename(s) for s in specs])
+        results = [self.measure_speed(spec, settings) for spec in specs]
+        for spec, r in zip(specs, results):
+            batch1 = self.reps.get(os.path.basename(spec), [r["figures"]["batch1_tok_s"]["median"]] * 2)
+            r["values"] = {key: [f["median"]] * len(batch1) for key, f in r["figures"].items()}
+            r["values"]["batch1_tok_s"] = batch1
+            r["figures"]["batch1_tok_s"] = {"median": statistics.median(batch1), "min": min(batch1), "max": max(batch1)}
+        return results
 
     def measure_accuracy(self, spec, settings):
         self.accuracy.append(os.path.basename(spec))
@@ -112,13 +126,16 @@ def figures(out):
     return {m["label"]: m["figures"] for m in json.loads((out / "report.json").read_text())["models"]}
 
 
-def test_rerun_with_one_more_model_measures_only_it_and_the_base(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("order", ["sequential", "alternate"])
+def test_rerun_with_one_more_model_measures_only_it_and_the_base(order, models, tmp_path, monkeypatch):
     fakes = Fakes(monkeypatch)
     out = tmp_path / "c"
-    assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST])) == 0
+    assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST, "--speed-order", order])) == 0
     assert fakes.accuracy == ["base", "small"] and fakes.speed == ["base", "small"]
+    assert fakes.together == ([] if order == "sequential" else [["base", "small"]])
 
-    assert compare.run_compare(parse([models["base"], models["small"], models["large"], "--out", out, *FAST])) == 0
+    assert compare.run_compare(parse([models["base"], models["small"], models["large"], "--out", out, *FAST,
+                                      "--speed-order", order])) == 0
     assert fakes.accuracy == ["base", "small", "large"]  # the base's accuracy came from the cache
     assert fakes.speed == ["base", "small", "base", "large"]  # the base's speed never does
     f = figures(out)
@@ -132,22 +149,50 @@ def test_rerun_with_one_more_model_measures_only_it_and_the_base(models, tmp_pat
     # A changed model is a different model: rewriting a file of `small` measures it again.
     config = models["small"] / "config.json"
     config.write_text(config.read_text())
-    os.utime(config, ns=(0, 1))
-    assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST])) == 0
+    os.utime(config, ns=(0, config.stat().st_mtime_ns + 1000))
+    assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST, "--speed-order", order])) == 0
     assert fakes.accuracy[-1] == "small" and fakes.speed[-2:] == ["base", "small"]
 
 
-def test_an_interrupted_compare_resumes(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("order", ["sequential", "alternate"])
+def test_an_interrupted_compare_resumes(order, models, tmp_path, monkeypatch):
     out = tmp_path / "c"
-    argv = [models["base"], models["small"], models["large"], "--out", out, *FAST]
+    argv = [models["base"], models["small"], models["large"], "--out", out, *FAST, "--speed-order", order]
     first = Fakes(monkeypatch, fail_speed_on="large")
     with pytest.raises(KeyboardInterrupt):
         compare.run_compare(parse(argv))
     assert first.accuracy == ["base", "small", "large"] and first.speed == ["base", "small"]
     again = Fakes(monkeypatch)
     assert compare.run_compare(parse(argv)) == 0
-    assert again.accuracy == [] and again.speed == ["base", "large"]
+    assert again.accuracy == []
+    # Sequential runs cached small's speed before large failed; alternated ones cache all at the end.
+    assert again.speed == (["base", "large"] if order == "sequential" else ["base", "small", "large"])
     assert figures(out)["large"]["batch1_tok_s"]["earlier_run"] is False
+
+
+def test_alternated_repetitions_give_the_median_of_per_repetition_ratios(models, tmp_path, monkeypatch):
+    """The load halves the machine's speed in repetition 2: the ratio of medians (150 / 80) would say 1.88x,
+    the per-repetition ratios (1.5, 2.2, 2.5) give 2.2x with their range."""
+    Fakes(monkeypatch, reps={"base": [100.0, 50.0, 80.0], "small": [150.0, 110.0, 200.0]})
+    out = tmp_path / "c"
+    assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST, "--speed-order", "alternate"])) == 0
+    f = figures(out)
+    assert f["small"]["batch1_tok_s"]["ratio"] == pytest.approx(2.2)
+    assert (f["small"]["batch1_tok_s"]["ratio_min"], f["small"]["batch1_tok_s"]["ratio_max"]) == pytest.approx((1.5, 2.5))
+    assert f["base"]["batch1_tok_s"]["ratio"] == pytest.approx(1.0) and "ratio_min" not in f["base"]["batch1_tok_s"]
+    md = (out / "report.md").read_text()
+    assert "(2.20x, 1.50-2.50)" in md and "median of the per-repetition ratios" in md
+
+
+def test_auto_alternates_only_where_the_models_fit_in_memory(models, tmp_path, monkeypatch):
+    fakes = Fakes(monkeypatch)
+    argv = [models["base"], models["small"], "--out", tmp_path / "a", *FAST]
+    assert compare.run_compare(parse(argv)) == 0  # two tiny models fit
+    assert fakes.together == [["base", "small"]]
+    monkeypatch.setattr(compare, "disk_bytes", lambda model: 2**50)  # a petabyte each: never
+    argv[3] = tmp_path / "b"
+    assert compare.run_compare(parse(argv)) == 0
+    assert fakes.together == [["base", "small"]] and fakes.speed[-2:] == ["base", "small"]
 
 
 def test_pareto_front_on_hand_made_points():

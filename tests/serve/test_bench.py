@@ -54,3 +54,32 @@ def test_benchmark_reports_rows_and_ratios(engine_and_model):
 
 def test_percentile():
     assert percentile([3, 1, 2], 50) == 2 and percentile(list(range(101)), 99) == 99
+
+
+def test_interleaved_benchmark_alternates_engines_with_a_rotating_start(engine_and_model, monkeypatch):
+    """Warm-ups first, then each repetition runs every engine once, starting one engine later each time;
+    every engine's values are its own runs, in repetition order."""
+    from slimlm.serve import bench
+
+    engine, _ = engine_and_model
+    other = LLMEngine(tiny_model("llama", seed=1)[0], engine.tokenizer, EngineConfig(block_size=4))
+    calls, real = [], bench.run_engine
+
+    def counting(eng, prompts, gen_len, concurrency=None, rate=None, seed=0):
+        stats = real(eng, prompts, gen_len, concurrency, rate, seed)
+        calls.append((0 if eng is engine else 1, len(prompts)))
+        stats.tokens_per_s = float(len(calls))  # the call's index identifies which run a value came from
+        return stats
+
+    monkeypatch.setattr(bench, "run_engine", counting)
+    results = bench.benchmark_interleaved([engine, other], concurrency=2, num_requests=3, prompt_len=8, gen_len=3, reps=3)
+    order = [e for e, _ in calls]
+    assert order[:8] == [0, 1, 0, 1, 1, 0, 0, 1] and order[8:] == order[:8]  # batch 1, then c=2, alike
+    assert [n for _, n in calls] == [1] * 8 + [3] * 8
+    assert results[0]["values"]["batch1_tok_s"] == [3.0, 6.0, 7.0] and results[1]["values"]["batch1_tok_s"] == [4.0, 5.0, 8.0]
+    assert results[1]["values"]["online_tok_s"] == [12.0, 13.0, 16.0]
+    row = results[0]["rows"]["engine online c=2"]
+    assert set(results[0]["rows"]) == {"engine batch 1", "engine online c=2"} and len(results[0]["values"]["ttft_p50_ms"]) == 3
+    assert row["tokens_per_s"]["median"] == 14.0 and results[0]["settings"]["interleaved"] is True
+    with pytest.raises(ValueError, match="reps"):
+        bench.benchmark_interleaved([engine], concurrency=2, reps=0)
