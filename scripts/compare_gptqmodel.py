@@ -2,7 +2,7 @@
 
 Both tools quantize the same HF folder (the one slimlm reads `smollm2-135m` from) with the same
 settings: int4, group 64, symmetric, no act-order, damp 0.01, the same 128 x 512-token calibration
-windows (`slimlm.toolkit.data.calibration_samples` on builtin:wiki's train split, seed 0; handed to
+windows (`slimlm.toolkit.data.calibration_samples` on builtin:wiki's train split, seed 0 or --seed; handed to
 GPTQModel as token ids), the same thread count and calibration dtype. Each tool runs in its own
 process, so its wall time, CPU time (all threads) and peak RSS (`os.wait4`) are its own: model load,
 calibration, packing and saving. The tool's own quantize call is also timed (slimlm: the manifest's
@@ -50,7 +50,7 @@ def gptqmodel_quantize(args) -> dict:
     src = builtin_model_dir(MODEL)
     _, tok = load(MODEL, dtype="float32")
     texts = load_texts(args.data, split="train", tokenizer=tok)
-    samples = calibration_samples(texts, tok, args.samples, args.seq_len, seed=0)
+    samples = calibration_samples(texts, tok, args.samples, args.seq_len, seed=args.seed)
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in samples]
     cfg = QuantizeConfig(bits=4, group_size=64, sym=True, desc_act=False, act_group_aware=False,
                          damp_percent=args.damp, device="cpu")
@@ -84,7 +84,7 @@ def llmcompressor_quantize(args) -> dict:
 
     model, tok = load(MODEL, dtype="bf16" if args.dtype == "bf16" else "float32")
     texts = load_texts(args.data, split="train", tokenizer=tok)
-    samples = calibration_samples(texts, tok, args.samples, args.seq_len, seed=0)
+    samples = calibration_samples(texts, tok, args.samples, args.seq_len, seed=args.seed)
     ds = Dataset.from_dict({"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()})
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
     recipe = GPTQModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)},
@@ -154,6 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (all tools get the same)")
+    ap.add_argument("--hessian-dtype", choices=["bf16", "float32"], default=None,
+                    help="slimlm's --hessian-dtype (default: the calibration dtype's)")
     ap.add_argument("--dtype", choices=["bf16", "float32"], default="bf16",
                     help="calibration dtype of both tools (slimlm --compute-dtype; GPTQModel's model dtype)")
     ap.add_argument("--batch-size", type=int, default=16, help="GPTQModel calibration batch (slimlm: 8192 tokens)")
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     rows, folders = {}, {"base (fp32)": MODEL}
     for tool in args.tools.split(","):
-        folder = root / f"{tool}-int4-g64-sym"
+        folder = root / f"{tool}-int4-g64-sym" if args.seed == 0 else root / f"{tool}-int4-g64-sym-seed{args.seed}"
         if tool != "llmcompressor":
             folders[tool] = str(folder)
         if args.reuse and (folder / "config.json").exists():
@@ -187,11 +190,14 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "slimlm.recipes.cli", "quantize", MODEL, "--method", "gptq", "--bits", "4",
                    "--group-size", "64", "--sym", "--damp", str(args.damp), "--data", args.data,
                    "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--compute-dtype", args.dtype,
-                   "--threads", str(args.threads), "--no-eval", "--out", str(folder), "--overwrite"]
+                   "--seed", str(args.seed), "--threads", str(args.threads), "--no-eval", "--out", str(folder), "--overwrite"]
+            if args.hessian_dtype:
+                cmd += ["--hessian-dtype", args.hessian_dtype]
         elif tool in ("gptqmodel", "llmcompressor"):
             cmd = [sys.executable, __file__, "--child", tool, "--out", str(folder), "--data", args.data,
                    "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--damp", str(args.damp),
-                   "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+                   "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                   "--seed", str(args.seed)]
             if args.max_windows:
                 cmd += ["--max-windows", str(args.max_windows)]
             # GPTQModel 7.6 sizes its CPU worker pool to ceil(cores / 2) and then asks 2 workers of it for model
@@ -221,7 +227,8 @@ def main(argv=None) -> int:
     if "llmcompressor" in rows:
         ppl["llmcompressor"] = rows["llmcompressor"]["perplexity_in_process"]
     base = ppl["base (fp32)"]["perplexity"]
-    print(f"\nSmolLM2-135M, GPTQ int4 g64 sym, damp {args.damp}, {args.samples} x {args.seq_len} calibration tokens, "
+    print(f"\nSmolLM2-135M, GPTQ int4 g64 sym, damp {args.damp}, {args.samples} x {args.seq_len} calibration tokens "
+          f"(seed {args.seed}), "
           f"{args.dtype} calibration, {args.threads} threads")
     print(f"{'':14s} {'ppl':>8s} {'vs base':>8s} {'quantize s':>11s} {'process s':>10s} {'CPU s':>8s} "
           f"{'peak RSS GB':>12s} {'load':>10s}")

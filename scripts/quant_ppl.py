@@ -4,7 +4,7 @@
 
 Rows: fp32 base, RTN int4 g64 (asym, sym), GPTQ int4 g64 (sym, asym, sym and asym + act-order), the same with
 the clipping search (`mse_clip`: RTN asym, GPTQ asym, sym + act-order, asym + act-order), RTN and GPTQ
-int8 g64 sym. GPTQ calibrates on 128 x 512 tokens of builtin:wiki's train split (seed 0); perplexity is
+int8 g64 sym. GPTQ calibrates on 128 x 512 tokens of builtin:wiki's train split (seed 0, or --seed); perplexity is
 on builtin:wiki's validation split (the last 10% of wiki.utf8) in non-overlapping 512-token windows.
 
 Each row runs in its own process, so `ru_maxrss` (peak resident memory) and the wall time belong to
@@ -35,6 +35,10 @@ ROWS = {
     "gptq-int4-g64-asym-actorder-mse-damp0.05": dict(method="gptq", bits=4, group_size=64, sym=False, act_order=True,
                                                      static_groups=True, mse_clip=True, damp=0.05),
     "gptq-int4-g64-sym-fp32calib": dict(method="gptq", bits=4, group_size=64, sym=True, compute_dtype="float32"),
+    "gptq-int4-g64-sym-bf16hessian": dict(method="gptq", bits=4, group_size=64, sym=True, hessian_dtype="bf16"),
+    "gptq-int4-g64-sym-fp32hessian": dict(method="gptq", bits=4, group_size=64, sym=True, hessian_dtype="float32"),
+    "gptq-int4-g64-asym-actorder-mse-fp32hessian": dict(method="gptq", bits=4, group_size=64, sym=False, act_order=True,
+                                                        static_groups=True, mse_clip=True, hessian_dtype="float32"),
     "gptq-int4-g64-asym-actorder-mse-fp32calib": dict(method="gptq", bits=4, group_size=64, sym=False, act_order=True,
                                                       static_groups=True, mse_clip=True, compute_dtype="float32"),
     "rtn-int4-g64-asym-mse": dict(method="rtn", bits=4, group_size=64, sym=False, mse_clip=True),
@@ -65,13 +69,13 @@ def run_row(name: str, args) -> dict:
     if spec is not None:
         spec = dict(spec)
         method = spec.pop("method")
-        options = {k: spec.pop(k) for k in ("damp", "compute_dtype") if k in spec}  # quantize_model's, not the scheme's
+        options = {k: spec.pop(k) for k in ("damp", "compute_dtype", "hessian_dtype") if k in spec}  # quantize_model's
         if "compute_dtype" in options:
             options["compute_dtype"] = getattr(torch, options["compute_dtype"])
         samples = None
         if method == "gptq":
             texts = load_texts("builtin:wiki", split="train", tokenizer=tok)
-            samples = calibration_samples(texts, tok, args.samples, args.seq_len, seed=0)
+            samples = calibration_samples(texts, tok, args.samples, args.seq_len, seed=args.seed)
         start, cpu = time.perf_counter(), time.process_time()
         state = quantize_model(model, QuantScheme(**spec), method, samples, progress=False, **options)
         row["quantize_seconds"] = round(time.perf_counter() - start, 1)
@@ -93,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-windows", type=int, default=None, help="perplexity windows (default: all)")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write all rows here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row, print its JSON
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
         if name not in ROWS:
             p.error(f"unknown row {name!r}")
         cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--threads", str(args.threads),
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--seed", str(args.seed)]
         if args.max_windows:
             cmd += ["--max-windows", str(args.max_windows)]
         start = time.perf_counter()

