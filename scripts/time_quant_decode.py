@@ -25,6 +25,7 @@ from slimlm.toolkit.models import load
 def run(engine: LLMEngine, prompts: list[list[int]], gen: int) -> float:
     """Seconds to generate `gen` tokens for every prompt at once (prefill included)."""
     params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    engine.block_manager.reset_prefix_cache()  # every run prefills in full: no reuse of an earlier run's prompts
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"r{time.perf_counter_ns()}-{i}", p, params)
