@@ -168,14 +168,15 @@ class QWeightArgs(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p), ("out", ctypes.c_int), ("in_", ctypes.c_int), ("gs", ctypes.c_int),
                 ("bits", ctypes.c_int), ("sdt", ctypes.c_int), ("x_bf16", ctypes.c_int),
-                ("gemm_min_rows", ctypes.c_int)]
+                ("gemm_min_rows", ctypes.c_int), ("perm", ctypes.c_void_p)]
 
     @classmethod
-    def of(cls, p: PackedQuantWeight, bias: Tensor | None, x_bf16: bool, gemm_min_rows: int) -> "QWeightArgs":
-        """Points into p's and bias's storage: keep them alive as long as this."""
+    def of(cls, p: PackedQuantWeight, bias: Tensor | None, x_bf16: bool, gemm_min_rows: int,
+           perm: Tensor | None = None) -> "QWeightArgs":
+        """Points into p's, bias's and perm's (int32 [in]) storage: keep them alive as long as this."""
         return cls(p.codes.data_ptr(), p.scales.data_ptr(), p.zeros.data_ptr(),
                    None if bias is None else bias.data_ptr(), p.out_features, p.in_features, p.group_size, p.bits,
-                   SCALE_KINDS[p.scales.dtype], int(x_bf16), gemm_min_rows)
+                   SCALE_KINDS[p.scales.dtype], int(x_bf16), gemm_min_rows, None if perm is None else perm.data_ptr())
 
 
 @functools.cache

@@ -24,6 +24,11 @@ SmolLM2-135M's shapes, int4/int8 g64, one thread, weights streamed from memory, 
   the float32 `PackedLinear` at 1-4 rows, 0.6-0.8x from 64 rows (exactness costs 3 products each).
 - no C kernel (no compiler, not AVX-512-BF16, SLIMLM_CPU_KERNELS=0): plain PyTorch, dequantizing 1024
   output rows at a time (float32, exact, slow; nothing kept between calls).
+
+Act-order checkpoints whose groups are scattered over the inputs (GPTQ `desc_act` without static
+groups) are stored with their columns sorted by group, so the groups are consecutive again, plus `perm`
+(the input each stored column multiplies): the layer gathers `x[:, perm]` (one copy of the
+activations, in the C kernel) before the product.
 """
 from __future__ import annotations
 
@@ -50,12 +55,14 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, packed: PackedQuantWeight, bias: Tensor | None = None,
-                 act_dtype: torch.dtype = torch.bfloat16, use_kernel: bool | None = None):
+                 act_dtype: torch.dtype = torch.bfloat16, use_kernel: bool | None = None,
+                 perm: Tensor | None = None):
         super().__init__()
         if act_dtype not in ACT_DTYPES:
             raise ValueError(f"act_dtype must be torch.bfloat16 or torch.float32, got {act_dtype}")
         if bias is not None and tuple(bias.shape) != (packed.out_features,):
             raise ValueError(f"bias must be [{packed.out_features}], got {tuple(bias.shape)}")
+        self.perm = None if perm is None else check_perm(perm, packed.in_features)
         self.packed = packed
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.bits, self.group_size, self.act_dtype = packed.bits, packed.group_size, act_dtype
@@ -67,27 +74,31 @@ class QuantLinear(nn.Module):
             # Everything but x, y and the row count, fixed at load in one struct: a decode call costs
             # microseconds of Python, as much as the int4 kernel itself takes for a small layer.
             gemm_min = GEMM_MIN_ROWS[self.bits] if act_dtype == torch.bfloat16 else 2 ** 31 - 1
-            self._args = QWeightArgs.of(packed, self.bias, act_dtype == torch.bfloat16, gemm_min)
+            self._args = QWeightArgs.of(packed, self.bias, act_dtype == torch.bfloat16, gemm_min, self.perm)
             self._args_ptr = ctypes.addressof(self._args)
 
     @classmethod
     def from_codes(cls, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bits: int,
-                   bias: Tensor | None = None, act_dtype: torch.dtype = torch.bfloat16) -> QuantLinear:
+                   bias: Tensor | None = None, act_dtype: torch.dtype = torch.bfloat16,
+                   perm: Tensor | None = None) -> QuantLinear:
         """codes uint8 [out, in] in 0..2^bits-1; scales fp16/bf16/fp32 and zeros (integers) [out, in / group_size].
 
         group_size is 32, 64, 128 (or another multiple of 16) dividing `in`, or `in` itself (one group
-        per row). Symmetric schemes pass zeros = 2^(bits-1). Raises ValueError naming the sizes.
+        per row). Symmetric schemes pass zeros = 2^(bits-1). `perm` (a permutation of 0..in-1, or None):
+        column j of `codes` multiplies input `perm[j]`. Raises ValueError naming the sizes.
         """
         return cls(repack(codes.cpu(), scales.cpu(), zeros.cpu(), group_size, bits),
-                   None if bias is None else bias.cpu(), act_dtype)
+                   None if bias is None else bias.cpu(), act_dtype, perm=None if perm is None else perm.cpu())
 
     @property
     def uses_kernel(self) -> bool:
         return self._lib is not None
 
     def dequantize(self) -> Tensor:
-        """The dense weight [out, in], float32: (code - zero) * scale, exactly as the reference defines it."""
-        return dequantize_rows(*unpack_codes(self.packed), self.group_size)
+        """The dense weight [out, in], float32: (code - zero) * scale, exactly as the reference defines it
+        (columns in input order)."""
+        w = dequantize_rows(*unpack_codes(self.packed), self.group_size)
+        return w if self.perm is None else w[:, torch.argsort(self.perm.long())]
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
@@ -107,7 +118,7 @@ class QuantLinear(nn.Module):
 
     def _forward_torch(self, x: Tensor) -> Tensor:
         # The reference arithmetic in float32, a slice of output rows at a time: no dense copy is kept.
-        xf = x.float()
+        xf = x.float() if self.perm is None else x.float().index_select(1, self.perm.long())
         parts = []
         for start in range(0, self.out_features, FALLBACK_CHUNK):
             rows = slice(start, min(start + FALLBACK_CHUNK, self.out_features))
@@ -119,4 +130,16 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
-                f"bias={self.bias is not None}, act_dtype={self.act_dtype}, kernel={self.uses_kernel}")
+                f"bias={self.bias is not None}, act_dtype={self.act_dtype}, kernel={self.uses_kernel}"
+                + (", act-order input order" if self.perm is not None else ""))
+
+
+def check_perm(perm: Tensor, in_features: int) -> Tensor:
+    """`perm` as a contiguous int32 CPU tensor, after checking that it orders all `in_features` inputs."""
+    perm = torch.as_tensor(perm)
+    if perm.dim() != 1 or perm.numel() != in_features or perm.is_floating_point():
+        raise ValueError(f"perm must be integers [{in_features}] (a permutation of the inputs), got "
+                         f"{tuple(perm.shape)} {perm.dtype}")
+    if not torch.equal(torch.sort(perm.long()).values, torch.arange(in_features, device=perm.device)):
+        raise ValueError(f"perm must hold each input index 0..{in_features - 1} exactly once")
+    return perm.to(device="cpu", dtype=torch.int32).contiguous()

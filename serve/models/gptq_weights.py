@@ -12,8 +12,10 @@ What stays dense (built from the HF model's dequantized weights, as before, and 
 in `GPTQWeights.dense`):
 - layers the checkpoint did not quantize (the LM head and embeddings by default, `dynamic` exclusions);
   a fused projection (q|k|v, gate|up) is quantized only if all its parts are, in one bits and group size;
-- act-order checkpoints whose `g_idx` is not `i // group_size` (other tools' `desc_act=True`): the
-  groups of such a layer are scattered over the inputs, which the kernel's layout cannot hold;
+- act-order checkpoints whose `g_idx` is not `i // group_size` (`desc_act=True` without static
+  groups) are served quantized with their columns sorted by group and the input order kept beside
+  them (`perm`: the layer gathers `x[:, perm]`); only a `g_idx` whose groups are not all
+  `group_size` inputs long stays dense, as do fused parts (q|k|v, gate|up) with different orders;
 - anything the kernel cannot take (a group size that is not a multiple of 16, a v1 zero point past
   2^bits - 1, as AutoGPTQ writes for a zero point of 0) or a layer whose dequantized codes are not
   the HF model's weight (the model was changed after loading: its weights win).
@@ -78,17 +80,22 @@ class GPTQWeights:
                 self._keep_dense(names, f"{name}: {part}" if len(names) > 1 and part != NOT_QUANTIZED else part)
                 return None
             parts.append(part)
-        if len({(c.shape[1], bits, gs, s.dtype) for c, s, _, gs, bits in parts}) > 1:
+        if len({(c.shape[1], bits, gs, s.dtype) for c, s, _, gs, bits, _ in parts}) > 1:
             self._keep_dense(names, "its parts differ in bits, group size or scale dtype")
             return None
+        perm = parts[0][5]
+        if any((p[5] is None) != (perm is None) or (perm is not None and not torch.equal(p[5], perm)) for p in parts):
+            self._keep_dense(names, "its parts have different act-order input orders")
+            return None
         codes, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))  # along the output dim
-        _, _, _, gs, bits = parts[0]
+        _, _, _, gs, bits, _ = parts[0]
         if self.device.type == "cuda":
             from ..layers.quant_linear_triton import TritonQuantLinear  # imports Triton: only where it runs
 
-            layer = TritonQuantLinear.from_codes(codes, scales, zeros, gs, bits, bias, self.act_dtype, self.device)
+            layer = TritonQuantLinear.from_codes(codes, scales, zeros, gs, bits, bias, self.act_dtype, self.device,
+                                                 perm=perm)
         else:
-            layer = QuantLinear.from_codes(codes, scales, zeros, gs, bits, bias, self.act_dtype)
+            layer = QuantLinear.from_codes(codes, scales, zeros, gs, bits, bias, self.act_dtype, perm=perm)
         self.quantized.extend(names)
         return layer
 
@@ -97,7 +104,10 @@ class GPTQWeights:
             self.dense[name] = reason
 
     def _unpack(self, name: str):
-        """(codes uint8 [out, in], scales [out, G], zeros uint8 [out, G], group_size, bits), or why not."""
+        """(codes uint8 [out, in], scales [out, G], zeros uint8 [out, G], group_size, bits, perm), or why not.
+
+        `perm` is None, or for a scattered act-order `g_idx` the input order that makes the groups
+        consecutive (the codes' columns are returned in that order)."""
         layer = self.layers.get(name)
         if layer is None:
             return NOT_QUANTIZED
@@ -110,9 +120,15 @@ class GPTQWeights:
         if groups == 0 or in_f % groups:
             return f"{groups} groups do not divide {in_f} inputs"
         gs = in_f // groups
-        if not torch.equal(g_idx.long(), torch.arange(in_f) // gs):
-            return "act-order g_idx (groups scattered over the inputs; the kernel needs consecutive groups)"
+        g_idx, consecutive = g_idx.long(), torch.arange(in_f) // gs
+        perm = None
+        if not torch.equal(g_idx, consecutive):  # act-order: serve the columns sorted by group
+            perm = torch.argsort(g_idx, stable=True)
+            if not torch.equal(g_idx[perm], consecutive):
+                return f"act-order g_idx whose groups are not all {gs} inputs long"
         codes = unpack_qweight(qweight, bits).to(torch.uint8)                    # [out, in]
+        if perm is not None:
+            codes = codes[:, perm]
         zeros = unpack_qzeros(layer["qzeros"], bits, self.offset)[:out_f]        # [out, G], int64
         scales = layer["scales"].T.contiguous()                                  # [out, G]
         if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) >= 1 << bits):
@@ -127,9 +143,10 @@ class GPTQWeights:
             return "the model has no weight of this shape"
         rows = [0, out_f - 1]  # a spot check: the dequantized rows must be what the model holds
         ref = dequantize_rows(codes[rows], scales[rows], zeros[rows], gs).to(weight.dtype)
-        if not torch.equal(ref, weight.detach()[rows].cpu()):
+        held = weight.detach()[rows].cpu()
+        if not torch.equal(ref, held if perm is None else held[:, perm]):
             return "the model's weight is not the checkpoint's (changed after loading?): serving the model's"
-        return codes, scales, zeros, gs, bits
+        return codes, scales, zeros, gs, bits, perm
 
     def warn_unexpected(self) -> None:
         """One warning naming the projections kept dense for a reason other than not being quantized."""

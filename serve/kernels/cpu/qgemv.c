@@ -368,15 +368,43 @@ typedef struct {
     int out, in, gs, bits, sdt;
     int x_bf16;                 /* activations (x and y): bf16, else float32 */
     int gemm_min_rows;          /* bf16: from this many rows, slimlm_qgemm_bf16 */
+    const int32_t* perm;        /* NULL, or the input order of the codes' columns (act-order checkpoints):
+                                   column j multiplies x[:, perm[j]] */
 } slimlm_qweight;
 
+/* x [m, in] with its columns in the order `perm`: a copy the caller frees. */
+static void* gather_inputs(const void* x, const int32_t* perm, int m, int in, int bf16) {
+    size_t es = bf16 ? 2 : 4;
+    char* out = malloc((size_t)m * in * es);
+    if (!out) return NULL;
+    for (int r = 0; r < m; r++) {
+        if (bf16) {
+            const uint16_t* src = (const uint16_t*)x + (size_t)r * in;
+            uint16_t* dst = (uint16_t*)out + (size_t)r * in;
+            for (int j = 0; j < in; j++) dst[j] = src[perm[j]];
+        } else {
+            const float* src = (const float*)x + (size_t)r * in;
+            float* dst = (float*)out + (size_t)r * in;
+            for (int j = 0; j < in; j++) dst[j] = src[perm[j]];
+        }
+    }
+    return out;
+}
+
 void slimlm_qlinear(const slimlm_qweight* w, const void* x, void* y, int m, int threads) {
+    void* gathered = NULL;
+    if (w->perm) {
+        gathered = gather_inputs(x, w->perm, m, w->in, w->x_bf16);
+        if (!gathered) abort();  /* a few KB per decode row: out of memory is not recoverable here */
+        x = gathered;
+    }
     if (w->x_bf16 && m >= w->gemm_min_rows)
         slimlm_qgemm_bf16(w->codes, w->scales, w->zeros, w->bias, x, y, m, w->out, w->in, w->gs, w->bits, w->sdt,
                           threads);
     else
         slimlm_qgemv(w->codes, w->scales, w->zeros, w->bias, x, y, m, w->out, w->in, w->gs, w->bits, w->sdt,
                      w->x_bf16, threads);
+    free(gathered);
 }
 
 #endif  /* SLIMLM_QGEMV_C */

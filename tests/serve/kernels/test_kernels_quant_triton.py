@@ -143,6 +143,11 @@ def test_triton_quant_linear_matches_the_cpu_quant_linear():
     x = torch.randn(2, 3, 96)
     assert torch.allclose(gpu(x.to(DEVICE)).cpu(), cpu(x), rtol=1e-4, atol=1e-4)
     assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(1))  # act-order input order: the same
+    gpu = TritonQuantLinear.from_codes(codes, scales, zeros, 32, 4, bias, torch.float32, DEVICE, perm=perm)
+    cpu = QuantLinear.from_codes(codes, scales, zeros, 32, 4, bias, torch.float32, perm=perm)
+    assert torch.allclose(gpu(x.to(DEVICE)).cpu(), cpu(x), rtol=1e-4, atol=1e-4)
+    assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
 
 
 @kernels

@@ -42,6 +42,15 @@ def assert_close_to_reference(y, x, codes, scales, zeros, gs, bias, rel_s, rel_r
     assert bool((err <= rel_s * size + rel_ref * ref.abs() + 1e-30).all()), f"max err {err.max().item():.3g}"
 
 
+def rel_size(layer, m):
+    """The path's tolerance relative to S (module doc) for a call with m rows."""
+    if not layer.uses_kernel:
+        return 1e-5
+    if layer.act_dtype == torch.bfloat16 and m >= GEMM_MIN_ROWS[layer.bits]:
+        return 2 ** -9 * 1.01 + 2e-5
+    return 2e-5
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
@@ -61,13 +70,7 @@ def test_quant_linear_matches_dequantized_matmul(bits, case, act, bias, kernel, 
         y = layer(x)
         assert y.shape == (m, out_f) and y.dtype == act
         bf16 = act == torch.bfloat16
-        if not layer.uses_kernel:
-            rel_s = 1e-5
-        elif bf16 and m >= GEMM_MIN_ROWS[bits]:
-            rel_s = 2 ** -9 * 1.01 + 2e-5
-        else:
-            rel_s = 2e-5
-        assert_close_to_reference(y, x, codes, scales, zeros, gs, b, rel_s, 2 ** -8 if bf16 else 0)
+        assert_close_to_reference(y, x, codes, scales, zeros, gs, b, rel_size(layer, m), 2 ** -8 if bf16 else 0)
 
 
 def test_leading_dims_and_input_cast():
@@ -92,6 +95,40 @@ def test_no_dense_copy_is_kept():
     layer = QuantLinear.from_codes(codes, scales, zeros, 64, 4)
     held = layer.packed.nbytes() + sum(t.numel() * t.element_size() for t in layer.state_dict().values())
     assert held / codes.numel() < 0.55  # codes 0.5 bytes per weight, scales and zeros 3 bytes per 64
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_an_input_order_gathers_x_before_the_product(bits, act, kernel, one_thread):
+    # Act-order checkpoints: column j of the codes multiplies input perm[j]. Against the reference on
+    # x[:, perm], at decode rows and (bf16) the GEMM path; the layer's weight is in input order.
+    out_f, in_f, gs = 100, 96, 32
+    codes, scales, zeros = random_quant(out_f, in_f, gs, bits, seed=7 * bits)
+    perm = torch.randperm(in_f, generator=torch.Generator().manual_seed(3))
+    b = torch.randn(out_f, generator=torch.Generator().manual_seed(2)).to(act)
+    layer = QuantLinear.from_codes(codes, scales, zeros, gs, bits, bias=b, act_dtype=act, perm=perm)
+    if not kernel:
+        layer = QuantLinear(layer.packed, b, act, use_kernel=False, perm=perm)
+    assert torch.equal(layer.dequantize()[:, perm], dequantize_rows(codes, scales, zeros, gs))
+    bf16 = act == torch.bfloat16
+    for m in [1, 3] + ([GEMM_MIN_ROWS[bits] + 1] if bf16 else []):
+        x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m)).to(act)
+        y = layer(x)
+        rel_s = rel_size(layer, m)
+        assert_close_to_reference(y, x[:, perm], codes, scales, zeros, gs, b, rel_s, 2 ** -8 if bf16 else 0)
+        unordered = reference_qmatmul(x, codes, scales, zeros, gs, b)  # without the gather: far off
+        assert (y.double() - unordered).abs().max() > 10 * (y.double() - reference_qmatmul(
+            x[:, perm], codes, scales, zeros, gs, b)).abs().max()
+
+
+@pytest.mark.parametrize("perm, match", [(torch.arange(127), r"perm must be integers \[128\]"),
+                                         (torch.zeros(128, dtype=torch.long), r"each input index 0..127 exactly once"),
+                                         (torch.arange(128.0), r"perm must be integers")])
+def test_a_bad_input_order_is_refused(perm, match):
+    with pytest.raises(ValueError, match=match):
+        QuantLinear.from_codes(torch.zeros(64, 128, dtype=torch.uint8), torch.ones(64, 4), torch.zeros(64, 4), 32, 4,
+                               perm=perm)
 
 
 @pytest.mark.parametrize("bad, match", [

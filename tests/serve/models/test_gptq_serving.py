@@ -182,15 +182,59 @@ def test_static_groups_act_order_serves_quantized(tmp_path):
     assert all(isinstance(lin, QuantLinear) for lin in quant_layers(load_model(hf)))
 
 
-def test_act_order_layers_fall_back_to_dense_with_one_warning(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_order_with_scattered_groups_serves_quantized(tmp_path, dtype):
+    # desc_act without static groups: g_idx scatters the groups; the layers hold the codes sorted by
+    # group and gather x in that order. fp32: the dense model's logits; bf16: the fused decode stack
+    # (which calls the same kernel entry) gives the layer path's logits bit for bit.
+    from slimlm.serve.models import cpu_decode
+
     scheme = QuantScheme(bits=4, group_size=32, sym=False, act_order=True)
-    hf, _ = load(str(quantized_dir(tmp_path, "llama", scheme, method="gptq")))
+    folder = quantized_dir(tmp_path, "llama", scheme, method="gptq", **STACK_SHAPES)
+    g_idx = load_file(str(folder / "model.safetensors"))["model.layers.0.self_attn.q_proj.g_idx"]
+    assert not torch.equal(g_idx.long(), torch.arange(g_idx.numel()) // 32)  # really scattered
+    hf, _ = load(str(folder), dtype=dtype)
+    model = load_model(hf)
+    layers = quant_layers(model)
+    assert all(isinstance(lin, QuantLinear) and lin.perm is not None for lin in layers)
+    assert model.gptq.dense == {}
+    for lin, ref in zip(layers, quant_layers(dense_twin(hf))):
+        assert torch.equal(lin.dequantize().to(dtype), ref.weight)  # in input order, the model's weight
+    if dtype == torch.float32:
+        assert_fp32_close(*step_logits([model, dense_twin(hf)], steps=3))
+        return
+    layered = load_model(hf)
+    layered._stack = None
+    if cpu_decode.decode_stack_for(model) is None:
+        pytest.skip("slimlm's C kernels do not build here (no compiler or no AVX-512-BF16)")
+    model._stack = cpu_decode.decode_stack_for(model)
+    for a, b in zip(*step_logits([model, layered], steps=4)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_act_order_groups_of_unequal_size_run_dense_with_one_warning(tmp_path):
+    # A g_idx whose groups are not all group_size long has no consecutive layout: that layer stays dense.
+    scheme = QuantScheme(bits=4, group_size=32, sym=False, act_order=True)
+    folder = quantized_dir(tmp_path, "llama", scheme, method="gptq")
+    out = tmp_path / "other"  # as another tool would write it: no slimlm manifest
+    out.mkdir()
+    tensors = load_file(str(folder / "model.safetensors"))
+    key = "model.layers.1.mlp.down_proj.g_idx"
+    g_idx = tensors[key].clone()
+    g_idx[g_idx == 0] = 1  # group 0 empty, group 1 twice its size: no longer a regrouping of equal groups
+    tensors[key] = g_idx
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in folder.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "config.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    hf, _ = load_gptq(out)
     with pytest.warns(UserWarning, match="act-order") as record:
         model = load_model(hf)
     assert sum("run dense" in str(w.message) for w in record) == 1
-    assert any("act-order" in why for why in model.gptq.dense.values())
-    dense = dense_twin(hf)
-    assert_fp32_close(*step_logits([model, dense], steps=2))  # dense or not, the same model
+    assert list(model.gptq.dense) == ["model.layers.1.mlp.down_proj"], model.gptq.dense
+    assert "not all 32 inputs long" in model.gptq.dense["model.layers.1.mlp.down_proj"]
+    assert not isinstance(model.layers[1].down_proj, QuantLinear)
+    assert isinstance(model.layers[0].down_proj, QuantLinear)
 
 
 def test_skipped_layers_stay_dense_and_the_rest_quantized(tmp_path):
