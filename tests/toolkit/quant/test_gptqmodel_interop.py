@@ -27,15 +27,16 @@ ASYM_REFUSED = pytest.mark.xfail(
            "(it checks quantization_config.meta.quantizer); slimlm's asymmetric exports are refused")
 
 
-@pytest.mark.parametrize("sym", [True, pytest.param(False, marks=ASYM_REFUSED)])
-def test_slimlm_gptq_export_gives_the_same_logits_in_gptqmodel(tmp_path, sym):
+@pytest.mark.parametrize("sym, act_order", [(True, False), (True, True), pytest.param(False, False, marks=ASYM_REFUSED)],
+                         ids=["sym", "sym-desc_act", "asym"])
+def test_slimlm_gptq_export_gives_the_same_logits_in_gptqmodel(tmp_path, sym, act_order):
     from gptqmodel import BACKEND, GPTQModel
 
     # Shapes GPTQModel's CPU kernels accept: in_features a multiple of the group, out a multiple of 64.
     model, tok = tiny_model("llama", hidden_size=128, intermediate_size=256, num_attention_heads=4,
                             num_key_value_heads=2)
     samples = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
-    scheme = QuantScheme(bits=4, group_size=64, sym=sym)
+    scheme = QuantScheme(bits=4, group_size=64, sym=sym, act_order=act_order)  # desc_act: scattered g_idx
     state = quantize_model(model, scheme, "gptq", samples, compute_dtype=torch.float32, progress=False)
     out = save_gptq(model, tok, state, scheme, tmp_path / "q")
 
