@@ -47,6 +47,7 @@ ROWS = {
                                            static_groups=True, mse_clip=True),
     "gptq-int4-g64-asym-actorder-mse": dict(method="gptq", bits=4, group_size=64, sym=False, act_order=True,
                                             static_groups=True, mse_clip=True),
+    "gptq-int4-g64-sym-actorder-dyn": dict(method="gptq", bits=4, group_size=64, sym=True, act_order=True),
     "gptq-int4-g64-asym-actorder-dyn-mse": dict(method="gptq", bits=4, group_size=64, sym=False, act_order=True,
                                                 static_groups=False, mse_clip=True),
     "rtn-int8-g64-sym": dict(method="rtn", bits=8, group_size=64, sym=True),

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..layers.linear import LinearFactory, make_linear
-from .gptq_weights import gptq_dir, gptq_weights_for
+from .gptq_weights import absorb_mlp_orders, gptq_dir, gptq_weights_for
 from .llama import SUPPORTED_MODEL_TYPES, CausalLM, DecoderLayer, ModelArgs
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "CausalLM", "DecoderLayer", "ModelArgs", "load_model"]
@@ -32,6 +32,7 @@ def load_model(hf_model: nn.Module, dtype: torch.dtype | None = None,
     model = CausalLM.from_hf(hf_model, config, dtype=dtype, make_linear=linear_factory,
                              quantized=None if gptq is None else gptq.linear)
     if gptq is not None:
+        absorb_mlp_orders(model)
         gptq.warn_unexpected()
         gptq.layers = gptq.reference = None  # the packed copies now live in the QuantLinears
     model.gptq = gptq

@@ -33,7 +33,7 @@ from slimlm.toolkit.quant.gptq_format import (GPTQ_DIR_ATTR, gptq_config, read_g
                                               unpack_qzeros)
 
 from ..kernels import use_triton
-from ..kernels.quant_cpu import check_quant_args, dequantize_rows
+from ..kernels.quant_cpu import check_quant_args, dequantize_rows, repack, unpack_codes
 from ..layers.quant_linear import ACT_DTYPES, QuantLinear
 
 GPU_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the Triton kernels' (quant_triton.ACT_DTYPES)
@@ -155,6 +155,31 @@ class GPTQWeights:
             shown = "; ".join(f"{n} ({w})" for n, w in list(odd.items())[:4])
             warnings.warn(f"{len(odd)} quantized layer(s) of {self.folder} run dense (dequantized weights, no int4/int8 "
                           f"speed-up): {shown}{' ...' if len(odd) > 4 else ''}", stacklevel=3)
+
+
+def absorb_mlp_orders(model: nn.Module) -> int:
+    """Move each act-order `down_proj`'s input order onto the rows of the `gate_up_proj` before it.
+
+    down_proj's inputs are `silu(gate) * up`, channel by channel, so serving gate's and up's output
+    rows in down's input order hands down_proj its inputs already in that order: the same function,
+    one activation gather fewer per layer (the widest one). Done for CPU `QuantLinear` pairs (rows
+    are repacked once); elsewhere the gather stays. Returns the number of layers changed.
+    """
+    changed = 0
+    for layer in model.layers:
+        down, gate_up = layer.down_proj, layer.gate_up_proj
+        if not (isinstance(down, QuantLinear) and down.perm is not None and isinstance(gate_up, QuantLinear)):
+            continue
+        order = down.perm.long()
+        rows = torch.cat([order, order + order.numel()])  # gate's rows, then up's, in down's input order
+        codes, scales, zeros = unpack_codes(gate_up.packed)  # [2 I, in], [2 I, G], [2 I, G]
+        packed = repack(codes[rows], scales[rows], zeros[rows], gate_up.group_size, gate_up.bits)
+        bias = None if gate_up.bias is None else gate_up.bias[rows]
+        layer.gate_up_proj = QuantLinear(packed, bias, gate_up.act_dtype, use_kernel=gate_up.uses_kernel,
+                                         perm=gate_up.perm)
+        layer.down_proj = QuantLinear(down.packed, down.bias, down.act_dtype, use_kernel=down.uses_kernel)
+        changed += 1
+    return changed
 
 
 def gptq_weights_for(hf_model: nn.Module, dtype: torch.dtype) -> GPTQWeights | None:

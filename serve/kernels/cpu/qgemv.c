@@ -372,11 +372,21 @@ typedef struct {
                                    column j multiplies x[:, perm[j]] */
 } slimlm_qweight;
 
-/* x [m, in] with its columns in the order `perm`: a copy the caller frees. */
-static void* gather_inputs(const void* x, const int32_t* perm, int m, int in, int bf16) {
-    size_t es = bf16 ? 2 : 4;
-    char* out = malloc((size_t)m * in * es);
-    if (!out) return NULL;
+/* x [m, in] with its columns in the order `perm`, into a buffer of the calling thread that grows as needed
+   and is kept (a fresh multi-MB allocation per prefill call costs its page faults every time). Rows are
+   split over the threads from 16 rows on. NULL only when out of memory. */
+static void* gather_inputs(const void* x, const int32_t* perm, int m, int in, int bf16, int threads) {
+    static __thread char* buf = NULL;
+    static __thread size_t cap = 0;
+    size_t need = (size_t)m * in * (bf16 ? 2 : 4);
+    if (need > cap) {
+        free(buf);
+        buf = malloc(need);
+        cap = buf ? need : 0;
+        if (!buf) return NULL;
+    }
+    char* out = buf;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && m >= 16)
     for (int r = 0; r < m; r++) {
         if (bf16) {
             const uint16_t* src = (const uint16_t*)x + (size_t)r * in;
@@ -392,11 +402,9 @@ static void* gather_inputs(const void* x, const int32_t* perm, int m, int in, in
 }
 
 void slimlm_qlinear(const slimlm_qweight* w, const void* x, void* y, int m, int threads) {
-    void* gathered = NULL;
     if (w->perm) {
-        gathered = gather_inputs(x, w->perm, m, w->in, w->x_bf16);
-        if (!gathered) abort();  /* a few KB per decode row: out of memory is not recoverable here */
-        x = gathered;
+        x = gather_inputs(x, w->perm, m, w->in, w->x_bf16, threads);
+        if (!x) abort();  /* the activations' size: out of memory is not recoverable here */
     }
     if (w->x_bf16 && m >= w->gemm_min_rows)
         slimlm_qgemm_bf16(w->codes, w->scales, w->zeros, w->bias, x, y, m, w->out, w->in, w->gs, w->bits, w->sdt,
@@ -404,7 +412,6 @@ void slimlm_qlinear(const slimlm_qweight* w, const void* x, void* y, int m, int 
     else
         slimlm_qgemv(w->codes, w->scales, w->zeros, w->bias, x, y, m, w->out, w->in, w->gs, w->bits, w->sdt,
                      w->x_bf16, threads);
-    free(gathered);
 }
 
 #endif  /* SLIMLM_QGEMV_C */

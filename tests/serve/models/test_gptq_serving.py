@@ -185,8 +185,9 @@ def test_static_groups_act_order_serves_quantized(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_act_order_with_scattered_groups_serves_quantized(tmp_path, dtype):
     # desc_act without static groups: g_idx scatters the groups; the layers hold the codes sorted by
-    # group and gather x in that order. fp32: the dense model's logits; bf16: the fused decode stack
-    # (which calls the same kernel entry) gives the layer path's logits bit for bit.
+    # group and gather x in that order, except down_proj, whose order moves onto gate|up's rows. fp32:
+    # the dense model's logits; bf16: the fused decode stack (which calls the same kernel entry) gives
+    # the layer path's logits bit for bit.
     from slimlm.serve.models import cpu_decode
 
     scheme = QuantScheme(bits=4, group_size=32, sym=False, act_order=True)
@@ -196,10 +197,16 @@ def test_act_order_with_scattered_groups_serves_quantized(tmp_path, dtype):
     hf, _ = load(str(folder), dtype=dtype)
     model = load_model(hf)
     layers = quant_layers(model)
-    assert all(isinstance(lin, QuantLinear) and lin.perm is not None for lin in layers)
-    assert model.gptq.dense == {}
-    for lin, ref in zip(layers, quant_layers(dense_twin(hf))):
-        assert torch.equal(lin.dequantize().to(dtype), ref.weight)  # in input order, the model's weight
+    assert all(isinstance(lin, QuantLinear) for lin in layers) and model.gptq.dense == {}
+    for layer, ref in zip(model.layers, dense_twin(hf).layers):
+        for name in ("qkv_proj", "o_proj"):  # in input order, the model's weight
+            assert getattr(layer, name).perm is not None
+            assert torch.equal(getattr(layer, name).dequantize().to(dtype), getattr(ref, name).weight)
+        assert layer.gate_up_proj.perm is not None and layer.down_proj.perm is None  # down's order absorbed
+        # the same rows as the model's gate|up, in another order
+        got, want = layer.gate_up_proj.dequantize().to(dtype), ref.gate_up_proj.weight
+        assert not torch.equal(got, want)
+        assert torch.equal(torch.sort(got, dim=0).values, torch.sort(want, dim=0).values)
     if dtype == torch.float32:
         assert_fp32_close(*step_logits([model, dense_twin(hf)], steps=3))
         return
