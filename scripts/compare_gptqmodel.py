@@ -20,6 +20,10 @@ it beside the venv, without its dependencies, and pass the folder:
     python scripts/compare_gptqmodel.py --gptqmodel-site /tmp/gqsite --llmcompressor-site /tmp/llmcsite \
         --tools slimlm,gptqmodel,llmcompressor --threads 1 --json out/gptqmodel.json
 
+With --best each tool runs its most accurate options instead (same data, group 64, damp): asymmetric
+grids; slimlm act-order with dynamic groups and its clipping search (`--act-order --mse-clip`);
+GPTQModel its default group-aware act-order (`act_group_aware`) and its clipping search (`mse=2.4`).
+
 llm-compressor writes compressed-tensors, which slimlm does not read: its model is evaluated in its own
 process (so its "whole process" time includes that evaluation; compare its quantize-call time).
 """
@@ -52,8 +56,12 @@ def gptqmodel_quantize(args) -> dict:
     texts = load_texts(args.data, split="train", tokenizer=tok)
     samples = calibration_samples(texts, tok, args.samples, args.seq_len, seed=args.seed)
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in samples]
-    cfg = QuantizeConfig(bits=4, group_size=64, sym=True, desc_act=False, act_group_aware=False,
-                         damp_percent=args.damp, device="cpu")
+    if args.best:  # GPTQModel's most accurate options: asymmetric, group-aware act-order, clipping search
+        cfg = QuantizeConfig(bits=4, group_size=64, sym=False, desc_act=False, act_group_aware=True, mse=2.4,
+                             damp_percent=args.damp, device="cpu")
+    else:
+        cfg = QuantizeConfig(bits=4, group_size=64, sym=True, desc_act=False, act_group_aware=False,
+                             damp_percent=args.damp, device="cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = GPTQModel.load(str(src), cfg, dtype=dtype)
     start, cpu = time.perf_counter(), time.process_time()
@@ -165,6 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--llmcompressor-site", default=None, help="folder holding llmcompressor (pip --target)")
     ap.add_argument("--tools", default="slimlm,gptqmodel", help="any of slimlm, gptqmodel, llmcompressor")
     ap.add_argument("--reuse", action="store_true", help="skip quantizing where the checkpoint already exists")
+    ap.add_argument("--best", action="store_true", help="each tool's most accurate options (asymmetric; see the doc)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     rows, folders = {}, {"base (fp32)": MODEL}
     for tool in args.tools.split(","):
-        folder = root / f"{tool}-int4-g64-sym" if args.seed == 0 else root / f"{tool}-int4-g64-sym-seed{args.seed}"
+        folder = root / (f"{tool}-int4-g64-{'best' if args.best else 'sym'}" + (f"-seed{args.seed}" if args.seed else ""))
         if tool != "llmcompressor":
             folders[tool] = str(folder)
         if args.reuse and (folder / "config.json").exists():
@@ -193,11 +202,13 @@ def main(argv=None) -> int:
                    "--seed", str(args.seed), "--threads", str(args.threads), "--no-eval", "--out", str(folder), "--overwrite"]
             if args.hessian_dtype:
                 cmd += ["--hessian-dtype", args.hessian_dtype]
+            if args.best:
+                cmd = [c for c in cmd if c != "--sym"] + ["--act-order", "--mse-clip"]
         elif tool in ("gptqmodel", "llmcompressor"):
             cmd = [sys.executable, __file__, "--child", tool, "--out", str(folder), "--data", args.data,
                    "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--damp", str(args.damp),
                    "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                   "--seed", str(args.seed)]
+                   "--seed", str(args.seed)] + (["--best"] if args.best else [])
             if args.max_windows:
                 cmd += ["--max-windows", str(args.max_windows)]
             # GPTQModel 7.6 sizes its CPU worker pool to ceil(cores / 2) and then asks 2 workers of it for model
@@ -227,7 +238,7 @@ def main(argv=None) -> int:
     if "llmcompressor" in rows:
         ppl["llmcompressor"] = rows["llmcompressor"]["perplexity_in_process"]
     base = ppl["base (fp32)"]["perplexity"]
-    print(f"\nSmolLM2-135M, GPTQ int4 g64 sym, damp {args.damp}, {args.samples} x {args.seq_len} calibration tokens "
+    print(f"\nSmolLM2-135M, GPTQ int4 g64 {'each tool at its best (--best)' if args.best else 'sym'}, damp {args.damp}, {args.samples} x {args.seq_len} calibration tokens "
           f"(seed {args.seed}), "
           f"{args.dtype} calibration, {args.threads} threads")
     print(f"{'':14s} {'ppl':>8s} {'vs base':>8s} {'quantize s':>11s} {'process s':>10s} {'CPU s':>8s} "
