@@ -7,12 +7,19 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
 
-from slimlm.recipes import compare, distill, early_exit, pipeline, prune, qat, quantize
-from slimlm.toolkit.errors import SlimlmError
+# Before torch loads: with this set, PyTorch's CPU allocator asks for transparent huge pages (madvise) for
+# buffers of 2 MB and more, so a model's weights sit in 2 MB pages. Batch-1 decode reads every weight per
+# token; with 4 KB pages its speed here swung between runs (bf16 SmolLM2: 104-158 tok/s) and with huge
+# pages it held at 158-165 (docs/benchmarks.md). THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from slimlm.recipes import compare, distill, early_exit, pipeline, prune, qat, quantize  # noqa: E402
+from slimlm.toolkit.errors import SlimlmError  # noqa: E402
 
 
 def add_eval(sub) -> None:

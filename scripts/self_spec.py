@@ -2,7 +2,8 @@
 
 For each exit layer E and draft length K it generates greedily from held-out prompts with drafting forced
 on (adaptive off), and reports the acceptance rate, the mean tokens emitted per speculative step, whether
-the output equals plain decoding token for token, and tokens/s against the plain engine in the same run.
+the output equals plain decoding token for token, and tokens/s against the plain engine in the same run
+(with --reps N, the two alternated N times: the median of the per-repetition ratios, with their range).
 
     python scripts/self_spec.py --model smollm2-135m --exits 6,10,15,20 --drafts 2,4 --prompts 8 --gen 64
     python scripts/self_spec.py --model smollm2-135m --draft-model DIR --drafts 2,4 --adaptive   # a draft model
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -55,6 +57,8 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--exit-confidence", default="", help="lossy runs: draft-probability thresholds, comma-separated")
+    p.add_argument("--reps", type=int, default=1,
+                   help="plain and speculative runs alternated this many times; speedup = median ratio [min, max]")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -79,14 +83,20 @@ def main() -> None:
             engine = LLMEngine(hf_model, tok, EngineConfig(max_num_seqs=max(args.batch, 1), speculative=spec))
             generate(engine, prompts[:1], 8, 1)
             engine.speculator.stats.__init__()
-            _, plain_tps = generate(plain, prompts, args.gen, args.batch)  # side by side, this moment's load
-            outs, tps = generate(engine, prompts, args.gen, args.batch)
+            ratios, tps_all, plain_all = [], [], []
+            for _ in range(args.reps):  # side by side, alternated: each ratio at one moment's load
+                plain_all.append(generate(plain, prompts, args.gen, args.batch)[1])
+                outs, tps = generate(engine, prompts, args.gen, args.batch)
+                tps_all.append(tps)
+                ratios.append(tps / plain_all[-1])
+            tps, plain_tps = statistics.median(tps_all), statistics.median(plain_all)
             st = engine.speculator.stats
             same = sum(o == r for o, r in zip(outs, reference))
             row = {"exit_layer": exit_layer, "num_draft": k, "adaptive": adaptive,
                    "acceptance": round(st.acceptance_rate, 3), "tokens_per_step": round(st.mean_accepted_length, 2),
                    "identical": f"{same}/{len(prompts)}", "tok_s": round(tps, 1), "plain_tok_s": round(plain_tps, 1),
-                   "speedup": round(tps / plain_tps, 2)}
+                   "speedup": round(statistics.median(ratios), 2),
+                   "speedup_range": [round(min(ratios), 2), round(max(ratios), 2)]}
             if sure is not None:
                 match = sum(x == y for o, r in zip(outs, reference) for x, y in zip(o, r))
                 row.update(exit_confidence=sure, matching_tokens=round(match / sum(map(len, reference)), 3))

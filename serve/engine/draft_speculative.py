@@ -24,7 +24,7 @@ import torch
 
 from ..layers.attention import AttentionMetadata
 from .model_runner import ModelRunner
-from .speculative import SelfSpeculator, SpeculativeConfig, expected_tokens
+from .speculative import SelfSpeculator, SpeculativeConfig, expected_tokens, verify_rows
 
 
 def _weights_read(args) -> int:
@@ -104,14 +104,10 @@ class DraftSpeculator(SelfSpeculator):
     def _verify(self, runner: ModelRunner, spec, plan, drafts, hidden) -> dict[int, list[int]]:
         if not spec:
             return {}
-        model, dev = self.model, runner.device
+        model = self.model
         ids = [t for s in spec for t in drafts[s.seq.seq_id][:plan[s.seq.seq_id] + 1]]
-        pos = [p for s in spec for p in range(s.start, s.start + plan[s.seq.seq_id] + 1)]
-        meta = AttentionMetadata.build([plan[s.seq.seq_id] + 1 for s in spec],
-                                       [s.start + plan[s.seq.seq_id] + 1 for s in spec],
-                                       [s.seq.block_table for s in spec], runner.block_size, device=dev)
-        x = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                  runner.kv_caches, meta)
+        pos, meta = verify_rows(spec, plan, runner)
+        x = model(torch.tensor(ids, dtype=torch.long, device=runner.device), pos, runner.kv_caches, meta)
         new_tokens = self._accept(spec, plan, drafts, model.compute_logits(x))
         for s in spec:
             seq, k = s.seq, plan[s.seq.seq_id]

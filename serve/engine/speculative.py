@@ -7,7 +7,8 @@ those tokens' KV for layers `< E` and kept their layer-E hidden states, so nothi
 Accepted drafts plus the target's next token are appended; the KV of rejected drafts stays behind the
 sequence's computed length, is overwritten later, and blocks holding only rejected slots go back to
 the pool. Greedy requests: the accepted tokens are the target model's own argmaxes, so the output is
-the plain engine's (up to the rounding of a multi-token pass against a one-token pass). Sampled
+the plain engine's (the verify pass computes each token as its own decode row, see `verify_rows`, so
+even in bf16 the rows round as one-token steps do wherever both take the same kernels). Sampled
 requests: drafts are sampled from the draft's distribution and kept by the speculative-sampling rule
 (`_accept`), so tokens follow the target's distribution (a seeded request is reproducible, but draws
 other numbers than plain decoding would). Requests with logprobs or penalties decode plainly.
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..layers.attention import AttentionMetadata
+from ..layers.kv_quant import is_quantized
 from ..layers.norm import RMSNorm
 from ..layers.sampler import filter_logits
 from .block_manager import BlockManager
@@ -96,6 +98,29 @@ def _probs(logits: Tensor, params: list) -> Tensor:
     """The sampling distribution each row's request draws from: its temperature, top-k, top-p, min-p."""
     probs = filter_logits(logits.float(), params).softmax(-1)
     return torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def verify_rows(spec, plan: dict[int, int], runner: ModelRunner) -> tuple[Tensor, AttentionMetadata]:
+    """Positions [N] and attention metadata of a verify pass over each planned sequence's
+    `[last token, d_1 .. d_k]`, one row per token.
+
+    With a cache in the model dtype each token is its own decode row (the sequence's block table, its own
+    length): the step writes every row's KV before any row attends, so row j sees the tokens before it,
+    as a causal pass would; each row is computed as a one-token step computes it (the same rounding, so
+    greedy bf16 output equals plain decoding's where the fused C stack takes the pass); and a few rows run
+    in that stack instead of layer by layer. An int8 cache, whose C store takes one token per block, gets
+    the usual k + 1-token rows per sequence."""
+    dev, bs = runner.device, runner.block_size
+    positions = [p for s in spec for p in range(s.start, s.start + plan[s.seq.seq_id] + 1)]
+    pos = torch.tensor(positions, dtype=torch.long, device=dev)
+    if is_quantized(runner.kv_caches[0][0]):
+        meta = AttentionMetadata.build([plan[s.seq.seq_id] + 1 for s in spec],
+                                       [s.start + plan[s.seq.seq_id] + 1 for s in spec],
+                                       [s.seq.block_table for s in spec], bs, device=dev)
+    else:
+        tables = [s.seq.block_table for s in spec for _ in range(plan[s.seq.seq_id] + 1)]
+        meta = AttentionMetadata.build([1] * len(positions), [p + 1 for p in positions], tables, bs, device=dev)
+    return pos, meta
 
 
 class SelfSpeculator:
@@ -262,16 +287,10 @@ class SelfSpeculator:
     def _verify(self, runner: ModelRunner, spec, plan, drafts, hidden) -> dict[int, list[int]]:
         if not spec:
             return {}
-        model, dev = self.model, runner.device
+        model = self.model
         x = torch.stack([h for s in spec for h in hidden[s.seq.seq_id]])            # [N, hidden]
-        positions = [p for s in spec for p in range(s.start, s.start + plan[s.seq.seq_id] + 1)]
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        meta = AttentionMetadata.build([plan[s.seq.seq_id] + 1 for s in spec],
-                                       [s.start + plan[s.seq.seq_id] + 1 for s in spec],
-                                       [s.seq.block_table for s in spec], runner.block_size, device=dev)
-        cos, sin = model.rotary(pos, meta.max_seq_len - 1)
-        for layer, (k_cache, v_cache) in zip(model.layers[self.exit_layer:], runner.kv_caches[self.exit_layer:]):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        pos, meta = verify_rows(spec, plan, runner)
+        x = model.run_layers(x, pos, runner.kv_caches, meta, self.exit_layer, len(model.layers))
         return self._accept(spec, plan, drafts, model.compute_logits(x))
 
     def _accept(self, spec, plan, drafts, logits: Tensor) -> dict[int, list[int]]:

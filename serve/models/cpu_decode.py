@@ -11,8 +11,9 @@ identical to it (bit for bit in our tests); `silu_mul` is the one kernel of its 
 that path. It applies when every projection is a `PackedLinear` whose rows its GEMV reads or a
 `QuantLinear` running slimlm's int4/int8 kernel in the model dtype (a GPTQ checkpoint; the stack calls
 the same `slimlm_qlinear` with the layer's own arguments, so it equals the layer path too), the
-family has no per-head q/k norm (Qwen3 takes the layer path), the step decodes at most
-GEMV_MAX_ROWS sequences (one token each), the KV cache is in the model dtype or an int8
+family has no per-head q/k norm (Qwen3 takes the layer path), the step has at most GEMV_MAX_ROWS
+rows of one token each (decoding sequences, or the tokens of a speculative verify pass, which may start
+at a later layer), the KV cache is in the model dtype or an int8
 `QuantizedKV` (each token quantized as it is stored, as `kv_quant.quantize_write` does), and the
 C library builds (see
 `serve.kernels.cpu_build.build_cpu_kernels`; SLIMLM_CPU_KERNELS=0 turns it off).
@@ -84,7 +85,9 @@ class DecodeStack:
 
         Caches in the model dtype, or int8 `QuantizedKV`s (data and scales; a decode step writes one token
         per block, which is what the kernel's quantizing store needs)."""
-        caches = kv_caches[:n_layers]
+        caches = kv_caches[:len(self.layers)]  # every layer given (the same list for draft and verify passes)
+        if len(caches) < n_layers:
+            return False
         quantized = all(is_quantized(k) and is_quantized(v) for k, v in caches)
         if not quantized and not all(isinstance(k, Tensor) and isinstance(v, Tensor) for k, v in caches):
             return False
@@ -105,17 +108,19 @@ class DecodeStack:
         self._caches = ptrs
         return True
 
-    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv_caches, meta, n_layers: int) -> Tensor:
-        """x [N, hidden] (the embeddings, overwritten) -> the residual stream after `n_layers` layers.
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, kv_caches, meta, first: int, last: int) -> Tensor:
+        """x [N, hidden] (the residual stream entering layer `first`, overwritten) -> the stream after
+        layers [first, last).
 
-        The caller checks `bind(kv_caches, n_layers)` first (every step: pointers are cheap to compare,
+        The caller checks `bind(kv_caches, last)` first (every step: pointers are cheap to compare,
         and a cache swapped under the same list must not be written through stale ones).
         """
         hidden, h, kvh, d, inter = self.dims
         m = x.shape[0]
         work = x.new_empty(m * (2 * hidden + (h + 2 * kvh) * d + 2 * h * d + 3 * inter + hidden))
         tables, lens, _ = attention.kernel_args(meta, kv_caches[0][0])
-        self.fn(self.layers, n_layers, x.data_ptr(), m, hidden, h, kvh, d, inter, cos.data_ptr(), sin.data_ptr(),
+        layers = ctypes.addressof(self.layers) + first * ctypes.sizeof(_Layer)
+        self.fn(layers, last - first, x.data_ptr(), m, hidden, h, kvh, d, inter, cos.data_ptr(), sin.data_ptr(),
                 meta.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), meta.block_size,
                 self.scale, self.eps, work.data_ptr(), torch.get_num_threads(), int(self.bf16))
         return x

@@ -241,20 +241,26 @@ class CausalLM(nn.Module):
         if not 0 <= n_layers <= len(self.layers) or len(kv_caches) < n_layers:
             raise ValueError(f"num_layers={n_layers} needs 0..{len(self.layers)} layers and as many KV cache "
                              f"pairs; got {len(kv_caches)} pairs")
-        num_slots = kv_caches[0][0].shape[0] * kv_caches[0][0].shape[1] if n_layers else 0
+        x = F.embedding(input_ids, self.embed_tokens)                      # [N, hidden]
+        return self.run_layers(x, positions, kv_caches, meta, 0, n_layers)
+
+    def run_layers(self, x: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
+                   meta: AttentionMetadata, first: int, last: int) -> Tensor:
+        """Layers [first, last) on the residual stream x [N, hidden] entering layer `first` (a speculative
+        verify pass starts where the draft stopped). Decode-only steps of a few rows run in one C call."""
+        num_slots = kv_caches[0][0].shape[0] * kv_caches[0][0].shape[1] if last > first else 0
         slots = meta.slot_mapping
-        if (n_layers and slots.numel() and slots.device.type == "cpu"
+        if (num_slots and slots.numel() and slots.device.type == "cpu"
                 and (int(slots.min()) < 0 or int(slots.max()) >= num_slots)):
             # The C kernels write where they are told: refuse what index_copy_ would have refused (CPU
             # only: on a GPU index_copy_ checks, and reading the bounds here would sync every step).
             raise ValueError(f"slot_mapping holds slots outside the KV cache's {num_slots} ({int(slots.min())}.."
                              f"{int(slots.max())})")
-        x = F.embedding(input_ids, self.embed_tokens)                      # [N, hidden]
         cos, sin = self.rotary(positions, meta.max_seq_len - 1)            # [N, 1, D] each
-        if (n_layers and cpu_decode.can_run(meta, x.shape[0]) and (stack := self._decode_stack()) is not None
-                and stack.bind(kv_caches, n_layers)):
-            return stack(x, cos, sin, kv_caches, meta, n_layers)          # the same layers, in one C call
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches[:n_layers]):
+        if (last > first and cpu_decode.can_run(meta, x.shape[0]) and (stack := self._decode_stack()) is not None
+                and stack.bind(kv_caches, last)):
+            return stack(x, cos, sin, kv_caches, meta, first, last)       # the same layers, in one C call
+        for layer, (k_cache, v_cache) in zip(self.layers[first:last], kv_caches[first:last]):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return x
 

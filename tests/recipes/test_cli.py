@@ -259,3 +259,31 @@ def test_exit_confidence_flag_is_lossy_opt_in_and_checked():
     for bad in (["--exit-confidence", "0.8"], ["--speculative", "self", "--exit-layer", "1", "--exit-confidence", "1.5"]):
         with pytest.raises(SlimlmError, match="exit-confidence"):
             speculative_config(parse(["bench", "smollm2-135m", *bad]), 3)
+
+
+def _anon_huge_kb(thp_env: str | None) -> tuple[str, int]:
+    """A fresh interpreter imports the CLI, then torch allocates and touches 64 MB: (the variable, its huge-page kB)."""
+    import os
+    code = ("import os, slimlm.recipes.cli, torch\n"
+            "x = torch.empty(64 << 20, dtype=torch.uint8); x.fill_(1)\n"
+            "kb = [line.split()[1] for line in open('/proc/self/smaps_rollup') if line.startswith('AnonHugePages')][0]\n"
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'], kb)")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if thp_env is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = thp_env
+    value, kb = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                               check=True).stdout.split()
+    return value, int(kb)
+
+
+def test_cli_puts_large_torch_buffers_in_huge_pages_unless_told_not_to():
+    from pathlib import Path
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not (setting.exists() and Path("/proc/self/smaps_rollup").exists()) or "[never]" in setting.read_text():
+        pytest.skip("no transparent huge pages on this machine (Linux with THP not set to never)")
+    value, kb = _anon_huge_kb(None)
+    assert value == "1" and kb >= 32 * 1024  # most of the 64 MB buffer in 2 MB pages
+    value, kb = _anon_huge_kb("0")
+    assert value == "0"
+    if "[madvise]" in setting.read_text():  # (with [always] the kernel uses huge pages regardless)
+        assert kb == 0

@@ -246,3 +246,34 @@ def test_n_completions_of_a_one_token_prompt_fork_under_speculation():
     want = plain.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0].token_ids
     assert got == [want] * 3 and llm.engine.speculator.stats.steps > 0
     assert llm.engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_bf16_verify_pass_runs_in_the_fused_stack_and_equals_plain_decoding(monkeypatch, batch):
+    """bf16 on the shapes the C decode stack takes: the verify pass runs layers [E, L) there, one row per
+    token, so each row rounds as a one-token step does and greedy output is plain decoding's exactly."""
+    from slimlm.serve.models import cpu_decode
+
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=4, hidden_size=128, intermediate_size=256,
+                            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    model = model.to(torch.bfloat16)
+    calls = []
+    real = cpu_decode.DecodeStack.__call__
+
+    def spy(self, x, cos, sin, kv_caches, meta, first, last):
+        calls.append((first, last, x.shape[0]))
+        return real(self, x, cos, sin, kv_caches, meta, first, last)
+
+    monkeypatch.setattr(cpu_decode.DecodeStack, "__call__", spy)
+    prompts = PROMPTS[:batch]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain, engine = run(model, tok, prompts, params=params)
+    if engine.model._decode_stack() is None:
+        pytest.skip("slimlm's C kernels do not build here (no compiler or no AVX-512-BF16)")
+    calls.clear()
+    fast, engine = run(model, tok, prompts, SpeculativeConfig(exit_layer=2, num_draft=1, adaptive=False),
+                       params=params)
+    assert fast == plain
+    assert engine.speculator.stats.steps > 0
+    assert (2, 4, 2 * batch) in calls  # verify: layers 2..4, [last token, draft] of each sequence
+    assert (0, 2, batch) in calls      # draft: layers 0..2
