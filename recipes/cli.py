@@ -141,6 +141,9 @@ def add_speculative_arguments(p) -> None:
     p.add_argument("--exit-confidence", type=float, default=None, metavar="P",
                    help="LOSSY (CALM-style): keep a greedy draft token whose draft probability is >= P even where "
                         "the full model disagrees; off by default (docs/benchmarks.md has its accuracy cost)")
+    p.add_argument("--draft-head", choices=["int8", "int4"], default=None,
+                   help="--speculative self: draft through an RTN copy of the LM head (lossless: the verify pass "
+                        "keeps the model's head; cheaper drafts where the head is large)")
 
 
 def speculative_config(args, num_layers: int, tokenizer=None):
@@ -160,6 +163,8 @@ def speculative_config(args, num_layers: int, tokenizer=None):
     sure = args.exit_confidence
     if sure is not None and (args.speculative is None or not 0 <= sure <= 1):
         raise SlimlmError(f"--exit-confidence needs --speculative and a probability in [0, 1], got {sure}.")
+    if getattr(args, "draft_head", None) is not None and args.speculative != "self":
+        raise SlimlmError("--draft-head needs --speculative self (a draft model has its own head).")
     if args.speculative is None:
         return None
     if args.num_draft < 1:
@@ -177,7 +182,7 @@ def speculative_config(args, num_layers: int, tokenizer=None):
     if spec and spec.norm == "own" and exit_layer in spec.layers:
         norm = load_exit_tensors(args.model, spec)[f"exits.{exit_layer}.norm.weight"]
     return SpeculativeConfig(exit_layer=exit_layer, num_draft=args.num_draft, exit_norm=norm,
-                             exit_confidence=sure)
+                             exit_confidence=sure, draft_head=getattr(args, "draft_head", None))
 
 
 def draft_model(args, tokenizer):

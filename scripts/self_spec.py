@@ -8,6 +8,7 @@ the output equals plain decoding token for token, and tokens/s against the plain
     python scripts/self_spec.py --model smollm2-135m --exits 6,10,15,20 --drafts 2,4 --prompts 8 --gen 64
     python scripts/self_spec.py --model smollm2-135m --draft-model DIR --drafts 2,4 --adaptive   # a draft model
     python scripts/self_spec.py --exits 20 --drafts 3 --exit-confidence 0.9,0.7,0.5   # lossy: accuracy beside speed
+    python scripts/self_spec.py --exits 8 --drafts 3 --draft-head none,int8,int4       # cheaper drafts, lossless
 
 With --exit-confidence (lossy, CALM-style) each listed threshold adds a run where a draft token whose
 draft probability reaches it is kept even where the full model disagrees; those rows also report the
@@ -56,6 +57,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--draft-head", default="", help="self drafts through an RTN copy of the LM head: int8, int4 "
+                   "or several (comma-separated, each a run of its own; 'none' the model's head)")
     p.add_argument("--exit-confidence", default="", help="lossy runs: draft-probability thresholds, comma-separated")
     p.add_argument("--reps", type=int, default=1,
                    help="plain and speculative runs alternated this many times; speedup = median ratio [min, max]")
@@ -74,12 +77,15 @@ def main() -> None:
     drafts = [int(k) for k in args.drafts.split(",")]
     draft = load(args.draft_model, dtype=args.dtype)[0] if args.draft_model else None
     for exit_layer in ["draft"] if draft is not None else [int(e) for e in args.exits.split(",")]:
-        runs = [(k, False, None) for k in drafts] + ([(max(drafts), True, None)] if args.adaptive else [])
-        runs += [(max(drafts), False, float(c)) for c in args.exit_confidence.split(",") if c.strip()]
-        for k, adaptive, sure in runs:
+        heads = [None if h in ("", "none") else h for h in (args.draft_head or "none").split(",")]
+        runs = [(k, False, None, head) for head in heads for k in drafts]
+        runs += [(max(drafts), True, None, head) for head in heads] if args.adaptive else []
+        runs += [(max(drafts), False, float(c), None) for c in args.exit_confidence.split(",") if c.strip()]
+        for k, adaptive, sure, head in runs:
             spec = (SpeculativeConfig(num_draft=k, adaptive=adaptive, draft_model=draft, exit_confidence=sure)
                     if draft is not None else
-                    SpeculativeConfig(exit_layer=exit_layer, num_draft=k, adaptive=adaptive, exit_confidence=sure))
+                    SpeculativeConfig(exit_layer=exit_layer, num_draft=k, adaptive=adaptive, exit_confidence=sure,
+                                      draft_head=head))
             engine = LLMEngine(hf_model, tok, EngineConfig(max_num_seqs=max(args.batch, 1), speculative=spec))
             generate(engine, prompts[:1], 8, 1)
             engine.speculator.stats.__init__()
@@ -92,7 +98,7 @@ def main() -> None:
             tps, plain_tps = statistics.median(tps_all), statistics.median(plain_all)
             st = engine.speculator.stats
             same = sum(o == r for o, r in zip(outs, reference))
-            row = {"exit_layer": exit_layer, "num_draft": k, "adaptive": adaptive,
+            row = {"exit_layer": exit_layer, "num_draft": k, "adaptive": adaptive, "draft_head": head or "model",
                    "acceptance": round(st.acceptance_rate, 3), "tokens_per_step": round(st.mean_accepted_length, 2),
                    "identical": f"{same}/{len(prompts)}", "tok_s": round(tps, 1), "plain_tok_s": round(plain_tps, 1),
                    "speedup": round(statistics.median(ratios), 2),

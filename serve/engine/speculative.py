@@ -57,6 +57,9 @@ class SpeculativeConfig:
     # Lossy, opt-in (CALM-style confidence exit): a greedy draft token whose draft probability is at least
     # this is kept even where the full model's argmax differs. None: lossless.
     exit_confidence: float | None = None
+    # "int8" | "int4": the draft's logits through an RTN copy of the LM head (lossless: the verify pass keeps
+    # the model's own head). In a small model the head costs a draft token as much as several layers.
+    draft_head: str | None = None
 
 
 @dataclass
@@ -142,6 +145,11 @@ class SelfSpeculator:
             if weight.shape != model.norm.weight.shape:
                 raise ValueError(f"exit_norm has shape {tuple(weight.shape)}, expected {tuple(model.norm.weight.shape)}")
             self.norm = RMSNorm(weight, model.args.rms_norm_eps)
+        self.draft_head = None
+        if config.draft_head is not None:
+            from ..models.quant_head import quantized_head
+
+            self.draft_head = quantized_head(model, config.draft_head)
         self._init_policy(model, config)
 
     def _init_policy(self, model, config: SpeculativeConfig) -> None:
@@ -247,7 +255,8 @@ class SelfSpeculator:
         return tokens
 
     def exit_logits(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(self.norm(hidden))
+        head = self.model.lm_head if self.draft_head is None else self.draft_head
+        return head(self.norm(hidden))
 
     @torch.inference_mode()
     def execute(self, runner: ModelRunner, out: SchedulerOutput, plan: dict[int, int],

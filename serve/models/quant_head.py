@@ -31,6 +31,13 @@ def quantize_lm_head(model: nn.Module, kind: str, group_size: int = 64) -> nn.Mo
     input width `group_size` does not divide falls back to one group per row. Returns the new head.
     Raises ValueError for an unknown kind or a dtype/device the quantized kernels cannot run.
     """
+    model.lm_head = quantized_head(model, kind, group_size)
+    return model.lm_head
+
+
+def quantized_head(model: nn.Module, kind: str, group_size: int = 64) -> nn.Module:
+    """The `kind` RTN quantization of `model.lm_head` as a new module, the model left as it is (a
+    self-speculative draft reads its logits through it: see `SpeculativeConfig.draft_head`)."""
     if kind not in HEAD_QUANT:
         raise ValueError(f"--quantize-lm-head must be one of {', '.join(HEAD_QUANT)}, got {kind!r}")
     head = model.lm_head
@@ -51,7 +58,6 @@ def quantize_lm_head(model: nn.Module, kind: str, group_size: int = 64) -> nn.Mo
     else:
         raise ValueError(f"the quantized LM head runs on CPU in {ACT_DTYPES} or on CUDA with Triton; the model is "
                          f"{dtype} on {device.type}")
-    model.lm_head = new
     return new
 
 

@@ -207,7 +207,10 @@ def test_bench_speculative_with_a_draft_model(model_dir, tmp_path):
                                          (["--speculative", "draft"], "go together"),
                                          (["--draft-model", "x"], "go together"),
                                          (["--speculative", "draft", "--draft-model", "x", "--exit-layer", "1"],
-                                          "needs --speculative self")])
+                                          "needs --speculative self"),
+                                         (["--draft-head", "int4"], "--draft-head needs --speculative self"),
+                                         (["--speculative", "draft", "--draft-model", "x", "--draft-head", "int8"],
+                                          "--draft-head needs --speculative self")])
 def test_bench_refuses_bad_speculative_flags(model_dir, capsys, argv, words):
     assert main(["bench", str(model_dir), "--batch-sizes", "1", "--reps", "1", *argv]) == 2
     assert words in capsys.readouterr().err
@@ -255,7 +258,9 @@ def test_exit_confidence_flag_is_lossy_opt_in_and_checked():
     parse = build_parser().parse_args
     assert speculative_config(parse(["bench", "smollm2-135m", "--speculative", "self", "--exit-layer", "1"]), 3).exit_confidence is None
     spec = speculative_config(parse(["bench", "smollm2-135m", "--speculative", "self", "--exit-layer", "1", "--exit-confidence", "0.8"]), 3)
-    assert spec.exit_confidence == 0.8
+    assert spec.exit_confidence == 0.8 and spec.draft_head is None
+    spec = speculative_config(parse(["bench", "smollm2-135m", "--speculative", "self", "--exit-layer", "1", "--draft-head", "int4"]), 3)
+    assert spec.draft_head == "int4"
     for bad in (["--exit-confidence", "0.8"], ["--speculative", "self", "--exit-layer", "1", "--exit-confidence", "1.5"]):
         with pytest.raises(SlimlmError, match="exit-confidence"):
             speculative_config(parse(["bench", "smollm2-135m", *bad]), 3)

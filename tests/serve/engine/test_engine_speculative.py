@@ -277,3 +277,22 @@ def test_bf16_verify_pass_runs_in_the_fused_stack_and_equals_plain_decoding(monk
     assert engine.speculator.stats.steps > 0
     assert (2, 4, 2 * batch) in calls  # verify: layers 2..4, [last token, draft] of each sequence
     assert (0, 2, batch) in calls      # draft: layers 0..2
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_draft_head_drafts_through_a_quantized_copy_and_output_stays_exact(kind):
+    from slimlm.serve.layers.quant_linear import QuantLinear
+
+    model, tok = make(layers=4, skip_from=2)
+    plain, _ = run(model, tok, PROMPTS[:6])
+    fast, engine = run(model, tok, PROMPTS[:6],
+                       SpeculativeConfig(exit_layer=2, num_draft=3, adaptive=False, draft_head=kind))
+    assert fast == plain
+    sp = engine.speculator
+    assert isinstance(sp.draft_head, QuantLinear) and not isinstance(engine.model.lm_head, QuantLinear)
+    h = torch.randn(5, engine.model.args.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        drafted, dense = sp.exit_logits(h), engine.model.lm_head(sp.norm(h))
+    assert torch.equal(drafted, sp.draft_head(sp.norm(h)))
+    assert not torch.equal(drafted, dense) and torch.allclose(drafted, dense, rtol=0.2, atol=0.2 * dense.abs().max())
+    assert sp.stats.acceptance_rate > 0.5  # the exit predicts the model exactly; rounding flips few argmaxes
