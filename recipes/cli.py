@@ -163,7 +163,7 @@ def speculative_config(args, num_layers: int, tokenizer=None):
     sure = args.exit_confidence
     if sure is not None and (args.speculative is None or not 0 <= sure <= 1):
         raise SlimlmError(f"--exit-confidence needs --speculative and a probability in [0, 1], got {sure}.")
-    if getattr(args, "draft_head", None) is not None and args.speculative != "self":
+    if args.draft_head is not None and args.speculative != "self":
         raise SlimlmError("--draft-head needs --speculative self (a draft model has its own head).")
     if args.speculative is None:
         return None
@@ -182,7 +182,7 @@ def speculative_config(args, num_layers: int, tokenizer=None):
     if spec and spec.norm == "own" and exit_layer in spec.layers:
         norm = load_exit_tensors(args.model, spec)[f"exits.{exit_layer}.norm.weight"]
     return SpeculativeConfig(exit_layer=exit_layer, num_draft=args.num_draft, exit_norm=norm,
-                             exit_confidence=sure, draft_head=getattr(args, "draft_head", None))
+                             exit_confidence=sure, draft_head=args.draft_head)
 
 
 def draft_model(args, tokenizer):

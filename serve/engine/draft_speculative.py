@@ -41,6 +41,8 @@ class DraftSpeculator(SelfSpeculator):
 
         if config.num_draft < 1:
             raise ValueError(f"num_draft must be at least 1, got {config.num_draft}")
+        if config.draft_head is not None:
+            raise ValueError("draft_head applies to self-speculation; a draft model drafts through its own head")
         draft = config.draft_model
         if not hasattr(draft, "allocate_kv_cache"):  # a transformers model: slimlm's serving model of it
             draft = load_model(draft, dtype=model.dtype)

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from ..layers.attention import AttentionMetadata
-from ..layers.kv_quant import is_quantized
 from ..layers.norm import RMSNorm
 from ..layers.sampler import filter_logits
 from .block_manager import BlockManager
@@ -105,25 +104,19 @@ def _probs(logits: Tensor, params: list) -> Tensor:
 
 def verify_rows(spec, plan: dict[int, int], runner: ModelRunner) -> tuple[Tensor, AttentionMetadata]:
     """Positions [N] and attention metadata of a verify pass over each planned sequence's
-    `[last token, d_1 .. d_k]`, one row per token.
+    `[last token, d_1 .. d_k]`, one decode row per token (the sequence's block table, its own length).
 
-    With a cache in the model dtype each token is its own decode row (the sequence's block table, its own
-    length): the step writes every row's KV before any row attends, so row j sees the tokens before it,
-    as a causal pass would; each row is computed as a one-token step computes it (the same rounding, so
-    greedy bf16 output equals plain decoding's where the fused C stack takes the pass); and a few rows run
-    in that stack instead of layer by layer. An int8 cache, whose C store takes one token per block, gets
-    the usual k + 1-token rows per sequence."""
-    dev, bs = runner.device, runner.block_size
+    The step writes every row's KV, in row order, before any row attends, so row j sees the tokens before
+    it as a causal pass would, and an int8 cache takes them one by one as successive decode steps would.
+    Each row is computed as a one-token step computes it (the same rounding, so greedy bf16 output equals
+    plain decoding's wherever both take the same kernels), and a few rows run in the fused C decode stack
+    instead of layer by layer."""
+    dev = runner.device
     positions = [p for s in spec for p in range(s.start, s.start + plan[s.seq.seq_id] + 1)]
-    pos = torch.tensor(positions, dtype=torch.long, device=dev)
-    if is_quantized(runner.kv_caches[0][0]):
-        meta = AttentionMetadata.build([plan[s.seq.seq_id] + 1 for s in spec],
-                                       [s.start + plan[s.seq.seq_id] + 1 for s in spec],
-                                       [s.seq.block_table for s in spec], bs, device=dev)
-    else:
-        tables = [s.seq.block_table for s in spec for _ in range(plan[s.seq.seq_id] + 1)]
-        meta = AttentionMetadata.build([1] * len(positions), [p + 1 for p in positions], tables, bs, device=dev)
-    return pos, meta
+    tables = [s.seq.block_table for s in spec for _ in range(plan[s.seq.seq_id] + 1)]
+    meta = AttentionMetadata.build([1] * len(positions), [p + 1 for p in positions], tables, runner.block_size,
+                                   device=dev)
+    return torch.tensor(positions, dtype=torch.long, device=dev), meta
 
 
 class SelfSpeculator:

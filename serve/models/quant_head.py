@@ -39,7 +39,7 @@ def quantized_head(model: nn.Module, kind: str, group_size: int = 64) -> nn.Modu
     """The `kind` RTN quantization of `model.lm_head` as a new module, the model left as it is (a
     self-speculative draft reads its logits through it: see `SpeculativeConfig.draft_head`)."""
     if kind not in HEAD_QUANT:
-        raise ValueError(f"--quantize-lm-head must be one of {', '.join(HEAD_QUANT)}, got {kind!r}")
+        raise ValueError(f"an LM head quantizes to one of {', '.join(HEAD_QUANT)}, got {kind!r}")
     head = model.lm_head
     weight = head.dequantize() if hasattr(head, "dequantize") else getattr(head, "weight", None)
     if weight is None or weight.dim() != 2:

@@ -142,3 +142,11 @@ def test_the_incremental_draft_cache_drafts_what_a_full_recompute_drafts(monkeyp
     a, b = incremental.speculator.stats, recompute.speculator.stats
     assert 0 < a.accepted < a.drafted
     assert (a.steps, a.drafted, a.accepted) == (b.steps, b.drafted, b.accepted)
+
+
+def test_a_draft_head_with_a_draft_model_is_refused():
+    model, tok = make()
+    draft, _ = make()
+    with pytest.raises(ValueError, match="draft_head applies to self-speculation"):
+        LLM(model, tok, block_size=4, num_blocks=32,
+            speculative=SpeculativeConfig(draft_model=draft, draft_head="int8"))

@@ -296,3 +296,21 @@ def test_draft_head_drafts_through_a_quantized_copy_and_output_stays_exact(kind)
     assert torch.equal(drafted, sp.draft_head(sp.norm(h)))
     assert not torch.equal(drafted, dense) and torch.allclose(drafted, dense, rtol=0.2, atol=0.2 * dense.abs().max())
     assert sp.stats.acceptance_rate > 0.5  # the exit predicts the model exactly; rounding flips few argmaxes
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_int8_kv_cache_verify_rows_store_as_decode_steps_do(batch):
+    """bf16, int8 cache, the model as its own draft (every draft right): the verify pass runs all layers on
+    one decode row per token, through the C stack's quantizing store one token at a time as successive
+    decode steps do, so every block's scale and codes end where plain decoding's do and the greedy output
+    is the same. (Rejected drafts can raise a block's scale before they are dropped, so with an int8 cache
+    speculation is exact only up to that re-quantization.)"""
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=4, hidden_size=128, intermediate_size=256,
+                            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    model = model.to(torch.bfloat16)
+    prompts = PROMPTS[:batch]  # at most 4 rows a step: plain and verify steps both in the C stack
+    plain, _ = run(model, tok, prompts, kv_cache_dtype="int8")
+    fast, engine = run(model, tok, prompts, SpeculativeConfig(draft_model=model, num_draft=1, adaptive=False),
+                       kv_cache_dtype="int8")
+    assert engine.speculator.stats.acceptance_rate == 1.0
+    assert fast == plain
