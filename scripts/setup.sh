@@ -18,7 +18,8 @@ want="$(cat pyproject.toml setup.py | sha256sum | cut -c1-16) extras=$extras tor
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import slimlm.toolkit" 2>/dev/null; then
   exit 0
 fi
-pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+# --no-cache-dir: no second copy of every wheel on disk (a CI machine once ran out of space installing)
+pip=(.venv/bin/python -m pip --disable-pip-version-check --no-cache-dir -q)
 echo "setup: installing $torch_req"
 "${pip[@]}" install "$torch_req"
 target="."

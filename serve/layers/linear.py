@@ -15,12 +15,18 @@ below, which reads that same packed buffer, reaches ~35 GB/s in bf16 and ~28 in 
 held once, in oneDNN's layout; up to GEMV_MAX_ROWS rows go through the kernel, more rows (prefill,
 large decode batches: compute-bound, where oneDNN runs near the CPU's peak) through oneDNN.
 
-The kernel (C, AVX-512, serve/kernels/cpu/gemv.c, built by `build_cpu_kernels`: compiled with the
-system's C compiler on first use and cached) computes what oneDNN computes: bf16 products summed in float32 (`vdpbf16ps`, in
-oneDNN's order: bit-identical to oneDNN's at one row in our tests, within a rounding step at a few)
-plus the bias, rounded once; fp32 in float32 with its own summation order. Anything missing (no
-compiler, no AVX-512, a layout it does not recognise) falls back to oneDNN; SLIMLM_CPU_KERNELS=0
-turns slimlm's C kernels off, SLIMLM_PACK_LINEAR=0 the packing (plain `F.linear`).
+The kernel (C, serve/kernels/cpu/gemv.c, built by `build_cpu_kernels`: compiled with the system's C
+compiler on first use and cached, for AVX-512 or AVX2) computes what oneDNN computes: bf16 products
+summed in float32 (`vdpbf16ps`, in oneDNN's order: bit-identical to oneDNN's at one row in our tests,
+within a rounding step at a few) plus the bias, rounded once; fp32 in float32 with its own summation
+order. Anything missing (no compiler, a layout it does not recognise) falls back to oneDNN;
+SLIMLM_CPU_KERNELS=0 turns slimlm's C kernels off, SLIMLM_PACK_LINEAR=0 the packing (plain `F.linear`).
+
+Without AVX-512 (AVX2 CPUs, AMD Zen 1-3 among them) oneDNN does not pack bf16 and `F.linear` in bf16
+is compute-bound (~6-10 GB/s at one row on a 2-core AMD EPYC with AVX2). There slimlm lays the weight
+out itself, in the same blocked layout, and its kernel's AVX2 form takes every row: measured on that
+machine, SmolLM2-135M's projections, two threads, 3-4x `F.linear` at one to four rows (20-28 GB/s at
+one) and 5x at 128 rows (as fast as float32 `F.linear`, at half the bytes).
 """
 from __future__ import annotations
 
@@ -68,20 +74,31 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: Tensor, bias: Tensor | None = None, use_gemv: bool | None = None):
         super().__init__()
         if not can_pack(weight):
-            raise ValueError(f"PackedLinear needs a 2-D CPU weight in {PACKED_DTYPES} with oneDNN available; "
+            raise ValueError(f"PackedLinear needs a 2-D CPU weight in {PACKED_DTYPES} with oneDNN available (for "
+                             "bf16 without AVX-512: out % 64 == 0 and in % 32 == 0, and slimlm's kernels); "
                              f"got {tuple(weight.shape)} {weight.dtype} on {weight.device}. Use Linear instead.")
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
-        # The batch-size hint picks the blocked layout; 1 (decode) measured as fast as 32 or 128 at those sizes.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
         self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous(), requires_grad=False)
         self._gemv = None
         if use_gemv is None:
             use_gemv = kernels_enabled()
-        if (use_gemv and (bias is None or bias.dtype == self.dtype) and (lib := gemv_library()) is not None
-                and _packed_layout_is_known(self.packed, weight)):
+        lib = gemv_library() if use_gemv and (bias is None or bias.dtype == self.dtype) else None
+        self.own_layout = False  # True: `packed` is slimlm's copy of the layout, every row runs the kernel
+        try:
+            # The batch-size hint picks the blocked layout; 1 (decode) measured as fast as 32 or 128 at those sizes.
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        except RuntimeError:
+            # oneDNN cannot hold bf16 without AVX-512 (or AVX-NE-CONVERT): where slimlm's kernel runs (its
+            # AVX2 form), the weight is laid out as oneDNN would have, by slimlm, and the kernel takes every row.
+            own = reference_packed_layout(weight.detach()) if lib is not None and self.dtype == torch.bfloat16 else None
+            if own is None:
+                raise
+            self.packed = own.contiguous().clone()
+            self.own_layout = True
+        if lib is not None and (self.own_layout or _packed_layout_is_known(self.packed, weight)):
             self._gemv = lib.slimlm_gemv_bf16 if self.dtype == torch.bfloat16 else lib.slimlm_gemv_f32
-            self._gemv_weight = torch.ops.mkldnn.data_ptr(self.packed)
+            self._gemv_weight = self.packed.data_ptr() if self.own_layout else torch.ops.mkldnn.data_ptr(self.packed)
 
     @property
     def uses_gemv(self) -> bool:
@@ -90,30 +107,51 @@ class PackedLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The dense weight [out, in], unpacked anew on each access (for inspection, not for compute)."""
+        if self.own_layout:  # [out/64][in/32][16][64][2] back to [out][in]
+            o, i = self.out_features, self.in_features
+            return self.packed.reshape(o // 64, i // 32, 16, 64, 2).permute(0, 3, 1, 2, 4).reshape(o, i).clone()
         return self.packed.to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [N, in] -> [N, out]
         x = x.contiguous()
         n = x.shape[0]
-        if self._gemv is not None and n <= GEMV_MAX_ROWS and x.dim() == 2 and x.dtype == self.dtype:
+        if self._gemv is not None and (n <= GEMV_MAX_ROWS or self.own_layout) and x.dim() == 2 and x.dtype == self.dtype:
             y = x.new_empty(n, self.out_features)
             self._gemv(self._gemv_weight, x.data_ptr(), y.data_ptr(),
                        None if self.bias is None else self.bias.data_ptr(),
                        n, self.out_features, self.in_features, torch.get_num_threads())
             return y
+        if self.own_layout:  # an input the kernel does not take (another dtype, not 2-D): correct, not fast
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self.dtype}, packed=oneDNN, gemv={self.uses_gemv}")
+                f"dtype={self.dtype}, packed={'slimlm' if self.own_layout else 'oneDNN'}, gemv={self.uses_gemv}")
 
 
 def can_pack(weight: Tensor) -> bool:
-    """True where `PackedLinear` can hold `weight`: 2-D, CPU, bfloat16/float32, oneDNN built in and enabled."""
-    return (weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES
+    """True where `PackedLinear` can hold `weight`: 2-D, CPU, bfloat16/float32, oneDNN built in and enabled,
+    and either oneDNN reorders that dtype on this CPU or slimlm's kernel takes the weight in its own copy
+    of the layout (bf16 without AVX-512)."""
+    if not (weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    return _onednn_reorders(weight.dtype) or (
+        weight.dtype == torch.bfloat16 and kernels_enabled() and gemv_library() is not None
+        and reference_packed_layout(weight) is not None)
+
+
+@functools.cache
+def _onednn_reorders(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of `dtype` on this CPU (bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(64, 32, dtype=dtype), 1)
+        return True
+    except RuntimeError:
+        return False
 
 
 def packing_enabled() -> bool:

@@ -3,6 +3,9 @@
 #ifndef SLIMLM_PRELUDE_H
 #define SLIMLM_PRELUDE_H
 #include <immintrin.h>
+#ifndef __AVX512F__
+#include "avx2_compat.h"  /* the AVX2 build (cpu_build.py) */
+#endif
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
