@@ -19,7 +19,8 @@ become the next one's inputs:
    refused if it computes something else.
 
 Precision: the calibration forward passes run in `compute_dtype` (bf16 by default: ~3x the float32
-matmul speed on AVX-512 BF16 CPUs) on a bf16 copy of one layer at a time. Hessian products run in
+matmul speed on AVX-512 BF16 CPUs; `slimlm quantize` picks float32 on CPUs without native bf16, see
+`default_compute_dtype`) on a bf16 copy of one layer at a time. Hessian products run in
 bf16 too (unless `hessian_dtype="float32"`), summed in float32; a stage whose bf16 Hessian is not positive definite
 (rounding, on rank-deficient inputs such as GQA attention outputs) gets it rebuilt in float32 from the
 stage inputs, which are still held then (see `Hessian`). GPTQ itself, the model's weights and the
@@ -86,6 +87,21 @@ def target_linears(model, scheme: QuantScheme) -> dict[str, nn.Linear]:
         raise SlimlmError("no linear layer is left to quantize (all matched a skip pattern).",
                           f"Skip patterns in use: {', '.join(scheme.skip) or 'none'}.")
     return found
+
+
+def default_compute_dtype(device: torch.device | str = "cpu", cpu_flags: set[str] | None = None) -> torch.dtype:
+    """bf16 where the hardware multiplies it natively (CUDA, or a CPU with AVX512_BF16 or AMX-BF16), else
+    float32: on an AVX2 CPU bf16 matmuls are emulated, several times slower than float32 ones.
+    `cpu_flags`: the CPU's flags as /proc/cpuinfo names them (default: read from there)."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    if cpu_flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu_flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+        except OSError:
+            cpu_flags = set()
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & cpu_flags else torch.float32
 
 
 def quantize_model(model, scheme: QuantScheme, method: str = "gptq", samples: torch.Tensor | None = None, *,

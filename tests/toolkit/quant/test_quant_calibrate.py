@@ -7,7 +7,7 @@ from torch import nn
 
 from slimlm.toolkit.errors import SlimlmError
 from slimlm.toolkit.models import tiny_model
-from slimlm.toolkit.quant.calibrate import quantize_model, target_linears
+from slimlm.toolkit.quant.calibrate import default_compute_dtype, quantize_model, target_linears
 from slimlm.toolkit.quant.gptq import Hessian, gptq_quantize
 from slimlm.toolkit.quant.rtn import rtn_dequantize
 from slimlm.toolkit.quant.scheme import QuantScheme
@@ -195,3 +195,12 @@ def test_unknown_hessian_precision_is_refused():
     model, _ = tiny_model("llama", seed=0)
     with pytest.raises(SlimlmError, match="unknown Hessian precision 'fp16'"):
         quantize_model(model, SCHEME, "gptq", token_samples(2, 16, seed=0), progress=False, hessian_dtype="fp16")
+
+
+def test_the_default_compute_dtype_is_bf16_only_where_the_hardware_multiplies_it():
+    assert default_compute_dtype("cpu", {"avx2", "fma", "avx512f", "avx512_bf16"}) == torch.bfloat16
+    assert default_compute_dtype("cpu", {"avx2", "amx_bf16"}) == torch.bfloat16
+    assert default_compute_dtype("cpu", {"avx2", "fma", "f16c"}) == torch.float32   # AVX2 only: emulated bf16
+    assert default_compute_dtype("cpu", {"avx512f", "avx512bw"}) == torch.float32   # AVX-512 without BF16
+    assert default_compute_dtype("cuda", set()) == torch.bfloat16
+    assert default_compute_dtype("cpu") in (torch.bfloat16, torch.float32)          # this machine's own flags
