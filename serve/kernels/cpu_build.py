@@ -21,6 +21,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from slimlm.toolkit.cpu import cpu_flags
+
 SOURCE_DIR = Path(__file__).parent / "cpu"
 
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so elementwise kernels round
@@ -39,16 +41,6 @@ ISAS = {
 def kernels_enabled() -> bool:
     """slimlm's C kernels (GEMV, attention, RMSNorm, RoPE, the decode stack) run unless SLIMLM_CPU_KERNELS=0."""
     return os.environ.get("SLIMLM_CPU_KERNELS", "1") != "0"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cpu_isa() -> str | None:

@@ -141,7 +141,7 @@ def can_pack(weight: Tensor) -> bool:
         return False
     return _onednn_reorders(weight.dtype) or (
         weight.dtype == torch.bfloat16 and kernels_enabled() and gemv_library() is not None
-        and reference_packed_layout(weight) is not None)
+        and _has_kernel_layout(weight))
 
 
 @functools.cache
@@ -185,12 +185,18 @@ def reference_packed_layout(weight: Tensor) -> Tensor | None:
     them pairs of inputs side by side per row (one 64-byte load = 16 rows x 2 inputs, what `vdpbf16ps`
     multiplies). fp32: plain row-major [out][in].
     """
+    if not _has_kernel_layout(weight):
+        return None
     out_f, in_f = weight.shape
     if weight.dtype == torch.float32:
-        return weight.reshape(-1) if in_f % 16 == 0 else None
-    if out_f % 64 or in_f % 32:
-        return None
+        return weight.reshape(-1)
     return weight.reshape(out_f // 64, 64, in_f // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(-1)
+
+
+def _has_kernel_layout(weight: Tensor) -> bool:
+    """Whether the kernel has a layout for this weight's shape and dtype (what `reference_packed_layout` needs)."""
+    out_f, in_f = weight.shape
+    return in_f % 16 == 0 if weight.dtype == torch.float32 else out_f % 64 == 0 and in_f % 32 == 0
 
 
 def _packed_layout_is_known(packed: Tensor, weight: Tensor) -> bool:

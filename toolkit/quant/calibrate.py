@@ -92,16 +92,13 @@ def target_linears(model, scheme: QuantScheme) -> dict[str, nn.Linear]:
 def default_compute_dtype(device: torch.device | str = "cpu", cpu_flags: set[str] | None = None) -> torch.dtype:
     """bf16 where the hardware multiplies it natively (CUDA, or a CPU with AVX512_BF16 or AMX-BF16), else
     float32: on an AVX2 CPU bf16 matmuls are emulated, several times slower than float32 ones.
-    `cpu_flags`: the CPU's flags as /proc/cpuinfo names them (default: read from there)."""
+    `cpu_flags`: the CPU's flags as /proc/cpuinfo names them (default: this CPU's, `toolkit.cpu.cpu_flags`)."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16
     if cpu_flags is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu_flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-        except OSError:
-            cpu_flags = set()
-    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & cpu_flags else torch.float32
+        from slimlm.toolkit.cpu import cpu_flags as read_flags
+        cpu_flags = read_flags()
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & set(cpu_flags) else torch.float32
 
 
 def quantize_model(model, scheme: QuantScheme, method: str = "gptq", samples: torch.Tensor | None = None, *,
