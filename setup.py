@@ -10,4 +10,4 @@ packages = [f"slimlm.{top}" for top in TOPS]
 packages += [f"slimlm.{top}.{sub}" for top in TOPS for sub in find_packages(top)]
 # The CPU kernels are C sources compiled on the user's machine at first use (serve/kernels/cpu_build.py).
 setup(packages=packages, package_dir={f"slimlm.{top}": top for top in TOPS},
-      package_data={"slimlm.serve.kernels": ["cpu/*.c", "cpu/*.h"]})
+      package_data={"slimlm.serve.kernels": ["cpu/*.c", "cpu/*.h", "tuned/*.json"]})

@@ -2,9 +2,9 @@
 
 The GPU counterpart of `QuantLinear` (CPU): same inputs (codes, per-group scales and integer zero
 points, w = (code - zero) * scale), packed once into the Triton kernels' layout
-(`serve.kernels.quant_triton`), nothing dense kept. Decode-sized calls take the fused
+(`serve.kernels.quant_triton`), nothing dense kept. Decode-sized calls take a fused
 dequantize-matmul kernel (split-K), prefill and large batches dequantize once per call and run
-cuBLAS; `quant_triton.DENSE_MIN_ROWS` is the crossover. Act-order checkpoints with scattered groups
+cuBLAS; which one at each row count comes from the GPU's tuned table (`quant_triton.tuned_configs`). Act-order checkpoints with scattered groups
 pass `perm` as `QuantLinear` does: the layer gathers `x[:, perm]` before the kernel.
 """
 from __future__ import annotations

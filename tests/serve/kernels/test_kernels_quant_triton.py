@@ -4,6 +4,7 @@ Without a GPU they run under TRITON_INTERPRET=1 (set by conftest.py before Trito
 shapes stay small; the shapes are chosen so that the masks (M, N and K not multiples of the tiles),
 several K tiles per split, split-K and groups narrower and wider than a K tile all run.
 """
+import json
 import os
 import subprocess
 import sys
@@ -59,8 +60,9 @@ def check(m, out_f, in_f, group_size, bits, dtype, bias=False, **kw):
     return y
 
 
-KERNELS = {"gemv": {"kernel": "gemv"}, "dot": {"kernel": "dot"}, "dot-reshape": {"kernel": "dot", "PER_CODE": False,
-                                                                                 "BLOCK_K": 32}}
+KERNELS = {"gemv": {"kernel": "gemv"}, "dot": {"kernel": "dot"},
+           "dot-reshape": {"kernel": "dot", "PER_CODE": False, "BLOCK_K": 32},
+           "dot-gather": {"kernel": "dot", "PER_CODE": False, "GATHER": True, "BLOCK_K": 32}}
 
 
 @kernels
@@ -70,6 +72,28 @@ KERNELS = {"gemv": {"kernel": "gemv"}, "dot": {"kernel": "dot"}, "dot-reshape": 
 @pytest.mark.parametrize("group_size", [16, 32, 64, 96])
 def test_fused_kernels_match_the_reference(kernel, bits, m, group_size):
     check(m, 80, 384, group_size, bits, torch.float32, bias=True, config=KERNELS[kernel])
+
+
+@kernels
+@pytest.mark.parametrize("path", ["per-code", "reshape", "gather"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [3, 17])
+def test_dot_with_the_scale_after_the_product(path, dtype, bits, m):
+    # one group per K tile: the codes minus zeros go into tl.dot, each column's scale multiplies the sum
+    block_k = 16 * 32 // bits if path == "per-code" else 32
+    check(m, 80, 3 * block_k, block_k, bits, dtype, bias=True,
+          config={"kernel": "dot", "LATE_SCALE": True, "BLOCK_K": block_k, "PER_CODE": path == "per-code",
+                  "GATHER": path == "gather"})
+
+
+@kernels
+def test_late_scale_needs_one_group_per_tile():
+    codes, scales, zeros = random_weight(16, 256, 64, 4, torch.float32)
+    w = pack_for_triton(codes, scales, zeros, 64, 4, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="one group per K tile"):
+        quant_matmul(torch.zeros(2, 256, device=DEVICE), w, config={"kernel": "dot", "LATE_SCALE": True,
+                                                                     "BLOCK_K": 128})
 
 
 @kernels
@@ -148,6 +172,69 @@ def test_triton_quant_linear_matches_the_cpu_quant_linear():
     cpu = QuantLinear.from_codes(codes, scales, zeros, 32, 4, bias, torch.float32, perm=perm)
     assert torch.allclose(gpu(x.to(DEVICE)).cpu(), cpu(x), rtol=1e-4, atol=1e-4)
     assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
+
+
+@kernels
+def test_a_gpus_tuned_table_is_read_and_checked(tmp_path, monkeypatch):
+    from slimlm.serve.kernels import quant_triton
+
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"device": "X", "configs": {"1": {"kernel": "gemv", "BLOCK_N": 64},
+                                                            "64": {"kernel": "dense"}}}))
+    monkeypatch.setenv(quant_triton.TUNED_ENV, str(table))
+    quant_triton.tuned_configs.cache_clear()
+    assert quant_triton.tuned_configs("X") == {1: {"kernel": "gemv", "BLOCK_N": 64}, 64: {"kernel": "dense"}}
+    table.write_text(json.dumps({"configs": {"8": {"kernel": "marlin"}}}))
+    quant_triton.tuned_configs.cache_clear()
+    with pytest.raises(ValueError, match="kernel is one of"):
+        quant_triton.tuned_configs("X")
+    monkeypatch.setenv(quant_triton.TUNED_ENV, str(tmp_path / "missing.json"))
+    quant_triton.tuned_configs.cache_clear()
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        quant_triton.tuned_configs("X")
+    quant_triton.tuned_configs.cache_clear()
+    assert quant_triton.tuned_file("NVIDIA H200").name == "quant_triton_nvidia_h200.json"
+
+
+@kernels
+def test_tuned_configs_drive_the_choice(monkeypatch):
+    # a tuned entry is followed (its LATE_SCALE dropped where the group size forbids it), "dense" dequantizes
+    from slimlm.serve.kernels import quant_triton
+
+    table = {1: {"kernel": "gemv", "BLOCK_N": 16, "BLOCK_K": 64},
+             2: {"kernel": "dot", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "LATE_SCALE": True},
+             9: {"kernel": "dense"}}
+    monkeypatch.setattr(quant_triton, "_tuned", lambda m, device: dict(table[max(r for r in table if r <= m)]))
+    codes, scales, zeros = random_weight(40, 256, 64, 4, torch.float32)
+    x = torch.randn(12, 256)
+    ref = x.double() @ dequantize_rows(codes, scales, zeros, 64).double().t()
+    w = pack_for_triton(codes, scales, zeros, 64, 4, torch.float32, DEVICE)
+    for m in (1, 5, 12):
+        y = quant_matmul(x[:m].to(DEVICE), w).cpu()
+        assert (y.double() - ref[:m]).abs().max() < 1e-4 * ref.abs().max()
+    assert w.plans[1][1][0] == 1 and w.plans[1][2]["BLOCK_N"] == 16             # gemv, one program per row
+    assert w.plans[5][2]["BLOCK_N"] == 32 and w.plans[5][2]["LATE_SCALE"] is False  # g64 < BLOCK_K 128
+    assert w.plans[12] == "dense"
+
+
+TUNED_TABLES = sorted((ROOT / "serve" / "kernels" / "tuned").glob("*.json"))
+
+
+@kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("table", TUNED_TABLES, ids=lambda p: p.stem)
+def test_every_shipped_tuned_config_computes_the_product(table, bits, monkeypatch):
+    # the per-GPU tables in serve/kernels/tuned are what the engine runs: each entry, at its row count
+    from slimlm.serve.kernels import quant_triton
+
+    monkeypatch.setenv(quant_triton.TUNED_ENV, str(table))
+    quant_triton.tuned_configs.cache_clear()
+    configs = quant_triton.tuned_configs("any")
+    quant_triton.tuned_configs.cache_clear()
+    assert min(configs) == 1, "a table must say what runs from one row on"
+    for rows, cfg in configs.items():
+        kw = {"dense_min_rows": 0} if cfg["kernel"] == "dense" else {"config": cfg}
+        check(min(rows, 65), 80, 256, 128, bits, torch.bfloat16, bias=True, **kw)
 
 
 @kernels
