@@ -3,6 +3,7 @@
 #define SLIMLM_GEMV_C
 #include "prelude.h"
 
+#ifdef __AVX512F__
 /* bf16: W in oneDNN's AB16b64a2b layout [out/64][in/32][16][64][2]; x [m][in], y [m][out] bf16,
    bias [out] bf16 or NULL. out % 64 == 0, in % 32 == 0. One 64-row block, up to 4 rows of x. */
 static inline void bf16_block(const uint16_t* wb, const uint16_t* x, uint16_t* y, const uint16_t* bias,
@@ -40,6 +41,128 @@ void slimlm_gemv_bf16(const uint16_t* w, const uint16_t* x, uint16_t* y, const u
             bf16_block(w + (size_t)ob * 64 * in, x + (size_t)r * in, y + (size_t)r * out, bias,
                        m - r < 4 ? m - r : 4, out, in, ob);
 }
+
+#else  /* AVX2 */
+
+/* The AVX2 form. vdpbf16ps emulated by the compat header (four integer ops per pair of FMAs) in the
+   AVX-512 tile (4 rows x 64 columns: 32 ymm accumulators, which spill) ran at 20-23 GMAC/s at one row
+   and ~40-55 from 16 rows on this machine's two Zen 3 cores. Here each weight pair is split into its odd
+   and even floats once for all rows, x's pairs once per call (xo, xe: [m][in/2] floats, broadcast from
+   memory), and a tile is 16 output columns by up to AVX2_ROWS rows: 8 ymm accumulators, which with the
+   weights' 4 and a broadcast fit the 16 registers (6 rows spilled: 0.8x). One row takes the whole
+   64-column block in one pass. Each sum runs in vdpbf16ps's order (odd product, then even, per input
+   pair), so the results are the AVX-512 form's bits. */
+#define AVX2_ROWS 4
+
+static inline __attribute__((always_inline)) void bf16_slice_avx2(
+        const uint16_t* ws, size_t kstride, const float* xo, const float* xe, int half_in, uint16_t* y,
+        const uint16_t* bias, int m, int out, int col) {
+    __m256 acc[AVX2_ROWS][2];
+    for (int r = 0; r < m; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000);
+    for (int k = 0; k < half_in; k++) {           /* 16 columns x input pair k: 64 bytes */
+        const __m256i w0 = _mm256_loadu_si256((const __m256i*)(ws + k * kstride));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i*)(ws + k * kstride + 16));
+        __m256 p0 = _mm256_castsi256_ps(_mm256_and_si256(w0, hi)), p1 = _mm256_castsi256_ps(_mm256_and_si256(w1, hi));
+        for (int r = 0; r < m; r++) {
+            __m256 xv = _mm256_broadcast_ss(xo + (size_t)r * half_in + k);
+            acc[r][0] = _mm256_fmadd_ps(p0, xv, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(p1, xv, acc[r][1]);
+        }
+        p0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+        p1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+        for (int r = 0; r < m; r++) {
+            __m256 xv = _mm256_broadcast_ss(xe + (size_t)r * half_in + k);
+            acc[r][0] = _mm256_fmadd_ps(p0, xv, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(p1, xv, acc[r][1]);
+        }
+    }
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    if (bias) {
+        b0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(bias + col))), 16));
+        b1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(bias + col + 8))), 16));
+    }
+    for (int r = 0; r < m; r++)
+        _mm256_storeu_si256((__m256i*)(y + (size_t)r * out + col),
+                            sl_cvtneps_pbh(sl_f(_mm256_add_ps(acc[r][0], b0), _mm256_add_ps(acc[r][1], b1))));
+}
+
+/* One row of x against a whole 64-row block (decode at batch 1: one pass over the weight). */
+static inline void bf16_row_avx2(const uint16_t* wb, const float* xo, const float* xe, int half_in, uint16_t* y,
+                                 const uint16_t* bias, int col) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000);
+    for (int k = 0; k < half_in; k++) {
+        const uint16_t* wk = wb + (size_t)k * 128;
+        const __m256 xov = _mm256_broadcast_ss(xo + k), xev = _mm256_broadcast_ss(xe + k);
+        for (int j = 0; j < 8; j++) {
+            const __m256i wj = _mm256_loadu_si256((const __m256i*)(wk + 16 * j));
+            acc[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(wj, hi)), xov, acc[j]);
+            acc[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(wj, 16)), xev, acc[j]);
+        }
+    }
+    for (int j = 0; j < 8; j += 2) {
+        __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+        if (bias) {
+            b0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(bias + col + 8 * j))), 16));
+            b1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(bias + col + 8 * j + 8))), 16));
+        }
+        _mm256_storeu_si256((__m256i*)(y + col + 8 * j), sl_cvtneps_pbh(sl_f(_mm256_add_ps(acc[j], b0), _mm256_add_ps(acc[j + 1], b1))));
+    }
+}
+
+void slimlm_gemv_bf16(const uint16_t* w, const uint16_t* x, uint16_t* y, const uint16_t* bias,
+                      int m, int out, int in, int threads) {
+    const int nb = out / 64, half_in = in / 2;
+    float* xo = (float*)malloc(sizeof(float) * 2 * (size_t)m * half_in);
+    float* xe = xo + (size_t)m * half_in;
+    const uint32_t* xp = (const uint32_t*)x;
+    for (size_t i = 0; i < (size_t)m * half_in; i++) {  /* a pair's odd (high) and even (low) bf16 as floats */
+        uint32_t odd = xp[i] & 0xFFFF0000u, even = xp[i] << 16;
+        memcpy(xo + i, &odd, 4);
+        memcpy(xe + i, &even, 4);
+    }
+    if (m == 1) {
+        #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nb >= 8)
+        for (int ob = 0; ob < nb; ob++) bf16_row_avx2(w + (size_t)ob * 64 * in, xo, xe, half_in, y, bias, ob * 64);
+        free(xo);
+        return;
+    }
+    /* More rows than one tile: each slice is first copied out contiguously (in the block its lines
+       lie 256 bytes apart, which L1 holds only a quarter of), then every tile of rows reads the copy. */
+    const int copy = m > AVX2_ROWS;
+    #pragma omp parallel num_threads(threads) if (threads > 1 && nb >= 8)
+    {
+        uint16_t* buf = copy ? (uint16_t*)aligned_alloc(64, (size_t)half_in * 64) : NULL;
+        #pragma omp for schedule(static)
+        for (int ob = 0; ob < nb; ob++)
+            for (int s = 0; s < 4; s++) {         /* a 16-column slice */
+                const uint16_t* ws = w + (size_t)ob * 64 * in + s * 32;
+                size_t kstride = 128;
+                if (copy) {
+                    for (int k = 0; k < half_in; k++) memcpy(buf + (size_t)k * 32, ws + (size_t)k * 128, 64);
+                    ws = buf;
+                    kstride = 32;
+                }
+                for (int r = 0; r < m; r += AVX2_ROWS) {
+                    const float* o = xo + (size_t)r * half_in;
+                    const float* e = xe + (size_t)r * half_in;
+                    uint16_t* yr = y + (size_t)r * out;
+                    int col = ob * 64 + s * 16;
+                    switch (m - r < AVX2_ROWS ? m - r : AVX2_ROWS) {  /* constant row counts: registers */
+                        case 1: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, 1, out, col); break;
+                        case 2: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, 2, out, col); break;
+                        case 3: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, 3, out, col); break;
+                        default: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, 4, out, col); break;
+                    }
+                }
+            }
+        free(buf);
+    }
+    free(xo);
+}
+#endif  /* __AVX512F__ */
 
 /* fp32: W row-major [out][in], in % 16 == 0; one sequential stream, four partial sums per row. */
 static inline float f32_dot(const float* w, const float* x, int in) {

@@ -59,6 +59,43 @@ def test_kernel_used_where_the_layout_is_known(dtype):
             assert torch.equal(packed_view(layer.packed), layout)
 
 
+def vdpbf16ps_order(x, w, b):
+    # what the bf16 kernel computes, in both its forms: per output, float32 sums over input pairs, the
+    # odd product added before the even one (each product of two bf16 is exact in float32), then the
+    # bias, then one rounding to bf16
+    xf, wf = x.float(), w.float()
+    acc = torch.zeros(x.shape[0], w.shape[0])
+    for k in range(0, x.shape[1], 2):
+        acc = acc + xf[:, k + 1:k + 2] * wf[:, k + 1]
+        acc = acc + xf[:, k:k + 1] * wf[:, k]
+    if b is not None:
+        acc = acc + b.float()
+    return acc.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_avx2_bf16_kernel_sums_in_vdpbf16ps_order(rows, bias):
+    # bit for bit, each of the AVX2 form's tiles (one row; up to 4 rows; copied slices beyond), called
+    # directly on the kernel's layout
+    from slimlm.serve.kernels import cpu_build
+
+    if cpu_build.cpu_isa() != "avx2" or gemv_library() is None:
+        pytest.skip(f"the kernels run in their {cpu_build.cpu_isa() or 'no'} form here: the AVX-512 form sums in "
+                    "the hardware's vdpbf16ps (test_avx2_form reruns this file in the AVX2 form there)")
+    w = torch.randn(192, 96, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    b = torch.randn(192).to(torch.bfloat16) if bias else None
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    # Inputs 0-3 make the order visible after rounding: with x = 1 there, odd first gives
+    # (0 + 2^24 + 1) -> 2^24, then (2^24 - 2^24 + 1) = 1; even first loses the 1 (2^24 + 1 is a tie, kept even).
+    x[:, :4] = 1
+    w[:, :4] = torch.tensor([1.0, 2.0 ** 24, 1.0, -2.0 ** 24])
+    layout, y = reference_packed_layout(w), torch.empty(rows, 192, dtype=torch.bfloat16)
+    gemv_library().slimlm_gemv_bf16(layout.data_ptr(), x.data_ptr(), y.data_ptr(), None if b is None else b.data_ptr(),
+                                    rows, 192, 96, 2)
+    assert torch.equal(y.view(torch.int16), vdpbf16ps_order(x, w, b).view(torch.int16))
+
+
 def test_non_contiguous_and_strided_inputs():
     w = torch.randn(128, 64).bfloat16()
     layer = make_linear(w)
