@@ -54,6 +54,12 @@ void slimlm_gemv_bf16(const uint16_t* w, const uint16_t* x, uint16_t* y, const u
    pair), so the results are the AVX-512 form's bits. */
 #define AVX2_ROWS 4
 
+/* 8 bf16 bias entries from `col` as floats (zeros without a bias). */
+static inline __m256 bias8(const uint16_t* bias, int col) {
+    if (!bias) return _mm256_setzero_ps();
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(bias + col))), 16));
+}
+
 static inline __attribute__((always_inline)) void bf16_slice_avx2(
         const uint16_t* ws, size_t kstride, const float* xo, const float* xe, int half_in, uint16_t* y,
         const uint16_t* bias, int m, int out, int col) {
@@ -77,11 +83,7 @@ static inline __attribute__((always_inline)) void bf16_slice_avx2(
             acc[r][1] = _mm256_fmadd_ps(p1, xv, acc[r][1]);
         }
     }
-    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-    if (bias) {
-        b0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(bias + col))), 16));
-        b1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(bias + col + 8))), 16));
-    }
+    const __m256 b0 = bias8(bias, col), b1 = bias8(bias, col + 8);
     for (int r = 0; r < m; r++)
         _mm256_storeu_si256((__m256i*)(y + (size_t)r * out + col),
                             sl_cvtneps_pbh(sl_f(_mm256_add_ps(acc[r][0], b0), _mm256_add_ps(acc[r][1], b1))));
@@ -103,11 +105,7 @@ static inline void bf16_row_avx2(const uint16_t* wb, const float* xo, const floa
         }
     }
     for (int j = 0; j < 8; j += 2) {
-        __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-        if (bias) {
-            b0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(bias + col + 8 * j))), 16));
-            b1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(bias + col + 8 * j + 8))), 16));
-        }
+        const __m256 b0 = bias8(bias, col + 8 * j), b1 = bias8(bias, col + 8 * j + 8);
         _mm256_storeu_si256((__m256i*)(y + col + 8 * j), sl_cvtneps_pbh(sl_f(_mm256_add_ps(acc[j], b0), _mm256_add_ps(acc[j + 1], b1))));
     }
 }
