@@ -13,7 +13,7 @@ its copies, variants interleaved (a noisy neighbour hits all of them), each call
 reported: the median (or --stat min) microseconds per call over all of them, the int4/int8 speed-up
 over bf16 (ratio of medians), and at one row the weight bytes streamed per second.
 --paths adds both int4/int8 kernels forced (exact GEMV, dequantize-then-GEMM) to find the crossover
-that `GEMM_MIN_ROWS` encodes; --baselines adds PyTorch's int4 CPU matmul and F.linear on an unpacked
+that `gemm_min_rows` encodes; --baselines adds PyTorch's int4 CPU matmul and F.linear on an unpacked
 bf16 weight (what dequantize-then-oneDNN costs, less the dequantization). With every layer timed, a
 last line adds up one decode step's projections at M = 1.
 On a shared 2-core machine the wall clock counts the time neighbours hold the cores; --clock cpu
@@ -31,7 +31,7 @@ import torch
 
 from slimlm.serve.kernels.quant_cpu import qgemm_bf16, qgemv, unpack_codes
 from slimlm.serve.layers.linear import PackedLinear
-from slimlm.serve.layers.quant_linear import GEMM_MIN_ROWS, QuantLinear
+from slimlm.serve.layers.quant_linear import QuantLinear, gemm_min_rows
 
 SHAPES = {"qkv_proj": (960, 576), "o_proj": (576, 576), "gate_up_proj": (3072, 576), "down_proj": (576, 1536),
           "lm_head": (49152, 576)}
@@ -119,7 +119,8 @@ def main():
     args = ap.parse_args()
     if not quant_layer(64, 64, 4).uses_kernel:
         print("note: the C kernel is unavailable here; the quantized rows time the PyTorch fallback")
-    print(f"GEMM_MIN_ROWS={GEMM_MIN_ROWS}; {args.clock} clock; {args.stat} of {args.reps} passes over the copies, "
+    print(f"GEMM from int4 {gemm_min_rows(4)}, int8 {gemm_min_rows(8)} rows; {args.clock} clock; "
+          f"{args.stat} of {args.reps} passes over the copies, "
           "microseconds per call; "
           "(x N) = bf16 time / this time; GB/s = weight bytes / time")
     for threads in args.threads:

@@ -8,11 +8,11 @@ weight against bf16's 2.
 Which path runs depends on the rows of the call. Measured on the 2-core AVX-512-BF16 CI machine,
 SmolLM2-135M's shapes, int4/int8 g64, one thread, weights streamed from memory, against the bf16
 `PackedLinear` (`scripts/time_quant_linear.py --threads 1 --clock cpu --paths --baselines`):
-- fewer than `GEMM_MIN_ROWS[bits]` rows (decode): the fused dequant-GEMV, exact: bf16 products of x
+- fewer than `gemm_min_rows(bits)` rows (decode): the fused dequant-GEMV, exact: bf16 products of x
   and the codes summed in float32, scaled per group, rounded once. int4: 1.6x (576 x 576) to 2.9x
   (3072 x 576) at one row, 3.4x for the LM head, 2.5x over one decode step's projections; 1.6-1.9x
   at 16 rows, 1.1-1.2x at 64. int8: 1.3-1.8x up to 8 rows (it multiplies each code as two nibbles).
-- from GEMM_MIN_ROWS rows, bf16 activations (prefill, large batches): each 64-row block is
+- from that many rows, bf16 activations (prefill, large batches): each 64-row block is
   dequantized once per call into a small per-thread buffer (bf16((c - z) * s), the weight a bf16
   checkpoint would hold) and multiplied like a bf16 weight: int4 1.00-1.02x of bf16 at 128-256 rows,
   int8 0.94-0.98x, where the exact kernel falls to 0.88x (int4) and 0.47x (int8).
@@ -37,14 +37,21 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from ..kernels.cpu_build import kernels_enabled
+from ..kernels.cpu_build import cpu_isa, kernels_enabled
 from ..kernels.quant_cpu import PackedQuantWeight, QWeightArgs, dequantize_rows, qgemv_library, repack, unpack_codes
 
 ACT_DTYPES = (torch.bfloat16, torch.float32)
-# Rows from which bf16 activations take the dequantize-then-GEMM path: the measured crossovers (int4
-# exact kernel 1.1-1.2x of bf16 at 64 rows, GEMM 1.0x, both ~1.0 at 128; int8 exact wins at 16, GEMM at 32).
-GEMM_MIN_ROWS = {4: 96, 8: 24}
+# Rows from which bf16 activations take the dequantize-then-GEMM path, per instruction set of the kernels:
+# the measured crossovers. AVX-512: int4 exact kernel 1.1-1.2x of bf16 at 64 rows, GEMM 1.0x, both ~1.0
+# at 128; int8 exact wins at 16, GEMM at 32. AVX2 (`scripts/time_quant_linear.py --paths`, Zen 3): the
+# exact kernel's float FMAs tie the GEMM's bf16 tile at ~32 rows (int4) and ~24 (int8).
+GEMM_MIN_ROWS = {"avx512": {4: 96, 8: 24}, "avx2": {4: 32, 8: 24}}
 FALLBACK_CHUNK = 1024  # output rows dequantized at a time by the PyTorch path
+
+
+def gemm_min_rows(bits: int) -> int:
+    """Rows from which bf16 activations of a `bits`-bit layer take the dequantize-then-GEMM kernel here."""
+    return GEMM_MIN_ROWS[cpu_isa() or "avx512"][bits]
 
 
 class QuantLinear(nn.Module):
@@ -73,7 +80,7 @@ class QuantLinear(nn.Module):
         if self._lib is not None:
             # Everything but x, y and the row count, fixed at load in one struct: a decode call costs
             # microseconds of Python, as much as the int4 kernel itself takes for a small layer.
-            gemm_min = GEMM_MIN_ROWS[self.bits] if act_dtype == torch.bfloat16 else 2 ** 31 - 1
+            gemm_min = gemm_min_rows(self.bits) if act_dtype == torch.bfloat16 else 2 ** 31 - 1
             self._args = QWeightArgs.of(packed, self.bias, act_dtype == torch.bfloat16, gemm_min, self.perm)
             self._args_ptr = ctypes.addressof(self._args)
 

@@ -54,15 +54,16 @@ void slimlm_gemv_bf16(const uint16_t* w, const uint16_t* x, uint16_t* y, const u
    pair), so the results are the AVX-512 form's bits. */
 #define AVX2_ROWS 4
 
-/* 8 bf16 bias entries from `col` as floats (zeros without a bias). */
-static inline __m256 bias8(const uint16_t* bias, int col) {
+/* 8 bias entries from `col` as floats: bf16 `bias`, else float32 `fbias`, else zeros. */
+static inline __m256 bias8(const uint16_t* bias, const float* fbias, int col) {
+    if (fbias) return _mm256_loadu_ps(fbias + col);
     if (!bias) return _mm256_setzero_ps();
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(bias + col))), 16));
 }
 
 static inline __attribute__((always_inline)) void bf16_slice_avx2(
         const uint16_t* ws, size_t kstride, const float* xo, const float* xe, int half_in, uint16_t* y,
-        const uint16_t* bias, int m, int out, int col) {
+        const uint16_t* bias, const float* fbias, int m, int out, int col) {
     __m256 acc[AVX2_ROWS][2];
     for (int r = 0; r < m; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000);
@@ -83,7 +84,7 @@ static inline __attribute__((always_inline)) void bf16_slice_avx2(
             acc[r][1] = _mm256_fmadd_ps(p1, xv, acc[r][1]);
         }
     }
-    const __m256 b0 = bias8(bias, col), b1 = bias8(bias, col + 8);
+    const __m256 b0 = bias8(bias, fbias, col), b1 = bias8(bias, fbias, col + 8);
     for (int r = 0; r < m; r++)
         _mm256_storeu_si256((__m256i*)(y + (size_t)r * out + col),
                             sl_cvtneps_pbh(sl_f(_mm256_add_ps(acc[r][0], b0), _mm256_add_ps(acc[r][1], b1))));
@@ -105,8 +106,47 @@ static inline void bf16_row_avx2(const uint16_t* wb, const float* xo, const floa
         }
     }
     for (int j = 0; j < 8; j += 2) {
-        const __m256 b0 = bias8(bias, col + 8 * j), b1 = bias8(bias, col + 8 * j + 8);
+        const __m256 b0 = bias8(bias, NULL, col + 8 * j), b1 = bias8(bias, NULL, col + 8 * j + 8);
         _mm256_storeu_si256((__m256i*)(y + col + 8 * j), sl_cvtneps_pbh(sl_f(_mm256_add_ps(acc[j], b0), _mm256_add_ps(acc[j + 1], b1))));
+    }
+}
+
+/* x's bf16 pairs [n] split into their odd (high) and even (low) halves as floats, xo and xe [n]. */
+static void split_pairs(const uint32_t* xp, size_t n, float* xo, float* xe) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t odd = xp[i] & 0xFFFF0000u, even = xp[i] << 16;
+        memcpy(xo + i, &odd, 4);
+        memcpy(xe + i, &even, 4);
+    }
+}
+
+/* m rows of x (split: xo, xe [m][half_in]) against one 64-row block wb ([half_in][64][2] bf16) into y's
+   columns col..col + 63 (rows `out` apart), bias bf16 or float32 (fbias) or none. From AVX2_ROWS + 1
+   rows each 16-column slice is first copied out contiguously into buf (half_in * 32 entries; in the
+   block its lines lie 256 bytes apart, which L1 holds only a quarter of), then every tile of rows reads
+   the copy. */
+static void bf16_block_avx2(const uint16_t* wb, const float* xo, const float* xe, int half_in, int m, uint16_t* y,
+                            int out, int col, const uint16_t* bias, const float* fbias, uint16_t* buf) {
+    for (int s = 0; s < 4; s++) {               /* a 16-column slice */
+        const uint16_t* ws = wb + s * 32;
+        size_t kstride = 128;
+        if (m > AVX2_ROWS) {
+            for (int k = 0; k < half_in; k++) memcpy(buf + (size_t)k * 32, ws + (size_t)k * 128, 64);
+            ws = buf;
+            kstride = 32;
+        }
+        for (int r = 0; r < m; r += AVX2_ROWS) {
+            const float* o = xo + (size_t)r * half_in;
+            const float* e = xe + (size_t)r * half_in;
+            uint16_t* yr = y + (size_t)r * out;
+            const int c = col + s * 16;
+            switch (m - r < AVX2_ROWS ? m - r : AVX2_ROWS) {  /* constant row counts: registers */
+                case 1: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, fbias, 1, out, c); break;
+                case 2: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, fbias, 2, out, c); break;
+                case 3: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, fbias, 3, out, c); break;
+                default: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, fbias, 4, out, c); break;
+            }
+        }
     }
 }
 
@@ -114,48 +154,21 @@ void slimlm_gemv_bf16(const uint16_t* w, const uint16_t* x, uint16_t* y, const u
                       int m, int out, int in, int threads) {
     const int nb = out / 64, half_in = in / 2;
     float* xo = (float*)malloc(sizeof(float) * 2 * (size_t)m * half_in);
+    if (!xo) abort();
     float* xe = xo + (size_t)m * half_in;
-    const uint32_t* xp = (const uint32_t*)x;
-    for (size_t i = 0; i < (size_t)m * half_in; i++) {  /* a pair's odd (high) and even (low) bf16 as floats */
-        uint32_t odd = xp[i] & 0xFFFF0000u, even = xp[i] << 16;
-        memcpy(xo + i, &odd, 4);
-        memcpy(xe + i, &even, 4);
-    }
+    split_pairs((const uint32_t*)x, (size_t)m * half_in, xo, xe);
     if (m == 1) {
         #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nb >= 8)
         for (int ob = 0; ob < nb; ob++) bf16_row_avx2(w + (size_t)ob * 64 * in, xo, xe, half_in, y, bias, ob * 64);
         free(xo);
         return;
     }
-    /* More rows than one tile: each slice is first copied out contiguously (in the block its lines
-       lie 256 bytes apart, which L1 holds only a quarter of), then every tile of rows reads the copy. */
-    const int copy = m > AVX2_ROWS;
     #pragma omp parallel num_threads(threads) if (threads > 1 && nb >= 8)
     {
-        uint16_t* buf = copy ? (uint16_t*)aligned_alloc(64, (size_t)half_in * 64) : NULL;
+        uint16_t* buf = m > AVX2_ROWS ? (uint16_t*)aligned_alloc(64, (size_t)half_in * 64) : NULL;
         #pragma omp for schedule(static)
         for (int ob = 0; ob < nb; ob++)
-            for (int s = 0; s < 4; s++) {         /* a 16-column slice */
-                const uint16_t* ws = w + (size_t)ob * 64 * in + s * 32;
-                size_t kstride = 128;
-                if (copy) {
-                    for (int k = 0; k < half_in; k++) memcpy(buf + (size_t)k * 32, ws + (size_t)k * 128, 64);
-                    ws = buf;
-                    kstride = 32;
-                }
-                for (int r = 0; r < m; r += AVX2_ROWS) {
-                    const float* o = xo + (size_t)r * half_in;
-                    const float* e = xe + (size_t)r * half_in;
-                    uint16_t* yr = y + (size_t)r * out;
-                    int col = ob * 64 + s * 16;
-                    switch (m - r < AVX2_ROWS ? m - r : AVX2_ROWS) {  /* constant row counts: registers */
-                        case 1: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, 1, out, col); break;
-                        case 2: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, 2, out, col); break;
-                        case 3: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, 3, out, col); break;
-                        default: bf16_slice_avx2(ws, kstride, o, e, half_in, yr, bias, 4, out, col); break;
-                    }
-                }
-            }
+            bf16_block_avx2(w + (size_t)ob * 64 * in, xo, xe, half_in, m, y, out, ob * 64, bias, NULL, buf);
         free(buf);
     }
     free(xo);

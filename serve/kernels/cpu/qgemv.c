@@ -126,11 +126,28 @@ typedef struct {  /* one call's arguments, shared by the blocks */
     const float* bias;
     const uint32_t* xp;
     const float* xs;
+    const float* xf;            /* the AVX2 form's prepared x (qgemv_avx2.c) */
     void* y;
     size_t steps, xstride, mstride;
     int out, G, gsteps, sdt, split, x_bf16;
     float off;
 } qcall;
+
+/* A call's arguments as the blocks read them; split: float32 x runs as three bf16 parts (AVX-512 form). */
+static qcall qcall_of(const uint8_t* w, const void* scales, const uint8_t* zeros, const float* bias, void* y, int out,
+                      int in, int gs, int bits, int sdt, int x_bf16) {
+    qcall c = {.w = w, .zeros = zeros, .scales = scales, .bias = bias, .y = y, .out = out, .G = in / gs,
+               .gsteps = bits == 4 ? (gs + 1) / 2 : gs, .sdt = sdt, .split = x_bf16 ? 1 : 3, .x_bf16 = x_bf16,
+               .off = bits == 4 ? 128.f : 128.f * 17.f};
+    c.steps = (size_t)c.G * c.gsteps;
+    c.xstride = (c.steps + 15) & ~(size_t)15;
+    c.mstride = (size_t)c.G * QB * (sdt == 0 ? 4 : 2);
+    return c;
+}
+
+#ifndef __AVX512F__
+#include "qgemv_avx2.c"
+#endif
 
 /* Rows [r_begin, r_end) of y, output block b: R real rows (4 bf16, or 1 float32 as 3 parts) per pass. */
 static void run_block(const qcall* c, int b, int r_begin, int r_end) {
@@ -172,20 +189,27 @@ static void run_block(const qcall* c, int b, int r_begin, int r_end) {
 void slimlm_qgemv(const uint8_t* w, const void* scales, const uint8_t* zeros, const float* bias, const void* x,
                   void* y, int m, int out, int in, int gs, int bits, int sdt, int x_bf16, int threads) {
     if (m <= 0 || out <= 0) return;
-    qcall c = {.w = w, .zeros = zeros, .scales = scales, .bias = bias, .y = y, .out = out, .G = in / gs,
-               .gsteps = bits == 4 ? (gs + 1) / 2 : gs, .sdt = sdt, .split = x_bf16 ? 1 : 3, .x_bf16 = x_bf16,
-               .off = bits == 4 ? 128.f : 128.f * 17.f};
-    c.steps = (size_t)c.G * c.gsteps;
-    c.xstride = (c.steps + 15) & ~(size_t)15;
-    c.mstride = (size_t)c.G * QB * (sdt == 0 ? 4 : 2);
-    const size_t row_bytes = (size_t)c.split * c.xstride * 4, esz = x_bf16 ? 2 : 4;
-    uint32_t* xp = (uint32_t*)aligned_alloc(64, (size_t)m * row_bytes);
+    qcall c = qcall_of(w, scales, zeros, bias, y, out, in, gs, bits, sdt, x_bf16);
+#ifdef __AVX512F__
+    const size_t row_bytes = (size_t)c.split * c.xstride * 4;
+#else
+    const size_t row_bytes = c.steps * 2 * sizeof(float);
+#endif
+    const size_t esz = x_bf16 ? 2 : 4;
+    uint32_t* xp = (uint32_t*)aligned_alloc(64, ((size_t)m * row_bytes + 63) & ~(size_t)63);
     float* xs = (float*)malloc((size_t)m * c.split * c.G * sizeof(float));
     if (!xp || !xs) abort();  /* a few KB per row: out of memory indeed */
-    for (int r = 0; r < m; r++)
-        prep_row((const char*)x + (size_t)r * in * esz, x_bf16, in, gs, bits, c.split, c.xstride, c.G,
-                 xp + (size_t)r * c.split * c.xstride, xs + (size_t)r * c.split * c.G);
+    for (int r = 0; r < m; r++) {
+        const void* xr = (const char*)x + (size_t)r * in * esz;
+#ifdef __AVX512F__
+        prep_row(xr, x_bf16, in, gs, bits, c.split, c.xstride, c.G, xp + (size_t)r * c.split * c.xstride,
+                 xs + (size_t)r * c.split * c.G);
+#else
+        prep_row_avx2(xr, x_bf16, in, gs, bits, c.G, (float*)xp + (size_t)r * c.steps * 2, xs + (size_t)r * c.G);
+#endif
+    }
     c.xp = xp;
+    c.xf = (const float*)xp;
     c.xs = xs;
     const int nb = (out + QB - 1) / QB;
     /* Rows in chunks of <= 128 KB of prepared x, which every block re-reads: it stays in L2. Each chunk
@@ -198,7 +222,13 @@ void slimlm_qgemv(const uint8_t* w, const void* scales, const uint8_t* zeros, co
            on a busy machine a parallel region can wait milliseconds for a descheduled thread. */
         const int par = threads > 1 && nb > 1 && (size_t)nb * c.steps * 64 * ((c1 - c0 + 3) / 4) >= 65536;
         #pragma omp parallel for schedule(static) num_threads(threads) if (par)
-        for (int b = 0; b < nb; b++) run_block(&c, b, c0, c1);
+        for (int b = 0; b < nb; b++) {
+#ifdef __AVX512F__
+            run_block(&c, b, c0, c1);
+#else
+            run_block_avx2(&c, b, c0, c1);
+#endif
+        }
     }
     free(xp);
     free(xs);
@@ -300,17 +330,14 @@ static inline __attribute__((always_inline)) void gemm_rows(const __m512i* w, co
 #endif
 #define QMC 128  /* rows per work unit */
 
+#ifdef __AVX512F__
 /* The arguments of slimlm_qgemv, bf16 x and y only. Work units are (block, 128-row chunk): enough
    of them to keep both threads busy when a layer has few blocks; a thread dequantizes a block once
    for its consecutive chunks of it. */
 void slimlm_qgemm_bf16(const uint8_t* w, const void* scales, const uint8_t* zeros, const float* bias, const void* x,
                        void* y, int m, int out, int in, int gs, int bits, int sdt, int threads) {
     if (m <= 0 || out <= 0) return;
-    qcall c = {.w = w, .zeros = zeros, .scales = scales, .bias = bias, .y = y, .out = out, .G = in / gs,
-               .gsteps = bits == 4 ? (gs + 1) / 2 : gs, .sdt = sdt, .split = 1, .x_bf16 = 1,
-               .off = bits == 4 ? 128.f : 128.f * 17.f};
-    c.steps = (size_t)c.G * c.gsteps;
-    c.mstride = (size_t)c.G * QB * (sdt == 0 ? 4 : 2);
+    const qcall c = qcall_of(w, scales, zeros, bias, y, out, in, gs, bits, sdt, 1);
     const int kp = (in + 1) / 2, nb = (out + QB - 1) / QB, nch = (m + QMC - 1) / QMC;
     const int kc = QKC > 0 ? QKC : kp;
     /* x rows are already bf16 pairs of consecutive inputs; only an odd count needs a padded copy. */
@@ -356,6 +383,67 @@ void slimlm_qgemm_bf16(const uint8_t* w, const void* scales, const uint8_t* zero
     }
     free(copy);
 }
+
+#else  /* AVX2: the dequantized block through gemv.c's AVX2 bf16 tile (no vdpbf16ps to emulate per row) */
+#include "gemv.c"
+
+/* As above; the block is dequantized exactly as there (the same bf16 weights), and the tile sums in
+   vdpbf16ps's order, so the results are the AVX-512 form's bits. x is split into odd and even floats
+   once per call. */
+void slimlm_qgemm_bf16(const uint8_t* w, const void* scales, const uint8_t* zeros, const float* bias, const void* x,
+                       void* y, int m, int out, int in, int gs, int bits, int sdt, int threads) {
+    if (m <= 0 || out <= 0) return;
+    const qcall c = qcall_of(w, scales, zeros, bias, y, out, in, gs, bits, sdt, 1);
+    const int kp = (in + 1) / 2, nb = (out + QB - 1) / QB, nch = (m + QMC - 1) / QMC;
+    float* xo = (float*)malloc(sizeof(float) * 2 * (size_t)m * kp);
+    if (!xo) abort();
+    float* xe = xo + (size_t)m * kp;
+    if (in % 2 == 0) split_pairs((const uint32_t*)x, (size_t)m * kp, xo, xe);
+    else
+        for (int r = 0; r < m; r++) {  /* an odd count: pairs with a zero input at the end */
+            const uint16_t* xr = (const uint16_t*)x + (size_t)r * in;
+            for (int k = 0; k < kp; k++) {
+                uint32_t odd = 2 * k + 1 < in ? (uint32_t)xr[2 * k + 1] << 16 : 0, even = (uint32_t)xr[2 * k] << 16;
+                memcpy(xo + (size_t)r * kp + k, &odd, 4);
+                memcpy(xe + (size_t)r * kp + k, &even, 4);
+            }
+        }
+    const int tail = out % QB;  /* a last block short of 64 rows goes through a 64-column scratch */
+    #pragma omp parallel num_threads(threads) if (threads > 1 && nb * nch > 1 && (size_t)m * out * in >= (1u << 20))
+    {
+        uint16_t* dq = (uint16_t*)aligned_alloc(64, (size_t)kp * 4 * 64);
+        uint16_t* buf = (uint16_t*)aligned_alloc(64, (size_t)kp * 64);
+        uint16_t* ytail = tail ? (uint16_t*)malloc((size_t)QMC * QB * 2) : NULL;
+        float btail[QB];
+        int have = -1;
+        if (!dq || !buf || (tail && !ytail)) abort();
+        if (tail && bias) {
+            memset(btail, 0, sizeof btail);
+            memcpy(btail, bias + (nb - 1) * QB, (size_t)tail * sizeof(float));
+        }
+        #pragma omp for schedule(static) collapse(2)
+        for (int b = 0; b < nb; b++)
+            for (int ch = 0; ch < nch; ch++) {
+                if (have != b) { dequant_block(&c, bits, in, b, (__m512i*)dq); have = b; }
+                const int r0 = ch * QMC, rows = m - r0 < QMC ? m - r0 : QMC;
+                const float* o = xo + (size_t)r0 * kp;
+                const float* e = xe + (size_t)r0 * kp;
+                if (tail && b == nb - 1) {
+                    bf16_block_avx2(dq, o, e, kp, rows, ytail, QB, 0, NULL, bias ? btail : NULL, buf);
+                    for (int r = 0; r < rows; r++)
+                        memcpy((uint16_t*)y + (size_t)(r0 + r) * out + b * QB, ytail + (size_t)r * QB,
+                               (size_t)tail * 2);
+                } else {
+                    bf16_block_avx2(dq, o, e, kp, rows, (uint16_t*)y + (size_t)r0 * out, out, b * QB, NULL, bias, buf);
+                }
+            }
+        free(ytail);
+        free(buf);
+        free(dq);
+    }
+    free(xo);
+}
+#endif  /* __AVX512F__ */
 
 /* ---- One entry for a layer ----------------------------------------------------------------------------
    A weight's fixed arguments, filled once at load (serve/layers/quant_linear.py; the fused decode stack

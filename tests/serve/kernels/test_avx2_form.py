@@ -14,7 +14,8 @@ import pytest
 from slimlm.serve.kernels import cpu_build
 
 ROOT = Path(__file__).resolve().parents[3]
-FILES = ["tests/serve/kernels/test_quant_cpu.py", "tests/serve/layers/test_linear.py",
+FILES = ["tests/serve/kernels/test_quant_cpu.py", "tests/serve/layers/test_quant_linear.py",
+         "tests/serve/layers/test_linear.py",
          "tests/serve/layers/test_attention.py", "tests/serve/layers/test_rotary_norm.py",
          "tests/serve/models/test_cpu_decode.py"]
 

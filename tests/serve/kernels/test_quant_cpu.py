@@ -5,6 +5,7 @@ Tolerances, from what each path computes (S = |x| @ |W|.T + |bias|, the size of 
   scaled per group. The sums carry codes offset by 128 (int4) or 2176 (int8), up to ~40x the terms of
   x @ W, so float32 rounding reaches ~1e-6 S on these sizes (measured); 2e-5 S bounds it with margin
   and still fails an x rounded to bf16 (2^-9 S). bf16 outputs add one rounding: 2^-9 |y| <= 2^-8 |ref|.
+  (The AVX2 form sums codes times float32 x in FMAs, without the offset: inside the same bounds.)
 - dequantize-then-GEMM (`qgemm_bf16`, bf16 only): each weight rounded to bf16 once, |dw| <= 2^-9 |w|,
   so |dy| <= 2^-9 S, plus the output rounding.
 """
@@ -77,7 +78,8 @@ def test_float32_scales_are_stored_in_the_16_bit_dtype_that_holds_them_exactly()
     assert qc.repack(codes, odd, zeros, 32, 4).scales.dtype == torch.float32
 
 
-needs_kernel = pytest.mark.skipif(qc.qgemv_library() is None, reason="no AVX-512-BF16 C kernel on this machine")
+needs_kernel = pytest.mark.skipif(qc.qgemv_library() is None,
+                                  reason="no C kernel here (it needs Linux on x86-64 with AVX2 or AVX-512, and cc)")
 
 
 @needs_kernel
@@ -110,6 +112,31 @@ def test_gemm_kernel_matches_reference(bits, case, bias):
         x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m)).bfloat16()
         y = qc.qgemm_bf16(qc.qgemv_library(), p, x, None if b is None else b.float(), threads=1)
         check(y, x, codes, scales, zeros, gs, b, rel_s=2 ** -9 * 1.01 + 2e-5, rel_ref=2 ** -8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 5, 130])
+def test_gemm_kernel_is_the_bf16_weight_summed_in_vdpbf16ps_order(bits, rows):
+    # Bit for bit, in both forms (AVX-512: vdpbf16ps; AVX2: gemv.c's tile on the dequantized block): each
+    # weight bf16((c - z) * s), per output float32 sums over input pairs, the odd product added before the
+    # even one, then the bias, one rounding. Inputs 0-3 make the order visible: weights 1 there and
+    # x = (1, 2^24, 1, -2^24) give 1 with the odd product first and 0 with the even one first.
+    out_f, in_f, gs = 100, 256, 64
+    codes, scales, zeros = random_quant(out_f, in_f, gs, bits, seed=rows, scale_dtype=torch.bfloat16)
+    scales[:, 0] = 1.0
+    zeros[:, 0] = zeros[:, 0].clamp(max=(1 << bits) - 2)
+    codes[:, :4] = (zeros[:, :1] + 1).expand(-1, 4)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x[:, :4] = torch.tensor([1.0, 2.0 ** 24, 1.0, -2.0 ** 24])
+    b = torch.randn(out_f, generator=torch.Generator().manual_seed(2)).bfloat16()
+    y = qc.qgemm_bf16(qc.qgemv_library(), qc.repack(codes, scales, zeros, gs, bits), x, b.float(), threads=2)
+    w = qc.dequantize_rows(codes, scales, zeros, gs).bfloat16().float()
+    acc = torch.zeros(rows, out_f)
+    for k in range(0, in_f, 2):
+        acc = acc + x[:, k + 1:k + 2].float() * w[:, k + 1]
+        acc = acc + x[:, k:k + 1].float() * w[:, k]
+    assert torch.equal(y.view(torch.int16), (acc + b.float()).bfloat16().view(torch.int16))
 
 
 @needs_kernel

@@ -2,13 +2,13 @@
 
 Tolerances (S = |x| @ |W|.T + |bias|; see tests/serve/kernels/test_quant_cpu.py for the derivation):
 exact kernel 2e-5 S (float32 sums) plus 2^-8 |ref| for a bf16 output; dequantize-then-GEMM (bf16, from
-GEMM_MIN_ROWS rows) 2^-9 S more (each weight rounded to bf16 once); the float32 PyTorch fallback 1e-5 S.
+gemm_min_rows(bits) rows) 2^-9 S more (each weight rounded to bf16 once); the float32 PyTorch fallback 1e-5 S.
 """
 import pytest
 import torch
 
 from slimlm.serve.kernels.quant_cpu import dequantize_rows, qgemv_library, reference_qmatmul
-from slimlm.serve.layers.quant_linear import GEMM_MIN_ROWS, QuantLinear
+from slimlm.serve.layers.quant_linear import QuantLinear, gemm_min_rows
 
 CASES = [(128, 128, 64), (100, 96, 32), (70, 160, 160), (192, 256, 128), (130, 75, 75)]
 ROWS = [1, 2, 3, 4, 5, 16, 33]
@@ -46,7 +46,7 @@ def rel_size(layer, m):
     """The path's tolerance relative to S (module doc) for a call with m rows."""
     if not layer.uses_kernel:
         return 1e-5
-    if layer.act_dtype == torch.bfloat16 and m >= GEMM_MIN_ROWS[layer.bits]:
+    if layer.act_dtype == torch.bfloat16 and m >= gemm_min_rows(layer.bits):
         return 2 ** -9 * 1.01 + 2e-5
     return 2e-5
 
@@ -65,7 +65,7 @@ def test_quant_linear_matches_dequantized_matmul(bits, case, act, bias, kernel, 
         layer = QuantLinear(layer.packed, b, act, use_kernel=False)
     assert layer.uses_kernel == (kernel and qgemv_library() is not None)
     assert torch.equal(layer.dequantize(), dequantize_rows(codes, scales, zeros, gs))
-    for m in ROWS + ([GEMM_MIN_ROWS[bits] + 1] if act == torch.bfloat16 else []):
+    for m in ROWS + ([gemm_min_rows(bits) + 1] if act == torch.bfloat16 else []):
         x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m)).to(act)
         y = layer(x)
         assert y.shape == (m, out_f) and y.dtype == act
@@ -112,7 +112,7 @@ def test_an_input_order_gathers_x_before_the_product(bits, act, kernel, one_thre
         layer = QuantLinear(layer.packed, b, act, use_kernel=False, perm=perm)
     assert torch.equal(layer.dequantize()[:, perm], dequantize_rows(codes, scales, zeros, gs))
     bf16 = act == torch.bfloat16
-    for m in [1, 3] + ([GEMM_MIN_ROWS[bits] + 1] if bf16 else []):
+    for m in [1, 3] + ([gemm_min_rows(bits) + 1] if bf16 else []):
         x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(m)).to(act)
         y = layer(x)
         rel_s = rel_size(layer, m)
