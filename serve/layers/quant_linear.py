@@ -22,6 +22,8 @@ SmolLM2-135M's shapes, int4/int8 g64, one thread, weights streamed from memory, 
   the dequantization is paid, is 0.4x at one row and 0.87-0.97x at 64-256.
 - float32 activations always take the exact kernel (x split exactly into three bf16 parts): 3.6-4.6x
   the float32 `PackedLinear` at 1-4 rows, 0.6-0.8x from 64 rows (exactness costs 3 products each).
+- on AVX2 CPUs the kernels have a form of their own (cpu/qgemv_avx2.c) and other crossovers
+  (`GEMM_MIN_ROWS`); docs/benchmarks.md, "Serving: speed on an AVX2 CPU", has that machine's figures.
 - no C kernel (no compiler, neither AVX-512-BF16 nor AVX2, SLIMLM_CPU_KERNELS=0): plain PyTorch, dequantizing 1024
   output rows at a time (float32, exact, slow; nothing kept between calls).
 
