@@ -22,6 +22,8 @@ Cache and resume rule: --out/cache/ holds a JSON per model named by a hash of th
   once, so each has one ratio to the base per repetition, and a change of load on a shared machine
   moves both sides of it. Their speed is cached when all are done. --speed-order sequential measures
   (and caches) one model after the other, and its ratios divide medians.
+- --speed-rounds N loads the models N times (--reps repetitions each) and spans every round: a second
+  run's ratios move with where the weights land in memory, which repetitions of one load do not see.
 - A variant's cached speed is reused with the base figures of the run that measured it (stored with
   it), so its ratio is that run's; the report marks it †.
 So a re-run with one more model measures that model and the base's speed; an interrupted run resumes.
@@ -64,6 +66,9 @@ def _add_arguments(p) -> None:
     p.add_argument("--num-requests", type=int, default=None, help="online requests per repetition (default 2x concurrency)")
     p.add_argument("--reps", type=int, default=3, help="speed repetitions after a warm-up (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--speed-rounds", type=int, default=1,
+                   help="alternated speed: load the models this many times, --reps alternated repetitions each "
+                   "time; figures and ranges span every round (default 1)")
     p.add_argument("--speed-order", choices=["auto", "alternate", "sequential"], default="auto",
                    help="alternate: all models loaded at once, their speed repetitions alternated (ratios per "
                    "repetition); sequential: one model after the other (one model in memory); auto (default): "
@@ -95,7 +100,8 @@ def settings_from_args(args) -> dict:
 
     positive = {"--window": args.window - 1, "--eval-batch-size": args.eval_batch_size, "--prompt-len": args.prompt_len,
                 "--gen-len": args.gen_len, "--concurrency": args.concurrency, "--reps": args.reps,
-                "--num-requests": args.num_requests or 1, "--threads": args.threads or 1}
+                "--num-requests": args.num_requests or 1, "--threads": args.threads or 1,
+                "--speed-rounds": args.speed_rounds}
     bad = [name for name, v in positive.items() if v < 1]
     if bad or args.max_windows < 0:
         raise SlimlmError(f"{', '.join(bad) or '--max-windows'} out of range.", "--window must be >= 2, "
@@ -113,7 +119,9 @@ def settings_from_args(args) -> dict:
             "eval_batch_size": args.eval_batch_size, "eval_dtype": args.eval_dtype, "device": args.device,
             "dtype": args.dtype, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
             "concurrency": args.concurrency, "num_requests": args.num_requests or 2 * args.concurrency,
-            "reps": args.reps, "threads": args.threads}
+            "reps": args.reps, "threads": args.threads,
+            # only where it is not 1: the settings of folders made before the option stay the same
+            **({"speed_rounds": args.speed_rounds} if args.speed_rounds != 1 else {})}
 
 
 def check_models(specs: list[str]) -> list[dict]:
@@ -301,8 +309,14 @@ def _engine(spec: str, settings: dict):
 
 
 def measure_speed(spec: str, settings: dict, progress=None) -> dict:
-    """Load `spec` in the serving engine here and run `serve.bench.benchmark` at batch 1 and at fixed concurrency."""
+    """Load `spec` in the serving engine here and run `serve.bench.benchmark` at batch 1 and at fixed concurrency
+    (with settings["speed_rounds"] > 1, `measure_speeds`'s rounds for this one model, less its raw values)."""
     import gc
+
+    if settings.get("speed_rounds", 1) > 1:
+        result = measure_speeds([spec], settings, progress)[0]
+        del result["values"]  # measured alone: ratios divide medians, not repetitions side by side
+        return result
 
     from slimlm.serve.bench import benchmark
 
@@ -320,23 +334,43 @@ def measure_speed(spec: str, settings: dict, progress=None) -> dict:
 def measure_speeds(specs: list[str], settings: dict, progress=None) -> list[dict]:
     """Speed of several models at once: each in its own engine, all loaded together, their repetitions
     alternated (`serve.bench.benchmark_interleaved`), so per-repetition ratios to the first (the base)
-    see the same machine. Each result is `measure_speed`'s plus `values`, the per-repetition figures."""
+    see the same machine. Each result is `measure_speed`'s plus `values`, the per-repetition figures.
+
+    With settings["speed_rounds"] = N > 1 the models are loaded N times, --reps alternated repetitions
+    each time, and the figures span all N x reps: a model's speed also moves with where its weights land
+    in memory (a fresh load of the same models in the same process moved int4's batch-1 ratio between
+    1.28x and 1.52x), which repetitions over one load do not see and a second run would."""
     import gc
 
-    from slimlm.serve.bench import benchmark_interleaved
+    from slimlm.serve.bench import Spread, benchmark_interleaved
 
-    engines = []
-    for i, spec in enumerate(specs):
-        (progress or (lambda msg: None))(f"loading {i + 1}/{len(specs)}: {spec}")
-        engines.append(_engine(spec, settings))
-    results = benchmark_interleaved(engines, settings["concurrency"], settings["num_requests"], settings["prompt_len"],
-                                    settings["gen_len"], settings["reps"], progress=progress)
-    del engines
-    gc.collect()
+    rounds = settings.get("speed_rounds", 1)
+    say = progress or (lambda msg: None)
+    values = [None] * len(specs)
+    for rnd in range(rounds):
+        tag = f"round {rnd + 1}/{rounds}, " if rounds > 1 else ""
+        engines = []
+        for i, spec in enumerate(specs):
+            say(f"{tag}loading {i + 1}/{len(specs)}: {spec}")
+            engines.append(_engine(spec, settings))
+        results = benchmark_interleaved(engines, settings["concurrency"], settings["num_requests"],
+                                        settings["prompt_len"], settings["gen_len"], settings["reps"],
+                                        progress=lambda msg, tag=tag: say(tag + msg))
+        del engines
+        gc.collect()
+        for i, r in enumerate(results):
+            values[i] = r["values"] if values[i] is None else {k: v + r["values"][k] for k, v in values[i].items()}
     label = f"engine online c={settings['concurrency']}"
-    return [{"figures": {"batch1_tok_s": r["rows"]["engine batch 1"]["tokens_per_s"],
-                         "online_tok_s": r["rows"][label]["tokens_per_s"], "ttft_p50_ms": r["rows"][label]["ttft_p50_ms"]},
-             "rows": r["rows"], "bench_settings": r["settings"], "values": r["values"]} for r in results]
+    out = []
+    for r, v in zip(results, values):  # the last round's settings; figures over every round's values
+        spread = {k: Spread.of(vals).__dict__ for k, vals in v.items()}
+        rows = {"engine batch 1": {"tokens_per_s": spread["batch1_tok_s"]},
+                label: {"tokens_per_s": spread["online_tok_s"], "ttft_p50_ms": spread["ttft_p50_ms"],
+                        "tpot_p50_ms": spread["tpot_p50_ms"]}}
+        out.append({"figures": {"batch1_tok_s": spread["batch1_tok_s"], "online_tok_s": spread["online_tok_s"],
+                                "ttft_p50_ms": spread["ttft_p50_ms"]},
+                    "rows": rows, "bench_settings": {**r["settings"], "speed_rounds": rounds}, "values": v})
+    return out
 
 
 def fit_together(entries: list[dict], settings: dict) -> bool:

@@ -187,7 +187,9 @@ def notes(report: dict) -> list[str]:
         + ("; accuracy: log-likelihood multiple choice" if s["tasks"] else "") + f"; in {s['eval_dtype']} on {s['device']}.",
         f"Speed: slimlm's serving engine in {s['dtype']}, the same {s['prompt_len']}-token prompts for every model, "
         f"{s['gen_len']} new tokens each (greedy, EOS ignored); median [min, max] of {s['reps']} repetition(s) after "
-        f"a warm-up. batch-1 tok/s counts generated tokens over wall time, prefill included; c={s['concurrency']}: "
+        + (f"a warm-up, in each of {s['speed_rounds']} loads of the models (figures over all "
+           f"{s['speed_rounds'] * s['reps']})" if s.get("speed_rounds", 1) > 1 else "a warm-up")
+        + f". batch-1 tok/s counts generated tokens over wall time, prefill included; c={s['concurrency']}: "
         f"{s['num_requests']} requests with {s['concurrency']} in flight. Speed ratios divide by the base measured in "
         "the same run" + ("; where a ratio shows a range, the models' repetitions alternated and the ratio is the "
                           "median of the per-repetition ratios (range: their min-max)."

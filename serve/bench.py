@@ -226,11 +226,12 @@ def benchmark_interleaved(engines: list[LLMEngine], concurrency: int, num_reques
     results = []
     for engine, batch, online in zip(engines, runs["batch 1"], runs[f"c={concurrency}"]):
         values = {"batch1_tok_s": [r.tokens_per_s for r in batch], "online_tok_s": [r.tokens_per_s for r in online],
-                  "ttft_p50_ms": [1e3 * percentile(r.ttft, 50) for r in online]}
+                  "ttft_p50_ms": [1e3 * percentile(r.ttft, 50) for r in online],
+                  "tpot_p50_ms": [1e3 * percentile(r.tpot, 50) for r in online]}
         rows = {"engine batch 1": {"tokens_per_s": Spread.of(values["batch1_tok_s"]).__dict__},
                 label: {"tokens_per_s": Spread.of(values["online_tok_s"]).__dict__,
                         "ttft_p50_ms": Spread.of(values["ttft_p50_ms"]).__dict__,
-                        "tpot_p50_ms": Spread.of([1e3 * percentile(r.tpot, 50) for r in online]).__dict__}}
+                        "tpot_p50_ms": Spread.of(values["tpot_p50_ms"]).__dict__}}
         results.append({"rows": rows, "values": values,
                         "settings": {"batch_sizes": [1], "concurrency": concurrency, "num_requests": n_online,
                                      "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps, "interleaved": True,

@@ -253,3 +253,37 @@ def test_the_cli_refuses_an_unknown_model_with_exit_2(models, capsys):
     assert main(["compare", str(models["base"]), "no-such-alias"]) == 2
     err = capsys.readouterr().err
     assert "unknown model" in err and "Traceback" not in err
+
+
+def test_speed_rounds_load_the_models_again_and_span_every_round(monkeypatch):
+    # Each round loads every model afresh and runs its alternated repetitions; the figures and the raw values
+    # cover all rounds, and a model measured alone keeps no raw values (its ratios divide medians).
+    from slimlm.serve import bench
+
+    loads, round_no = [], []
+
+    def fake_interleaved(engines, concurrency, num_requests, prompt_len, gen_len, reps, progress=None):
+        round_no.append(len(round_no))
+        k = float(len(round_no))  # round 1 gives 1, 2; round 2 gives 2, 4: the spread covers both
+        return [{"values": {"batch1_tok_s": [k * (i + 1), 2 * k * (i + 1)], "online_tok_s": [k, k],
+                            "ttft_p50_ms": [k, k], "tpot_p50_ms": [k, k]},
+                 "settings": {"reps": reps}} for i, _ in enumerate(engines)]
+
+    monkeypatch.setattr(compare, "_engine", lambda spec, settings: loads.append(spec) or spec)
+    monkeypatch.setattr(bench, "benchmark_interleaved", fake_interleaved)
+    settings = {"concurrency": 2, "num_requests": 2, "prompt_len": 8, "gen_len": 4, "reps": 2, "speed_rounds": 2}
+    base, other = compare.measure_speeds(["base", "other"], settings)
+    assert loads == ["base", "other", "base", "other"] and len(round_no) == 2
+    assert base["values"]["batch1_tok_s"] == [1.0, 2.0, 2.0, 4.0]
+    assert other["values"]["batch1_tok_s"] == [2.0, 4.0, 4.0, 8.0]
+    assert base["figures"]["batch1_tok_s"] == {"median": 2.0, "min": 1.0, "max": 4.0}
+    assert base["bench_settings"]["speed_rounds"] == 2 and "tpot_p50_ms" in base["rows"]["engine online c=2"]
+    alone = compare.measure_speed("base", settings)
+    assert "values" not in alone and alone["figures"]["batch1_tok_s"]["max"] == 8.0 and len(loads) == 6
+
+
+def test_speed_rounds_join_the_settings_only_when_not_one():
+    assert "speed_rounds" not in compare.settings_from_args(parse(["a", "b", "--out", "x"]))
+    assert compare.settings_from_args(parse(["a", "b", "--out", "x", "--speed-rounds", "3"]))["speed_rounds"] == 3
+    with pytest.raises(SlimlmError, match="--speed-rounds"):
+        compare.settings_from_args(parse(["a", "b", "--out", "x", "--speed-rounds", "0"]))
