@@ -45,9 +45,10 @@ from ..kernels.quant_cpu import PackedQuantWeight, QWeightArgs, dequantize_rows,
 ACT_DTYPES = (torch.bfloat16, torch.float32)
 # Rows from which bf16 activations take the dequantize-then-GEMM path, per instruction set of the kernels:
 # the measured crossovers. AVX-512: int4 exact kernel 1.1-1.2x of bf16 at 64 rows, GEMM 1.0x, both ~1.0
-# at 128; int8 exact wins at 16, GEMM at 32. AVX2 (`scripts/time_quant_linear.py --paths`, Zen 3): the
-# exact kernel's float FMAs tie the GEMM's bf16 tile at ~32 rows (int4) and ~24 (int8).
-GEMM_MIN_ROWS = {"avx512": {4: 96, 8: 24}, "avx2": {4: 32, 8: 24}}
+# at 128; int8 exact wins at 16, GEMM at 32. AVX2 (Zen 3, `scripts/time_quant_linear.py --rows 16 24 32 48
+# --threads 2 --paths --stat min`): int4 exact 1.07-1.15x of bf16 at 32 rows against the GEMM's 1.02-1.03x,
+# the two tied at 48; int8 tied at 16, the GEMM ahead from 24 (0.85-0.94x against 0.74-0.82x).
+GEMM_MIN_ROWS = {"avx512": {4: 96, 8: 24}, "avx2": {4: 48, 8: 24}}
 FALLBACK_CHUNK = 1024  # output rows dequantized at a time by the PyTorch path
 
 

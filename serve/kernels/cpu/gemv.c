@@ -111,13 +111,17 @@ static inline void bf16_row_avx2(const uint16_t* wb, const float* xo, const floa
     }
 }
 
-/* x's bf16 pairs [n] split into their odd (high) and even (low) halves as floats, xo and xe [n]. */
-static void split_pairs(const uint32_t* xp, size_t n, float* xo, float* xe) {
-    for (size_t i = 0; i < n; i++) {
-        uint32_t odd = xp[i] & 0xFFFF0000u, even = xp[i] << 16;
-        memcpy(xo + i, &odd, 4);
-        memcpy(xe + i, &even, 4);
-    }
+/* x [m][in] bf16 as input pairs split into their odd and even entries as floats, xo and xe [m][(in + 1) / 2]
+   (an odd count pairs its last input with a zero). */
+static void split_pairs(const uint16_t* x, int m, int in, float* xo, float* xe) {
+    const int kp = (in + 1) / 2;
+    for (int r = 0; r < m; r++)
+        for (int k = 0; k < kp; k++) {
+            const uint16_t* xr = x + (size_t)r * in;
+            uint32_t odd = 2 * k + 1 < in ? (uint32_t)xr[2 * k + 1] << 16 : 0, even = (uint32_t)xr[2 * k] << 16;
+            memcpy(xo + (size_t)r * kp + k, &odd, 4);
+            memcpy(xe + (size_t)r * kp + k, &even, 4);
+        }
 }
 
 /* m rows of x (split: xo, xe [m][half_in]) against one 64-row block wb ([half_in][64][2] bf16) into y's
@@ -156,7 +160,7 @@ void slimlm_gemv_bf16(const uint16_t* w, const uint16_t* x, uint16_t* y, const u
     float* xo = (float*)malloc(sizeof(float) * 2 * (size_t)m * half_in);
     if (!xo) abort();
     float* xe = xo + (size_t)m * half_in;
-    split_pairs((const uint32_t*)x, (size_t)m * half_in, xo, xe);
+    split_pairs(x, m, in, xo, xe);
     if (m == 1) {
         #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nb >= 8)
         for (int ob = 0; ob < nb; ob++) bf16_row_avx2(w + (size_t)ob * 64 * in, xo, xe, half_in, y, bias, ob * 64);

@@ -41,6 +41,7 @@ static inline __m512i nibble(__m512i w, const int q) {
     return _mm512_ternarylogic_epi32(q ? _mm512_srli_epi16(w, 4 * q) : w, _mm512_set1_epi16(0x000F), one28, 0xEA);
 }
 
+#ifdef __AVX512F__  /* the few-row kernel in vdpbf16ps (AVX2: qgemv_avx2.c) */
 /* T virtual rows (1..4) of x against one 64-row block: tot[t][q] = rows 16q..16q+15 of row t.
    wb: the block's codes [steps][64 B]; sc, zp: its scales and zeros [G][64]; xp: [T][xstride] u32
    bf16 pairs; xs: [T][G] group sums of x. always_inline with a constant T: the loops over t unroll
@@ -119,6 +120,7 @@ static void prep_row(const void* x, int x_bf16, int in, int gs, int bits, int sp
     if (xs)
         for (int p = 0; p < split; p++) xs[p * G + g_now] = _mm512_reduce_add_ps(sum[p]);
 }
+#endif
 
 typedef struct {  /* one call's arguments, shared by the blocks */
     const uint8_t *w, *zeros;
@@ -129,7 +131,7 @@ typedef struct {  /* one call's arguments, shared by the blocks */
     const float* xf;            /* the AVX2 form's prepared x (qgemv_avx2.c) */
     void* y;
     size_t steps, xstride, mstride;
-    int out, G, gsteps, sdt, split, x_bf16;
+    int out, G, gsteps, sdt, split, x_bf16, bits;
     float off;
 } qcall;
 
@@ -138,7 +140,7 @@ static qcall qcall_of(const uint8_t* w, const void* scales, const uint8_t* zeros
                       int in, int gs, int bits, int sdt, int x_bf16) {
     qcall c = {.w = w, .zeros = zeros, .scales = scales, .bias = bias, .y = y, .out = out, .G = in / gs,
                .gsteps = bits == 4 ? (gs + 1) / 2 : gs, .sdt = sdt, .split = x_bf16 ? 1 : 3, .x_bf16 = x_bf16,
-               .off = bits == 4 ? 128.f : 128.f * 17.f};
+               .bits = bits, .off = bits == 4 ? 128.f : 128.f * 17.f};
     c.steps = (size_t)c.G * c.gsteps;
     c.xstride = (c.steps + 15) & ~(size_t)15;
     c.mstride = (size_t)c.G * QB * (sdt == 0 ? 4 : 2);
@@ -147,8 +149,7 @@ static qcall qcall_of(const uint8_t* w, const void* scales, const uint8_t* zeros
 
 #ifndef __AVX512F__
 #include "qgemv_avx2.c"
-#endif
-
+#else
 /* Rows [r_begin, r_end) of y, output block b: R real rows (4 bf16, or 1 float32 as 3 parts) per pass. */
 static void run_block(const qcall* c, int b, int r_begin, int r_end) {
     const uint8_t* wb = c->w + (size_t)b * c->steps * 64;
@@ -182,6 +183,7 @@ static void run_block(const qcall* c, int b, int r_begin, int r_end) {
         }
     }
 }
+#endif  /* __AVX512F__ */
 
 /* w: codes [ceil(out/64)][steps][64 B]; scales (sdt) and zeros (u8) [ceil(out/64)][G][64]; bias f32 or
    NULL; x [m][in] bf16 (x_bf16) or f32; y [m][out] in x's dtype. gs divides in; G = in / gs;
@@ -398,16 +400,7 @@ void slimlm_qgemm_bf16(const uint8_t* w, const void* scales, const uint8_t* zero
     float* xo = (float*)malloc(sizeof(float) * 2 * (size_t)m * kp);
     if (!xo) abort();
     float* xe = xo + (size_t)m * kp;
-    if (in % 2 == 0) split_pairs((const uint32_t*)x, (size_t)m * kp, xo, xe);
-    else
-        for (int r = 0; r < m; r++) {  /* an odd count: pairs with a zero input at the end */
-            const uint16_t* xr = (const uint16_t*)x + (size_t)r * in;
-            for (int k = 0; k < kp; k++) {
-                uint32_t odd = 2 * k + 1 < in ? (uint32_t)xr[2 * k + 1] << 16 : 0, even = (uint32_t)xr[2 * k] << 16;
-                memcpy(xo + (size_t)r * kp + k, &odd, 4);
-                memcpy(xe + (size_t)r * kp + k, &even, 4);
-            }
-        }
+    split_pairs((const uint16_t*)x, m, in, xo, xe);
     const int tail = out % QB;  /* a last block short of 64 rows goes through a 64-column scratch */
     #pragma omp parallel num_threads(threads) if (threads > 1 && nb * nch > 1 && (size_t)m * out * in >= (1u << 20))
     {

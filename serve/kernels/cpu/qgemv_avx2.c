@@ -234,7 +234,7 @@ static void run_block_avx2(const qcall* c, int b, int r_begin, int r_end) {
         const float* sr = c->xs + (size_t)r0 * c->G;
         for (int h = 0; h < 2; h++) {
             float res[8][8];  /* one row: [hh * 4 + q]; two rows: [t * 4 + q] */
-            const int int4 = c->off == 128.f;
+            const int int4 = c->bits == 4;
             if (rows == 1) (int4 ? qtile_row4 : qtile_row8)(wb, sc, zp, xr, sr, c->G, c->gsteps, c->sdt, res);
             else (int4 ? qtile_rows2_4 : qtile_rows2_8)(wb, h, sc, zp, xr, xfs, sr, c->G, c->gsteps, c->sdt, res);
             for (int i = 0; i < 8; i++) {
