@@ -4,8 +4,8 @@
 
 Per model: held-out perplexity (32 windows by default, so a comparison takes minutes on a CPU) and
 multiple-choice accuracy, measured in a fresh process; then, here, speed in slimlm's serving engine
-on the same prompts (`serve.bench.benchmark`: batch-1 tokens/s; tokens/s and TTFT p50 at fixed
-concurrency; median [min, max] of --reps); parameters; size on disk. Writes report.md, report.json
+on the same prompts (`serve.bench.benchmark`: batch-1 decode tokens/s, i.e. 1 / TPOT, and batch-1
+tokens/s with the prefill; tokens/s and TTFT p50 at fixed concurrency; median [min, max] of --reps); parameters; size on disk. Writes report.md, report.json
 and pareto.png to --out (compare_report.py) and prints the table.
 
 Memory: the evaluating process resets the kernel's peak-RSS record after its imports (Linux), loads
@@ -326,7 +326,8 @@ def measure_speed(spec: str, settings: dict, progress=None) -> dict:
     del engine
     gc.collect()  # the next model loads into the memory this one held (torch's caching allocator keeps it on GPU)
     online = result["rows"][f"engine online c={settings['concurrency']}"]
-    return {"figures": {"batch1_tok_s": result["rows"]["engine batch 1"]["tokens_per_s"],
+    batch1 = result["rows"]["engine batch 1"]
+    return {"figures": {"batch1_tok_s": batch1["tokens_per_s"], "batch1_decode_tok_s": batch1["decode_tokens_per_s"],
                         "online_tok_s": online["tokens_per_s"], "ttft_p50_ms": online["ttft_p50_ms"]},
             "rows": result["rows"], "bench_settings": result["settings"]}
 
@@ -364,11 +365,12 @@ def measure_speeds(specs: list[str], settings: dict, progress=None) -> list[dict
     out = []
     for r, v in zip(results, values):  # the last round's settings; figures over every round's values
         spread = {k: Spread.of(vals).__dict__ for k, vals in v.items()}
-        rows = {"engine batch 1": {"tokens_per_s": spread["batch1_tok_s"]},
+        rows = {"engine batch 1": {"tokens_per_s": spread["batch1_tok_s"],
+                                   "decode_tokens_per_s": spread["batch1_decode_tok_s"]},
                 label: {"tokens_per_s": spread["online_tok_s"], "ttft_p50_ms": spread["ttft_p50_ms"],
                         "tpot_p50_ms": spread["tpot_p50_ms"]}}
-        out.append({"figures": {"batch1_tok_s": spread["batch1_tok_s"], "online_tok_s": spread["online_tok_s"],
-                                "ttft_p50_ms": spread["ttft_p50_ms"]},
+        out.append({"figures": {k: spread[k] for k in ("batch1_tok_s", "batch1_decode_tok_s", "online_tok_s",
+                                                       "ttft_p50_ms")},
                     "rows": rows, "bench_settings": {**r["settings"], "speed_rounds": rounds}, "values": v})
     return out
 
@@ -433,7 +435,9 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
         save(e)
 
     todo_accuracy = [e for e in entries if "accuracy" not in e]
-    todo_speed = [base] + [e for e in entries[1:] if e.get("speed", {}).get("base_key") != base["key"]]
+    # A cached speed from an older slimlm that lacks a figure of today's table is measured again.
+    todo_speed = [base] + [e for e in entries[1:] if e.get("speed", {}).get("base_key") != base["key"]
+                           or not set(compare_report.SPEED_FIGURES) <= set(e["speed"].get("figures", {}))]
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar:
         acc_task = bar.add_task("accuracy", total=len(todo_accuracy))

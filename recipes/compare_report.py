@@ -8,7 +8,7 @@
   speed came from the cache keeps the base figures of its own run; see compare.py), so two numbers
   measured minutes apart on a noisy machine are the only ones ever divided.
 - `markdown(report)` and `rich_table(report)` show the same cells; `plot_pareto(report, path)` draws
-  quality (perplexity on the first text source) against speedup (batch-1 tokens/s ratio).
+  quality (perplexity on the first text source) against speedup (batch-1 decode tokens/s ratio).
 - `pareto_front(points)` is the plain definition, unit-tested on hand-made points.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-SPEED_FIGURES = ("batch1_tok_s", "online_tok_s", "ttft_p50_ms")
+SPEED_FIGURES = ("batch1_decode_tok_s", "batch1_tok_s", "online_tok_s", "ttft_p50_ms")
 
 
 def pareto_front(points: list[tuple[float, float]], maximize: tuple[bool, bool] = (True, False)) -> list[int]:
@@ -54,7 +54,8 @@ def columns(report: dict) -> list[dict]:
         cols.append(dict(key=f"ppl:{source}", header=f"ppl {source}", better="lower", digits=2))
     for task in first.get("tasks", {}):
         cols.append(dict(key=f"acc:{task}", header=f"acc {task}", better="higher", digits=3))
-    cols += [dict(key="batch1_tok_s", header="batch-1 tok/s", better="higher", digits=1),
+    cols += [dict(key="batch1_decode_tok_s", header="batch-1 decode tok/s", better="higher", digits=1),
+             dict(key="batch1_tok_s", header="batch-1 tok/s with prefill", better="higher", digits=1),
              dict(key="online_tok_s", header=f"c={s['concurrency']} tok/s", better="higher", digits=1),
              dict(key="ttft_p50_ms", header=f"TTFT p50 ms (c={s['concurrency']})", better="lower", digits=1)]
     return cols
@@ -111,10 +112,10 @@ def pareto_summary(report: dict) -> dict:
     if quality is None:  # no text source: fall back to the first task's accuracy (higher is better)
         quality = next((c for c in report["columns"] if c["key"].startswith("acc:")), None)
     models = report["models"]
-    xs = [m["figures"]["batch1_tok_s"]["ratio"] for m in models]
+    xs = [m["figures"]["batch1_decode_tok_s"]["ratio"] for m in models]
     ys = [m["figures"][quality["key"]]["value"] if quality else None for m in models]
     front = pareto_front(list(zip(xs, ys)), maximize=(True, quality is not None and quality["better"] == "higher"))
-    return {"x": "batch1_tok_s ratio", "y": quality["key"] if quality else None,
+    return {"x": "batch1_decode_tok_s ratio", "y": quality["key"] if quality else None,
             "y_better": quality["better"] if quality else None,
             "points": {m["label"]: [x, y] for m, x, y in zip(models, xs, ys)},
             "front": [models[i]["label"] for i in front]}
@@ -189,7 +190,9 @@ def notes(report: dict) -> list[str]:
         f"{s['gen_len']} new tokens each (greedy, EOS ignored); median [min, max] of {s['reps']} repetition(s) after "
         + (f"a warm-up, in each of {s['speed_rounds']} loads of the models (figures over all "
            f"{s['speed_rounds'] * s['reps']})" if s.get("speed_rounds", 1) > 1 else "a warm-up")
-        + f". batch-1 tok/s counts generated tokens over wall time, prefill included; c={s['concurrency']}: "
+        + ". batch-1 decode tok/s: one request's tokens after its first over the time they took (1 / TPOT), the "
+        "speed the Pareto plot uses; batch-1 tok/s with prefill: all its tokens over the wall time from its "
+        f"arrival; c={s['concurrency']}: "
         f"{s['num_requests']} requests with {s['concurrency']} in flight. Speed ratios divide by the base measured in "
         "the same run" + ("; where a ratio shows a range, the models' repetitions alternated and the ratio is the "
                           "median of the per-repetition ratios (range: their min-max)."
@@ -218,7 +221,7 @@ def markdown(report: dict) -> str:
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     lines += [""] + [f"- {line}" for line in notes(report)]
     front = ", ".join(report["pareto"]["front"]) or "-"
-    lines += ["", f"Pareto front (quality {report['pareto']['y']} against batch-1 speedup): {front}", "",
+    lines += ["", f"Pareto front (quality {report['pareto']['y']} against batch-1 decode speedup): {front}", "",
               "![quality against speedup](pareto.png)", ""]
     lines += pipeline_lines(report, esc)
     lines += ["## Models", ""] + [f"- {esc(m['label'])}: `{m['spec']}`" for m in report["models"]]
@@ -282,7 +285,7 @@ def plot_pareto(report: dict, path: str | Path) -> Path:
     ax.axvline(1.0, color="lightgray", lw=0.8, zorder=0)
     ax.margins(0.15)  # room for the labels of the outermost points
     better = "lower" if p["y_better"] == "lower" else "higher"
-    ax.set_xlabel("speedup: batch-1 tokens/s ÷ base (higher is better)")
+    ax.set_xlabel("speedup: batch-1 decode tokens/s ÷ base (higher is better)")
     ax.set_ylabel(f"{p['y']} ({better} is better)")
     ax.set_title(f"slimlm compare: quality against speed (base {report['models'][0]['label']})", fontsize=10)
     ax.grid(True, alpha=0.3)

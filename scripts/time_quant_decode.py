@@ -2,7 +2,9 @@
 
 Every engine runs the same prompts, interleaved within each repetition (A B C, A B C, ...), so load
 that drifts on a shared machine hits all of them alike; the figure is the median of the per-rep
-ratios to the first engine, with min and max. "+layers" rows run the same quantized model with the
+ratios to the first engine, with min and max: tokens/s with the prefill (every token over the run's
+wall time), then of decoding alone (the tokens after each request's first, `serve.bench.run_engine`),
+which is what the batch-N decode targets mean; time prefill alone with --gen-len 1. "+layers" rows run the same quantized model with the
 fused C decode stack off (the per-layer path), to show what the stack is worth.
 
     python scripts/time_quant_decode.py smollm2-135m /tmp/q4 /tmp/q8 --batch-sizes 1,16 --threads 2
@@ -12,26 +14,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from slimlm.serve.bench import RunStats, run_engine
 from slimlm.serve.engine.engine import EngineConfig, LLMEngine
 from slimlm.serve.layers.quant_linear import QuantLinear
-from slimlm.serve.sampling_params import SamplingParams
 from slimlm.toolkit.models import load
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], gen: int) -> float:
-    """Seconds to generate `gen` tokens for every prompt at once (prefill included)."""
-    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
-    engine.block_manager.reset_prefix_cache()  # every run prefills in full: no reuse of an earlier run's prompts
-    start = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{time.perf_counter_ns()}-{i}", p, params)
-    while engine.has_unfinished():
-        engine.step()
-    return time.perf_counter() - start
+def run(engine: LLMEngine, prompts: list[list[int]], gen: int) -> RunStats:
+    """Generate `gen` tokens for every prompt at once: tokens/s with the prefill and of decoding alone."""
+    return run_engine(engine, prompts, gen)  # each run prefills in full: no reuse of an earlier run's prompts
 
 
 def main() -> None:
@@ -74,12 +68,16 @@ def main() -> None:
                 times[name].append(run(e, prompts, args.gen_len))
         base = times[next(iter(engines))]
         print(f"batch {b}, {args.prompt_len}-token prompts, {args.gen_len} new tokens, {args.threads} threads, "
-              f"median [min, max] of {args.reps}:")
-        for name, ts in times.items():
-            ratios = [bt / t for bt, t in zip(base, ts)]
-            tps = [b * args.gen_len / t for t in ts]
-            print(f"  {name:55s} {statistics.median(tps):7.1f} tok/s  x{statistics.median(ratios):.2f} "
-                  f"[{min(ratios):.2f}, {max(ratios):.2f}]")
+              f"median [min, max] of {args.reps}; tok/s and ratio to the first with the prefill"
+              + ("; then of decoding alone (tokens after the first)" if args.gen_len > 1 else "") + ":")
+        for name, runs in times.items():
+            line = f"  {name:55s}"
+            for key in ("tokens_per_s", "decode_tokens_per_s")[:1 + (args.gen_len > 1)]:
+                tps = [getattr(r, key) for r in runs]
+                ratios = [t / getattr(r0, key) for r0, t in zip(base, tps)]
+                line += (f" {statistics.median(tps):7.1f} tok/s  x{statistics.median(ratios):.2f} "
+                         f"[{min(ratios):.2f}, {max(ratios):.2f}]")
+            print(line)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Offline: B prompts of `prompt_len` tokens (held-out text) generate exactly `gen_
 (greedy, EOS ignored), all submitted at once. Online: requests arrive either at fixed concurrency C
 (a new one whenever one finishes) or as a Poisson process at `rate` requests/s; per request we
 record time to first token (TTFT), time per output token after the first (TPOT) and every
-inter-token latency (ITL). Every figure is measured after a warm-up, `reps` times, and reported as
+inter-token latency (ITL). Besides tokens/s over the whole run (prefill included), a run reports
+decode tokens/s: the tokens after each request's first, over the time from the first first token to
+the last request's end (at batch 1, 1 / TPOT: the speed of decoding alone). Every figure is measured after a warm-up, `reps` times, and reported as
 median with min and max. `baseline="hf"` runs `transformers.generate` (left-padded batches) on the
 same prompts and lengths in the same run, so the ratios compare like with like on a noisy machine.
 """
@@ -39,6 +41,7 @@ class Spread:
 class RunStats:
     tokens_per_s: float
     requests_per_s: float
+    decode_tokens_per_s: float = 0.0
     ttft: list[float] = field(default_factory=list)
     tpot: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
@@ -81,7 +84,8 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], gen_len: int, concur
     last_time: dict[str, float] = {}
     last_count: dict[str, int] = {}
     stats = RunStats(0.0, 0.0)
-    produced = 0
+    produced = decoded = 0
+    first_token_at = last_done = None
 
     def admit(now: float) -> None:
         while pending and (concurrency is None or len(in_flight) < concurrency) and arrivals[pending[0]] <= now:
@@ -107,8 +111,10 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], gen_len: int, concur
             if n > last_count[rid]:
                 if last_count[rid] == 0:
                     stats.ttft.append(now - in_flight[rid])
+                    first_token_at = first_token_at or now
                 else:
                     stats.itl.append(now - last_time[rid])
+                decoded += n - max(last_count[rid], 1)
                 produced += n - last_count[rid]
                 last_count[rid], last_time[rid] = n, now
             if out.finished:
@@ -116,8 +122,11 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], gen_len: int, concur
                 if n > 1:
                     stats.tpot.append((now - first) / (n - 1))
                 del in_flight[rid]
+                last_done = now
     wall = time.perf_counter() - start
     stats.tokens_per_s = produced / wall
+    if decoded and last_done > first_token_at:
+        stats.decode_tokens_per_s = decoded / (last_done - first_token_at)
     stats.requests_per_s = len(prompts) / wall
     return stats
 
@@ -156,7 +165,8 @@ def benchmark(engine: LLMEngine, hf_model=None, batch_sizes=(1, 16), concurrency
 
     for b in batch_sizes:
         runs = measure(f"engine batch {b}", lambda b=b: run_engine(engine, prompts[:b], gen_len))
-        rows[f"engine batch {b}"] = {"tokens_per_s": Spread.of([r.tokens_per_s for r in runs]).__dict__}
+        rows[f"engine batch {b}"] = {"tokens_per_s": Spread.of([r.tokens_per_s for r in runs]).__dict__,
+                                     "decode_tokens_per_s": Spread.of([r.decode_tokens_per_s for r in runs]).__dict__}
         if hf_model is not None:
             hf = measure(f"hf batch {b}", lambda b=b: run_hf(hf_model, prompts[:b], gen_len, pad))
             rows[f"hf batch {b}"] = {"tokens_per_s": Spread.of(hf).__dict__}
@@ -201,8 +211,8 @@ def benchmark_interleaved(engines: list[LLMEngine], concurrency: int, num_reques
     last). A change of load on a shared machine then falls on all engines alike, and the ratio of two
     engines within one repetition stays put where figures measured engine after engine (minutes
     apart) drift. Returns one dict per engine, in order: `rows` as `benchmark` names them (Spreads as
-    dicts) and `values`, the raw per-repetition figures `{"batch1_tok_s", "online_tok_s",
-    "ttft_p50_ms"}` in repetition order, from which callers take per-repetition ratios.
+    dicts) and `values`, the raw per-repetition figures `{"batch1_tok_s", "batch1_decode_tok_s",
+    "online_tok_s", "ttft_p50_ms", "tpot_p50_ms"}` in repetition order, from which callers take per-repetition ratios.
     """
     if not engines or reps < 1 or concurrency < 1:
         raise ValueError("need at least one engine, reps >= 1 and concurrency >= 1, "
@@ -225,10 +235,13 @@ def benchmark_interleaved(engines: list[LLMEngine], concurrency: int, num_reques
                 runs[name][i].append(job(i))
     results = []
     for engine, batch, online in zip(engines, runs["batch 1"], runs[f"c={concurrency}"]):
-        values = {"batch1_tok_s": [r.tokens_per_s for r in batch], "online_tok_s": [r.tokens_per_s for r in online],
+        values = {"batch1_tok_s": [r.tokens_per_s for r in batch],
+                  "batch1_decode_tok_s": [r.decode_tokens_per_s for r in batch],
+                  "online_tok_s": [r.tokens_per_s for r in online],
                   "ttft_p50_ms": [1e3 * percentile(r.ttft, 50) for r in online],
                   "tpot_p50_ms": [1e3 * percentile(r.tpot, 50) for r in online]}
-        rows = {"engine batch 1": {"tokens_per_s": Spread.of(values["batch1_tok_s"]).__dict__},
+        rows = {"engine batch 1": {"tokens_per_s": Spread.of(values["batch1_tok_s"]).__dict__,
+                                   "decode_tokens_per_s": Spread.of(values["batch1_decode_tok_s"]).__dict__},
                 label: {"tokens_per_s": Spread.of(values["online_tok_s"]).__dict__,
                         "ttft_p50_ms": Spread.of(values["ttft_p50_ms"]).__dict__,
                         "tpot_p50_ms": Spread.of(values["tpot_p50_ms"]).__dict__}}

@@ -59,8 +59,8 @@ def test_report_has_every_figure_with_the_base_at_1x(models, text_file, tmp_path
 
     md = (out / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| model"))
-    for column in ("params", "disk MB", "memory MB", "ppl held_out.txt", "acc t.jsonl", "batch-1 tok/s",
-                   "c=2 tok/s", "TTFT p50 ms"):
+    for column in ("params", "disk MB", "memory MB", "ppl held_out.txt", "acc t.jsonl", "batch-1 decode tok/s",
+                   "batch-1 tok/s with prefill", "c=2 tok/s", "TTFT p50 ms"):
         assert column in header
     base_row = next(line for line in md.splitlines() if line.startswith("| base (base)"))
     cells = [c.strip() for c in base_row.strip("|").split("|")][1:]
@@ -76,6 +76,8 @@ def test_report_has_every_figure_with_the_base_at_1x(models, text_file, tmp_path
     assert small["params"] < base["params"] and small["figures"]["params"]["ratio"] < 1
     assert base["memory"]["load_eval_bytes"] > 0 and base["disk_bytes"] > 0
     assert base["figures"]["batch1_tok_s"]["value"] > 0
+    # Decoding alone (1 / TPOT) runs faster than the same request timed with its prefill.
+    assert base["figures"]["batch1_decode_tok_s"]["value"] > base["figures"]["batch1_tok_s"]["value"]
     assert 1.0 < base["figures"]["ppl:held_out.txt"]["value"] < 400  # a random byte model is near-uniform
     assert set(report["pareto"]["front"]) <= {"base", "small"} and report["pareto"]["front"]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -100,10 +102,11 @@ class Fakes:
         self.together.append([os.path.basename(s) for s in specs])
         results = [self.measure_speed(spec, settings) for spec in specs]
         for spec, r in zip(specs, results):
-            batch1 = self.reps.get(os.path.basename(spec), [r["figures"]["batch1_tok_s"]["median"]] * 2)
+            batch1 = self.reps.get(os.path.basename(spec), [r["figures"]["batch1_decode_tok_s"]["median"]] * 2)
             r["values"] = {key: [f["median"]] * len(batch1) for key, f in r["figures"].items()}
-            r["values"]["batch1_tok_s"] = batch1
-            r["figures"]["batch1_tok_s"] = {"median": statistics.median(batch1), "min": min(batch1), "max": max(batch1)}
+            r["values"]["batch1_decode_tok_s"] = batch1
+            r["figures"]["batch1_decode_tok_s"] = {"median": statistics.median(batch1), "min": min(batch1),
+                                                   "max": max(batch1)}
         return results
 
     def measure_accuracy(self, spec, settings):
@@ -119,7 +122,8 @@ class Fakes:
         self.speed.append(name)
         tok_s = {"small": 200.0, "large": 40.0}.get(name) or (100.0 if self.speed.count("base") == 1 else 50.0)
         spread = lambda v: {"median": v, "min": v, "max": v}  # noqa: E731
-        return {"figures": {"batch1_tok_s": spread(tok_s), "online_tok_s": spread(4 * tok_s), "ttft_p50_ms": spread(10.0)}}
+        return {"figures": {"batch1_decode_tok_s": spread(tok_s), "batch1_tok_s": spread(0.8 * tok_s),
+                            "online_tok_s": spread(4 * tok_s), "ttft_p50_ms": spread(10.0)}}
 
 
 def figures(out):
@@ -139,10 +143,10 @@ def test_rerun_with_one_more_model_measures_only_it_and_the_base(order, models, 
     assert fakes.accuracy == ["base", "small", "large"]  # the base's accuracy came from the cache
     assert fakes.speed == ["base", "small", "base", "large"]  # the base's speed never does
     f = figures(out)
-    assert f["small"]["batch1_tok_s"]["ratio"] == pytest.approx(2.0)  # 200 / the base of its own run (100)
-    assert f["small"]["batch1_tok_s"]["earlier_run"] is True
-    assert f["large"]["batch1_tok_s"]["ratio"] == pytest.approx(0.8)  # 40 / the base of this run (50)
-    assert f["large"]["batch1_tok_s"]["earlier_run"] is False
+    assert f["small"]["batch1_decode_tok_s"]["ratio"] == pytest.approx(2.0)  # 200 / the base of its own run (100)
+    assert f["small"]["batch1_decode_tok_s"]["earlier_run"] is True
+    assert f["large"]["batch1_decode_tok_s"]["ratio"] == pytest.approx(0.8)  # 40 / the base of this run (50)
+    assert f["large"]["batch1_decode_tok_s"]["earlier_run"] is False
     assert f["small"]["ppl:wiki"]["ratio"] == pytest.approx(8.0 / 6.8)
     assert "†" in (out / "report.md").read_text()
 
@@ -167,7 +171,7 @@ def test_an_interrupted_compare_resumes(order, models, tmp_path, monkeypatch):
     assert again.accuracy == []
     # Sequential runs cached small's speed before large failed; alternated ones cache all at the end.
     assert again.speed == (["base", "large"] if order == "sequential" else ["base", "small", "large"])
-    assert figures(out)["large"]["batch1_tok_s"]["earlier_run"] is False
+    assert figures(out)["large"]["batch1_decode_tok_s"]["earlier_run"] is False
 
 
 def test_alternated_repetitions_give_the_median_of_per_repetition_ratios(models, tmp_path, monkeypatch):
@@ -177,11 +181,29 @@ def test_alternated_repetitions_give_the_median_of_per_repetition_ratios(models,
     out = tmp_path / "c"
     assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST, "--speed-order", "alternate"])) == 0
     f = figures(out)
-    assert f["small"]["batch1_tok_s"]["ratio"] == pytest.approx(2.2)
-    assert (f["small"]["batch1_tok_s"]["ratio_min"], f["small"]["batch1_tok_s"]["ratio_max"]) == pytest.approx((1.5, 2.5))
-    assert f["base"]["batch1_tok_s"]["ratio"] == pytest.approx(1.0) and "ratio_min" not in f["base"]["batch1_tok_s"]
+    assert f["small"]["batch1_decode_tok_s"]["ratio"] == pytest.approx(2.2)
+    assert (f["small"]["batch1_decode_tok_s"]["ratio_min"], f["small"]["batch1_decode_tok_s"]["ratio_max"]) == pytest.approx((1.5, 2.5))
+    assert f["base"]["batch1_decode_tok_s"]["ratio"] == pytest.approx(1.0) and "ratio_min" not in f["base"]["batch1_decode_tok_s"]
     md = (out / "report.md").read_text()
     assert "(2.20x, 1.50-2.50)" in md and "median of the per-repetition ratios" in md
+    pareto = json.loads((out / "report.json").read_text())["pareto"]
+    assert pareto["x"] == "batch1_decode_tok_s ratio" and pareto["points"]["small"][0] == pytest.approx(2.2)
+
+
+def test_a_cached_speed_without_the_decode_figure_is_measured_again(models, tmp_path, monkeypatch):
+    """A cache written before batch-1 decode tok/s existed lacks that figure: its model is measured again."""
+    fakes = Fakes(monkeypatch)
+    out = tmp_path / "c"
+    argv = [models["base"], models["small"], models["large"], "--out", out, *FAST, "--speed-order", "sequential"]
+    assert compare.run_compare(parse(argv)) == 0
+    for path in (out / "cache").glob("*.json"):
+        entry = json.loads(path.read_text())
+        if entry["label"] == "small":
+            del entry["speed"]["figures"]["batch1_decode_tok_s"]
+            path.write_text(json.dumps(entry))
+    assert compare.run_compare(parse(argv)) == 0
+    assert fakes.speed[3:] == ["base", "small"]  # large's cached speed (with the figure) is reused
+    assert figures(out)["small"]["batch1_decode_tok_s"]["earlier_run"] is False
 
 
 def test_auto_alternates_only_where_the_models_fit_in_memory(models, tmp_path, monkeypatch):
@@ -265,7 +287,8 @@ def test_speed_rounds_load_the_models_again_and_span_every_round(monkeypatch):
     def fake_interleaved(engines, concurrency, num_requests, prompt_len, gen_len, reps, progress=None):
         round_no.append(len(round_no))
         k = float(len(round_no))  # round 1 gives 1, 2; round 2 gives 2, 4: the spread covers both
-        return [{"values": {"batch1_tok_s": [k * (i + 1), 2 * k * (i + 1)], "online_tok_s": [k, k],
+        return [{"values": {"batch1_tok_s": [k * (i + 1), 2 * k * (i + 1)], "batch1_decode_tok_s": [k, 3 * k],
+                            "online_tok_s": [k, k],
                             "ttft_p50_ms": [k, k], "tpot_p50_ms": [k, k]},
                  "settings": {"reps": reps}} for i, _ in enumerate(engines)]
 
@@ -277,6 +300,7 @@ def test_speed_rounds_load_the_models_again_and_span_every_round(monkeypatch):
     assert base["values"]["batch1_tok_s"] == [1.0, 2.0, 2.0, 4.0]
     assert other["values"]["batch1_tok_s"] == [2.0, 4.0, 4.0, 8.0]
     assert base["figures"]["batch1_tok_s"] == {"median": 2.0, "min": 1.0, "max": 4.0}
+    assert base["figures"]["batch1_decode_tok_s"] == {"median": 2.5, "min": 1.0, "max": 6.0}
     assert base["bench_settings"]["speed_rounds"] == 2 and "tpot_p50_ms" in base["rows"]["engine online c=2"]
     alone = compare.measure_speed("base", settings)
     assert "values" not in alone and alone["figures"]["batch1_tok_s"]["max"] == 8.0 and len(loads) == 6

@@ -29,6 +29,47 @@ def test_run_engine_produces_every_token_and_latency(engine_and_model, concurren
     assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished()
 
 
+def test_decode_speed_leaves_the_prefill_out(monkeypatch):
+    """A fake engine on a fake clock: the prefill step takes 10 s, each later step 1 s and one token per request.
+    Decode tokens/s is the tokens after each first over the time from the first first token to the last end."""
+    import types
+
+    from slimlm.serve import bench
+
+    clock = [0.0]
+
+    class FakeEngine:
+        block_manager = types.SimpleNamespace(reset_prefix_cache=lambda: None)
+
+        def __init__(self):
+            self.requests, self.steps = {}, 0
+
+        def add_request(self, rid, prompt, params, arrival_time=None):
+            self.requests[rid] = []
+
+        def has_unfinished(self):
+            return bool(self.requests)
+
+        def step(self):
+            clock[0] += 10.0 if self.steps == 0 else 1.0
+            self.steps += 1
+            outs = []
+            for rid, toks in list(self.requests.items()):
+                toks.append(1)
+                done = len(toks) == 5
+                outs.append(types.SimpleNamespace(request_id=rid, outputs=[types.SimpleNamespace(token_ids=list(toks))],
+                                                  finished=done, metrics={}))
+                if done:
+                    del self.requests[rid]
+            return outs
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], sleep=lambda s: None))
+    one = run_engine(FakeEngine(), [[1, 2, 3]], gen_len=5)
+    assert one.decode_tokens_per_s == pytest.approx(1.0) and one.tokens_per_s == pytest.approx(5 / 14)
+    two = run_engine(FakeEngine(), [[1, 2, 3], [4, 5, 6]], gen_len=5)  # both prefilled in the first step
+    assert two.decode_tokens_per_s == pytest.approx(2.0) and two.tokens_per_s == pytest.approx(10 / 14)
+
+
 def test_closed_loop_ttft_starts_when_the_client_sends(engine_and_model):
     """At concurrency 1 each request is sent when the previous one finishes: its TTFT is one prefill, not the
     time spent waiting for earlier requests (which would make the 4th TTFT about 3/4 of the whole run)."""
@@ -48,6 +89,7 @@ def test_benchmark_reports_rows_and_ratios(engine_and_model):
                        gen_len=4, reps=1)
     assert set(result["rows"]) == {"engine batch 1", "hf batch 1", "engine batch 2", "hf batch 2", "engine online c=2"}
     assert "engine batch 1 / hf batch 1" in result["ratios"] and "engine online c=2 / hf batch 2" in result["ratios"]
+    assert all(0 < result["rows"][f"engine batch {b}"]["decode_tokens_per_s"]["median"] for b in (1, 2))
     row = result["rows"]["engine online c=2"]
     assert row["ttft_p50_ms"]["min"] <= row["ttft_p50_ms"]["median"] <= row["ttft_p50_ms"]["max"]
 
@@ -69,6 +111,7 @@ def test_interleaved_benchmark_alternates_engines_with_a_rotating_start(engine_a
         stats = real(eng, prompts, gen_len, concurrency, rate, seed)
         calls.append((0 if eng is engine else 1, len(prompts)))
         stats.tokens_per_s = float(len(calls))  # the call's index identifies which run a value came from
+        stats.decode_tokens_per_s = 100.0 + len(calls)
         return stats
 
     monkeypatch.setattr(bench, "run_engine", counting)
@@ -78,6 +121,8 @@ def test_interleaved_benchmark_alternates_engines_with_a_rotating_start(engine_a
     assert [n for _, n in calls] == [1] * 8 + [3] * 8
     assert results[0]["values"]["batch1_tok_s"] == [3.0, 6.0, 7.0] and results[1]["values"]["batch1_tok_s"] == [4.0, 5.0, 8.0]
     assert results[1]["values"]["online_tok_s"] == [12.0, 13.0, 16.0]
+    assert results[0]["values"]["batch1_decode_tok_s"] == [103.0, 106.0, 107.0]
+    assert results[0]["rows"]["engine batch 1"]["decode_tokens_per_s"]["median"] == 106.0
     row = results[0]["rows"]["engine online c=2"]
     assert set(results[0]["rows"]) == {"engine batch 1", "engine online c=2"} and len(results[0]["values"]["ttft_p50_ms"]) == 3
     assert row["tokens_per_s"]["median"] == 14.0 and results[0]["settings"]["interleaved"] is True
