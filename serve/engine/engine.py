@@ -19,6 +19,7 @@ from ..layers.kv_quant import resolve_kv_dtype
 from ..layers.sampler import sample
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
+from .detokenizer import IncrementalText
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig
@@ -67,6 +68,7 @@ class _Request:
     num_cached_tokens: int = 0
     done: set = field(default_factory=set)
     unforked: list[int] = field(default_factory=list)  # completions that start from seqs[0]'s prompt logits
+    texts: list[IncrementalText] = field(default_factory=list)  # each completion's text, decoded as it grows
 
 
 class LLMEngine:
@@ -152,6 +154,7 @@ class LLMEngine:
             req.outputs.append(CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None,
                                                 top_logprobs=[] if params.logprobs else None))
             req.generators.append(None if params.seed is None else torch.Generator().manual_seed(params.seed + i))
+            req.texts.append(IncrementalText(self.tokenizer))
             self._owner[seq.seq_id] = (req, i)
         # n > 1: one prefill; the other completions fork from it when its first token is sampled.
         self.scheduler.add(req.seqs[0])
@@ -277,7 +280,7 @@ class LLMEngine:
     def _update_completion(self, req: _Request, idx: int) -> None:
         seq, comp = req.seqs[idx], req.outputs[idx]
         comp.token_ids = seq.output_token_ids
-        text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
+        text = req.texts[idx].update(comp.token_ids, final=seq.is_finished)
         if seq.is_finished:
             comp.finish_reason = seq.finish_reason
             last = comp.token_ids[-1] if comp.token_ids else None

@@ -16,7 +16,8 @@ from ..sampling_params import SamplingParams
 @dataclass
 class SamplerOutput:
     tokens: list[int]
-    logprobs: list[float]  # log p(chosen token) under the model's (unfiltered) distribution
+    logprobs: list[float] | None  # log p(chosen token) under the model's (unfiltered) distribution; None where
+    #                               no row asked for logprobs (a log-softmax over the vocabulary saved)
     top_logprobs: list[list[tuple[int, float]]] | None  # per row, (token, logprob) best first
 
 
@@ -67,7 +68,8 @@ def sample(logits, params: list[SamplingParams], generators: list[torch.Generato
            prompt_ids: list[list[int]] | None = None, output_ids: list[list[int]] | None = None) -> SamplerOutput:
     """Pick one token per row of `logits` [S, V]. Greedy rows take the argmax of the penalised logits."""
     logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1)  # reported logprobs: the model's own distribution
+    want_logprobs = any(p.logprobs is not None for p in params)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # the model's own distribution
     if any(p.needs_penalties for p in params):
         logits = apply_penalties(logits.clone(), params, prompt_ids or [[]] * len(params), output_ids or [[]] * len(params))
     tokens = logits.argmax(-1)
@@ -81,6 +83,8 @@ def sample(logits, params: list[SamplingParams], generators: list[torch.Generato
         for j, i in enumerate(sampling_rows):
             if probs[j].sum() > 0:
                 tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).item()
+    if not want_logprobs:
+        return SamplerOutput(tokens.tolist(), None, None)
     chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
     top = None
     k = max((p.logprobs or 0) for p in params)

@@ -49,6 +49,16 @@ def test_greedy_is_the_argmax_and_logprobs_are_the_models():
     assert [t for t, _ in out.top_logprobs[0]] == torch.topk(lp[0], 3).indices.tolist()
 
 
+def test_logprobs_are_computed_only_when_a_row_asks():
+    logits = torch.randn(3, V)
+    plain = sample(logits, [SamplingParams(temperature=0)] * 3, [None] * 3)
+    assert plain.logprobs is None and plain.top_logprobs is None and plain.tokens == logits.argmax(-1).tolist()
+    mixed = sample(logits, [SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=0),
+                            SamplingParams(temperature=0)], [None] * 3)
+    assert mixed.tokens == plain.tokens
+    assert mixed.logprobs[1] == pytest.approx(torch.log_softmax(logits[1], -1).max().item(), abs=1e-6)
+
+
 def test_a_seed_gives_the_same_tokens_whatever_else_is_in_the_batch():
     logits = torch.randn(3, V)
     p = SamplingParams(temperature=1.0, seed=7)
