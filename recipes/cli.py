@@ -325,6 +325,9 @@ def merge_speculative(result: dict, fast: dict, stats: dict) -> None:
         result["rows"][spec_name] = row
         result["ratios"][f"{spec_name} / {name}"] = (row["tokens_per_s"]["median"]
                                                      / result["rows"][name]["tokens_per_s"]["median"])
+        if "decode_tokens_per_s" in row:  # batch rows: decoding alone, where speculation acts
+            result["ratios"][f"{spec_name} / {name}, decode"] = (
+                row["decode_tokens_per_s"]["median"] / result["rows"][name]["decode_tokens_per_s"]["median"])
     result["speculative"] = {k: v for k, v in stats.items() if k.startswith("spec_")}
 
 

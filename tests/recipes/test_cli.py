@@ -185,6 +185,7 @@ def test_bench_speculative_reports_plain_and_speculative_side_by_side(model_dir,
     result = json.loads(out.read_text())
     assert {"engine batch 1", "spec batch 1"} <= set(result["rows"])
     assert result["ratios"]["spec batch 1 / engine batch 1"] > 0
+    assert result["ratios"]["spec batch 1 / engine batch 1, decode"] > 0
     assert 0 <= result["speculative"]["spec_acceptance_rate"] <= 1
     assert "draft tokens accepted" in capsys.readouterr().out
 

@@ -153,6 +153,27 @@ def test_decode_kernel_long_ragged_contexts(dtype, head_dim, heads, kv_heads, mo
     torch.testing.assert_close(out.double(), plain.double(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_alone_gives_the_bits_it_gives_in_a_batch(dtype, monkeypatch):
+    # Fewer rows than threads: the kernel splits a row's KV heads (each with its query heads) between
+    # threads; with more rows, each row is one unit. Each head's arithmetic is the same either way, so a
+    # row's output is the same bits alone or in a batch.
+    if not kernel_available():
+        pytest.skip("slimlm's C kernels do not build here")
+    seqs = [(200, 1), (45, 1), (97, 1)]
+    q, k_cache, v_cache, meta = make_step(seqs, 16, 9, 3, head_dim=64, dtype=dtype, seed=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = paged_attention(q, k_cache, v_cache, meta, 0.125)
+        for i, (cached, new) in enumerate(seqs):
+            one = AttentionMetadata.build([new], [cached + new], [meta.block_tables[i].tolist()], 16)
+            alone = paged_attention(q[i:i + 1], k_cache, v_cache, one, 0.125)
+            assert torch.equal(alone[0], batch[i]), f"row {i}"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_decode_kernel_refuses_block_ids_outside_the_cache():
     if not kernel_available():
         pytest.skip("slimlm's C kernels do not build here")
