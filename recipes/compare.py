@@ -5,8 +5,9 @@
 Per model: held-out perplexity (32 windows by default, so a comparison takes minutes on a CPU) and
 multiple-choice accuracy, measured in a fresh process; then, here, speed in slimlm's serving engine
 on the same prompts (`serve.bench.benchmark`: batch-1 decode tokens/s, i.e. 1 / TPOT, and batch-1
-tokens/s with the prefill; tokens/s and TTFT p50 at fixed concurrency; median [min, max] of --reps); parameters; size on disk. Writes report.md, report.json
-and pareto.png to --out (compare_report.py) and prints the table.
+tokens/s with the prefill; tokens/s and TTFT p50 at fixed concurrency; median [min, max] of --reps);
+parameters; size on disk. Writes report.md, report.json and pareto.png to --out (compare_report.py)
+and prints the table.
 
 Memory: the evaluating process resets the kernel's peak-RSS record after its imports (Linux), loads
 and evaluates, and reports its peak RSS (VmHWM, the counter behind getrusage's ru_maxrss) minus its

@@ -6,8 +6,9 @@ Offline: B prompts of `prompt_len` tokens (held-out text) generate exactly `gen_
 record time to first token (TTFT), time per output token after the first (TPOT) and every
 inter-token latency (ITL). Besides tokens/s over the whole run (prefill included), a run reports
 decode tokens/s: the tokens after each request's first, over the time from the first first token to
-the last request's end (at batch 1, 1 / TPOT: the speed of decoding alone). Every figure is measured after a warm-up, `reps` times, and reported as
-median with min and max. `baseline="hf"` runs `transformers.generate` (left-padded batches) on the
+the last request's end (at batch 1, 1 / TPOT: the speed of decoding alone; 0 when no request made a
+second token). Every figure is measured after a warm-up, `reps` times, and reported as median with
+min and max. `baseline="hf"` runs `transformers.generate` (left-padded batches) on the
 same prompts and lengths in the same run, so the ratios compare like with like on a noisy machine.
 """
 from __future__ import annotations
