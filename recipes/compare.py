@@ -344,6 +344,7 @@ def measure_speeds(specs: list[str], settings: dict, progress=None) -> list[dict
     1.28x and 1.52x), which repetitions over one load do not see and a second run would."""
     import gc
 
+    from slimlm.recipes import compare_report
     from slimlm.serve.bench import Spread, benchmark_interleaved
 
     rounds = settings.get("speed_rounds", 1)
@@ -370,8 +371,7 @@ def measure_speeds(specs: list[str], settings: dict, progress=None) -> list[dict
                                    "decode_tokens_per_s": spread["batch1_decode_tok_s"]},
                 label: {"tokens_per_s": spread["online_tok_s"], "ttft_p50_ms": spread["ttft_p50_ms"],
                         "tpot_p50_ms": spread["tpot_p50_ms"]}}
-        out.append({"figures": {k: spread[k] for k in ("batch1_tok_s", "batch1_decode_tok_s", "online_tok_s",
-                                                       "ttft_p50_ms")},
+        out.append({"figures": {k: spread[k] for k in compare_report.SPEED_FIGURES},
                     "rows": rows, "bench_settings": {**r["settings"], "speed_rounds": rounds}, "values": v})
     return out
 

@@ -3,9 +3,10 @@
 Every engine runs the same prompts, interleaved within each repetition (A B C, A B C, ...), so load
 that drifts on a shared machine hits all of them alike; the figure is the median of the per-rep
 ratios to the first engine, with min and max: tokens/s with the prefill (every token over the run's
-wall time), then of decoding alone (the tokens after each request's first, `serve.bench.run_engine`),
-which is what the batch-N decode targets mean; time prefill alone with --gen-len 1. "+layers" rows run the same quantized model with the
-fused C decode stack off (the per-layer path), to show what the stack is worth.
+wall time), then of decoding alone (the tokens after each request's first, `serve.bench.run_engine`,
+which also starts every run with a cold prefix cache), which is what the batch-N decode targets mean;
+time prefill alone with --gen-len 1. "+layers" rows run the same quantized model with the fused C
+decode stack off (the per-layer path), to show what the stack is worth.
 
     python scripts/time_quant_decode.py smollm2-135m /tmp/q4 /tmp/q8 --batch-sizes 1,16 --threads 2
     python scripts/time_quant_decode.py smollm2-135m /tmp/q4 --head int4,int8 --no-layer-path
@@ -17,15 +18,10 @@ import statistics
 
 import torch
 
-from slimlm.serve.bench import RunStats, run_engine
+from slimlm.serve.bench import run_engine
 from slimlm.serve.engine.engine import EngineConfig, LLMEngine
 from slimlm.serve.layers.quant_linear import QuantLinear
 from slimlm.toolkit.models import load
-
-
-def run(engine: LLMEngine, prompts: list[list[int]], gen: int) -> RunStats:
-    """Generate `gen` tokens for every prompt at once: tokens/s with the prefill and of decoding alone."""
-    return run_engine(engine, prompts, gen)  # each run prefills in full: no reuse of an earlier run's prompts
 
 
 def main() -> None:
@@ -61,11 +57,11 @@ def main() -> None:
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         prompts = [torch.randint(100, 20000, (args.prompt_len,), generator=gen).tolist() for _ in range(b)]
         for e in engines.values():  # warm-up (kernel builds, first allocations)
-            run(e, prompts, 4)
+            run_engine(e, prompts, 4)
         times = {name: [] for name in engines}
         for _ in range(args.reps):
             for name, e in engines.items():
-                times[name].append(run(e, prompts, args.gen_len))
+                times[name].append(run_engine(e, prompts, args.gen_len))
         base = times[next(iter(engines))]
         print(f"batch {b}, {args.prompt_len}-token prompts, {args.gen_len} new tokens, {args.threads} threads, "
               f"median [min, max] of {args.reps}; tok/s and ratio to the first with the prefill"
