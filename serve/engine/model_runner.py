@@ -93,6 +93,8 @@ class ModelRunner:
                 prompt[s.seq.seq_id] = (self.model.compute_logits(hidden[start:end]).float(), s.start)
             start = end
         sample = None
-        if rows:
+        if len(rows) == hidden.shape[0]:  # every row samples (a decode step): rows are 0..N-1, no gather
+            sample = self.model.compute_logits(hidden)
+        elif rows:
             sample = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [S, V]
         return StepLogits(sampled_ids, sample, prompt)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..layers.attention import AttentionMetadata
 from ..layers.norm import RMSNorm
-from ..layers.sampler import filter_logits
+from ..layers.sampler import argmax_rows, filter_logits
 from .block_manager import BlockManager
 from .model_runner import ModelRunner, StepLogits
 from .scheduler import SchedulerOutput
@@ -232,7 +232,7 @@ class SelfSpeculator:
     def _pick(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
         """The draft's tokens for `logits` [B, V]: the argmax for greedy requests; for sampled ones a sample
         from the draft's filtered distribution q (kept for the acceptance test)."""
-        tokens = logits.argmax(-1).tolist()
+        tokens = argmax_rows(logits)
         if self.config.exit_confidence is not None:
             top = torch.softmax(logits.float(), dim=-1).amax(-1).tolist()
             for seq, p in zip(seqs, top):
@@ -303,7 +303,7 @@ class SelfSpeculator:
         min(1, p_i(d_i) / q_i(d_i)); the first one rejected is replaced by a sample of max(p_i - q_i, 0)
         (renormalised), and when all k are kept one more token is sampled from p_(k+1). The tokens are then
         distributed exactly as the target's own sampling would give (Leviathan et al. 2023; Chen et al. 2023)."""
-        target = logits.argmax(-1).tolist()
+        target = argmax_rows(logits)
         new_tokens, row = {}, 0
         for s in spec:
             sid, k = s.seq.seq_id, plan[s.seq.seq_id]

@@ -216,9 +216,10 @@ def _check_tables(tables: Tensor, lens: list[int], num_blocks: int, block_size: 
     if min(lens) != max(lens):
         need = (torch.tensor(lens, device=tables.device) + block_size - 1) // block_size
         used = used[torch.arange(used.shape[1], device=used.device)[None, :] < need[:, None]]
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
-        raise ValueError(f"block tables hold ids outside the cache's {num_blocks} blocks "
-                         f"({int(used.min())}..{int(used.max())})")
+    if used.numel():
+        lo, hi = (int(v) for v in torch.aminmax(used))
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"block tables hold ids outside the cache's {num_blocks} blocks ({lo}..{hi})")
 
 
 def write_kv(k: Tensor, v: Tensor, k_cache: Tensor | QuantizedKV, v_cache: Tensor | QuantizedKV,

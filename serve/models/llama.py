@@ -250,12 +250,12 @@ class CausalLM(nn.Module):
         verify pass starts where the draft stopped). Decode-only steps of a few rows run in one C call."""
         num_slots = kv_caches[0][0].shape[0] * kv_caches[0][0].shape[1] if last > first else 0
         slots = meta.slot_mapping
-        if (num_slots and slots.numel() and slots.device.type == "cpu"
-                and (int(slots.min()) < 0 or int(slots.max()) >= num_slots)):
+        if num_slots and slots.numel() and slots.device.type == "cpu":
             # The C kernels write where they are told: refuse what index_copy_ would have refused (CPU
             # only: on a GPU index_copy_ checks, and reading the bounds here would sync every step).
-            raise ValueError(f"slot_mapping holds slots outside the KV cache's {num_slots} ({int(slots.min())}.."
-                             f"{int(slots.max())})")
+            lo, hi = (int(v) for v in torch.aminmax(slots))
+            if lo < 0 or hi >= num_slots:
+                raise ValueError(f"slot_mapping holds slots outside the KV cache's {num_slots} ({lo}..{hi})")
         cos, sin = self.rotary(positions, meta.max_seq_len - 1)            # [N, 1, D] each
         if (last > first and cpu_decode.can_run(meta, x.shape[0]) and (stack := self._decode_stack()) is not None
                 and stack.bind(kv_caches, last)):

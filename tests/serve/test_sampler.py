@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from slimlm.serve.layers.sampler import (apply_penalties, filter_logits, reference_filtered_row, sample)
+from slimlm.serve.kernels import cpu_build
+from slimlm.serve.layers.sampler import (_argmax_library, apply_penalties, argmax_rows, filter_logits,
+                                          reference_filtered_row, sample)
 from slimlm.serve.sampling_params import SamplingParams
 
 V = 50
@@ -106,3 +108,39 @@ def test_extreme_but_valid_settings_never_crash_the_batch():
 def test_tiny_repetition_penalty_is_refused():
     with pytest.raises(ValueError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=1e-39)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 8, 61, 49152])
+def test_argmax_rows_is_torch_argmax_with_ties_nan_and_inf(dtype, n):
+    if cpu_build.cpu_isa() is None:
+        pytest.skip("no CPU kernels on this CPU (neither AVX-512 BF16 nor AVX2): argmax_rows is torch.argmax")
+    assert _argmax_library() is not None  # the kernel is what runs below
+    g = torch.Generator().manual_seed(n)
+    rows = [torch.randn(n, generator=g) for _ in range(4)]
+    tie = torch.randn(n, generator=g)
+    tie[torch.randint(0, n, (3,), generator=g)] = 9.0             # the same maximum at up to 3 places: the first wins
+    rows.append(tie)
+    rows.append(torch.full((n,), float("-inf")))                   # all -inf: index 0
+    nan = torch.randn(n, generator=g)
+    nan[torch.randint(0, n, (2,), generator=g)] = float("nan")    # a NaN counts as the largest
+    nan[0] = float("inf")
+    rows.append(nan)
+    high = torch.randn(n, generator=g)
+    high[-1] = float("inf")                                        # the maximum in the last (tail) element
+    rows.append(high)
+    x = torch.stack(rows).to(dtype)
+    assert argmax_rows(x) == x.float().argmax(-1).tolist()
+    assert argmax_rows(x[2:3].contiguous()) == [x[2].float().argmax().item()]
+
+
+def test_greedy_sampling_takes_the_argmax_in_the_logits_dtype():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1000, generator=g).bfloat16()
+    out = sample(logits, [SamplingParams(temperature=0.0)] * 3, [None] * 3)
+    assert out.tokens == logits.float().argmax(-1).tolist() and out.logprobs is None
+    # with a penalty the general path runs (in float32): still the argmax of the penalised logits
+    p = SamplingParams(temperature=0.0, repetition_penalty=1.5)
+    top = int(logits[0].float().argmax())
+    pen = sample(logits[:1], [p], [None], [[top]], [[]])
+    assert pen.tokens == [int(apply_penalties(logits[:1].float().clone(), [p], [[top]], [[]]).argmax())]

@@ -5,7 +5,7 @@ from slimlm.serve.kernels import cpu_build
 
 
 def test_every_library_source_is_in_the_package():
-    for name in ("gemv", "attention", "norm", "rope", "decode_stack", "qgemv"):
+    for name in ("gemv", "attention", "norm", "rope", "decode_stack", "qgemv", "argmax"):
         assert (cpu_build.SOURCE_DIR / f"{name}.c").is_file()
     assert (cpu_build.SOURCE_DIR / "prelude.h").is_file()
     assert (cpu_build.SOURCE_DIR / "avx2_compat.h").is_file()

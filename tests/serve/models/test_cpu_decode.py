@@ -133,3 +133,23 @@ def test_silu_mul_equals_pytorch():
         torch.testing.assert_close(cpu_decode.silu_mul(gu), ref, **tol)
         if dtype == torch.bfloat16:  # rounds where PyTorch rounds: nearly always the same bits
             assert (cpu_decode.silu_mul(gu) != ref).float().mean() < 0.01
+
+
+def test_stack_writes_a_cache_swapped_into_the_same_list(pair):
+    # The stack skips its checks when it sees the very cache tensors it bound last; a pair replaced in the
+    # same list (same shapes, new tensors) must be bound again, so the step writes the new cache, not the old.
+    _, model = pair
+    model._stack = cpu_decode.decode_stack_for(model)
+    caches = model.allocate_kv_cache(8, BLOCK)
+    meta = AttentionMetadata.build([1], [3], [[2]], BLOCK)  # a decode row at position 2: slot 2 * BLOCK + 2
+    ids, pos = torch.tensor([5]), torch.tensor([2])
+    with torch.no_grad():
+        model(ids, pos, caches, meta)
+        old_k = caches[1][0]
+        assert old_k[2, 2].abs().sum() > 0  # the stack ran and wrote layer 1's key
+        fresh = model.allocate_kv_cache(8, BLOCK)[1]
+        caches[1] = fresh
+        old_k.zero_()
+        model(ids, pos, caches, meta)
+    assert fresh[0][2, 2].abs().sum() > 0 and old_k.abs().sum() == 0
+    del model._stack
