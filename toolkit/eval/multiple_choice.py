@@ -15,6 +15,7 @@ import torch
 
 from ..errors import SlimlmError
 from ._common import eval_mode, forward_logits, model_device, progress_bar
+from .onednn_linear import onednn_linears
 
 EXPECTED = ('one JSON object per line: {"context": str, "choices": [str, str, ...] (at least 2 non-empty), '
             '"label": int (0-based index of the right choice)}')
@@ -118,7 +119,7 @@ def loglikelihood(model, tokenizer, pairs: list[tuple[str, str]], batch_size: in
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model_device(model)
     out: list[float] = [0.0] * len(items)
-    with eval_mode(model), torch.inference_mode(), progress_bar(progress) as bar:
+    with eval_mode(model), torch.inference_mode(), onednn_linears(model), progress_bar(progress) as bar:
         task = bar.add_task("log-likelihood", total=len(items))
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import SlimlmError
 from ._common import eval_mode, forward_logits, model_device, progress_bar
+from .onednn_linear import onednn_linears
 
 
 def perplexity(model, tokens: torch.Tensor, window: int = 512, batch_size: int = 4,
@@ -58,7 +59,7 @@ def perplexity(model, tokens: torch.Tensor, window: int = 512, batch_size: int =
     windows = tokens[: n_windows * window].view(n_windows, window)  # windows: [N, W]
     device = model_device(model)
     total_nll = 0.0  # per-token NLL in fp32, summed in float64 so long streams lose no precision
-    with eval_mode(model), torch.inference_mode(), progress_bar(progress) as bar:
+    with eval_mode(model), torch.inference_mode(), onednn_linears(model), progress_bar(progress) as bar:
         task = bar.add_task("perplexity", total=n_windows)
         for start in range(0, n_windows, batch_size):
             batch = windows[start: start + batch_size].to(device)  # batch: [B, W]
