@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_ROWS = 256  # below this the call is too small for the reorder to pay; MKL it is
+MIN_ROWS = 256  # evaluation batches have thousands of rows; a few-row call keeps MKL (the threshold is not tuned)
 
 
 def _linear(x, weight, bias):  # the module's own reference, so tests can count the calls
@@ -43,7 +43,8 @@ def onednn_linears(model: nn.Module):
     patched = []
     if available():
         for m in model.modules():
-            if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
+            if (type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+                    and "forward" not in vars(m)):  # not one patched already (a nested block leaves it to the outer)
                 m.forward = _forward(m)
                 patched.append(m)
     try:

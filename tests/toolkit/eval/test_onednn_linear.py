@@ -70,3 +70,12 @@ def test_perplexity_is_the_same_through_onednn(monkeypatch):
     monkeypatch.setattr(O, "available", lambda: False)
     plain = perplexity(hf, tokens, window=128, batch_size=4, progress=False)
     assert fast["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-5)
+
+
+def test_a_nested_block_leaves_the_outer_patch_in_place():
+    lin = nn.Linear(8, 8)
+    with O.onednn_linears(lin) as outer:
+        with O.onednn_linears(lin) as inner:
+            assert (outer, inner) == (1, 0)
+        assert "forward" in vars(lin)      # still the outer block's
+    assert "forward" not in vars(lin)
