@@ -43,6 +43,10 @@ def add_quantize(sub) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H) (default 0.01)")
     p.add_argument("--skip", action="append", metavar="REGEX", default=None,
                    help="keep modules whose name matches in full precision, repeatable (default: lm_head, embed)")
+    p.add_argument("--quantize-lm-head", choices=["int8", "int4"], default=None,
+                   help="also quantize the LM head (RTN, the body's group size; untied from the embeddings, which "
+                        "stay dense): int8 is near lossless (+0.09%% perplexity on SmolLM2), int4 costs ~13%%. "
+                        "Written as GPTQ `lm_head: true`, so every engine serves the smaller head")
     p.add_argument("--scale-dtype", default="float16", choices=["float16", "fp16", "bfloat16", "bf16"],
                    help="dtype of the stored scales and unquantized tensors (default float16)")
     p.add_argument("--data", default="builtin:wiki",
@@ -74,12 +78,14 @@ def run_quantize(args) -> int:
     from slimlm.toolkit.models import load, resolve
     from slimlm.toolkit.quant.calibrate import default_compute_dtype, quantize_model
     from slimlm.toolkit.quant.gptq_format import save_gptq
+    from slimlm.toolkit.quant.lm_head import HEAD_NAME, head_scheme, quantize_lm_head
     from slimlm.toolkit.quant.scheme import DEFAULT_SKIP, QuantScheme
 
     # Everything cheap is checked before the (slow) model load.
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
                          act_order=args.act_order, static_groups=args.static_groups, mse_clip=args.mse_clip,
                          skip=tuple(args.skip) if args.skip else DEFAULT_SKIP)
+    head = head_scheme(scheme, args.quantize_lm_head) if args.quantize_lm_head else None
     if args.method == "rtn" and args.act_order:
         raise SlimlmError("--act-order is a GPTQ option; RTN rounds every column alike.",
                           "Drop --act-order, or use --method gptq.")
@@ -111,15 +117,19 @@ def run_quantize(args) -> int:
         compute_dtype = default_compute_dtype(next(model.parameters()).device)
     args.compute_dtype = "bf16" if compute_dtype == torch.bfloat16 else "float32"  # what the manifest records
     start = time.perf_counter()
+    if head is not None:  # first: a head the scheme cannot hold is refused before the calibration
+        head_codes = quantize_lm_head(model, head)
     state = quantize_model(model, scheme, args.method, samples, damp=args.damp,
                            compute_dtype=compute_dtype,
                            hessian_dtype=args.hessian_dtype)
+    if head is not None:
+        state[HEAD_NAME] = head_codes
     seconds = time.perf_counter() - start
     if not args.no_eval:
         figures["perplexity_after"] = _perplexity(model, tokenizer, args)
 
     settings = {k: getattr(args, k) for k in ("method", "data", "samples", "seq_len", "seed", "damp",
-                                              "compute_dtype", "hessian_dtype", "eval_data", "eval_windows", "window")}
+                                              "compute_dtype", "hessian_dtype", "quantize_lm_head", "eval_data", "eval_windows", "window")}
     quant = {"method": args.method, "seconds": round(seconds, 1), "damp": args.damp}
     if samples is not None:
         quant["calibration"] = {"data": args.data, "split": "train", "samples": args.samples,
@@ -127,11 +137,12 @@ def run_quantize(args) -> int:
     meta = {"base_model": args.model, "command": args.command_line, "config": settings,
             "eval": {"held_out": f"{args.eval_data} (validation)", **figures} if figures else {},
             "transforms": {"quant": quant}}
-    save_gptq(model, tokenizer, state, scheme, out, meta=meta, overwrite=args.overwrite)
+    save_gptq(model, tokenizer, state, scheme, out, meta=meta, overwrite=args.overwrite, lm_head_scheme=head)
     manifest = read(out)
 
     table = Table(title=f"quantize: {args.model} ({args.method}, int{args.bits}, group {args.group_size}, "
-                        f"{'sym' if args.sym else 'asym'}{', act-order' if args.act_order else ''})")
+                        f"{'sym' if args.sym else 'asym'}{', act-order' if args.act_order else ''}"
+                        f"{f', LM head {args.quantize_lm_head}' if head else ''})")
     table.add_column("figure")
     table.add_column("value", justify="right")
     if figures:

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SlimlmError
+from .lm_head import HEAD_NAME
 from .qweight import QuantizedWeight, dequantize_codes
 from .scheme import QuantScheme
 
@@ -107,23 +108,30 @@ def pack_layer(qw: QuantizedWeight, scheme: QuantScheme) -> dict[str, torch.Tens
             "g_idx": qw.g_idx.to(torch.int32).clone()}  # own storage: safetensors refuses shared tensors
 
 
-def quantization_config(scheme: QuantScheme, skipped: list[str] = ()) -> dict:
+def quantization_config(scheme: QuantScheme, skipped: list[str] = (), head: QuantScheme | None = None) -> dict:
     """The `quantization_config` written to config.json.
 
     Linears inside the decoder layers that a skip pattern kept in full precision are listed under
     gptqmodel's `dynamic` key as negative matches (`"-:<regex>"`), which vLLM and gptqmodel honour.
+    A quantized LM head (`head`: its scheme) sets `lm_head: true`; where its bits or group size differ
+    from the body's, a positive match `"+:^lm_head$"` gives them (vLLM applies such overrides per module).
     """
     config = {"quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size,
               "desc_act": scheme.act_order, "static_groups": scheme.static_groups, "sym": scheme.sym,
-              "true_sequential": True, "lm_head": False, "checkpoint_format": "gptq"}
-    if skipped:
-        config["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in skipped}
+              "true_sequential": True, "lm_head": head is not None, "checkpoint_format": "gptq"}
+    dynamic = {f"-:^{re.escape(name)}$": {} for name in skipped}
+    if head is not None and (head.bits, head.group_size) != (scheme.bits, scheme.group_size):
+        dynamic[f"+:^{HEAD_NAME}$"] = {"bits": head.bits, "group_size": head.group_size}
+    if dynamic:
+        config["dynamic"] = dynamic
     return config
 
 
-def gptq_state_dict(model, quantized_state: dict[str, QuantizedWeight], scheme: QuantScheme) -> dict:
+def gptq_state_dict(model, quantized_state: dict[str, QuantizedWeight], scheme: QuantScheme,
+                    head: QuantScheme | None = None) -> dict:
     """The model's state dict with each quantized linear's `weight` replaced by its packed tensors and
-    every other float tensor cast to the scale dtype (tied tensors stay tied)."""
+    every other float tensor cast to the scale dtype (tied tensors stay tied). The LM head, if quantized,
+    packs at `head`'s bits."""
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for name, qw in quantized_state.items():
@@ -132,7 +140,7 @@ def gptq_state_dict(model, quantized_state: dict[str, QuantizedWeight], scheme: 
             raise SlimlmError(f"quantized layer {name} is not a module of this model.")
         if tuple(weight.shape) != qw.shape:
             raise SlimlmError(f"quantized layer {name} has shape {qw.shape}, the model's weight {tuple(weight.shape)}.")
-        for key, tensor in pack_layer(qw, scheme).items():
+        for key, tensor in pack_layer(qw, head if name == HEAD_NAME and head is not None else scheme).items():
             out[f"{name}.{key}"] = tensor
     cast: dict = {}  # storage -> cast tensor, so tied weights stay one tensor
     for key, tensor in state.items():
@@ -146,24 +154,31 @@ def gptq_state_dict(model, quantized_state: dict[str, QuantizedWeight], scheme: 
 
 
 def save_gptq(model, tokenizer, quantized_state: dict[str, QuantizedWeight], scheme: QuantScheme,
-              out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False) -> Path:
+              out_dir: str | os.PathLike, meta: dict | None = None, overwrite: bool = False,
+              lm_head_scheme: QuantScheme | None = None) -> Path:
     """Write a GPTQ checkpoint that is also a slimlm export (manifest with sha256 of every tensor file).
 
-    `quantized_state` is `quantize_model`'s result; `meta` is `toolkit.export.write`'s meta (its
+    `quantized_state` is `quantize_model`'s result, plus `lm_head`'s codes when the head was quantized
+    (`lm_head.quantize_lm_head`) with `lm_head_scheme`; `meta` is `toolkit.export.write`'s meta (its
     `transforms.quant` is merged over the scheme's description). Returns the folder's absolute path.
     """
     from ..export import write
     from .calibrate import decoder_layers
 
+    if (HEAD_NAME in quantized_state) != (lm_head_scheme is not None):
+        raise SlimlmError(f"a quantized {HEAD_NAME} and its scheme go together: the state "
+                          f"{'has' if HEAD_NAME in quantized_state else 'lacks'} {HEAD_NAME}, the scheme is "
+                          f"{'given' if lm_head_scheme is not None else 'missing'}.")
     prefix, _ = decoder_layers(model)
     skipped = sorted(name for name, module in model.named_modules()
                      if name.startswith(prefix + ".") and isinstance(module, torch.nn.Linear)
                      and name not in quantized_state)
-    qconfig = quantization_config(scheme, skipped)
-    state = gptq_state_dict(model, quantized_state, scheme)
+    qconfig = quantization_config(scheme, skipped, lm_head_scheme)
+    state = gptq_state_dict(model, quantized_state, scheme, lm_head_scheme)
     meta = dict(meta or {})
     transforms = dict(meta.get("transforms") or {})
     transforms["quant"] = {"format": "gptq", "checkpoint_format": "gptq", **scheme.to_dict(),
+                           "lm_head": lm_head_scheme.to_dict() if lm_head_scheme is not None else None,
                            "quantized_modules": len(quantized_state), **(transforms.get("quant") or {})}
     meta["transforms"] = transforms
     original = model.save_pretrained
@@ -239,15 +254,19 @@ def load_gptq(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verif
     if verify and is_export(folder):
         read(folder)
     qc = gptq_config(folder)
-    bits, offset = qc["bits"], 0 if qc.get("checkpoint_format") == "gptq_v2" else 1
+    offset = 0 if qc.get("checkpoint_format") == "gptq_v2" else 1
     tensors = _read_safetensors(folder)
     state = {}
     for key, tensor in tensors.items():
         if key.endswith(".qweight"):
             name = key[: -len(".qweight")]
+            g_idx = tensors[f"{name}.g_idx"]
+            bits = tensor.shape[0] * 32 // max(g_idx.numel(), 1)  # per module: `dynamic` may override the config's
+            if bits not in (4, 8) or tensor.shape[0] * 32 != g_idx.numel() * bits:
+                raise SlimlmError(f"{folder}: {name}.qweight {tuple(tensor.shape)} is not a 4- or 8-bit packing of "
+                                  f"{g_idx.numel()} inputs.", "Re-export the checkpoint.")
             state[f"{name}.weight"] = dequantize_gptq(
-                tensor, tensors[f"{name}.qzeros"], tensors[f"{name}.scales"], tensors[f"{name}.g_idx"],
-                bits, offset).to(dtype)
+                tensor, tensors[f"{name}.qzeros"], tensors[f"{name}.scales"], g_idx, bits, offset).to(dtype)
         elif not key.endswith((".qzeros", ".scales", ".g_idx")):
             state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     config = AutoConfig.from_pretrained(folder)

@@ -15,6 +15,7 @@ from slimlm.serve.sampling_params import SamplingParams
 from slimlm.toolkit.models import load, tiny_model
 from slimlm.toolkit.quant.calibrate import quantize_model
 from slimlm.toolkit.quant.gptq_format import GPTQ_DIR_ATTR, load_gptq, pack_last, save_gptq, unpack_qzeros
+from slimlm.toolkit.quant.lm_head import head_scheme, quantize_lm_head
 from slimlm.toolkit.quant.scheme import QuantScheme
 
 torch.set_num_threads(1)
@@ -254,6 +255,24 @@ def test_skipped_layers_stay_dense_and_the_rest_quantized(tmp_path):
     assert isinstance(model.layers[1].gate_up_proj, QuantLinear)
     assert not any(isinstance(layer.down_proj, QuantLinear) for layer in model.layers)
     assert_fp32_close(*step_logits([model, dense_twin(hf)], steps=2))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_quantized_lm_head_is_served_from_its_codes(tmp_path, kind):
+    # `slimlm quantize --quantize-lm-head`: the tied head untied and packed at its own bits; the engine
+    # serves it as a QuantLinear (the embedding stays dense) and gives the dequantized model's logits.
+    model, tok = tiny_model("llama", seed=2, initializer_range=INIT, vocab_size=264)
+    body = QuantScheme(bits=4, group_size=32, sym=False)
+    head = head_scheme(body, kind)
+    state = quantize_model(model, body, "rtn", progress=False)
+    state["lm_head"] = quantize_lm_head(model, head)
+    hf, _ = load(str(save_gptq(model, tok, state, body, tmp_path / "q", lm_head_scheme=head)))
+    served, dense = load_model(hf), dense_twin(hf)
+    assert isinstance(served.lm_head, QuantLinear) and served.lm_head.bits == head.bits
+    assert not isinstance(dense.lm_head, QuantLinear) and served.gptq.dense == {}
+    assert torch.equal(served.lm_head.dequantize(), dense.lm_head.weight)
+    assert torch.equal(served.embed_tokens, hf.model.embed_tokens.weight)  # dense, not the quantized head
+    assert_fp32_close(*step_logits([served, dense], steps=3))
 
 
 def test_a_model_changed_after_loading_serves_its_own_weights(tmp_path):

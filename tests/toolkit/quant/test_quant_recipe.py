@@ -72,3 +72,28 @@ def test_non_empty_out_is_refused(model_dir, tmp_path, capsys):
     (tmp_path / "full" / "f").write_text("x")
     assert main([str(model_dir), "--out", str(tmp_path / "full"), "--method", "rtn"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_head_the_scheme_cannot_hold_is_refused_before_calibration(model_dir, text_file, tmp_path, capsys):
+    # The tiny vocabulary (259 outputs) does not fill whole int32 words of 8 codes.
+    assert main([str(model_dir), "--out", str(tmp_path / "h"), "--quantize-lm-head", "int4", "--data", str(text_file),
+                 "--samples", "4", "--seq-len", "64", "--no-eval"]) == 2
+    assert "lm_head has out_features=259" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
+
+
+def test_quantize_lm_head_int8_writes_the_head_into_the_checkpoint(tmp_path, capsys):
+    path = tmp_path / "tiny264"
+    model, tok = tiny_model("llama", seed=0, vocab_size=264)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    out = tmp_path / "q"
+    assert main([str(path), "--out", str(out), "--method", "rtn", "--group-size", "32", "--quantize-lm-head", "int8",
+                 "--no-eval"]) == 0
+    assert "LM head int8" in capsys.readouterr().out
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["lm_head"] is True and qc["dynamic"] == {"+:^lm_head$": {"bits": 8, "group_size": 32}}
+    assert read(out).config["quantize_lm_head"] == "int8"
+    assert len(read_gptq_tensors(out)) == 15  # 14 decoder linears and the head
+    loaded, _ = load_gptq(out)
+    assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)  # untied, head quantized
