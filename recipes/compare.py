@@ -57,6 +57,8 @@ def _add_arguments(p) -> None:
     p.add_argument("--split", default="validation", choices=["validation", "train"], help="split of built-in corpora")
     p.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
     p.add_argument("--max-windows", type=int, default=32, help="perplexity windows per source; 0: all (default 32)")
+    p.add_argument("--spread-windows", action="store_true",
+                   help="take the --max-windows windows evenly spread over each source instead of its first ones")
     p.add_argument("--eval-batch-size", type=int, default=4, help="windows or choices per forward pass (default 4)")
     p.add_argument("--eval-dtype", default="float32", help="dtype of the accuracy evaluation (default float32)")
     p.add_argument("--dtype", default="bf16", help="dtype of the serving engine for speed (default bf16)")
@@ -122,7 +124,8 @@ def settings_from_args(args) -> dict:
             "concurrency": args.concurrency, "num_requests": args.num_requests or 2 * args.concurrency,
             "reps": args.reps, "threads": args.threads,
             # only where it is not 1: the settings of folders made before the option stay the same
-            **({"speed_rounds": args.speed_rounds} if args.speed_rounds != 1 else {})}
+            **({"speed_rounds": args.speed_rounds} if args.speed_rounds != 1 else {}),
+            **({"spread_windows": True} if args.spread_windows and args.max_windows else {})}
 
 
 def check_models(specs: list[str]) -> list[dict]:
@@ -264,7 +267,8 @@ def _accuracy_job(spec: str, settings: dict) -> dict:
         params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
         accuracy = evaluate(model, tokenizer, data=settings["data"], tasks=settings["tasks"],
                             split=settings["split"], window=settings["window"], max_windows=settings["max_windows"],
-                            batch_size=settings["eval_batch_size"], progress=False)
+                            batch_size=settings["eval_batch_size"], progress=False,
+                            spread_windows=settings.get("spread_windows", False))
     except SlimlmError as err:
         return {"error": err.what, "hint": err.hint}
     peak = _peak_rss_bytes()

@@ -185,6 +185,7 @@ def notes(report: dict) -> list[str]:
     lines = [
         "Cells are value (value / base); ↓ lower is better, ↑ higher is better.",
         f"Perplexity: {windows} windows of {s['window']} tokens of the {s['split']} split of {', '.join(s['data'])}"
+        + (" (spread evenly over it)" if s.get("spread_windows") else "")
         + ("; accuracy: log-likelihood multiple choice" if s["tasks"] else "") + f"; in {s['eval_dtype']} on {s['device']}.",
         f"Speed: slimlm's serving engine in {s['dtype']}, the same {s['prompt_len']}-token prompts for every model, "
         f"{s['gen_len']} new tokens each (greedy, EOS ignored); median [min, max] of {s['reps']} repetition(s) after "

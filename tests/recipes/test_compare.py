@@ -54,10 +54,12 @@ def test_report_has_every_figure_with_the_base_at_1x(models, text_file, tmp_path
     tasks.write_text("\n".join(json.dumps({"context": "The fox", "choices": [" jumps", " sleeps"], "label": i % 2})
                                for i in range(4)))
     out = tmp_path / "report"
-    args = parse([models["base"], models["small"], "--data", text_file, "--tasks", tasks, "--out", out, *FAST])
+    args = parse([models["base"], models["small"], "--data", text_file, "--tasks", tasks, "--out", out, *FAST,
+                  "--spread-windows"])
     assert compare.run_compare(args) == 0
 
     md = (out / "report.md").read_text()
+    assert "at most 2 windows of 32 tokens of the validation split of " in md and "(spread evenly over it)" in md
     header = next(line for line in md.splitlines() if line.startswith("| model"))
     for column in ("params", "disk MB", "memory MB", "ppl held_out.txt", "acc t.jsonl", "batch-1 decode tok/s",
                    "batch-1 tok/s with prefill", "c=2 tok/s", "TTFT p50 ms"):
@@ -311,3 +313,12 @@ def test_speed_rounds_join_the_settings_only_when_not_one():
     assert compare.settings_from_args(parse(["a", "b", "--out", "x", "--speed-rounds", "3"]))["speed_rounds"] == 3
     with pytest.raises(SlimlmError, match="--speed-rounds"):
         compare.settings_from_args(parse(["a", "b", "--out", "x", "--speed-rounds", "0"]))
+
+
+def test_spread_windows_join_the_settings_only_when_set_with_a_window_limit():
+    assert "spread_windows" not in compare.settings_from_args(parse(["a", "b", "--out", "x"]))
+    spread = compare.settings_from_args(parse(["a", "b", "--out", "x", "--max-windows", "8", "--spread-windows"]))
+    assert spread["spread_windows"] is True and spread["max_windows"] == 8
+    # All windows: nothing to spread, so the same settings (and cache) as without the flag.
+    everything = compare.settings_from_args(parse(["a", "b", "--out", "x", "--max-windows", "0", "--spread-windows"]))
+    assert "spread_windows" not in everything

@@ -28,9 +28,10 @@ def source_name(spec: str) -> str:
 
 def evaluate(model, tokenizer, data: list[str] = (), tasks: list[str] = (), split: str = "validation",
              window: int = 512, max_windows: int | None = None, batch_size: int = 4,
-             progress: bool = True) -> dict:
+             progress: bool = True, spread_windows: bool = False) -> dict:
     """Evaluate `model` on text sources `data` (perplexity) and jsonl task files `tasks` (accuracy).
 
+    `spread_windows`: with `max_windows`, windows spread evenly over each source instead of its first ones.
     Returns {"perplexity": {name: figures}, "tasks": {name: figures}, "data": specs, "seconds": ...}.
     """
     from ..data import load_texts, token_stream
@@ -41,7 +42,7 @@ def evaluate(model, tokenizer, data: list[str] = (), tasks: list[str] = (), spli
         texts = load_texts(spec, split=split, tokenizer=tokenizer)
         stream = token_stream(texts, tokenizer)
         r = perplexity(model, stream, window=window, batch_size=batch_size, max_windows=max_windows,
-                       progress=progress, tokenizer=tokenizer)
+                       progress=progress, tokenizer=tokenizer, spread=spread_windows)
         results["perplexity"][source_name(spec)] = {**r, "source": spec, "split": split}
     for path in tasks:
         rows = load_tasks(path)

@@ -19,7 +19,7 @@ from .onednn_linear import onednn_linears
 
 
 def perplexity(model, tokens: torch.Tensor, window: int = 512, batch_size: int = 4,
-               max_windows: int | None = None, progress: bool = True, tokenizer=None) -> dict:
+               max_windows: int | None = None, progress: bool = True, tokenizer=None, spread: bool = False) -> dict:
     """Perplexity of `model` on the token stream `tokens` [T].
 
     Args:
@@ -27,7 +27,9 @@ def perplexity(model, tokens: torch.Tensor, window: int = 512, batch_size: int =
         tokens: the evaluation stream, a 1-D LongTensor.
         window: tokens per window; each window is one independent forward pass.
         batch_size: windows per forward pass.
-        max_windows: keep only the first N windows (None: all complete windows).
+        max_windows: keep only N windows (None: all complete windows): the first N, or with `spread`
+            N spread evenly over the stream (windows `i * total // N`), which reads the same kinds of text
+            as the whole stream at a fraction of the time (the first ones may all be one kind).
         progress: show a rich progress bar.
         tokenizer: needed for bits per byte (it decodes the predicted tokens); None gives
             `bits_per_byte=None`.
@@ -42,7 +44,7 @@ def perplexity(model, tokens: torch.Tensor, window: int = 512, batch_size: int =
                           "Pass a larger --window (512 is the usual choice).")
     if batch_size < 1:
         raise SlimlmError(f"batch size must be at least 1, got {batch_size}.")
-    n_windows = tokens.numel() // window
+    total = n_windows = tokens.numel() // window
     if n_windows == 0:
         raise SlimlmError(
             f"the evaluation text has only {tokens.numel()} tokens, fewer than one window of {window}.",
@@ -56,7 +58,9 @@ def perplexity(model, tokens: torch.Tensor, window: int = 512, batch_size: int =
         raise SlimlmError(f"window {window} is longer than the model's context ({max_pos} positions).",
                           f"Use --window {max_pos} or smaller.")
 
-    windows = tokens[: n_windows * window].view(n_windows, window)  # windows: [N, W]
+    windows = tokens[: total * window].view(total, window)  # windows: [total, W]
+    if n_windows < total:
+        windows = windows[(torch.arange(n_windows) * total) // n_windows if spread else slice(0, n_windows)]  # [N, W]
     device = model_device(model)
     total_nll = 0.0  # per-token NLL in fp32, summed in float64 so long streams lose no precision
     with eval_mode(model), torch.inference_mode(), onednn_linears(model), progress_bar(progress) as bar:
@@ -82,7 +86,7 @@ def perplexity(model, tokens: torch.Tensor, window: int = 512, batch_size: int =
         bpb = total_nll / math.log(2) / n_bytes
     return {"perplexity": math.exp(nll_per_token), "nll_per_token": nll_per_token,
             "bits_per_byte": bpb, "tokens": n_pred, "bytes": n_bytes,
-            "windows": n_windows, "window": window}
+            "windows": n_windows, "window": window, "spread": bool(spread and n_windows < total)}
 
 
 def _predicted_bytes(tokenizer, ids: list[int]) -> int:

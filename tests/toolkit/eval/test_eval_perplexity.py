@@ -79,6 +79,26 @@ def test_max_windows_keeps_the_first_windows(llama, stream):
     assert perplexity(model, stream, window=32, max_windows=100, progress=False)["windows"] == 9
 
 
+def test_spread_takes_windows_evenly_over_the_stream():
+    model = UniformLM(vocab=50)
+    tokens = torch.arange(105) % 50  # 10 windows of 10
+    r = perplexity(model, tokens, window=10, batch_size=2, max_windows=3, spread=True, progress=False)
+    assert r["windows"] == 3 and r["spread"] is True and r["tokens"] == 3 * 9
+    seen = torch.cat(model.calls)  # windows 0, 3, 6 (i * 10 // 3)
+    assert torch.equal(seen, tokens[:100].view(10, 10)[[0, 3, 6]])
+    # All windows asked for (or more): every window, in order, and nothing called spread.
+    model.calls.clear()
+    assert perplexity(model, tokens, window=10, max_windows=10, spread=True, progress=False)["spread"] is False
+    assert torch.equal(torch.cat(model.calls), tokens[:100].view(10, 10))
+
+
+def test_spread_windows_score_as_the_same_windows_by_hand(llama, stream):
+    model, _ = llama
+    r = perplexity(model, stream, window=32, batch_size=2, max_windows=4, spread=True, progress=False)
+    picked = torch.cat([stream[i * 32: (i + 1) * 32] for i in (0, 2, 4, 6)])  # i * 9 // 4
+    assert r["nll_per_token"] == pytest.approx(hand_nll(model, picked, 32, 4) / (4 * 31), rel=1e-5)
+
+
 def test_bf16_model_scores_in_fp32():
     model, _ = tiny_model("qwen3", seed=2, dtype=torch.bfloat16)
     tokens = torch.randint(0, 256, (96,), generator=torch.Generator().manual_seed(3))
