@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.toolkit.errors import SlimlmError
-from slimlm.toolkit.quant.gptq_format import (GPTQ_DIR_ATTR, gptq_config, read_gptq_tensors, unpack_qweight,
-                                              unpack_qzeros)
+from slimlm.toolkit.quant.gptq_format import (GPTQ_DIR_ATTR, gptq_config, packed_bits, read_gptq_tensors,
+                                              unpack_qweight, unpack_qzeros)
 
 from ..kernels import use_triton
 from ..kernels.quant_cpu import check_quant_args, dequantize_rows, repack, unpack_codes
@@ -113,8 +113,8 @@ class GPTQWeights:
             return NOT_QUANTIZED
         qweight, g_idx = layer["qweight"], layer["g_idx"]
         in_f, out_f = g_idx.numel(), qweight.shape[1]
-        bits = qweight.shape[0] * 32 // max(in_f, 1)
-        if bits not in (4, 8) or qweight.shape[0] * 32 != in_f * bits:
+        bits = packed_bits(qweight, in_f)
+        if bits is None:
             return f"qweight {tuple(qweight.shape)} is not a 4- or 8-bit packing of {in_f} inputs"
         groups = layer["scales"].shape[0]
         if groups == 0 or in_f % groups:

@@ -100,6 +100,13 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     return dequantize_codes(codes, scales.T[:, g], zeros[:, g])  # [out, in]
 
 
+def packed_bits(qweight: torch.Tensor, in_features: int) -> int | None:
+    """The bits of a packed `qweight` [in * bits / 32, out] of `in_features` inputs (4 or 8), or None when its
+    shape is neither packing. Read per module: a `dynamic` override may give a module other bits than the config."""
+    bits = qweight.shape[0] * 32 // max(in_features, 1)
+    return bits if bits in (4, 8) and qweight.shape[0] * 32 == in_features * bits else None
+
+
 def pack_layer(qw: QuantizedWeight, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """The four packed tensors of one quantized linear (without the bias)."""
     return {"qweight": pack_qweight(qw.codes, scheme.bits),
@@ -261,8 +268,8 @@ def load_gptq(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verif
         if key.endswith(".qweight"):
             name = key[: -len(".qweight")]
             g_idx = tensors[f"{name}.g_idx"]
-            bits = tensor.shape[0] * 32 // max(g_idx.numel(), 1)  # per module: `dynamic` may override the config's
-            if bits not in (4, 8) or tensor.shape[0] * 32 != g_idx.numel() * bits:
+            bits = packed_bits(tensor, g_idx.numel())
+            if bits is None:
                 raise SlimlmError(f"{folder}: {name}.qweight {tuple(tensor.shape)} is not a 4- or 8-bit packing of "
                                   f"{g_idx.numel()} inputs.", "Re-export the checkpoint.")
             state[f"{name}.weight"] = dequantize_gptq(
