@@ -73,7 +73,7 @@ def vdpbf16ps_order(x, w, b):
     return acc.to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17])
 @pytest.mark.parametrize("bias", [False, True])
 def test_avx2_bf16_kernel_sums_in_vdpbf16ps_order(rows, bias):
     # bit for bit, each of the AVX2 form's tiles (one row; up to 4 rows; copied slices beyond), called
