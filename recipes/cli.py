@@ -150,9 +150,9 @@ def speculative_config(args, num_layers: int, tokenizer=None):
     """The engine's SpeculativeConfig for --speculative (None without it); SlimlmError for a bad layer or draft.
 
     From an early-exit export, the exit layer defaults to its shallowest trained exit, and an exit with a
-    norm of its own drafts through that norm."""
+    norm (and lens) of its own drafts through them."""
     from slimlm.serve.engine.speculative import SpeculativeConfig
-    from slimlm.toolkit.early_exit import load_exit_tensors, read_exit_spec
+    from slimlm.toolkit.early_exit import draft_weights, read_exit_spec
     from slimlm.toolkit.models import resolve
 
     if args.speculative != "self" and args.exit_layer is not None:
@@ -178,10 +178,8 @@ def speculative_config(args, num_layers: int, tokenizer=None):
     if not 1 <= exit_layer < num_layers or args.num_draft < 1:
         raise SlimlmError(f"--exit-layer must be in 1..{num_layers - 1} (the model has {num_layers} layers) "
                           f"and --num-draft at least 1; got {exit_layer} and {args.num_draft}.")
-    norm = None
-    if spec and spec.norm == "own" and exit_layer in spec.layers:
-        norm = load_exit_tensors(args.model, spec)[f"exits.{exit_layer}.norm.weight"]
-    return SpeculativeConfig(exit_layer=exit_layer, num_draft=args.num_draft, exit_norm=norm,
+    norm, proj = draft_weights(args.model, spec, exit_layer)
+    return SpeculativeConfig(exit_layer=exit_layer, num_draft=args.num_draft, exit_norm=norm, exit_proj=proj,
                              exit_confidence=sure, draft_head=args.draft_head)
 
 

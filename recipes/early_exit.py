@@ -4,13 +4,15 @@
     torchrun --nproc_per_node 2 recipes/early_exit.py --config ... strategy=ddp
     deepspeed --num_gpus 2 recipes/early_exit.py --config ... strategy=deepspeed_stage_2
 
-Exits after `exit_layers` read through the model's final norm (`norm: shared`) or a norm of their
-own (`norm: own`), and always the model's LM head (see `slimlm.toolkit.early_exit`). Each step
+Exits after `exit_layers` read through the model's final norm (`norm: shared`), a norm of their
+own (`norm: own`), or an affine map and a norm of their own (`norm: lens`, first fitted by least squares
+on `lens_fit_blocks` training blocks), and always the model's LM head (see `slimlm.toolkit.early_exit`). Each step
 minimises the weighted sum of the final layer's and the active exits' cross-entropy (plus, with
 `kd_weight`, each exit's KL to the final layer's logits); the `curriculum` picks the active exits
 (all, rotational, gradual); layer dropout skips deeper layers more often (`layer_dropout`, training only).
-`train: all` trains every weight; `train: exits` trains only the exits' own norms and the
-`unfreeze_layers` decoder layers just below each exit.
+`train: all` trains every weight; `train: exits` trains only the exits' own norms (and lenses) and the
+`unfreeze_layers` decoder layers just below each exit: with `unfreeze_layers: 0` the model's own output
+is left exactly as it was.
 
 The result in `<out_dir>/model` is a slimlm export that plain transformers loads unchanged; the
 manifest records the exits (`transforms.exit_layers`), and own norms live in `early_exit.safetensors`.
@@ -40,7 +42,9 @@ RESUME_KEYS = ("model", "exit_layers", "norm", "data", "data_split", "max_blocks
 class EarlyExitConfig:
     model: str = "smollm2-135m"
     exit_layers: list[int] = field(default_factory=lambda: [6, 10, 15, 20])
-    norm: str = "shared"               # shared (the final norm, as in LayerSkip) | own (a norm per exit)
+    norm: str = "shared"               # shared (the final norm, as in LayerSkip) | own (a norm per exit) | lens
+    lens_fit_blocks: int = 256         # norm=lens: training blocks of the least-squares fit before training (0: none)
+    lens_ridge: float = 1e-2
     exit_weights: list[float] | None = None   # one per exit; default E / num_layers
     final_weight: float = 1.0
     curriculum: str = "rotational"     # all | rotational | gradual
@@ -101,6 +105,9 @@ class EarlyExitConfig:
             raise SlimlmError(f"layer_dropout must be in [0, 1), got {self.layer_dropout}.")
         if self.rotation is not None and self.rotation < 1:
             raise SlimlmError(f"rotation must be at least 1, got {self.rotation}.")
+        if self.lens_fit_blocks < 0 or self.lens_ridge < 0:
+            raise SlimlmError(f"lens_fit_blocks and lens_ridge must be >= 0, got {self.lens_fit_blocks} and "
+                              f"{self.lens_ridge}.")
         if self.train == "exits" and self.norm == "shared" and self.unfreeze_layers < 1:
             raise SlimlmError("train=exits with norm=shared leaves nothing to train.",
                               "Use norm=own, unfreeze_layers=k (k >= 1), or train=all.")
@@ -227,7 +234,7 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
     """Train exits on `config.model`; returns the export folder (on every rank)."""
     import lightning as L
 
-    from slimlm.toolkit.early_exit import LayerDropout, default_weights, write_with_exits
+    from slimlm.toolkit.early_exit import LayerDropout, default_weights, fit_lenses, write_with_exits
 
     check_exit_layers(config, num_layers_of(config.model))  # before any weights load
     on = T.accelerator()
@@ -254,6 +261,13 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
     results: dict = {}
     if config.eval_windows and config.eval_before and not found and rank == 0:
         results["before"] = exit_eval(model, tokenizer, exits, config)
+    if config.norm == "lens" and config.lens_fit_blocks and not found:  # a resumed run has its lenses
+        t_fit = time.perf_counter()
+        fit_lenses(model, exits, data["input_ids"][:config.lens_fit_blocks], ridge=config.lens_ridge,
+                   progress=config.progress and rank == 0)
+        results["lens_fit_seconds"] = round(time.perf_counter() - t_fit, 2)
+        if config.eval_windows and rank == 0:
+            results["after_fit"] = exit_eval(model, tokenizer, exits, config)
     weights = (dict(zip(config.exit_layers, config.exit_weights)) if config.exit_weights is not None
                else default_weights(exits.layers, exits.num_layers))
     dropout = LayerDropout(model, config.layer_dropout, config.layer_dropout_schedule, seed=config.seed).install() \

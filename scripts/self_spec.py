@@ -9,6 +9,9 @@ the output equals plain decoding token for token, and tokens/s against the plain
     python scripts/self_spec.py --model smollm2-135m --draft-model DIR --drafts 2,4 --adaptive   # a draft model
     python scripts/self_spec.py --exits 20 --drafts 3 --exit-confidence 0.9,0.7,0.5   # lossy: accuracy beside speed
     python scripts/self_spec.py --exits 8 --drafts 3 --draft-head none,int8,int4       # cheaper drafts, lossless
+    python scripts/self_spec.py --model runs/early_exit-smollm2-135m-lens/model --exits 4,8   # trained exits
+
+An export with exits of its own (`norm: own` or `lens`) drafts through them at the layers it has them.
 
 With --exit-confidence (lossy, CALM-style) each listed threshold adds a run where a draft token whose
 draft probability reaches it is kept even where the full model disagrees; those rows also report the
@@ -27,7 +30,8 @@ from slimlm.serve.bench import bench_prompts
 from slimlm.serve.engine.engine import EngineConfig, LLMEngine
 from slimlm.serve.engine.speculative import SpeculativeConfig
 from slimlm.serve.sampling_params import SamplingParams
-from slimlm.toolkit.models import load
+from slimlm.toolkit.early_exit import draft_weights, read_exit_spec
+from slimlm.toolkit.models import load, resolve
 
 
 def generate(engine: LLMEngine, prompts: list[list[int]], gen: int, batch: int) -> tuple[list[list[int]], float]:
@@ -76,16 +80,18 @@ def main() -> None:
     rows = []
     drafts = [int(k) for k in args.drafts.split(",")]
     draft = load(args.draft_model, dtype=args.dtype)[0] if args.draft_model else None
+    exit_spec = read_exit_spec(args.model) if resolve(args.model).kind == "export" else None
     for exit_layer in ["draft"] if draft is not None else [int(e) for e in args.exits.split(",")]:
         heads = [None if h in ("", "none") else h for h in (args.draft_head or "none").split(",")]
         runs = [(k, False, None, head) for head in heads for k in drafts]
         runs += [(max(drafts), True, None, head) for head in heads] if args.adaptive else []
         runs += [(max(drafts), False, float(c), None) for c in args.exit_confidence.split(",") if c.strip()]
+        norm, proj = draft_weights(args.model, exit_spec, exit_layer) if draft is None else (None, None)
         for k, adaptive, sure, head in runs:
             spec = (SpeculativeConfig(num_draft=k, adaptive=adaptive, draft_model=draft, exit_confidence=sure)
                     if draft is not None else
                     SpeculativeConfig(exit_layer=exit_layer, num_draft=k, adaptive=adaptive, exit_confidence=sure,
-                                      draft_head=head))
+                                      draft_head=head, exit_norm=norm, exit_proj=proj))
             engine = LLMEngine(hf_model, tok, EngineConfig(max_num_seqs=max(args.batch, 1), speculative=spec))
             generate(engine, prompts[:1], 8, 1)
             engine.speculator.stats.__init__()
@@ -98,7 +104,7 @@ def main() -> None:
             tps, plain_tps = statistics.median(tps_all), statistics.median(plain_all)
             st = engine.speculator.stats
             same = sum(o == r for o, r in zip(outs, reference))
-            row = {"exit_layer": exit_layer, "num_draft": k, "adaptive": adaptive, "draft_head": head or "model",
+            row = {"exit_layer": exit_layer, "exit": "shared" if norm is None else exit_spec.norm, "num_draft": k, "adaptive": adaptive, "draft_head": head or "model",
                    "acceptance": round(st.acceptance_rate, 3), "tokens_per_step": round(st.mean_accepted_length, 2),
                    "identical": f"{same}/{len(prompts)}", "tok_s": round(tps, 1), "plain_tok_s": round(plain_tps, 1),
                    "speedup": round(statistics.median(ratios), 2),

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..layers.attention import AttentionMetadata
@@ -41,12 +42,15 @@ from .sequence import Sequence
 class SpeculativeConfig:
     """`exit_layer` E: layers run by the draft (1 <= E < num_layers). `num_draft`: most tokens drafted
     per step. `exit_norm`: the exit's own RMSNorm weight [hidden] (None: the model's final norm).
+    `exit_proj`: a lens exit's `(weight [hidden, hidden], bias [hidden])`: the draft's head reads
+    `n + n @ weight.T + bias` with n = norm(h) (None: n).
     `adaptive` False drafts exactly `num_draft` tokens every step (for measuring acceptance).
     `draft_model`: draft with this smaller model of the same vocabulary instead of the first E layers."""
 
     exit_layer: int = 0
     num_draft: int = 4
     exit_norm: Tensor | None = None
+    exit_proj: tuple[Tensor, Tensor] | None = None
     adaptive: bool = True
     verify_cost: float = 0.15  # extra cost of each verified token, relative to a one-token pass
     max_batch: int = 16
@@ -138,6 +142,14 @@ class SelfSpeculator:
             if weight.shape != model.norm.weight.shape:
                 raise ValueError(f"exit_norm has shape {tuple(weight.shape)}, expected {tuple(model.norm.weight.shape)}")
             self.norm = RMSNorm(weight, model.args.rms_norm_eps)
+        self.proj = None
+        if config.exit_proj is not None:
+            weight, bias = (t.to(model.dtype).to(model.device) for t in config.exit_proj)
+            d = model.norm.weight.numel()
+            if weight.shape != (d, d) or bias.shape != (d,):
+                raise ValueError(f"exit_proj has shapes {tuple(weight.shape)} and {tuple(bias.shape)}, "
+                                 f"expected ({d}, {d}) and ({d},)")
+            self.proj = (weight, bias)
         self.draft_head = None
         if config.draft_head is not None:
             from ..models.quant_head import quantized_head
@@ -249,7 +261,10 @@ class SelfSpeculator:
 
     def exit_logits(self, hidden: Tensor) -> Tensor:
         head = self.model.lm_head if self.draft_head is None else self.draft_head
-        return head(self.norm(hidden))
+        normed = self.norm(hidden)
+        if self.proj is not None:
+            normed = normed + F.linear(normed, *self.proj)
+        return head(normed)
 
     @torch.inference_mode()
     def execute(self, runner: ModelRunner, out: SchedulerOutput, plan: dict[int, int],

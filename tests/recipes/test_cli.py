@@ -252,6 +252,23 @@ def test_bench_speculative_drafts_through_an_exports_own_exit_norm(tmp_path):
     assert spec.exit_layer == 2 and torch.equal(spec.exit_norm, torch.full((model.config.hidden_size,), 0.5))
 
 
+def test_bench_speculative_drafts_through_an_exports_lens(tmp_path):
+    from slimlm.recipes.cli import build_parser, speculative_config
+    from slimlm.toolkit.early_exit import ExitHeads, write_with_exits
+
+    model, tok = tiny_model("llama", num_hidden_layers=3)
+    heads = ExitHeads.for_model(model, [1, 2], "lens")
+    with torch.no_grad():
+        for i, p in enumerate(heads.parameters()):
+            p.fill_(0.1 * (i + 1))
+    out = write_with_exits(model, tok, heads, tmp_path / "ee")
+    args = build_parser().parse_args(["bench", str(out), "--speculative", "self", "--exit-layer", "2"])
+    spec = speculative_config(args, 3)
+    lens = heads.exits["2"]
+    assert spec.exit_layer == 2 and torch.equal(spec.exit_norm, lens.norm.weight)
+    assert torch.equal(spec.exit_proj[0], lens.proj.weight) and torch.equal(spec.exit_proj[1], lens.proj.bias)
+
+
 def test_exit_confidence_flag_is_lossy_opt_in_and_checked():
     from slimlm.recipes.cli import build_parser, speculative_config
     from slimlm.toolkit.errors import SlimlmError

@@ -126,12 +126,33 @@ def test_rotational_shared_with_eval_records_per_exit_figures(assets):
     assert result["after"]["exits"]["1"]["perplexity"] < result["before"]["exits"]["1"]["perplexity"]
 
 
+def test_lens_exits_are_fitted_then_trained_and_leave_the_model_as_it_was(assets):
+    out = assets["root"] / "lens"
+    path = config_file(assets, out, norm="lens", train="exits", lens_fit_blocks=16, max_steps=4, checkpoint_every=0,
+                       layer_dropout=0.0, kd_weight=1.0, lr=1e-3, eval_windows=2, eval_window=32, eval_before=True)
+    export = main(load_config(EarlyExitConfig, path, []))
+    spec = read_exit_spec(export)
+    assert spec.norm == "lens" and (export / EXIT_FILE).exists()
+    result = read(export).eval["early_exit"]
+    assert result["lens_fit_seconds"] > 0
+    for e in ("1", "2"):  # the least-squares fit alone brings each exit closer to the final layer
+        assert result["after_fit"]["exits"][e]["perplexity"] < result["before"]["exits"][e]["perplexity"]
+    # train=exits with no unfrozen layers: the exported model computes exactly what the base did
+    base, ours = AutoModelForCausalLM.from_pretrained(assets["model"]).eval(), load(str(export))[0]
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=x).logits, ours(input_ids=x).logits)
+    exits = load_exits(export, ours)
+    assert exits.norm_kind == "lens" and exits.exits["1"].proj.weight.abs().sum() > 0
+
+
 @pytest.mark.parametrize("override, match", [
     ("exit_layers=[2,9]", "out of range"),
     ("curriculum=shuffle", "unknown curriculum"),
     ("norm=mine", "unknown norm"),
     ("exit_weights=[1.0]", "exit_weights"),
     ("train=exits", "nothing to train"),
+    ("lens_ridge=-1", "lens_ridge must be >= 0"),
 ])
 def test_bad_config_is_a_clear_error_before_work(assets, override, match, monkeypatch):
     out = assets["root"] / "bad"

@@ -4,8 +4,11 @@ Exit E reads h_E, the output of the E-th decoder layer (1-based: E layers have r
 as `hidden_states[E]` of HF's `output_hidden_states` for E < L, but *before* the final norm for
 E = L, where HF hands back the normed state). Its logits are `lm_head(norm_E(h_E))`, where norm_E is
 the model's final norm (`shared`, as in LayerSkip: no new weights) or a copy of it with weights of
-its own (`own`: same class and eps, weight initialised from the final norm). The LM head is always
-the model's. So with a shared norm the exit at E = L gives exactly the model's logits.
+its own (`own`: same class and eps, weight initialised from the final norm). `lens` adds an affine map
+of its own after that norm: logits = `lm_head(n + proj_E(n))` with n = norm_E(h_E) and proj_E a
+[hidden, hidden] linear layer with bias, zero at first (so it starts as `own`) and fitted by
+`fit_lenses` (lens.py) to predict what the LM head reads from the last layer. The LM head is always the model's. So with a
+shared norm the exit at E = L gives exactly the model's logits.
 
 h_E is taken by a forward hook on decoder layer E - 1 (0-based), not from `output_hidden_states`,
 because HF replaces the last of those by the normed state and would need all L of them kept.
@@ -22,7 +25,7 @@ from torch import nn
 
 from ..errors import SlimlmError
 
-NORMS = ("shared", "own")
+NORMS = ("shared", "own", "lens")
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -57,39 +60,51 @@ def check_layers(layers: Iterable[int], num_layers: int) -> list[int]:
 
 
 class ExitHead(nn.Module):
-    """One exit's own weights: `norm` (a copy of the model's final norm)."""
+    """One exit's own weights: `norm` (a copy of the model's final norm) and, for a lens, `proj`."""
 
-    def __init__(self, norm: nn.Module):
+    def __init__(self, norm: nn.Module, lens: bool = False):
         super().__init__()
         self.norm = norm
+        if lens:
+            weight = norm.weight
+            self.proj = nn.Linear(weight.numel(), weight.numel(), bias=True, device=weight.device, dtype=weight.dtype)
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """h_E [..., D] -> the state the LM head reads, [..., D]."""
+        normed = self.norm(hidden)
+        return normed + self.proj(normed) if hasattr(self, "proj") else normed
 
 
 class ExitHeads(nn.Module):
     """The exits of one model. Holds no reference to the model: pass it to `forward`, so the model is
-    not registered twice (DDP, checkpoints). State dict keys: `exits.{E}.norm.weight` (own norms only).
+    not registered twice (DDP, checkpoints). State dict keys: `exits.{E}.norm.weight` (own norms and lenses),
+    `exits.{E}.proj.weight` and `exits.{E}.proj.bias` (lenses).
     """
 
     def __init__(self, layers: Iterable[int], num_layers: int, norm: str = "shared", norm_module: nn.Module | None = None):
         super().__init__()
         if norm not in NORMS:
             raise SlimlmError(f"unknown exit norm {norm!r}.", f"Expected one of: {', '.join(NORMS)}.")
-        if norm == "own" and norm_module is None:
-            raise SlimlmError("own exit norms need the model's final norm to copy (norm_module).")
+        if norm != "shared" and norm_module is None:
+            raise SlimlmError(f"{norm} exits need the model's final norm to copy (norm_module).")
         self.layers, self.num_layers, self.norm_kind = check_layers(layers, num_layers), num_layers, norm
         self.exits = nn.ModuleDict()
-        if norm == "own":
+        if norm != "shared":
             for e in self.layers:
-                head = ExitHead(copy.deepcopy(norm_module))
+                head = ExitHead(copy.deepcopy(norm_module), lens=norm == "lens")
                 head.requires_grad_(True)
                 self.exits[str(e)] = head
 
     @classmethod
     def for_model(cls, model, layers: Iterable[int], norm: str = "shared") -> "ExitHeads":
         """Exits at `layers` of `model`; own norms start as copies of its final norm (on its device)."""
-        return cls(layers, len(decoder_layers(model)), norm, final_norm(model) if norm == "own" else None)
+        return cls(layers, len(decoder_layers(model)), norm, final_norm(model) if norm != "shared" else None)
 
     def norm_for(self, model, layer: int) -> nn.Module:
-        return self.exits[str(layer)].norm if self.norm_kind == "own" else final_norm(model)
+        """The module that maps h_E to what the LM head reads: the final norm, or exit E's own head."""
+        return self.exits[str(layer)] if self.norm_kind != "shared" else final_norm(model)
 
     def logits(self, model, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, T, D] = h_E -> logits [B, T, V]."""

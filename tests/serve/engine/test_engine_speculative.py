@@ -149,6 +149,8 @@ def test_bad_configs_are_refused():
     engine = LLMEngine(model, tok, EngineConfig())
     with pytest.raises(ValueError, match="exit_norm has shape"):
         SelfSpeculator(engine.model, SpeculativeConfig(exit_layer=1, exit_norm=torch.ones(3)))
+    with pytest.raises(ValueError, match="exit_proj has shapes"):
+        SelfSpeculator(engine.model, SpeculativeConfig(exit_layer=1, exit_proj=(torch.ones(3, 3), torch.ones(3))))
 
 
 def test_stats_and_metrics_report_acceptance():
@@ -314,3 +316,23 @@ def test_int8_kv_cache_verify_rows_store_as_decode_steps_do(batch):
                        kv_cache_dtype="int8")
     assert engine.speculator.stats.acceptance_rate == 1.0
     assert fast == plain
+
+
+def test_a_lens_exit_drafts_through_its_map_and_stays_exact():
+    model, tok = make(layers=4, skip_from=2)  # exit 2 through the final norm predicts the full model exactly
+    d = model.config.hidden_size
+    plain, _ = run(model, tok, PROMPTS[:4])
+    zero = (torch.zeros(d, d), torch.zeros(d))
+    fast, engine = run(model, tok, PROMPTS[:4], SpeculativeConfig(exit_layer=2, num_draft=3, adaptive=False,
+                                                                  exit_proj=zero))
+    assert fast == plain and engine.speculator.stats.acceptance_rate == 1.0
+    g = torch.Generator().manual_seed(3)
+    bent = (torch.randn(d, d, generator=g), torch.randn(d, generator=g) * 3)  # a map that spoils the drafts
+    fast, engine = run(model, tok, PROMPTS[:4], SpeculativeConfig(exit_layer=2, num_draft=3, adaptive=False,
+                                                                  exit_proj=bent))
+    assert fast == plain and engine.speculator.stats.acceptance_rate < 0.9
+    h = torch.randn(3, d, generator=g)
+    with torch.no_grad():
+        n = model.model.norm(h)
+        want = model.lm_head(n + n @ bent[0].T + bent[1])
+    torch.testing.assert_close(engine.speculator.exit_logits(h), want, atol=1e-4, rtol=1e-4)
