@@ -53,6 +53,9 @@ void slimlm_gemv_bf16(const uint16_t* w, const uint16_t* x, uint16_t* y, const u
    64-column block in one pass. Each sum runs in vdpbf16ps's order (odd product, then even, per input
    pair), so the results are the AVX-512 form's bits. */
 #define AVX2_ROWS 4
+/* Up to this many rows (decode batches) every 4-row tile reads a whole block in one pass (bf16_rows_avx2);
+   from here on (prefill) each 16-column slice is copied into L1 once and every tile reads the copy. */
+#define AVX2_ONE_PASS_ROWS 16
 
 /* 8 bias entries from `col` as floats: bf16 `bias`, else float32 `fbias`, else zeros. */
 static inline __m256 bias8(const uint16_t* bias, const float* fbias, int col) {
@@ -210,6 +213,15 @@ void slimlm_gemv_bf16(const uint16_t* w, const uint16_t* x, uint16_t* y, const u
     if (m == 1) {
         #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nb >= 8)
         for (int ob = 0; ob < nb; ob++) bf16_row_avx2(w + (size_t)ob * 64 * in, xo, xe, half_in, y, bias, ob * 64);
+        free(xo);
+        return;
+    }
+    if (m <= AVX2_ONE_PASS_ROWS) {  /* tiles of up to AVX2_ROWS rows, each one pass over the block (L2 after the first) */
+        #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nb >= 8)
+        for (int ob = 0; ob < nb; ob++)
+            for (int r = 0; r < m; r += AVX2_ROWS)
+                bf16_block_avx2(w + (size_t)ob * 64 * in, xo + (size_t)r * half_in, xe + (size_t)r * half_in, half_in,
+                                m - r < AVX2_ROWS ? m - r : AVX2_ROWS, y + (size_t)r * out, out, ob * 64, bias, NULL, NULL);
         free(xo);
         return;
     }

@@ -73,10 +73,10 @@ def vdpbf16ps_order(x, w, b):
     return acc.to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17])
 @pytest.mark.parametrize("bias", [False, True])
 def test_avx2_bf16_kernel_sums_in_vdpbf16ps_order(rows, bias):
-    # bit for bit, each of the AVX2 form's tiles (one row; up to 4 rows; copied slices beyond), called
+    # bit for bit, each of the AVX2 form's tiles (one row; one pass per block up to 16 rows; copied slices beyond), called
     # directly on the kernel's layout
     from slimlm.serve.kernels import cpu_build
 
