@@ -15,7 +15,7 @@ minimises the weighted sum of the final layer's and the active exits' cross-entr
 is left exactly as it was.
 
 The result in `<out_dir>/model` is a slimlm export that plain transformers loads unchanged; the
-manifest records the exits (`transforms.exit_layers`), and own norms live in `early_exit.safetensors`.
+manifest records the exits (`transforms.exit_layers`), and own norms and lenses live in `early_exit.safetensors`.
 With `eval_windows > 0` per-exit perplexity and agreement with the final layer on the validation
 split are measured after training (and before, with `eval_before`) and stored in the manifest.
 Strategies, checkpoints and logs: see training.py.

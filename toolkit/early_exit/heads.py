@@ -7,8 +7,8 @@ the model's final norm (`shared`, as in LayerSkip: no new weights) or a copy of 
 its own (`own`: same class and eps, weight initialised from the final norm). `lens` adds an affine map
 of its own after that norm: logits = `lm_head(n + proj_E(n))` with n = norm_E(h_E) and proj_E a
 [hidden, hidden] linear layer with bias, zero at first (so it starts as `own`) and fitted by
-`fit_lenses` (lens.py) to predict what the LM head reads from the last layer. The LM head is always the model's. So with a
-shared norm the exit at E = L gives exactly the model's logits.
+`fit_lenses` (lens.py) to predict what the LM head reads from the last layer. The LM head is always
+the model's. So with a shared norm the exit at E = L gives exactly the model's logits.
 
 h_E is taken by a forward hook on decoder layer E - 1 (0-based), not from `output_hidden_states`,
 because HF replaces the last of those by the normed state and would need all L of them kept.
