@@ -11,12 +11,14 @@ identical to it (bit for bit in our tests); `silu_mul` is the one kernel of its 
 that path. It applies when every projection is a `PackedLinear` whose rows its GEMV reads or a
 `QuantLinear` running slimlm's int4/int8 kernel in the model dtype (a GPTQ checkpoint; the stack calls
 the same `slimlm_qlinear` with the layer's own arguments, so it equals the layer path too), the
-family has no per-head q/k norm (Qwen3 takes the layer path), the step has at most GEMV_MAX_ROWS
-rows of one token each (decoding sequences, or the tokens of a speculative verify pass, which may start
-at a later layer), the KV cache is in the model dtype or an int8
-`QuantizedKV` (each token quantized as it is stored, as `kv_quant.quantize_write` does), and the
-C library builds (see
-`serve.kernels.cpu_build.build_cpu_kernels`; SLIMLM_CPU_KERNELS=0 turns it off).
+family has no per-head q/k norm (Qwen3 takes the layer path), the step has rows of one token each
+(decoding sequences, or the tokens of a speculative verify pass, which may start at a later layer), at
+most GEMV_MAX_ROWS of them where a projection's weight is in oneDNN's layout (the layer path multiplies
+more rows with oneDNN's GEMM, whose sums differ) and at most STACK_MAX_ROWS where every projection is in
+slimlm's own bf16 layout or quantized (their kernels take any number of rows), the KV cache is in the
+model dtype or an int8 `QuantizedKV` (each token quantized as it is stored, as `kv_quant.quantize_write`
+does), and the C library builds (see `serve.kernels.cpu_build.build_cpu_kernels`; SLIMLM_CPU_KERNELS=0
+turns it off).
 """
 from __future__ import annotations
 
@@ -49,6 +51,13 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return silu_mul_ref(gate_up)
 
 
+# Rows a step may have in the stack where every projection's kernel takes any number of rows. Between a
+# few rows and a few dozen the Python between the layer path's kernels is a share of the step: a SmolLM2
+# step in the stack against the layer path (AVX2, 2 threads; docs/benchmarks.md) was 1.13-1.30x faster
+# in bf16 at 6-48 rows and 1.05-1.06x at 64; int4 1.15-1.44x and 1.05x. Past 64 rows: not measured.
+STACK_MAX_ROWS = 64
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "in_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "o_b", "gu_w", "gu_b", "down_w", "down_b",
@@ -78,6 +87,10 @@ class DecodeStack:
                     setattr(entry, f"{name}_b", ptr(lin.bias))
             entry.in_norm = layer.input_norm.weight.data_ptr()
             entry.post_norm = layer.post_attention_norm.weight.data_ptr()
+        dense = [lin for layer in model.layers for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj,
+                                                           layer.down_proj) if not isinstance(lin, QuantLinear)]
+        # The most rows a step may have here: as many as the layer path sends through the same kernels.
+        self.max_rows = STACK_MAX_ROWS if all(lin.own_layout for lin in dense) else GEMV_MAX_ROWS
         self._caches: list | None = None  # the (k, v) data pointers the layers point at
         self._tensors: list | None = None  # plain-tensor caches bound last: a step with the same ones skips the checks
 
@@ -156,9 +169,10 @@ def _runs_in_stack(lin, dtype: torch.dtype) -> bool:
 
 
 def can_run(meta, n: int) -> bool:
-    """A step the fused stack runs: decode only, at most GEMV_MAX_ROWS sequences, int64 slots."""
+    """A step the fused stack may run: decode only, at most STACK_MAX_ROWS rows (the stack's own
+    `max_rows` may be fewer), int64 slots."""
     slots = meta.slot_mapping
-    return (0 < n <= GEMV_MAX_ROWS and meta.is_decode_only and slots.dtype == torch.int64
+    return (0 < n <= STACK_MAX_ROWS and meta.is_decode_only and slots.dtype == torch.int64
             and slots.is_contiguous() and slots.device.type == "cpu")
 
 

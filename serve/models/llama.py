@@ -247,7 +247,7 @@ class CausalLM(nn.Module):
     def run_layers(self, x: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
                    meta: AttentionMetadata, first: int, last: int) -> Tensor:
         """Layers [first, last) on the residual stream x [N, hidden] entering layer `first` (a speculative
-        verify pass starts where the draft stopped). Decode-only steps of a few rows run in one C call."""
+        verify pass starts where the draft stopped). Decode-only steps of up to a few dozen rows run in one C call."""
         num_slots = kv_caches[0][0].shape[0] * kv_caches[0][0].shape[1] if last > first else 0
         slots = meta.slot_mapping
         if num_slots and slots.numel() and slots.device.type == "cpu":
@@ -258,7 +258,7 @@ class CausalLM(nn.Module):
                 raise ValueError(f"slot_mapping holds slots outside the KV cache's {num_slots} ({lo}..{hi})")
         cos, sin = self.rotary(positions, meta.max_seq_len - 1)            # [N, 1, D] each
         if (last > first and cpu_decode.can_run(meta, x.shape[0]) and (stack := self._decode_stack()) is not None
-                and stack.bind(kv_caches, last)):
+                and x.shape[0] <= stack.max_rows and stack.bind(kv_caches, last)):
             return stack(x, cos, sin, kv_caches, meta, first, last)       # the same layers, in one C call
         for layer, (k_cache, v_cache) in zip(self.layers[first:last], kv_caches[first:last]):
             x = layer(x, cos, sin, k_cache, v_cache, meta)

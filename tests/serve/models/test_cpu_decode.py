@@ -56,14 +56,24 @@ def pair(request):
     return hf, model
 
 
-@pytest.mark.parametrize("batch", [1, 4, 5])
-def test_stack_equals_the_layer_path(pair, batch):
-    # Bit for bit: the stack runs the same kernels in the same order. At 5 sequences the step is
-    # past GEMV_MAX_ROWS, so both runs take the layer path (the check that the switch is clean).
+@pytest.mark.parametrize("batch", [1, 4, 5, 12])
+def test_stack_equals_the_layer_path(pair, batch, monkeypatch):
+    # Bit for bit: the stack runs the same kernels in the same order. Past GEMV_MAX_ROWS it runs only
+    # where every projection is in slimlm's own layout (bf16 where oneDNN does not pack it, as on AVX2),
+    # whose GEMV the layer path also uses at any number of rows; otherwise both runs take the layer path
+    # (the check that the switch is clean).
     _, model = pair
     gen = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (7, 12, 3, 9, 5)[:batch]]
+    lengths = (7, 12, 3, 9, 5, 4, 8, 6, 2, 10, 11, 1)[:batch]
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
+    calls = []
+    real = cpu_decode.DecodeStack.__call__
+    monkeypatch.setattr(cpu_decode.DecodeStack, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
     fused, h_fused = decode(model, prompts, 12, stack=True)
+    own = all(lin.own_layout for layer in model.layers
+              for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
+    limit = cpu_decode.STACK_MAX_ROWS if own else cpu_decode.GEMV_MAX_ROWS
+    assert len(calls) == (11 if batch <= limit else 0)  # every decode step after the prefill, or none
     layered, h_layered = decode(model, prompts, 12, stack=False)
     assert fused == layered
     for a, b in zip(h_fused, h_layered):

@@ -320,13 +320,15 @@ def test_slimlm_bench_runs_on_a_gptq_folder(tmp_path, monkeypatch, capsys):
 
 STACK_SHAPES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 STACK_CASES = [("llama", 4, torch.float32, 1), ("llama", 4, torch.bfloat16, 3), ("qwen2", 8, torch.float32, 3),
-               ("qwen2", 4, torch.bfloat16, 1), ("llama", 8, torch.bfloat16, 3)]
+               ("qwen2", 4, torch.bfloat16, 1), ("llama", 8, torch.bfloat16, 3), ("llama", 4, torch.bfloat16, 6)]
 
 
 @pytest.mark.parametrize("arch, bits, dtype, batch", STACK_CASES,
                          ids=[f"{a}-int{b}-{str(d)[6:]}-batch{n}" for a, b, d, n in STACK_CASES])
-def test_fused_decode_stack_runs_quantized_layers_as_the_layer_path_does(tmp_path, arch, bits, dtype, batch):
-    # The stack calls the QuantLinears' own kernel with their own arguments: bit for bit the layer path.
+def test_fused_decode_stack_runs_quantized_layers_as_the_layer_path_does(tmp_path, monkeypatch, arch, bits, dtype,
+                                                                         batch):
+    # The stack calls the QuantLinears' own kernel with their own arguments: bit for bit the layer path,
+    # also past GEMV_MAX_ROWS (batch 6), where a model of quantized layers still runs in the stack.
     from slimlm.serve.models import cpu_decode
 
     folder = quantized_dir(tmp_path, arch, QuantScheme(bits=bits, group_size=32, sym=False), **STACK_SHAPES)
@@ -338,8 +340,12 @@ def test_fused_decode_stack_runs_quantized_layers_as_the_layer_path_does(tmp_pat
     fused._stack = cpu_decode.decode_stack_for(fused)
     assert fused._stack is not None
     layered._stack = None
-    prompts = PROMPTS[:batch]
+    prompts = (PROMPTS * 2)[:batch]
+    calls = []
+    real = cpu_decode.DecodeStack.__call__
+    monkeypatch.setattr(cpu_decode.DecodeStack, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
     stack_steps, layer_steps = step_logits([fused, layered], steps=5, prompts=prompts)
+    assert len(calls) == 4  # every decode step after the prefill
     for a, b in zip(stack_steps, layer_steps):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     if dtype == torch.float32:
