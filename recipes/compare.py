@@ -29,6 +29,14 @@ Cache and resume rule: --out/cache/ holds a JSON per model named by a hash of th
   it), so its ratio is that run's; the report marks it †.
 So a re-run with one more model measures that model and the base's speed; an interrupted run resumes.
 --out/settings.json pins the folder's settings: others are refused unless --overwrite (discards all).
+
+Early-exit exports: drafting from their exits is what they are for, so under --speculative auto (the
+default) one is benchmarked as `slimlm serve DIR --speculative self` serves it: self-speculative decoding
+from its shallowest exit (through the exit's own norm and lens where it has them), adaptive draft length, at
+most 4 drafts (`speculation_plan`); its speed result records the exit and the acceptance reached (over the
+warm-ups and all repetitions). Greedy decoding stays the full model's (it verifies every draft), so its
+accuracy is the model's own. --speculative off: every model decodes plainly. The plan is part of the
+model's cache key.
 """
 from __future__ import annotations
 
@@ -76,6 +84,9 @@ def _add_arguments(p) -> None:
                    help="alternate: all models loaded at once, their speed repetitions alternated (ratios per "
                    "repetition); sequential: one model after the other (one model in memory); auto (default): "
                    "alternate where the models fit in half the free memory")
+    p.add_argument("--speculative", choices=["auto", "off"], default="auto",
+                   help="auto (default): an early-exit export's speed is measured with self-speculative decoding "
+                   "from its shallowest exit, as `slimlm serve DIR --speculative self` serves it; off: all plainly")
 
 
 def add_compare(sub) -> None:
@@ -125,6 +136,7 @@ def settings_from_args(args) -> dict:
             "reps": args.reps, "threads": args.threads,
             # only where it is not 1: the settings of folders made before the option stay the same
             **({"speed_rounds": args.speed_rounds} if args.speed_rounds != 1 else {}),
+            **({"speculative": "off"} if args.speculative == "off" else {}),
             **({"spread_windows": True} if args.spread_windows and args.max_windows else {})}
 
 
@@ -200,8 +212,10 @@ def _files(folder: Path) -> list[Path]:
     return [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def identity(model: dict) -> dict:
-    """What makes a model the same model: its kind, location, every file's size and mtime, an export's manifest hash."""
+def identity(model: dict, plan: dict | None = None) -> dict:
+    """What makes a model the same model: its kind, location, every file's size and mtime, an export's manifest
+    hash, and how its speed is measured (`speculation_plan`; only where speculative, so plain models keep the
+    keys of folders made before speculation was measured, and an exit export's plain figures are never reused)."""
     folder = model_folder(model)
     ident = {"kind": model["kind"], "location": str(folder) if folder else model["spec"]}
     if folder is not None:
@@ -209,6 +223,8 @@ def identity(model: dict) -> dict:
                           for p in _files(folder)}
     if model["kind"] == "export":
         ident["manifest_sha256"] = file_sha256(folder / "slimlm.json")
+    if plan is not None:
+        ident["speculation"] = plan
     return ident
 
 
@@ -298,46 +314,89 @@ def measure_accuracy(spec: str, settings: dict) -> dict:
     return result
 
 
-def _engine(spec: str, settings: dict):
-    """`spec` loaded into slimlm's serving engine, with a KV cache just large enough for the benchmark."""
+NUM_DRAFT = 4  # most drafts per step: `slimlm serve --speculative self`'s default
+
+
+def speculation_plan(model: dict, settings: dict) -> dict | None:
+    """How `model`'s speed is measured: None for plain decoding; for an early-exit export under --speculative
+    auto, self-speculative decoding from its shallowest exit (through its own norm and lens where it has them),
+    the adaptive policy, at most NUM_DRAFT drafts: what `slimlm serve DIR --speculative self` runs."""
+    if settings.get("speculative", "auto") == "off" or model["kind"] != "export":
+        return None
+    from slimlm.toolkit.early_exit import read_exit_spec
+
+    spec = read_exit_spec(model["spec"], verify=False)
+    if spec is None:
+        return None
+    return {"exit_layer": spec.layers[0], "num_draft": NUM_DRAFT, "adaptive": True, "norm": spec.norm}
+
+
+def _engine(spec: str, settings: dict, plan: dict | None = None):
+    """`spec` loaded into slimlm's serving engine, with a KV cache just large enough for the benchmark, drafting
+    from an exit where `plan` (`speculation_plan`) says so."""
     from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+    from slimlm.serve.engine.speculative import SpeculativeConfig
+    from slimlm.toolkit.early_exit import draft_weights, read_exit_spec
     from slimlm.toolkit.models import load
 
     hf_model, tokenizer = load(spec, dtype=settings["dtype"], device=settings["device"])
     length = settings["prompt_len"] + settings["gen_len"]
     blocks = settings["concurrency"] * (-(-length // 16) + 1) + 1  # every request in flight, plus one spare
-    config = EngineConfig(max_num_seqs=settings["concurrency"], num_blocks=blocks, max_model_len=length + 1)
+    speculative = None
+    if plan is not None:
+        norm, proj = draft_weights(spec, read_exit_spec(spec, verify=False), plan["exit_layer"])
+        speculative = SpeculativeConfig(exit_layer=plan["exit_layer"], num_draft=plan["num_draft"], exit_norm=norm,
+                                        exit_proj=proj, adaptive=plan["adaptive"])
+    config = EngineConfig(max_num_seqs=settings["concurrency"], num_blocks=blocks, max_model_len=length + 1,
+                          speculative=speculative)
     try:
         return LLMEngine(hf_model, tokenizer, config, model_name=spec)
     except ValueError as err:
-        raise SlimlmError(f"cannot serve {spec}: {err}") from err
+        raise SlimlmError(f"cannot serve {spec}: {err}",
+                          "Pass --speculative off to measure it plainly." if plan else None) from err
 
 
-def measure_speed(spec: str, settings: dict, progress=None) -> dict:
+def speculation_result(plan: dict, stats: list[dict]) -> dict:
+    """`plan` and what it achieved, from the engines' counters (`LLMEngine.stats()`, one per load): over the
+    warm-ups and every repetition, batch 1 and online together; batches over `max_batch` decode plainly."""
+    from slimlm.serve.engine.speculative import SpeculativeConfig
+
+    drafted = sum(s["spec_draft_tokens_total"] for s in stats)
+    accepted = sum(s["spec_accepted_tokens_total"] for s in stats)
+    steps = sum(s["spec_steps_total"] for s in stats)
+    emitted = sum(s["spec_mean_accepted_length"] * s["spec_steps_total"] for s in stats)  # its mean is emitted / steps
+    return {**plan, "max_batch": SpeculativeConfig.max_batch, "drafted_tokens": drafted, "steps": steps,
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "mean_accepted_length": emitted / steps if steps else None}
+
+
+def measure_speed(spec: str, settings: dict, progress=None, plan: dict | None = None) -> dict:
     """Load `spec` in the serving engine here and run `serve.bench.benchmark` at batch 1 and at fixed concurrency
-    (with settings["speed_rounds"] > 1, `measure_speeds`'s rounds for this one model, less its raw values)."""
+    (with settings["speed_rounds"] > 1, `measure_speeds`'s rounds for this one model, less its raw values).
+    With a `plan` (`speculation_plan`) the engine drafts from an exit, and the result holds `speculation`."""
     import gc
 
     if settings.get("speed_rounds", 1) > 1:
-        result = measure_speeds([spec], settings, progress)[0]
+        result = measure_speeds([spec], settings, progress, plans=[plan])[0]
         del result["values"]  # measured alone: ratios divide medians, not repetitions side by side
         return result
 
     from slimlm.serve.bench import benchmark
 
-    engine = _engine(spec, settings)
+    engine = _engine(spec, settings, plan)
     result = benchmark(engine, None, [1], settings["concurrency"], None, settings["num_requests"],
                        settings["prompt_len"], settings["gen_len"], settings["reps"], progress=progress)
+    speculation = {"speculation": speculation_result(plan, [engine.stats()])} if plan else {}
     del engine
     gc.collect()  # the next model loads into the memory this one held (torch's caching allocator keeps it on GPU)
     online = result["rows"][f"engine online c={settings['concurrency']}"]
     batch1 = result["rows"]["engine batch 1"]
     return {"figures": {"batch1_tok_s": batch1["tokens_per_s"], "batch1_decode_tok_s": batch1["decode_tokens_per_s"],
                         "online_tok_s": online["tokens_per_s"], "ttft_p50_ms": online["ttft_p50_ms"]},
-            "rows": result["rows"], "bench_settings": result["settings"]}
+            "rows": result["rows"], "bench_settings": result["settings"], **speculation}
 
 
-def measure_speeds(specs: list[str], settings: dict, progress=None) -> list[dict]:
+def measure_speeds(specs: list[str], settings: dict, progress=None, plans: list | None = None) -> list[dict]:
     """Speed of several models at once: each in its own engine, all loaded together, their repetitions
     alternated (`serve.bench.benchmark_interleaved`), so per-repetition ratios to the first (the base)
     see the same machine. Each result is `measure_speed`'s plus `values`, the per-repetition figures.
@@ -345,7 +404,8 @@ def measure_speeds(specs: list[str], settings: dict, progress=None) -> list[dict
     With settings["speed_rounds"] = N > 1 the models are loaded N times, --reps alternated repetitions
     each time, and the figures span all N x reps: a model's speed also moves with where its weights land
     in memory (a fresh load of the same models in the same process moved int4's batch-1 ratio between
-    1.28x and 1.52x), which repetitions over one load do not see and a second run would."""
+    1.28x and 1.52x), which repetitions over one load do not see and a second run would.
+    `plans`: one `speculation_plan` (or None) per model, as in `measure_speed`."""
     import gc
 
     from slimlm.recipes import compare_report
@@ -353,30 +413,35 @@ def measure_speeds(specs: list[str], settings: dict, progress=None) -> list[dict
 
     rounds = settings.get("speed_rounds", 1)
     say = progress or (lambda msg: None)
-    values = [None] * len(specs)
+    values, plans = [None] * len(specs), plans or [None] * len(specs)
+    stats = [[] for _ in specs]  # per model, its engines' speculation counters, one per round
     for rnd in range(rounds):
         tag = f"round {rnd + 1}/{rounds}, " if rounds > 1 else ""
         engines = []
         for i, spec in enumerate(specs):
             say(f"{tag}loading {i + 1}/{len(specs)}: {spec}")
-            engines.append(_engine(spec, settings))
+            engines.append(_engine(spec, settings, plans[i]))
         results = benchmark_interleaved(engines, settings["concurrency"], settings["num_requests"],
                                         settings["prompt_len"], settings["gen_len"], settings["reps"],
                                         progress=lambda msg, tag=tag: say(tag + msg))
+        for i, plan in enumerate(plans):
+            if plan:
+                stats[i].append(engines[i].stats())
         del engines
         gc.collect()
         for i, r in enumerate(results):
             values[i] = r["values"] if values[i] is None else {k: v + r["values"][k] for k, v in values[i].items()}
     label = f"engine online c={settings['concurrency']}"
     out = []
-    for r, v in zip(results, values):  # the last round's settings; figures over every round's values
+    for r, v, plan, st in zip(results, values, plans, stats):  # the last round's settings; every round's figures
         spread = {k: Spread.of(vals).__dict__ for k, vals in v.items()}
         rows = {"engine batch 1": {"tokens_per_s": spread["batch1_tok_s"],
                                    "decode_tokens_per_s": spread["batch1_decode_tok_s"]},
                 label: {"tokens_per_s": spread["online_tok_s"], "ttft_p50_ms": spread["ttft_p50_ms"],
                         "tpot_p50_ms": spread["tpot_p50_ms"]}}
         out.append({"figures": {k: spread[k] for k in compare_report.SPEED_FIGURES},
-                    "rows": rows, "bench_settings": {**r["settings"], "speed_rounds": rounds}, "values": v})
+                    "rows": rows, "bench_settings": {**r["settings"], "speed_rounds": rounds}, "values": v,
+                    **({"speculation": speculation_result(plan, st)} if plan else {})})
     return out
 
 
@@ -422,7 +487,7 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(3).hex()
     entries = []
     for m in models:
-        ident = identity(m)
+        ident = identity(m, speculation_plan(m, settings))
         key = cache_key(ident, settings)
         path = out / "cache" / f"{key}.json"
         cached = json.loads(path.read_text()) if path.is_file() else {}
@@ -456,7 +521,8 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
         if together and len(todo_speed) > 1:
             speed_task = bar.add_task("speed", total=None)
             say = lambda msg: bar.update(speed_task, description=f"speed, {len(todo_speed)} models alternated: {msg}")  # noqa: E731
-            speeds = measure_speeds([e["spec"] for e in todo_speed], settings, progress=say)
+            speeds = measure_speeds([e["spec"] for e in todo_speed], settings, progress=say,
+                                    plans=[e["identity"].get("speculation") for e in todo_speed])
             for e, speed in zip(todo_speed, speeds):
                 record(e, speed, speeds[0])
             bar.update(speed_task, total=1, completed=1)
@@ -465,7 +531,7 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
             first = None
             for e in todo_speed:
                 say = lambda msg, label=e["label"]: bar.update(speed_task, description=f"speed: {label}: {msg}")  # noqa: E731
-                speed = measure_speed(e["spec"], settings, progress=say)
+                speed = measure_speed(e["spec"], settings, progress=say, plan=e["identity"].get("speculation"))
                 first = first or speed  # the base comes first in every run
                 record(e, speed, first)
                 bar.advance(speed_task)

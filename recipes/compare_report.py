@@ -168,14 +168,35 @@ def _header(col: dict) -> str:
     return f"{col['header']} {'↓' if col['better'] == 'lower' else '↑'}"
 
 
+def model_name(m: dict) -> str:
+    """A model's name in the tables: its label, marked where it is the base and where its speed was measured
+    with self-speculative decoding from one of its exits (the notes say how)."""
+    return (m["label"] + (" (base)" if m["role"] == "base" else "")
+            + (" (self-spec)" if m.get("speed", {}).get("speculation") else ""))
+
+
 def table_cells(report: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and one row of cells per model, shared by the markdown and the rich table."""
     headers = ["model"] + [_header(c) for c in report["columns"]]
-    rows = []
-    for m in report["models"]:
-        name = m["label"] + (" (base)" if m["role"] == "base" else "")
-        rows.append([name] + [cell(m["figures"][c["key"]], c["digits"]) for c in report["columns"]])
+    rows = [[model_name(m)] + [cell(m["figures"][c["key"]], c["digits"]) for c in report["columns"]]
+            for m in report["models"]]
     return headers, rows
+
+
+NORM_WORDS = {"shared": "the model's final norm", "own": "its own norm", "lens": "its own norm and lens"}
+
+
+def speculation_note(label: str, sp: dict, settings: dict) -> str:
+    """One line on how a model's speed was measured with self-speculative decoding, and what it achieved."""
+    achieved = ("no token was drafted" if sp["acceptance_rate"] is None else
+                f"{sp['acceptance_rate']:.0%} of {sp['drafted_tokens']} drafted tokens accepted, "
+                f"{sp['mean_accepted_length']:.2f} tokens per speculative step")
+    plain = (f"; batches of more than {sp['max_batch']} decode plainly"
+             if settings["concurrency"] > sp["max_batch"] else "")
+    return (f"{label}: speed with self-speculative decoding from exit {sp['exit_layer']} "
+            f"({NORM_WORDS.get(sp['norm'], sp['norm'])}), adaptive, at most {sp['num_draft']} drafts: {achieved} "
+            f"(warm-ups and all repetitions together){plain}. Lossless: the full model verifies every drafted token, "
+            "so greedy output is its own and the perplexity and accuracy are the model's, unchanged.")
 
 
 def notes(report: dict) -> list[str]:
@@ -206,6 +227,8 @@ def notes(report: dict) -> list[str]:
     if not all(m["memory"].get("exact", True) for m in report["models"]):
         lines.append("Memory: this system could not reset the peak-RSS record, so memory is the growth past the "
                      "peak the imports reached: a lower bound.")
+    lines += [speculation_note(m["label"], m["speed"]["speculation"], s) for m in report["models"]
+              if m["speed"].get("speculation")]
     if any(f.get("earlier_run") for m in report["models"] for f in m["figures"].values()):
         lines.append("†: speed measured in an earlier run of this comparison (its ratio divides by the base "
                      "measured in that run); it was cached and not measured again.")
@@ -253,7 +276,7 @@ def rich_table(report: dict) -> Table:
     table = Table(title=escape(f"compare: base {report['models'][0]['label']}"))
     table.add_column("figure")
     for m in report["models"]:
-        table.add_column(escape(m["label"] + (" (base)" if m["role"] == "base" else "")), justify="right")
+        table.add_column(escape(model_name(m)), justify="right")
     for c in report["columns"]:
         cells = [cell(m["figures"][c["key"]], c["digits"]).replace(" (", "\n(", 1) for m in report["models"]]
         table.add_row(escape(_header(c)), *(escape(text) for text in cells))

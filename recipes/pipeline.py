@@ -195,7 +195,10 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
                     resolve(str(args[key]))
         variants.append({"name": name, "recipe": v["recipe"], "from": parent, "config": config, "args": args,
                          "launcher": launcher})
-    compare_argv = ["compare", "BASE", "VARIANT", *_flag_args(raw.get("compare") or {})]
+    options = raw.get("compare") or {}
+    if isinstance(options, dict) and options.get("speculative") is False:  # YAML reads a bare `off` as false
+        options = {**options, "speculative": "off"}
+    compare_argv = ["compare", "BASE", "VARIANT", *_flag_args(options)]
     cargs = _parse_or_refuse(compare.add_compare, compare_argv, f"{path}: compare")
     plan = {"config": str(path), "base": base, "out": str(out), "variants": variants,
             "compare": compare.settings_from_args(cargs)}

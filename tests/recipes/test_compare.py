@@ -100,9 +100,10 @@ class Fakes:
         monkeypatch.setattr(compare, "measure_speed", self.measure_speed)
         monkeypatch.setattr(compare, "measure_speeds", self.measure_speeds)
 
-    def measure_speeds(self, specs, settings, progress=None):
+    def measure_speeds(self, specs, settings, progress=None, plans=None):
         self.together.append([os.path.basename(s) for s in specs])
-        results = [self.measure_speed(spec, settings) for spec in specs]
+        plans = plans or [None] * len(specs)
+        results = [self.measure_speed(spec, settings, plan=plan) for spec, plan in zip(specs, plans)]
         for spec, r in zip(specs, results):
             batch1 = self.reps.get(os.path.basename(spec), [r["figures"]["batch1_decode_tok_s"]["median"]] * 2)
             r["values"] = {key: [f["median"]] * len(batch1) for key, f in r["figures"].items()}
@@ -117,8 +118,9 @@ class Fakes:
         return {"accuracy": {"perplexity": {"wiki": {"perplexity": ppl}}, "tasks": {}}, "params": 1000,
                 "memory": {"load_eval_bytes": 2**20}}
 
-    def measure_speed(self, spec, settings, progress=None):
+    def measure_speed(self, spec, settings, progress=None, plan=None):
         name = os.path.basename(spec)
+        assert plan is None  # these tests compare plain folders
         if name == self.fail_speed_on:
             raise KeyboardInterrupt
         self.speed.append(name)
@@ -294,7 +296,7 @@ def test_speed_rounds_load_the_models_again_and_span_every_round(monkeypatch):
                             "ttft_p50_ms": [k, k], "tpot_p50_ms": [k, k]},
                  "settings": {"reps": reps}} for i, _ in enumerate(engines)]
 
-    monkeypatch.setattr(compare, "_engine", lambda spec, settings: loads.append(spec) or spec)
+    monkeypatch.setattr(compare, "_engine", lambda spec, settings, plan=None: loads.append(spec) or spec)
     monkeypatch.setattr(bench, "benchmark_interleaved", fake_interleaved)
     settings = {"concurrency": 2, "num_requests": 2, "prompt_len": 8, "gen_len": 4, "reps": 2, "speed_rounds": 2}
     base, other = compare.measure_speeds(["base", "other"], settings)
@@ -322,3 +324,106 @@ def test_spread_windows_join_the_settings_only_when_set_with_a_window_limit():
     # All windows: nothing to spread, so the same settings (and cache) as without the flag.
     everything = compare.settings_from_args(parse(["a", "b", "--out", "x", "--max-windows", "0", "--spread-windows"]))
     assert "spread_windows" not in everything
+
+
+@pytest.fixture(scope="module")
+def exit_models(models, tmp_path_factory):
+    """The 3-layer `large` folder as the base, an early-exit export of it (a lens exit after layer 1) and a plain
+    export of it."""
+    from slimlm.toolkit.early_exit import ExitHeads, write_with_exits
+    from slimlm.toolkit.export import write
+
+    root = tmp_path_factory.mktemp("exits")
+    model, tok = tiny_model("llama", seed=2, num_hidden_layers=3)  # the weights of `large`: same seed, same weights
+    write_with_exits(model, tok, ExitHeads.for_model(model, [1], "lens"), root / "lens-exits")
+    write(model, tok, root / "plain-export")
+    return {"base": models["large"], "lens-exits": root / "lens-exits", "plain-export": root / "plain-export"}
+
+
+def fixed_accuracy(spec, settings):
+    return {"accuracy": {"perplexity": {"wiki": {"perplexity": 7.0}}, "tasks": {}}, "params": 1000,
+            "memory": {"load_eval_bytes": 2**20}}
+
+
+@pytest.fixture
+def one_thread():
+    """--threads 1 (5x faster here while other work shares the 2 cores); torch's count restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def test_an_exit_export_is_timed_drafting_from_its_exit_unless_off(exit_models, text_file, tmp_path, monkeypatch,
+                                                                     one_thread):
+    """Speed measured for real (accuracy, untouched by speculation and measured for real above, faked: its
+    subprocesses took 20 s): under the default --speculative auto the export drafts from its exit (alternated
+    and sequential speed alike) and the report says what was accepted; --speculative off times it plainly."""
+    monkeypatch.setattr(compare, "measure_accuracy", fixed_accuracy)
+    argv = [exit_models["base"], exit_models["lens-exits"], "--data", text_file, *FAST, "--gen-len", "12", *one_thread]
+    out = tmp_path / "auto"
+    assert compare.run_compare(parse([*argv, "--out", out])) == 0  # auto: tiny models are alternated
+    report = json.loads((out / "report.json").read_text())
+    base, exits = report["models"]
+    assert "speculation" not in base["speed"] and base["speed"]["values"]  # alternated
+    sp = exits["speed"]["speculation"]
+    assert (sp["exit_layer"], sp["num_draft"], sp["norm"]) == (1, 4, "lens") and sp["drafted_tokens"] > 0
+    assert 0 <= sp["acceptance_rate"] <= 1 and sp["mean_accepted_length"] >= 1
+    md = (out / "report.md").read_text()
+    assert "| lens-exits (self-spec) |" in md and "| large (base) |" in md
+    note = next(line for line in md.splitlines() if line.startswith("- lens-exits: "))
+    assert "self-speculative decoding from exit 1 (its own norm and lens)" in note
+    assert f"{sp['acceptance_rate']:.0%} of {sp['drafted_tokens']} drafted tokens accepted" in note
+
+    out = tmp_path / "sequential"
+    assert compare.run_compare(parse([*argv, "--out", out, "--speed-order", "sequential"])) == 0
+    exits = json.loads((out / "report.json").read_text())["models"][1]
+    assert "values" not in exits["speed"] and 0 <= exits["speed"]["speculation"]["acceptance_rate"] <= 1
+
+    out = tmp_path / "off"
+    assert compare.run_compare(parse([*argv, "--out", out, "--speculative", "off"])) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["speculative"] == "off"
+    assert not any("speculation" in m["speed"] or "speculation" in m["identity"] for m in report["models"])
+    assert "self-spec" not in (out / "report.md").read_text()
+
+
+def test_the_plan_joins_the_cache_key_of_an_exit_export_only(exit_models):
+    """A plain figure of an exit export is never reused for a speculative one, nor the other way round; the keys
+    of plain models are those they had before plans existed."""
+    base, exits = compare.check_models([str(exit_models["base"]), str(exit_models["lens-exits"])])
+    auto, off = {"reps": 1}, {"reps": 1, "speculative": "off"}
+    plan = compare.speculation_plan(exits, auto)
+    assert plan == {"exit_layer": 1, "num_draft": 4, "adaptive": True, "norm": "lens"}
+    assert compare.speculation_plan(exits, off) is None
+
+    def key(model, plan_settings):  # the same settings in the key: only the plan differs
+        return compare.cache_key(compare.identity(model, compare.speculation_plan(model, plan_settings)), auto)
+
+    assert key(exits, auto) != key(exits, off) == compare.cache_key(compare.identity(exits), auto)
+    assert key(base, auto) == key(base, off) == compare.cache_key(compare.identity(base), auto)
+
+
+def test_a_plain_folder_or_export_gets_no_plan(exit_models, models):
+    plain = compare.check_models([str(models["base"]), str(exit_models["plain-export"])])
+    assert [m["kind"] for m in plain] == ["hf_dir", "export"]
+    assert [compare.speculation_plan(m, {}) for m in plain] == [None, None]
+
+
+def test_a_speculation_note_says_what_was_used_and_achieved():
+    sp = {"exit_layer": 4, "num_draft": 4, "adaptive": True, "norm": "own", "max_batch": 16, "drafted_tokens": 100,
+          "steps": 40, "acceptance_rate": 0.23, "mean_accepted_length": 1.3}
+    from slimlm.recipes.compare_report import speculation_note
+
+    note = speculation_note("exits", sp, {"concurrency": 32})
+    assert note.startswith("exits: speed with self-speculative decoding from exit 4 (its own norm), adaptive, "
+                           "at most 4 drafts: 23% of 100 drafted tokens accepted, 1.30 tokens per speculative step")
+    assert "batches of more than 16 decode plainly" in note
+    assert "more than 16" not in speculation_note("exits", sp, {"concurrency": 8})
+    assert "no token was drafted" in speculation_note("exits", {**sp, "acceptance_rate": None}, {"concurrency": 8})
+
+
+def test_speculative_joins_the_settings_only_when_off():
+    assert "speculative" not in compare.settings_from_args(parse(["a", "b", "--out", "x"]))
+    assert compare.settings_from_args(parse(["a", "b", "--out", "x", "--speculative", "off"]))["speculative"] == "off"

@@ -150,6 +150,18 @@ def test_unknown_model_and_other_configs_out_are_refused(base, monkeypatch, caps
     refused(capsys, [config], "holds no slimlm pipeline")
 
 
+def test_compare_speculative_off_reaches_the_compare_settings(base):
+    """YAML reads a bare `off` as false, which would drop the flag: `speculative: off` must still turn it off."""
+    config = write_config(base, variants(base)[:1], name="spec.yaml")
+    text = config.read_text()
+    for value, want in (("off", "off"), ("'off'", "off"), ("auto", None)):
+        config.write_text(text.replace("compare:\n", f"compare:\n  speculative: {value}\n"))
+        assert pipeline.load_pipeline(config)["compare"].get("speculative") == want
+    config.write_text(text.replace("compare:\n", "compare:\n  speculative: self\n"))
+    with pytest.raises(pipeline.SlimlmError, match="speculative"):
+        pipeline.load_pipeline(config)
+
+
 def test_shipped_configs_validate(capsys):
     plan = pipeline.load_pipeline("configs/pipeline/quickstart.yaml")
     assert plan["base"] == "smollm2-135m" and len(plan["variants"]) >= 4
