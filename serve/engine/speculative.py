@@ -18,7 +18,8 @@ untrained exits it measured 0.95x, see docs/benchmarks.md): each sequence keeps 
 rate `a` and drafts the `k` that maximises expected tokens per unit of work, `(1 - a^(k+1)) / (1 - a)`
 over the cost of a step - this machine's measured step times once known, before that the model
 `(k + 1) * E/L + (1 - E/L) * (1 + verify_cost * k)`; where no `k` pays it decodes plainly and re-probes
-with one draft after a wait that doubles with each miss. A batch larger than
+with one draft after a wait that doubles with each miss. In a batch, a step drafts only where every
+sequence in it would (a mixed step runs its plain rows as a pass of their own). A batch larger than
 `max_batch` never speculates: there decoding is compute-bound and drafts cost full price.
 """
 from __future__ import annotations
@@ -231,12 +232,17 @@ class SelfSpeculator:
         plan = {}
         for s in decodes:
             seq = s.seq
-            if not self.eligible(seq):
-                continue
-            k = min(self.draft_len(seq, len(decodes)), max_model_len - seq.num_tokens - 1)
+            k = min(self.draft_len(seq, len(decodes)), max_model_len - seq.num_tokens - 1) if self.eligible(seq) else 0
             if k >= 1 and bm.can_allocate(seq, 1 + k):
                 bm.allocate(seq, 1 + k)  # slots for [last token, d_1 .. d_k]
                 plan[seq.seq_id] = k
+        if self.config.adaptive and len(decodes) > 1 and len(plan) < len(decodes):
+            # A step that mixes plain and drafting sequences runs the plain ones as a pass of their own, so it
+            # costs about a plain step more than either kind: in a batch, all draft or none does (adaptive).
+            for s in decodes:
+                if s.seq.seq_id in plan:
+                    bm.trim(s.seq)  # the look-ahead slots go back; the last token's stays
+            plan = {}
         out.copy_ops.extend(bm.pop_copy_ops())
         return plan
 

@@ -197,6 +197,31 @@ def test_measured_step_times_can_only_lower_the_cost_model():
     assert spec.gain(0.0, 1, batch=1) < 1 and spec.draft_len(seq) == 0
 
 
+@pytest.mark.parametrize("rates", [(0.99, 0.0), (0.99, 0.99)], ids=["mixed", "both"])
+def test_in_a_batch_every_sequence_drafts_or_none_does(rates):
+    # A mixed step would run the plain sequence as a pass of its own beside the draft and verify passes:
+    # the adaptive policy drafts in a batch only where all sequences would, and gives back the look-ahead
+    # slots it reserved on the way.
+    model, tok = make(layers=4)
+    engine = LLMEngine(model, tok, EngineConfig(speculative=SpeculativeConfig(exit_layer=1, num_draft=3)))
+    for i, prompt in enumerate(PROMPTS[:2]):
+        engine.add_request(str(i), tok.encode(prompt), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.step()  # both prompts prefilled
+    out = engine.scheduler.schedule()
+    seqs = [s.seq for s in out.scheduled]
+    assert len(seqs) == 2 and all(s.num_output_tokens == 1 for s in seqs)
+    spec, bm = engine.speculator, engine.block_manager
+    for seq, rate in zip(seqs, rates):
+        spec.acceptance[seq.seq_id] = rate
+    assert [spec.draft_len(seq, batch=2) > 0 for seq in seqs] == [r > 0.5 for r in rates]
+    used = bm.num_used_blocks
+    plan = spec.plan(out, bm, engine.max_model_len)
+    if rates[1] > 0.5:
+        assert sorted(plan) == sorted(s.seq_id for s in seqs) and bm.num_used_blocks >= used
+    else:
+        assert plan == {} and bm.num_used_blocks == used  # nothing drafts, nothing stays reserved
+
+
 def test_engine_times_pure_decode_steps():
     model, tok = make(layers=4)
     _, engine = run(model, tok, PROMPTS[:1], SpeculativeConfig(exit_layer=2, num_draft=2, adaptive=False))
