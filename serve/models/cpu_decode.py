@@ -53,8 +53,9 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 # Rows a step may have in the stack where every projection's kernel takes any number of rows. Between a
 # few rows and a few dozen the Python between the layer path's kernels is a share of the step: a SmolLM2
-# step in the stack against the layer path (AVX2, 2 threads; docs/benchmarks.md) was 1.13-1.30x faster
-# in bf16 at 6-48 rows and 1.05-1.06x at 64; int4 1.15-1.44x and 1.05x. Past 64 rows: not measured.
+# step in the stack against the layer path (AVX2, 2 threads; a throwaway script alternating both limits,
+# docs/benchmarks.md) was 1.13-1.30x faster in bf16 at 6-48 rows and 1.06x at 64; int4 1.15-1.44x and
+# 1.05x. Past 64 rows: not measured.
 STACK_MAX_ROWS = 64
 
 
@@ -77,6 +78,9 @@ class DecodeStack:
         self.scale = a.head_dim ** -0.5
         ptr = lambda m: None if m is None else m.data_ptr()  # noqa: E731
         self.layers = (_Layer * a.num_layers)()
+        # The most rows a step may have here: as many as the layer path sends through the same kernels
+        # (any number for quantized layers and slimlm's own bf16 layout; GEMV_MAX_ROWS for oneDNN's).
+        self.max_rows = STACK_MAX_ROWS
         for entry, layer in zip(self.layers, model.layers):
             for name, lin in (("qkv", layer.qkv_proj), ("o", layer.o_proj), ("gu", layer.gate_up_proj),
                               ("down", layer.down_proj)):
@@ -85,12 +89,10 @@ class DecodeStack:
                 else:
                     setattr(entry, f"{name}_w", lin._gemv_weight)
                     setattr(entry, f"{name}_b", ptr(lin.bias))
+                    if not lin.own_layout:
+                        self.max_rows = GEMV_MAX_ROWS
             entry.in_norm = layer.input_norm.weight.data_ptr()
             entry.post_norm = layer.post_attention_norm.weight.data_ptr()
-        dense = [lin for layer in model.layers for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj,
-                                                           layer.down_proj) if not isinstance(lin, QuantLinear)]
-        # The most rows a step may have here: as many as the layer path sends through the same kernels.
-        self.max_rows = STACK_MAX_ROWS if all(lin.own_layout for lin in dense) else GEMV_MAX_ROWS
         self._caches: list | None = None  # the (k, v) data pointers the layers point at
         self._tensors: list | None = None  # plain-tensor caches bound last: a step with the same ones skips the checks
 
