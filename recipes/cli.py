@@ -136,7 +136,8 @@ def add_speculative_arguments(p) -> None:
                    "switches off where it does not pay)")
     p.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: a quarter)")
     p.add_argument("--draft-model", default=None, metavar="MODEL",
-                   help="--speculative draft: a smaller model with the same tokenizer (e.g. a pruned, distilled export)")
+                   help="--speculative draft: a smaller model with the same tokenizer (e.g. a pruned, distilled export), "
+                   "or a quantized copy of the target (an int4 export of it), which drafts in the target's KV cache")
     p.add_argument("--num-draft", type=int, default=4, help="most tokens drafted per step (default 4)")
     p.add_argument("--exit-confidence", type=float, default=None, metavar="P",
                    help="LOSSY (CALM-style): keep a greedy draft token whose draft probability is >= P even where "

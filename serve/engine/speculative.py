@@ -58,6 +58,10 @@ class SpeculativeConfig:
     prior_acceptance: float = 0.6
     probe_every: int = 16
     draft_model: object | None = None  # a transformers model or slimlm CausalLM: draft with it (draft_speculative.py)
+    # The draft reads and writes the target's KV cache instead of keeping its own (no draft cache, no catch-up
+    # of tokens it has not seen). None: where it can (`draft_speculative.can_share_kv`) and the cache is
+    # not int8; True: required; False: never.
+    draft_shares_kv: bool | None = None
     # Lossy, opt-in (CALM-style confidence exit): a greedy draft token whose draft probability is at least
     # this is kept even where the full model's argmax differs. None: lossless.
     exit_confidence: float | None = None
@@ -180,11 +184,14 @@ class SelfSpeculator:
 
     def gain(self, acceptance: float, k: int, batch: int) -> float:
         """Expected speedup of drafting k: the cost model's, and once step times at this batch size are
-        measured (this machine's real cost of a draft + verify step), the smaller of the two. Both must
+        measured (this machine's real cost of a draft + verify step), the smaller of the two; where only
+        the speculative step is timed, none (one plain step then times the other side). Both must
         see a gain: a noisy timing alone (a plain step that happened to be slow) never turns drafting on
         where drafts miss, since the cost model prices a step's extra work at more than nothing."""
         model = self.model_speedup(acceptance, k)
         plain, spec = self.plain_time.get(batch), self.spec_time.get((batch, k))
+        if plain is None and any(b == batch for b, _ in self.spec_time):
+            return 0.0  # drafting at this batch size was timed, a plain step not yet: decode plainly to time one
         if plain is None or spec is None:
             return model
         return min(model, expected_tokens(acceptance, k) * plain / spec)

@@ -4,7 +4,9 @@ caching; the draft cache follows the target's blocks; bad drafts are refused cle
 import pytest
 import torch
 
+from slimlm.serve.engine import draft_speculative
 from slimlm.serve.engine.draft_speculative import DraftSpeculator
+from slimlm.serve.models import load_model
 from slimlm.serve.engine.speculative import SpeculativeConfig
 from slimlm.serve.llm import LLM
 from slimlm.serve.sampling_params import SamplingParams
@@ -113,11 +115,34 @@ def test_speculative_sampling_keeps_the_target_distribution():
 
 def test_the_draft_cache_mirrors_the_target_blocks():
     model, tok = make()
-    llm = LLM(model, tok, block_size=4, num_blocks=32, speculative=SpeculativeConfig(draft_model=model))
+    llm = LLM(model, tok, block_size=4, num_blocks=32,
+              speculative=SpeculativeConfig(draft_model=model, draft_shares_kv=False))
     spec = llm.engine.speculator
     assert len(spec.draft_caches) == len(model.model.layers)
     assert spec.draft_caches[0][0].shape == llm.engine.runner.kv_caches[0][0].shape
-    assert 0.99 < spec.cost_fraction < 1.01  # the target as its own draft costs a full step per token
+
+
+@pytest.mark.parametrize("seconds, drafts", [((0.010, 0.003), True), ((0.010, 0.012), False)])
+def test_a_draft_is_priced_by_its_timed_decode_step(monkeypatch, seconds, drafts):
+    # The price of a draft token is the draft's timed one-token step over the target's: a draft timed at
+    # 0.3 of the target pays at the prior acceptance; one slower than the target never drafts, not even a
+    # probe (no acceptance could pay for it).
+    model, tok = make()
+    draft, _ = make(seed=3, layers=2)
+    monkeypatch.setattr(draft_speculative, "decode_step_seconds", lambda models, block_size: list(seconds))
+    llm = LLM(model, tok, block_size=4, num_blocks=64, speculative=SpeculativeConfig(num_draft=3, draft_model=draft))
+    spec = llm.engine.speculator
+    assert spec.cost_fraction == pytest.approx(seconds[1] / seconds[0])
+    llm.generate(PROMPTS[:2], GREEDY)
+    assert (spec.stats.steps > 0) == drafts
+
+
+def test_decode_step_seconds_times_each_model():
+    # Positive, finite, and a model with 8x the layers at 8x the width takes longer per token than a tiny one.
+    big, _ = make(layers=8, hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2)
+    small, _ = make(layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    big_s, small_s = draft_speculative.decode_step_seconds([load_model(big), load_model(small)], block_size=4)
+    assert 0 < small_s < big_s < float("inf")
 
 
 def test_a_draft_with_another_vocabulary_is_refused():
@@ -135,7 +160,7 @@ def test_the_incremental_draft_cache_drafts_what_a_full_recompute_drafts(monkeyp
     with torch.no_grad():
         for layer in draft.model.layers[2:]:
             layer.mlp.down_proj.weight.mul_(0.3)
-    config = dict(num_draft=3, adaptive=False, draft_model=draft)
+    config = dict(num_draft=3, adaptive=False, draft_model=draft, draft_shares_kv=False)
     _, incremental = run(model, tok, PROMPTS[:6], SpeculativeConfig(**config))
     monkeypatch.setattr(DraftSpeculator, "_valid", lambda self, seq: 0)
     _, recompute = run(model, tok, PROMPTS[:6], SpeculativeConfig(**config))
@@ -150,3 +175,60 @@ def test_a_draft_head_with_a_draft_model_is_refused():
     with pytest.raises(ValueError, match="draft_head applies to self-speculation"):
         LLM(model, tok, block_size=4, num_blocks=32,
             speculative=SpeculativeConfig(draft_model=draft, draft_head="int8"))
+
+
+def _quantized_copy(model):
+    """The target with every decoder weight rounded to 4 bits per row (RTN): a draft of the target's shape."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in draft.model.layers:
+            for lin in (m for m in layer.modules() if isinstance(m, torch.nn.Linear)):
+                w = lin.weight
+                scale = w.abs().amax(1, keepdim=True) / 7
+                w.copy_((w / scale).round().clamp(-8, 7) * scale)
+    return draft
+
+
+@pytest.mark.parametrize("batch", [1, 12])
+def test_a_quantized_copy_drafts_in_the_targets_kv_cache_and_stays_exact(batch):
+    # A draft of the target's shape reads and writes the target's cache (no cache or catch-up of its own):
+    # its approximate K/V of the drafted positions are overwritten by the verify pass before any row
+    # reads them, so greedy output stays the plain engine's.
+    model, tok = make()
+    draft = _quantized_copy(model)
+    plain, _ = run(model, tok, PROMPTS, max_num_seqs=batch)
+    fast, engine = run(model, tok, PROMPTS, SpeculativeConfig(num_draft=3, adaptive=False, draft_model=draft),
+                       max_num_seqs=batch)
+    spec = engine.speculator
+    assert spec.shares_kv and spec.draft_caches is None
+    assert fast == plain
+    assert 0 < spec.stats.accepted < spec.stats.drafted  # drafts kept and drafts rejected
+
+
+def test_an_int8_kv_cache_is_not_shared_with_the_draft():
+    # A draft's write into an int8 cache could grow a block's scale and re-round the target's entries there.
+    model, tok = make()
+    llm = LLM(model, tok, block_size=4, num_blocks=32, kv_cache_dtype="int8",
+              speculative=SpeculativeConfig(draft_model=_quantized_copy(model)))
+    assert not llm.engine.speculator.shares_kv and llm.engine.speculator.draft_caches is not None
+
+
+def test_a_shared_kv_draft_is_exact_under_preemption():
+    model, tok = make()
+    draft = _quantized_copy(model)
+    prompts = PROMPTS + ["SYSTEM: be brief. USER: " + p for p in PROMPTS[:4]]
+    plain, _ = run(model, tok, prompts, num_blocks=40, max_model_len=64)
+    fast, engine = run(model, tok, prompts, SpeculativeConfig(num_draft=3, adaptive=False, draft_model=draft),
+                       num_blocks=40, max_model_len=64)
+    assert engine.speculator.shares_kv and engine.speculator.stats.steps > 0
+    assert fast == plain
+
+
+def test_sharing_the_kv_cache_with_a_draft_of_another_shape_is_refused():
+    model, tok = make()
+    draft, _ = make(layers=2)
+    with pytest.raises(ValueError, match="draft_shares_kv needs a draft with the target's layers"):
+        LLM(model, tok, block_size=4, num_blocks=32,
+            speculative=SpeculativeConfig(draft_model=draft, draft_shares_kv=True))

@@ -197,6 +197,25 @@ def test_measured_step_times_can_only_lower_the_cost_model():
     assert spec.gain(0.0, 1, batch=1) < 1 and spec.draft_len(seq) == 0
 
 
+def test_a_batch_size_whose_plain_step_is_untimed_decodes_plainly_once_to_time_it():
+    # Drafting from the cost model's prior at a new batch size times only speculative steps; unless a plain
+    # step is timed there too, the prior alone decides (batch 16 measured 0.85x that way).
+    from slimlm.serve.engine.sequence import Sequence
+
+    model, tok = make(layers=4)
+    engine = LLMEngine(model, tok, EngineConfig(speculative=SpeculativeConfig(exit_layer=1, num_draft=3)))
+    spec = engine.speculator
+    seq = Sequence(0, [1, 2, 3], max_tokens=50, params=GREEDY)
+    spec.acceptance[0] = 0.95
+    assert spec.draft_len(seq, batch=4) > 0          # nothing timed at 4: the cost model decides
+    spec.observe(0.030, batch=4, k=3)
+    assert spec.draft_len(seq, batch=4) == 0         # a speculative step timed, no plain one: time a plain step
+    spec.observe(0.010, batch=4, k=0)                # plain 10 ms: 3 drafts at 30 ms make ~3.8 tokens, 1.3x
+    assert spec.draft_len(seq, batch=4) > 0
+    spec.observe(0.050, batch=8, k=3)
+    assert spec.draft_len(seq, batch=8) == 0 and spec.draft_len(seq, batch=4) > 0  # per batch size
+
+
 @pytest.mark.parametrize("rates", [(0.99, 0.0), (0.99, 0.99)], ids=["mixed", "both"])
 def test_in_a_batch_every_sequence_drafts_or_none_does(rates):
     # A mixed step would run the plain sequence as a pass of its own beside the draft and verify passes:
