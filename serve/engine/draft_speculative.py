@@ -107,11 +107,15 @@ class DraftSpeculator(SelfSpeculator):
         self.cost_fraction = min(max(draft_s / target_s, 0.02), 4.0)
         self.block_size = runner.block_size
         self.shares_kv = config.draft_shares_kv
+        int8_cache = is_quantized(runner.kv_caches[0][0])
         if self.shares_kv is None:
-            self.shares_kv = can_share_kv(draft, model) and not is_quantized(runner.kv_caches[0][0])
+            self.shares_kv = can_share_kv(draft, model) and not int8_cache
         elif self.shares_kv and not can_share_kv(draft, model):
             raise ValueError("draft_shares_kv needs a draft with the target's layers, KV heads, head size, rotary "
                              "embedding and dtype (a quantized copy of it)")
+        elif self.shares_kv and int8_cache:
+            raise ValueError("draft_shares_kv needs a float KV cache: a draft's write into an int8 cache could grow "
+                             "a block's scale and re-round the target's entries (use kv_cache_dtype='auto')")
         self.draft_caches = None if self.shares_kv else draft.allocate_kv_cache(runner.num_blocks, runner.block_size,
                                                                                 device=runner.device)
         self.computed: dict[int, tuple[int, tuple[int, ...]]] = {}  # seq_id -> (positions, block ids they used)

@@ -213,6 +213,9 @@ def test_an_int8_kv_cache_is_not_shared_with_the_draft():
     llm = LLM(model, tok, block_size=4, num_blocks=32, kv_cache_dtype="int8",
               speculative=SpeculativeConfig(draft_model=_quantized_copy(model)))
     assert not llm.engine.speculator.shares_kv and llm.engine.speculator.draft_caches is not None
+    with pytest.raises(ValueError, match="draft_shares_kv needs a float KV cache"):
+        LLM(model, tok, block_size=4, num_blocks=32, kv_cache_dtype="int8",
+            speculative=SpeculativeConfig(draft_model=_quantized_copy(model), draft_shares_kv=True))
 
 
 def test_a_shared_kv_draft_is_exact_under_preemption():
