@@ -37,6 +37,12 @@ most 4 drafts (`speculation_plan`); its speed result records the exit and the ac
 warm-ups and all repetitions). Greedy decoding stays the full model's (it verifies every draft), so its
 accuracy is the model's own. --speculative off: every model decodes plainly. The plan is part of the
 model's cache key.
+
+A variant `MODEL+draft:DRAFT` is MODEL (its accuracy, evaluated as MODEL's) timed with draft-model
+speculative decoding from DRAFT, adaptive, at most 4 drafts, as `slimlm serve MODEL --speculative draft
+--draft-model DRAFT` runs it (asked for by name, so --speculative off does not apply); the draft's files join
+its cache key, and its size on disk counts both folders. An int4 copy of the base as the draft gives the
+base's perplexity at the speed its drafts buy (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -55,7 +61,8 @@ OUR_FILES = ("report.md", "report.json", "pareto.png", "settings.json", "cache")
 
 def _add_arguments(p) -> None:
     p.add_argument("base", metavar="BASE", help="the reference (1.0x): alias, model folder, export, .gguf or hub id")
-    p.add_argument("variants", nargs="+", metavar="VARIANT", help="models to compare against the base")
+    p.add_argument("variants", nargs="+", metavar="VARIANT", help="models to compare against the base; MODEL+draft:DRAFT "
+                   "is MODEL timed with draft-model speculative decoding from DRAFT (e.g. an int4 copy of it)")
     p.add_argument("--out", default="compare", help="report folder; also caches results (default ./compare)")
     p.add_argument("--overwrite", action="store_true", help="discard results in --out from earlier runs")
     p.add_argument("--data", action="append", metavar="SRC", help="held-out text for perplexity, repeatable (default "
@@ -140,24 +147,40 @@ def settings_from_args(args) -> dict:
             **({"spread_windows": True} if args.spread_windows and args.max_windows else {})}
 
 
+DRAFT_SEP = "+draft:"  # MODEL+draft:DRAFT: MODEL served with draft-model speculative decoding from DRAFT
+
+
 def check_models(specs: list[str]) -> list[dict]:
-    """Resolve every spec (unknown ones are refused here) and give each a unique short label."""
+    """Resolve every spec (unknown ones are refused here) and give each a unique short label. A variant
+    `MODEL+draft:DRAFT` is MODEL timed with DRAFT as its draft model (`speculation_plan`)."""
     from slimlm.toolkit.models import resolve
 
-    models, seen = [], {}
-    for i, spec in enumerate(specs):
+    def place(spec: str) -> tuple[str, str, str]:  # kind, where its files are, a short name
         source = resolve(spec)
-        where = str(Path(source.location).resolve()) if source.kind in ("export", "hf_dir", "gguf") else spec
+        local = source.kind in ("export", "hf_dir", "gguf")
+        return source.kind, str(Path(source.location).resolve()) if local else spec, Path(source.location).name if local else spec
+
+    models, seen = [], {}
+    for i, given in enumerate(specs):
+        spec, sep, draft = given.partition(DRAFT_SEP)
+        if sep and (i == 0 or not spec or not draft):
+            raise SlimlmError(f"{given}: a draft model goes with a variant, as MODEL{DRAFT_SEP}DRAFT.",
+                              "The base is timed plainly; list e.g. BASE, then BASE+draft:INT4_COPY as a variant.")
+        kind, where, name = place(spec)
+        model = {"spec": spec, "kind": kind, "label": name, "role": "base" if i == 0 else "variant"}
+        if sep:
+            draft_kind, draft_where, draft_name = place(draft)
+            where, model["label"] = f"{where}{DRAFT_SEP}{draft_where}", f"{name} + draft {draft_name}"
+            model.update(draft=draft, draft_kind=draft_kind)
         if where in seen:
-            raise SlimlmError(f"{spec} is listed twice (as {seen[where]!r} and {spec!r}).",
+            raise SlimlmError(f"{given} is listed twice (as {seen[where]!r} and {given!r}).",
                               "Name each model once; the first one is the base.")
-        seen[where] = spec
-        name = Path(source.location).name if source.kind in ("export", "hf_dir", "gguf") else spec
-        models.append({"spec": spec, "kind": source.kind, "label": name, "role": "base" if i == 0 else "variant"})
+        seen[where] = given
+        models.append(model)
     labels = [m["label"] for m in models]
     for m in models:
         if labels.count(m["label"]) > 1:
-            m["label"] = m["spec"]  # two folders of the same name: the full path tells them apart
+            m["label"] = m["spec"] + (f" + draft {m['draft']}" if m.get("draft") else "")  # the full paths tell them apart
     return models
 
 
@@ -229,8 +252,11 @@ def identity(model: dict, plan: dict | None = None) -> dict:
 
 
 def disk_bytes(model: dict) -> int | None:
-    folder = model_folder(model)
-    return sum(p.stat().st_size for p in _files(folder)) if folder else None
+    """The model's files; with a draft model, the draft's too (serving needs both)."""
+    folders = [model_folder(model)]
+    if model.get("draft"):
+        folders.append(model_folder({"spec": model["draft"], "kind": model["draft_kind"]}))
+    return None if None in folders else sum(p.stat().st_size for f in folders for p in _files(f))
 
 
 def cache_key(ident: dict, settings: dict) -> str:
@@ -320,7 +346,13 @@ NUM_DRAFT = 4  # most drafts per step: `slimlm serve --speculative self`'s defau
 def speculation_plan(model: dict, settings: dict) -> dict | None:
     """How `model`'s speed is measured: None for plain decoding; for an early-exit export under --speculative
     auto, self-speculative decoding from its shallowest exit (through its own norm and lens where it has them),
-    the adaptive policy, at most NUM_DRAFT drafts: what `slimlm serve DIR --speculative self` runs."""
+    the adaptive policy, at most NUM_DRAFT drafts: what `slimlm serve DIR --speculative self` runs. For
+    `MODEL+draft:DRAFT`, draft-model speculative decoding, adaptive, at most NUM_DRAFT drafts (`slimlm serve
+    MODEL --speculative draft --draft-model DRAFT`); the draft's files join the plan, so its cache key."""
+    if model.get("draft"):  # asked for by name: timed with its draft whatever --speculative says
+        draft = {"spec": model["draft"], "kind": model["draft_kind"]}
+        return {"draft_model": model["draft"], "draft_identity": identity(draft), "num_draft": NUM_DRAFT,
+                "adaptive": True}
     if settings.get("speculative", "auto") == "off" or model["kind"] != "export":
         return None
     from slimlm.toolkit.early_exit import read_exit_spec
@@ -333,7 +365,7 @@ def speculation_plan(model: dict, settings: dict) -> dict | None:
 
 def _engine(spec: str, settings: dict, plan: dict | None = None):
     """`spec` loaded into slimlm's serving engine, with a KV cache just large enough for the benchmark, drafting
-    from an exit where `plan` (`speculation_plan`) says so."""
+    from an exit or a draft model where `plan` (`speculation_plan`) says so."""
     from slimlm.serve.engine.engine import EngineConfig, LLMEngine
     from slimlm.serve.engine.speculative import SpeculativeConfig
     from slimlm.toolkit.early_exit import draft_weights, read_exit_spec
@@ -343,7 +375,13 @@ def _engine(spec: str, settings: dict, plan: dict | None = None):
     length = settings["prompt_len"] + settings["gen_len"]
     blocks = settings["concurrency"] * (-(-length // 16) + 1) + 1  # every request in flight, plus one spare
     speculative = None
-    if plan is not None:
+    if plan is not None and "draft_model" in plan:
+        draft, draft_tokenizer = load(plan["draft_model"], dtype=settings["dtype"], device=settings["device"])
+        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise SlimlmError(f"the draft {plan['draft_model']} has another tokenizer than {spec}.",
+                              "A draft must share the model's tokenizer (e.g. a quantized or pruned variant of it).")
+        speculative = SpeculativeConfig(draft_model=draft, num_draft=plan["num_draft"], adaptive=plan["adaptive"])
+    elif plan is not None:
         norm, proj = draft_weights(spec, read_exit_spec(spec, verify=False), plan["exit_layer"])
         speculative = SpeculativeConfig(exit_layer=plan["exit_layer"], num_draft=plan["num_draft"], exit_norm=norm,
                                         exit_proj=proj, adaptive=plan["adaptive"])

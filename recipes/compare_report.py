@@ -170,9 +170,10 @@ def _header(col: dict) -> str:
 
 def model_name(m: dict) -> str:
     """A model's name in the tables: its label, marked where it is the base and where its speed was measured
-    with self-speculative decoding from one of its exits (the notes say how)."""
+    with self-speculative decoding from one of its exits or with a draft model (the notes say how)."""
+    sp = m.get("speed", {}).get("speculation")
     return (m["label"] + (" (base)" if m["role"] == "base" else "")
-            + (" (self-spec)" if m.get("speed", {}).get("speculation") else ""))
+            + ("" if not sp else " (draft-spec)" if "draft_model" in sp else " (self-spec)"))
 
 
 def table_cells(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -187,14 +188,15 @@ NORM_WORDS = {"shared": "the model's final norm", "own": "its own norm", "lens":
 
 
 def speculation_note(label: str, sp: dict, settings: dict) -> str:
-    """One line on how a model's speed was measured with self-speculative decoding, and what it achieved."""
+    """One line on how a model's speed was measured with speculative decoding, and what it achieved."""
     achieved = ("no token was drafted" if sp["acceptance_rate"] is None else
                 f"{sp['acceptance_rate']:.0%} of {sp['drafted_tokens']} drafted tokens accepted, "
                 f"{sp['mean_accepted_length']:.2f} tokens per speculative step")
     plain = (f"; batches of more than {sp['max_batch']} decode plainly"
              if settings["concurrency"] > sp["max_batch"] else "")
-    return (f"{label}: speed with self-speculative decoding from exit {sp['exit_layer']} "
-            f"({NORM_WORDS.get(sp['norm'], sp['norm'])}), adaptive, at most {sp['num_draft']} drafts: {achieved} "
+    how = (f"draft-model speculative decoding from {sp['draft_model']}" if "draft_model" in sp else
+           f"self-speculative decoding from exit {sp['exit_layer']} ({NORM_WORDS.get(sp['norm'], sp['norm'])})")
+    return (f"{label}: speed with {how}, adaptive, at most {sp['num_draft']} drafts: {achieved} "
             f"(warm-ups and all repetitions together){plain}. Lossless: the full model verifies every drafted token, "
             "so greedy output is its own and the perplexity and accuracy are the model's, unchanged.")
 
@@ -248,7 +250,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"Pareto front (quality {report['pareto']['y']} against batch-1 decode speedup): {front}", "",
               "![quality against speedup](pareto.png)", ""]
     lines += pipeline_lines(report, esc)
-    lines += ["## Models", ""] + [f"- {esc(m['label'])}: `{m['spec']}`" for m in report["models"]]
+    lines += ["## Models", ""] + [f"- {esc(m['label'])}: `{m['spec']}`" + (f", draft `{m['draft']}`" if m.get("draft") else "")
+                                   for m in report["models"]]
     lines += ["", "## Settings", "", "```", *(f"{k}: {v}" for k, v in report["settings"].items()), "```",
               "", "## Machine", "", "```", *(f"{k}: {v}" for k, v in report["machine"].items()), "```", ""]
     return "\n".join(lines)

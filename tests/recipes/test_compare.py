@@ -427,3 +427,42 @@ def test_a_speculation_note_says_what_was_used_and_achieved():
 def test_speculative_joins_the_settings_only_when_off():
     assert "speculative" not in compare.settings_from_args(parse(["a", "b", "--out", "x"]))
     assert compare.settings_from_args(parse(["a", "b", "--out", "x", "--speculative", "off"]))["speculative"] == "off"
+
+
+def test_a_model_with_a_draft_is_timed_drafting_from_it(models, text_file, tmp_path, monkeypatch, one_thread):
+    """`MODEL+draft:DRAFT` is MODEL's accuracy beside its speed with DRAFT as its draft model (the draft's step
+    timed at a tenth of the model's, so the adaptive policy drafts from the start): the report names both,
+    says what was accepted, and counts both folders on disk."""
+    from slimlm.serve.engine import draft_speculative
+
+    monkeypatch.setattr(compare, "measure_accuracy", fixed_accuracy)
+    monkeypatch.setattr(draft_speculative, "decode_step_seconds", lambda models, block_size: [1.0, 0.1])
+    drafted = f"{models['large']}{compare.DRAFT_SEP}{models['small']}"
+    out = tmp_path / "draft"
+    argv = [models["large"], drafted, "--data", text_file, *FAST, "--gen-len", "12", *one_thread, "--out", out]
+    assert compare.run_compare(parse(argv)) == 0
+    base, fast = json.loads((out / "report.json").read_text())["models"]
+    assert fast["label"] == "large + draft small" and fast["spec"] == str(models["large"])
+    sp = fast["speed"]["speculation"]
+    assert sp["draft_model"] == str(models["small"]) and sp["drafted_tokens"] > 0 and sp["num_draft"] == 4
+    assert "speculation" not in base["speed"]
+    assert fast["disk_bytes"] == base["disk_bytes"] + compare.disk_bytes({"spec": str(models["small"]), "kind": "hf_dir"})
+    md = (out / "report.md").read_text()
+    assert "| large + draft small (draft-spec) |" in md
+    assert f"speed with draft-model speculative decoding from {models['small']}, adaptive" in md
+
+
+def test_draft_specs_are_checked_and_join_the_cache_key(models):
+    large, small = str(models["large"]), str(models["small"])
+    plain, drafted = compare.check_models([large, f"{large}+draft:{small}"])
+    assert (drafted["draft"], drafted["draft_kind"]) == (small, "hf_dir")
+    plan = compare.speculation_plan(drafted, {"speculative": "off"})  # asked for by name: off does not apply
+    assert plan["draft_model"] == small and plan["draft_identity"] == compare.identity({"spec": small, "kind": "hf_dir"})
+    assert compare.speculation_plan(plain, {}) is None
+    key = lambda m: compare.cache_key(compare.identity(m, compare.speculation_plan(m, {})), {})  # noqa: E731
+    assert key(plain) != key(drafted)
+    for specs, words in [([f"{large}+draft:{small}", small], "goes with a variant"),
+                         ([small, f"{large}+draft:"], "goes with a variant"),
+                         ([small, f"{large}+draft:{small}", f"{large}+draft:{small}"], "listed twice")]:
+        with pytest.raises(SlimlmError, match=words):
+            compare.check_models(specs)
