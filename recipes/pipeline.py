@@ -14,6 +14,10 @@ files and compare settings are all checked before any work. OUT/pipeline.json ho
 hash and each variant's status, error, export, seconds and command: a re-run of the same config
 skips variants whose export verifies (and re-makes the descendants of any it re-makes); an OUT of
 another config is refused unless --overwrite, which deletes the pipeline's files in OUT first.
+
+A variant `{name: N, draft: V}` (optionally `from: W`) makes nothing: compare times the base (or W's
+export) with V's export as its draft model (`MODEL+draft:DRAFT`, see compare): lossless speculative
+decoding, e.g. the base drafting from its own int4 variant.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from slimlm.toolkit.errors import SlimlmError
 
 OUR_FILES = ("pipeline.json", "logs", "variants", "compare")
 TOP_KEYS = {"base", "out", "variants", "compare"}
-VARIANT_KEYS = {"name", "recipe", "from", "config", "args", "launcher"}
+VARIANT_KEYS = {"name", "recipe", "from", "config", "args", "launcher", "draft"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -165,14 +169,23 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
         if not NAME.match(name) or name in {x["name"] for x in variants}:
             raise SlimlmError(f"{where}: every variant needs a unique `name` of letters, digits, '.', '_', '-'.",
                               f"Got {name!r}.")
+        parent = v.get("from")
+        for key, named in (("from", parent), ("draft", v.get("draft"))):
+            if named is not None and named not in {x["name"] for x in variants}:
+                raise SlimlmError(f"{where}: `{key}: {named}` names no variant listed above it.",
+                                  f"Variants so far: {', '.join(x['name'] for x in variants) or '(none)'}; "
+                                  f"a variant's `{key}` may name only one listed before it.")
+        if v.get("draft") is not None:  # served with another variant as its draft model: nothing to make
+            extra = sorted(set(v) & {"recipe", "config", "args", "launcher"})
+            if extra:
+                raise SlimlmError(f"{where}: a `draft:` variant makes nothing, so it takes no {', '.join(extra)}.",
+                                  "It is the base (or `from:`) timed with the named variant as its draft model.")
+            variants.append({"name": name, "recipe": "draft", "from": parent, "draft": str(v["draft"])})
+            continue
         recipe = RECIPES.get(v.get("recipe"))
         if recipe is None:
-            raise SlimlmError(f"{where}: unknown recipe {v.get('recipe')!r}.", f"Expected one of: {', '.join(RECIPES)}.")
-        parent = v.get("from")
-        if parent is not None and parent not in {x["name"] for x in variants}:
-            raise SlimlmError(f"{where}: `from: {parent}` names no variant listed above it.",
-                              f"Variants so far: {', '.join(x['name'] for x in variants) or '(none)'}; "
-                              "a variant may start only from one listed before it.")
+            raise SlimlmError(f"{where}: unknown recipe {v.get('recipe')!r}.", f"Expected one of: {', '.join(RECIPES)}, "
+                              "or `draft: VARIANT` to time the base with that variant as its draft model.")
         args = v.get("args") or {}
         if not isinstance(args, dict) or OWNED & {str(k).replace("-", "_") for k in args}:
             raise SlimlmError(f"{where}: `args` must be a mapping without {', '.join(sorted(OWNED))}.",
@@ -208,7 +221,7 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
 
 def config_hash(plan: dict) -> str:
     """What makes two configs the same: base, variants (with the content of their config files), compare settings."""
-    files = {v["config"]: hashlib.sha256(Path(v["config"]).read_bytes()).hexdigest() for v in plan["variants"] if v["config"]}
+    files = {v["config"]: hashlib.sha256(Path(v["config"]).read_bytes()).hexdigest() for v in plan["variants"] if v.get("config")}
     blob = json.dumps({k: plan[k] for k in ("base", "variants", "compare")} | {"files": files}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -359,9 +372,17 @@ def pipeline(plan: dict, out: Path, state: dict, command_line: str = "", progres
         for v in plan["variants"]:
             name = v["name"]
             parent = results.get(v["from"]) if v["from"] else None
+            drafter = results.get(v.get("draft"))
             if parent is not None and parent["status"] != "done":
                 results[name] = {"recipe": v["recipe"], "from": v["from"], "status": "failed",
                                  "error": f"parent {v['from']} failed", "seconds": 0.0}
+            elif drafter is not None and drafter["status"] != "done":
+                results[name] = {"recipe": "draft", "from": v["from"], "status": "failed",
+                                 "error": f"draft {v['draft']} failed", "seconds": 0.0}
+            elif v["recipe"] == "draft":  # nothing to make: compare times the model with its draft
+                model = parent["export"] if parent else plan["base"]
+                results[name] = {"recipe": "draft", "from": v["from"], "draft": v["draft"], "status": "done",
+                                 "seconds": 0.0, "export": f"{model}{compare.DRAFT_SEP}{drafter['export']}"}
             elif still_good(v, old.get(name, {}), out, redone):
                 results[name] = old[name] | {"skipped": True}
                 bar.console.print(escape(f"{name}: done in an earlier run, export verified; skipped"), highlight=False)
@@ -400,6 +421,10 @@ def run_pipeline(args) -> int:
         by_name = {v["name"]: v for v in plan["variants"]}
         for v in plan["variants"]:
             model = str(export_dir(out, by_name[v["from"]])) if v["from"] else plan["base"]
+            if v["recipe"] == "draft":
+                print(f"# {v['name']}\n# nothing to make: compare times {model} with "
+                      f"{export_dir(out, by_name[v['draft']])} as its draft model")
+                continue
             print(f"# {v['name']}\n{shlex.join(command(v, model, plan['base'], out))}")
         return 0
     start_out(out, plan, args.overwrite)

@@ -123,6 +123,8 @@ def refused(capsys, argv, *words):
     (lambda vs: vs[0]["args"].update(bitz=4), ["unrecognized arguments: --bitz"]),
     (lambda vs: vs[0]["args"].update(out="x"), ["without"]),
     (lambda vs: vs[1].update(name="int8"), ["unique `name`"]),
+    (lambda vs: vs.append({"name": "d", "draft": "nowhere"}), ["draft: nowhere", "names no variant"]),
+    (lambda vs: vs.append({"name": "d", "draft": "int8", "recipe": "quantize"}), ["makes nothing", "recipe"]),
     (lambda vs: vs.append({"name": "d", "recipe": "distill", "config": "configs/distill/smollm2-135m.yaml",
                            "args": {"loss": {"kind": "forward_kl", "tempo": 2}}}), ["unknown setting 'loss.tempo'"]),
 ])
@@ -207,3 +209,28 @@ def test_an_early_exit_variant_runs_as_slimlm_early_exit(tmp_path, capsys):
                    "  - {name: exits, recipe: early-exit, config: configs/early_exit/smollm2-135m.yaml,"
                    " args: {no_such_key: 1}}\n")
     assert main(["pipeline", str(cfg), "--dry-run", "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_a_draft_variant_times_the_base_with_another_variant_as_its_draft(base, monkeypatch, capsys):
+    """`{name, draft: V}` makes nothing; compare times the base with V's export as its draft model. A draft
+    variant of a failed variant fails with it; --dry-run says what it will time."""
+    from slimlm.serve.engine import draft_speculative
+
+    monkeypatch.setattr(draft_speculative, "decode_step_seconds", lambda models, block_size: [1.0, 0.1])
+    vs = variants(base) + [{"name": "drafting", "draft": "int8"}, {"name": "drafting-broken", "draft": "broken"}]
+    config = write_config(base, vs, name="draft.yaml", out="draft_out")
+    out = base / "draft_out"
+    assert main(["pipeline", str(config), "--dry-run"]) == 0
+    assert f"# nothing to make: compare times {base / 'tiny'} with {out / 'variants' / 'int8'} as its draft model" \
+        in capsys.readouterr().out
+    assert main(["pipeline", str(config)]) == 1  # `broken` fails
+    state = json.loads((out / "pipeline.json").read_text())["variants"]
+    assert state["drafting"]["status"] == "done" and state["drafting"]["recipe"] == "draft"
+    assert state["drafting"]["export"] == f"{base / 'tiny'}+draft:{out / 'variants' / 'int8'}"
+    assert state["drafting-broken"] == {"recipe": "draft", "from": None, "status": "failed",
+                                        "error": "draft broken failed", "seconds": 0.0}
+    report = json.loads((out / "compare" / "report.json").read_text())
+    drafting = next(m for m in report["models"] if m["label"] == "drafting")
+    assert drafting["spec"] == str(base / "tiny") and drafting["draft"] == str(out / "variants" / "int8")
+    assert drafting["speed"]["speculation"]["drafted_tokens"] > 0
+    assert "| drafting (draft-spec) |" in (out / "compare" / "report.md").read_text()
