@@ -41,8 +41,9 @@ model's cache key.
 A variant `MODEL+draft:DRAFT` is MODEL (its accuracy, evaluated as MODEL's) timed with draft-model
 speculative decoding from DRAFT, adaptive, at most 4 drafts, as `slimlm serve MODEL --speculative draft
 --draft-model DRAFT` runs it (asked for by name, so --speculative off does not apply); the draft's files join
-its cache key, and its size on disk counts both folders. An int4 copy of the base as the draft gives the
-base's perplexity at the speed its drafts buy (docs/benchmarks.md).
+its cache key, and its size on disk counts both folders. Its accuracy, parameters and memory are MODEL's
+(copied from MODEL where it is listed before it, else evaluated). An int4 copy of the base as the draft
+gives the base's perplexity at the speed its drafts buy (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -550,8 +551,13 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
     with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar:
         acc_task = bar.add_task("accuracy", total=len(todo_accuracy))
         for e in todo_accuracy:
-            bar.update(acc_task, description=f"accuracy + memory: {e['label']} (subprocess)")
-            e.update(measure_accuracy(e["spec"], settings))
+            twin = e.get("draft") and next((o for o in entries if not o.get("draft") and o["spec"] == e["spec"]
+                                            and "accuracy" in o), None)
+            if twin:  # MODEL+draft:DRAFT is MODEL's accuracy: lossless speculation changes no output
+                e.update({k: twin[k] for k in ("accuracy", "params", "memory")}, accuracy_of=twin["label"])
+            else:
+                bar.update(acc_task, description=f"accuracy + memory: {e['label']} (subprocess)")
+                e.update(measure_accuracy(e["spec"], settings))
             e["measured_now"]["accuracy"] = True
             save(e)
             bar.advance(acc_task)

@@ -435,7 +435,8 @@ def test_a_model_with_a_draft_is_timed_drafting_from_it(models, text_file, tmp_p
     says what was accepted, and counts both folders on disk."""
     from slimlm.serve.engine import draft_speculative
 
-    monkeypatch.setattr(compare, "measure_accuracy", fixed_accuracy)
+    evaluated = []
+    monkeypatch.setattr(compare, "measure_accuracy", lambda spec, s: evaluated.append(spec) or fixed_accuracy(spec, s))
     monkeypatch.setattr(draft_speculative, "decode_step_seconds", lambda models, block_size: [1.0, 0.1])
     drafted = f"{models['large']}{compare.DRAFT_SEP}{models['small']}"
     out = tmp_path / "draft"
@@ -443,6 +444,8 @@ def test_a_model_with_a_draft_is_timed_drafting_from_it(models, text_file, tmp_p
     assert compare.run_compare(parse(argv)) == 0
     base, fast = json.loads((out / "report.json").read_text())["models"]
     assert fast["label"] == "large + draft small" and fast["spec"] == str(models["large"])
+    assert evaluated == [str(models["large"])] and fast["accuracy_of"] == "large"  # the base's accuracy, not again
+    assert fast["accuracy"] == base["accuracy"] and fast["params"] == base["params"]
     sp = fast["speed"]["speculation"]
     assert sp["draft_model"] == str(models["small"]) and sp["drafted_tokens"] > 0 and sp["num_draft"] == 4
     assert "speculation" not in base["speed"]
