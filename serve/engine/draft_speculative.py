@@ -73,8 +73,13 @@ def can_share_kv(draft, model) -> bool:
     """Whether `draft`'s layers can read and write `model`'s KV cache as their own: the same number of layers,
     KV heads, head size, rotary embedding and dtype (a quantized copy of the model, say)."""
     a, b = draft.args, model.args
-    return ((a.num_layers, a.num_kv_heads, a.head_dim, a.rope_parameters, draft.dtype)
-            == (b.num_layers, b.num_kv_heads, b.head_dim, b.rope_parameters, model.dtype))
+    if ((a.num_layers, a.num_kv_heads, a.head_dim, draft.dtype) != (b.num_layers, b.num_kv_heads, b.head_dim, model.dtype)):
+        return False
+    # The rotary frequencies themselves (a checkpoint may carry its own), not only the parameters they came from.
+    ra, rb = getattr(draft, "rotary", None), getattr(model, "rotary", None)
+    if ra is None or rb is None:
+        return a.rope_parameters == b.rope_parameters
+    return ra.inv_freq.shape == rb.inv_freq.shape and torch.equal(ra.inv_freq, rb.inv_freq)
 
 
 class DraftSpeculator(SelfSpeculator):
@@ -103,8 +108,10 @@ class DraftSpeculator(SelfSpeculator):
         # price it (a small model's decode step is mostly per-layer overhead; an int4 copy of the target
         # has all of its layers and parameters but reads a third of its bytes). Measured step times of
         # drafting steps then take over (`gain`).
-        target_s, draft_s = decode_step_seconds([model, draft], runner.block_size)
-        self.cost_fraction = min(max(draft_s / target_s, 0.02), 4.0)
+        self.cost_fraction = 1.0  # unused where the draft length is fixed (adaptive off): no timing then
+        if config.adaptive:
+            target_s, draft_s = decode_step_seconds([model, draft], runner.block_size)
+            self.cost_fraction = min(max(draft_s / target_s, 0.02), 4.0)
         self.block_size = runner.block_size
         self.shares_kv = config.draft_shares_kv
         int8_cache = is_quantized(runner.kv_caches[0][0])

@@ -235,3 +235,25 @@ def test_sharing_the_kv_cache_with_a_draft_of_another_shape_is_refused():
     with pytest.raises(ValueError, match="draft_shares_kv needs a draft with the target's layers"):
         LLM(model, tok, block_size=4, num_blocks=32,
             speculative=SpeculativeConfig(draft_model=draft, draft_shares_kv=True))
+
+
+def test_a_draft_with_other_rotary_frequencies_does_not_share_the_kv_cache():
+    # Same layers, heads and rope parameters, but the draft rotates by other frequencies (a checkpoint's own
+    # inv_freq): its K would sit at other angles in the target's cache.
+    model, tok = make()
+    draft = load_model(_quantized_copy(model))
+    target = load_model(model)
+    assert draft_speculative.can_share_kv(draft, target)
+    draft.rotary.inv_freq = draft.rotary.inv_freq * 1.01
+    assert not draft_speculative.can_share_kv(draft, target)
+
+
+def test_a_fixed_draft_length_times_no_steps(monkeypatch):
+    # The timed price only serves the adaptive policy: with adaptive off no decode step is timed at start.
+    model, tok = make()
+    calls = []
+    monkeypatch.setattr(draft_speculative, "decode_step_seconds", lambda *a, **k: calls.append(1) or [1.0, 0.5])
+    LLM(model, tok, block_size=4, num_blocks=32, speculative=SpeculativeConfig(draft_model=model, adaptive=False))
+    assert not calls
+    LLM(model, tok, block_size=4, num_blocks=32, speculative=SpeculativeConfig(draft_model=model))
+    assert calls
