@@ -130,10 +130,16 @@ def run_export(args) -> int:
 
 
 def add_speculative_arguments(p) -> None:
-    p.add_argument("--speculative", choices=["self", "draft"], default=None,
+    p.add_argument("--speculative", choices=["self", "draft", "ngram"], default=None,
                    help="self: draft with the first --exit-layer layers and verify with the rest; draft: draft "
-                   "with --draft-model (lossless for greedy and sampled requests; the draft length adapts and "
-                   "switches off where it does not pay)")
+                   "with --draft-model; ngram: draft what followed the text's last --prompt-lookup tokens where "
+                   "they occurred before in the prompt or output (pays where outputs quote their input) "
+                   "(lossless for greedy and sampled requests; the draft length adapts and switches off where "
+                   "it does not pay)")
+    p.add_argument("--prompt-lookup", type=int, default=3, metavar="N",
+                   help="--speculative ngram: the longest suffix of the text looked up (default 3)")
+    p.add_argument("--prompt-lookup-min", type=int, default=2, metavar="N",
+                   help="--speculative ngram: the shortest suffix looked up when no longer one matches (default 2)")
     p.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: a quarter)")
     p.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="--speculative draft: a smaller model with the same tokenizer (e.g. a pruned, distilled export), "
@@ -173,6 +179,14 @@ def speculative_config(args, num_layers: int, tokenizer=None):
     if args.speculative == "draft":
         return SpeculativeConfig(num_draft=args.num_draft, draft_model=draft_model(args, tokenizer),
                                  exit_confidence=sure)
+    if args.speculative == "ngram":
+        if sure is not None:
+            raise SlimlmError("--exit-confidence needs a draft with probabilities (--speculative self or draft).")
+        if not 1 <= args.prompt_lookup_min <= args.prompt_lookup:
+            raise SlimlmError(f"--prompt-lookup must be at least --prompt-lookup-min (>= 1); got "
+                              f"{args.prompt_lookup} and {args.prompt_lookup_min}.")
+        return SpeculativeConfig(num_draft=args.num_draft, prompt_lookup=args.prompt_lookup,
+                                 prompt_lookup_min=args.prompt_lookup_min)
     spec = read_exit_spec(args.model, verify=False) if resolve(args.model).kind == "export" else None
     default = spec.layers[0] if spec else max(1, num_layers // 4)
     exit_layer = args.exit_layer if args.exit_layer is not None else default
@@ -209,6 +223,9 @@ def add_bench(sub) -> None:
     p.add_argument("--rate", type=float, default=None, help="online: Poisson arrivals per second instead of --concurrency")
     p.add_argument("--num-requests", type=int, default=None, help="online: requests per repetition (default 2x concurrency)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (held-out text; default 128)")
+    p.add_argument("--task", choices=["quote", "summarize"], default=None,
+                   help="chat prompts asking to repeat / summarize a held-out paragraph instead of --prompt-len "
+                        "tokens of text to continue (outputs that reuse their input: where --speculative ngram pays)")
     p.add_argument("--gen-len", type=int, default=128, help="new tokens per request (default 128)")
     p.add_argument("--reps", type=int, default=3, help="repetitions after the warm-up (default 3)")
     p.add_argument("--dtype", default="bf16", help="bf16 (default), float32 or fp16")
@@ -265,15 +282,16 @@ def run_bench(args) -> int:
     with console.status("benchmarking") as status:
         result = benchmark(engine, hf_model if args.baseline == "hf" else None, batch_sizes,
                            args.concurrency or None, args.rate, args.num_requests, args.prompt_len,
-                           args.gen_len, args.reps, progress=status.update)
+                           args.gen_len, args.reps, progress=status.update, task=args.task)
         if spec is not None:  # the same engine with speculation, same prompts, same run; plain is 1.0x
             del engine
             engine = engine_with(spec)
             fast = benchmark(engine, None, batch_sizes, args.concurrency or None, args.rate, args.num_requests,
                              args.prompt_len, args.gen_len, args.reps,
-                             progress=lambda msg: status.update(f"speculative {msg}"))
+                             progress=lambda msg: status.update(f"speculative {msg}"), task=args.task)
             merge_speculative(result, fast, engine.stats())
-    table = Table(title=escape(f"bench: {args.model} ({args.dtype}, {args.prompt_len}-token prompts, "
+    prompts = f"{args.task} prompts" if args.task else f"{args.prompt_len}-token prompts"
+    table = Table(title=escape(f"bench: {args.model} ({args.dtype}, {prompts}, "
                                f"{args.gen_len} new tokens, KV cache {args.kv_cache_dtype}; median [min, max] of {args.reps})"))
     table.add_column("run")
     table.add_column("metric")

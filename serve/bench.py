@@ -67,6 +67,30 @@ def bench_prompts(tokenizer, n: int, prompt_len: int, seed: int = 0) -> list[lis
     return [stream[s * prompt_len:(s + 1) * prompt_len].tolist() for s in starts]
 
 
+TASKS = {"quote": "Repeat the following text word for word.", "summarize": "Summarize the following text in two sentences."}
+
+
+def task_prompts(tokenizer, n: int, task: str, seed: int = 0, min_words: int = 40,
+                 max_words: int = 120) -> list[list[int]]:
+    """n chat prompts (the tokenizer's chat template) that ask for work on a held-out paragraph of builtin:wiki
+    (`min_words`..`max_words` words of prose): "quote" has the model repeat it, "summarize" sum it up.
+    Outputs that reuse their input's words, the workload prompt-lookup drafting is for."""
+    from slimlm.toolkit.data import load_texts
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    paragraphs = [line for text in load_texts("builtin:wiki", split="validation") for line in text.split("\n")
+                  if "<" not in line and min_words <= len(line.split()) <= max_words]
+    if len(paragraphs) < n:
+        raise ValueError(f"{n} prompts need {n} paragraphs of {min_words}-{max_words} words; there are {len(paragraphs)}")
+    out = []
+    for text in random.Random(seed).sample(paragraphs, n):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": f"{TASKS[task]}\n\n{text}"}],
+                                            add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    return out
+
+
 def run_engine(engine: LLMEngine, prompts: list[list[int]], gen_len: int, concurrency: int | None = None,
                rate: float | None = None, seed: int = 0) -> RunStats:
     """Push all prompts through the engine: at once (offline), at fixed concurrency, or Poisson at `rate`."""
@@ -146,11 +170,13 @@ def run_hf(model, prompts: list[list[int]], gen_len: int, pad_id: int) -> float:
 
 def benchmark(engine: LLMEngine, hf_model=None, batch_sizes=(1, 16), concurrency: int | None = 32,
               rate: float | None = None, num_requests: int | None = None, prompt_len: int = 128,
-              gen_len: int = 128, reps: int = 3, progress=None) -> dict:
-    """Run every configured measurement; returns a JSON-ready dict of Spreads and ratios."""
+              gen_len: int = 128, reps: int = 3, progress=None, task: str | None = None) -> dict:
+    """Run every configured measurement; returns a JSON-ready dict of Spreads and ratios. `task` ("quote",
+    "summarize"): chat prompts around held-out paragraphs (`task_prompts`) instead of `prompt_len` tokens of text."""
     tok = engine.tokenizer
     n_online = num_requests or (2 * concurrency if concurrency else 32)
-    prompts = bench_prompts(tok, max(max(batch_sizes, default=1), n_online), prompt_len)
+    n = max(max(batch_sizes, default=1), n_online)
+    prompts = bench_prompts(tok, n, prompt_len) if task is None else task_prompts(tok, n, task)
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(engine.eos_token_ids), 0)
     rows: dict[str, dict] = {}
     say = progress or (lambda msg: None)

@@ -25,6 +25,7 @@ from .outputs import CompletionOutput, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .draft_speculative import DraftSpeculator
+from .ngram_speculative import NgramSpeculator
 from .speculative import SelfSpeculator, SpeculativeConfig
 
 
@@ -100,8 +101,12 @@ class LLMEngine:
                                   graph_batch=config.max_num_seqs if graphs else 0, max_model_len=self.max_model_len)
         if config.speculative is None:
             self.speculator = None
+        elif config.speculative.draft_model is not None and config.speculative.prompt_lookup:
+            raise ValueError("speculative decoding drafts from a draft model or by prompt lookup, not both")
         elif config.speculative.draft_model is not None:
             self.speculator = DraftSpeculator(self.model, config.speculative, self.runner)
+        elif config.speculative.prompt_lookup:
+            self.speculator = NgramSpeculator(self.model, config.speculative)
         else:
             self.speculator = SelfSpeculator(self.model, config.speculative)
         if self.speculator is not None:

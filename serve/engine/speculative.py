@@ -68,6 +68,10 @@ class SpeculativeConfig:
     # "int8" | "int4": the draft's logits through an RTN copy of the LM head (lossless: the verify pass keeps
     # the model's own head). In a small model the head costs a draft token as much as several layers.
     draft_head: str | None = None
+    # Prompt lookup (ngram_speculative.py): draft the tokens that followed the latest earlier occurrence of the
+    # sequence's last n tokens in its own text, n from `prompt_lookup` down to `prompt_lookup_min`. 0: off.
+    prompt_lookup: int = 0
+    prompt_lookup_min: int = 2
 
 
 @dataclass

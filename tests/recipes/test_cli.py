@@ -203,6 +203,19 @@ def test_bench_speculative_with_a_draft_model(model_dir, tmp_path):
     assert result["ratios"]["spec batch 1 / engine batch 1"] > 0
 
 
+def test_bench_ngram_on_quote_prompts(model_dir, tmp_path, capsys):
+    # Prompt lookup on the copying task: the flags reach the engine, drafts are found and verified.
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model_dir), "--batch-sizes", "1", "--concurrency", "0", "--task", "quote",
+                 "--gen-len", "12", "--reps", "1", "--dtype", "float32", "--speculative", "ngram", "--num-draft", "3",
+                 "--prompt-lookup-min", "1", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["speculative"]["spec_draft_tokens_total"] > 0
+    assert result["ratios"]["spec batch 1 / engine batch 1"] > 0
+    assert "quote prompts" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, words", [(["--speculative", "self", "--exit-layer", "9"], "--exit-layer must be in 1.."),
                                          (["--exit-layer", "1"], "needs --speculative"),
                                          (["--speculative", "draft"], "go together"),
@@ -282,6 +295,22 @@ def test_exit_confidence_flag_is_lossy_opt_in_and_checked():
     for bad in (["--exit-confidence", "0.8"], ["--speculative", "self", "--exit-layer", "1", "--exit-confidence", "1.5"]):
         with pytest.raises(SlimlmError, match="exit-confidence"):
             speculative_config(parse(["bench", "smollm2-135m", *bad]), 3)
+
+
+def test_speculative_ngram_flags_make_a_prompt_lookup_config_and_bad_ones_are_refused():
+    from slimlm.recipes.cli import build_parser, speculative_config
+    from slimlm.toolkit.errors import SlimlmError
+
+    parse = build_parser().parse_args
+    spec = speculative_config(parse(["serve", "smollm2-135m", "--speculative", "ngram", "--num-draft", "6"]), 3)
+    assert (spec.prompt_lookup, spec.prompt_lookup_min, spec.num_draft, spec.draft_model) == (3, 2, 6, None)
+    spec = speculative_config(parse(["bench", "smollm2-135m", "--speculative", "ngram", "--prompt-lookup", "5",
+                                     "--prompt-lookup-min", "1"]), 3)
+    assert (spec.prompt_lookup, spec.prompt_lookup_min) == (5, 1)
+    for bad, match in ((["--prompt-lookup", "1"], "prompt-lookup"), (["--exit-confidence", "0.9"], "exit-confidence"),
+                       (["--exit-layer", "1"], "exit-layer")):
+        with pytest.raises(SlimlmError, match=match):
+            speculative_config(parse(["bench", "smollm2-135m", "--speculative", "ngram", *bad]), 3)
 
 
 def _anon_huge_kb(thp_env: str | None) -> tuple[str, int]:

@@ -1,7 +1,7 @@
 """The benchmark harness on a tiny model: every figure is produced, and the counts add up."""
 import pytest
 
-from slimlm.serve.bench import benchmark, bench_prompts, percentile, run_engine
+from slimlm.serve.bench import benchmark, bench_prompts, percentile, run_engine, task_prompts
 from slimlm.serve.engine.engine import EngineConfig, LLMEngine
 from slimlm.toolkit.models import tiny_model
 
@@ -17,6 +17,18 @@ def test_prompts_are_distinct_held_out_windows_of_exact_length(engine_and_model)
     prompts = bench_prompts(engine.tokenizer, 6, 20)
     assert all(len(p) == 20 for p in prompts) and len({tuple(p) for p in prompts}) == 6
     assert bench_prompts(engine.tokenizer, 6, 20) == prompts  # seeded
+
+
+def test_task_prompts_are_chat_prompts_around_distinct_held_out_paragraphs(engine_and_model):
+    tok = engine_and_model[0].tokenizer
+    prompts = task_prompts(tok, 5, "quote")
+    texts = [tok.decode(p) for p in prompts]
+    assert len({tuple(p) for p in prompts}) == 5 and task_prompts(tok, 5, "quote") == prompts  # distinct, seeded
+    assert all("Repeat the following text word for word." in t and "<doc" not in t for t in texts)
+    assert all(len(t.split("word for word.")[1].split()) >= 40 for t in texts)  # a paragraph of prose follows
+    assert "Summarize" in tok.decode(task_prompts(tok, 1, "summarize")[0])
+    with pytest.raises(ValueError, match="task must be one of"):
+        task_prompts(tok, 1, "translate")
 
 
 @pytest.mark.parametrize("concurrency, rate", [(None, None), (2, None), (None, 200.0)])

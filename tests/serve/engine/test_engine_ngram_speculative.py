@@ -1,0 +1,157 @@
+"""Prompt-lookup speculative decoding: the n-gram index proposes what followed the latest earlier occurrence
+of the longest suffix; greedy output equals plain decoding at batch 1 and 16, in mixed steps (sequences
+without a draft ride in the verify pass) and under memory pressure; sampled tokens keep the target's
+distribution; bad configurations are refused."""
+import random
+
+import pytest
+import torch
+
+from slimlm.serve.engine.ngram_speculative import NgramIndex, NgramSpeculator
+from slimlm.serve.engine.speculative import SpeculativeConfig
+from slimlm.serve.llm import LLM
+from slimlm.serve.sampling_params import SamplingParams
+from slimlm.toolkit.models import tiny_model
+
+PROMPTS = ["hello world hello world hello", "the quick brown fox jumps over the quick brown", "a",
+           "zzzz zzzz zzzz zzzz zzzz zzzz", "SYSTEM: be brief. USER: hi", "0123456789" * 3, "Once upon a time",
+           "x", "fn main() {} fn main() {}", "SYSTEM: be brief. USER: bye", "abc abd abc abd ab", "é ü ß ∑ é ü",
+           "The capital of France is", "def f(x): return x", "one two three one two three one", "!"]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: timings on one thread
+
+
+def make(seed=0, layers=3):
+    model, tok = tiny_model("llama", seed=seed, num_hidden_layers=layers)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model, tok
+
+
+def run(model, tok, prompts, spec=None, params=GREEDY, **config):
+    llm = LLM(model, tok, block_size=4, max_num_batched_tokens=64, speculative=spec, **config)
+    outs = llm.generate(prompts, params)
+    assert llm.engine.block_manager.num_used_blocks == 0  # nothing leaked
+    return [o.outputs[0].token_ids for o in outs], llm.engine
+
+
+def _brute_force(tokens, k, lo, hi):
+    for n in range(min(hi, len(tokens)), lo - 1, -1):
+        suffix = tokens[-n:]
+        for at in range(len(tokens) - 1, n - 1, -1):  # latest occurrence ending before the last token
+            if tokens[at - n:at] == suffix:
+                return tokens[at:at + k]
+    return []
+
+
+def test_the_index_proposes_what_followed_the_latest_occurrence_of_the_longest_suffix():
+    index = NgramIndex(1, 3)
+    assert index.propose([5, 6, 7, 1, 2, 9, 1, 2], 3) == [9, 1, 2]  # (1, 2) last seen before 9
+    index = NgramIndex(2, 3)
+    # (7, 1, 2) beats the later (1, 2): the longest suffix wins
+    assert index.propose([7, 1, 2, 3, 4, 1, 2, 8, 7, 1, 2], 2) == [3, 4]
+    assert NgramIndex(2, 3).propose([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert NgramIndex(1, 1).propose([3, 3, 3], 5) == [3]  # a loop: the token after the latest 3 that had one
+
+
+def test_the_incremental_index_equals_a_search_of_the_whole_text():
+    rng = random.Random(0)
+    for lo, hi in [(1, 3), (2, 4), (3, 3)]:
+        tokens, index = [rng.randrange(6) for _ in range(3)], NgramIndex(lo, hi)
+        for _ in range(300):
+            k = rng.randrange(1, 6)
+            assert index.propose(tokens, k) == _brute_force(tokens, k, lo, hi), (tokens, lo, hi)
+            tokens += [rng.randrange(6) for _ in range(rng.randrange(1, 4))]  # a step appends 1 + accepted
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("lookup, num_draft", [(2, 3), (4, 6)])
+def test_greedy_output_equals_plain_decoding(batch, lookup, num_draft):
+    model, tok = make()
+    plain, _ = run(model, tok, PROMPTS[:batch])
+    spec = SpeculativeConfig(prompt_lookup=lookup, prompt_lookup_min=1, num_draft=num_draft, adaptive=False)
+    fast, engine = run(model, tok, PROMPTS[:batch], spec)
+    assert isinstance(engine.speculator, NgramSpeculator)
+    assert fast == plain
+    st = engine.speculator.stats
+    assert st.steps > 0 and 0 < st.accepted <= st.drafted  # drafted, and some drafts were kept
+
+
+def test_sequences_without_a_draft_ride_in_the_verify_pass(monkeypatch):
+    model, tok = make()
+    plans = []
+    plan = NgramSpeculator.plan
+
+    def spy(self, *args):
+        ks = plan(self, *args)
+        plans.append(dict(ks))
+        return ks
+
+    monkeypatch.setattr(NgramSpeculator, "plan", spy)
+    plain, _ = run(model, tok, PROMPTS[:8])
+    fast, engine = run(model, tok, PROMPTS[:8], SpeculativeConfig(prompt_lookup=3, num_draft=4, adaptive=False))
+    assert fast == plain
+    mixed = [p for p in plans if p and 0 in p.values() and max(p.values()) > 0]
+    assert mixed  # a step verified some sequences' drafts and decoded the others in the same pass
+    assert engine.speculator.stats.steps == sum(1 for p in plans for k in p.values() if k)
+
+
+def test_exact_under_memory_pressure_and_prefix_sharing():
+    model, tok = make(seed=2)
+    prompts = PROMPTS + ["SYSTEM: be brief. USER: " + p for p in PROMPTS[:4]]
+    plain, _ = run(model, tok, prompts, num_blocks=48, max_model_len=96)
+    spec = SpeculativeConfig(prompt_lookup=3, prompt_lookup_min=1, num_draft=5, adaptive=False)
+    fast, engine = run(model, tok, prompts, spec, num_blocks=48, max_model_len=96)
+    assert fast == plain
+    assert engine.speculator.stats.steps > 0
+
+
+def test_logprob_requests_decode_plainly_and_sampled_ones_speculate_reproducibly():
+    model, tok = make()
+    spec = SpeculativeConfig(prompt_lookup=3, prompt_lookup_min=1, num_draft=3, adaptive=False)
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=2)
+    plain, _ = run(model, tok, PROMPTS[:2], params=params)
+    fast, engine = run(model, tok, PROMPTS[:2], spec, params=params)
+    assert fast == plain and engine.speculator.stats.steps == 0
+    sampled = SamplingParams(temperature=0.3, max_tokens=20, seed=3, ignore_eos=True)
+    fast, engine = run(model, tok, PROMPTS[:3], spec, params=sampled)
+    assert engine.speculator.stats.steps > 0 and all(len(t) == 20 for t in fast)
+    again, _ = run(model, tok, PROMPTS[:3], spec, params=sampled)
+    assert again == fast  # seeded: the same draws, the same text
+
+
+def test_the_acceptance_rule_with_a_certain_draft_keeps_the_target_distribution():
+    # Draft d_1 = 0 and d_2 = 1 against target distributions p_1, p_2, p_3: the first emitted token must follow
+    # p_1, and the second, given that d_1 was kept, p_2 (kept with p(d), else p without d, renormalised).
+    model, tok = make()
+    spec = NgramSpeculator(LLM(model, tok, block_size=4, num_blocks=16).engine.model,
+                           SpeculativeConfig(prompt_lookup=2))
+    gen = torch.Generator().manual_seed(0)
+    spec.generator_for = lambda sid: gen
+    p = torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.1, 0.2], [0.25, 0.25, 0.25, 0.25]])
+    n = 20000
+    first, second = torch.zeros(4), torch.zeros(4)
+    for _ in range(n):
+        out = spec._accept_sampled(0, [0, 1], p)
+        first[out[0]] += 1
+        if out[0] == 0:
+            second[out[1]] += 1
+    for counts, probs in ((first, p[0]), (second, p[1])):
+        expected = counts.sum() * probs
+        chi2 = ((counts - expected) ** 2 / expected).sum().item()
+        assert chi2 < 16.3, (counts, probs)  # chi-square, 3 degrees of freedom: p = 0.001
+    # accepting every draft as it is would give token 0 first every time
+    assert first[0] < 0.55 * n
+
+
+def test_bad_configs_are_refused(tmp_path):
+    model, tok = make()
+    with pytest.raises(ValueError, match="prompt_lookup_min"):
+        LLM(model, tok, block_size=4, num_blocks=16, speculative=SpeculativeConfig(prompt_lookup=2, prompt_lookup_min=3))
+    with pytest.raises(ValueError, match="exit_confidence"):
+        LLM(model, tok, block_size=4, num_blocks=16, speculative=SpeculativeConfig(prompt_lookup=2, exit_confidence=0.9))
+    with pytest.raises(ValueError, match="not both"):
+        LLM(model, tok, block_size=4, num_blocks=16, speculative=SpeculativeConfig(prompt_lookup=2, draft_model=model))
