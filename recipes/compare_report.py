@@ -286,6 +286,42 @@ def rich_table(report: dict) -> Table:
     return table
 
 
+# Where a label may sit beside its point: (dx, dy) in points and the text's vertical alignment; right of it
+# first, then left, then further up or down.
+LABEL_SPOTS = [(6, 3, "bottom"), (6, -3, "top"), (-6, 3, "bottom"), (-6, -3, "top"), (6, 12, "bottom"),
+               (6, -12, "top"), (-6, 12, "bottom"), (-6, -12, "top"), (6, 22, "bottom"), (-6, -22, "top")]
+
+
+def place_labels(ax, points: list[tuple[float, float, str]], marker_px: float = 9.0) -> list:
+    """Label each point at the first spot of `LABEL_SPOTS` where its text stays inside the axes and comes no
+    nearer than `marker_px` to another point, and overlaps no label placed before it (the first spot when
+    none is free); a label set further off gets a thin leader line to its point. Call after the axes'
+    limits and layout are final. Returns the text artists."""
+    renderer = ax.figure.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    marks = [ax.transData.transform((x, y)) for x, y, _ in points]
+    taken, texts = [], []
+    for i, (x, y, label) in enumerate(points):
+        for n, (dx, dy, va) in enumerate(LABEL_SPOTS + LABEL_SPOTS[:1]):
+            spot = dict(textcoords="offset points", xytext=(dx, dy), fontsize=8, ha="left" if dx > 0 else "right", va=va)
+            text = ax.annotate(label, (x, y), **spot)
+            box = text.get_window_extent(renderer)
+            free = (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+                    and not any(box.overlaps(b) for b in taken)
+                    and not any(box.x0 - marker_px < mx < box.x1 + marker_px and box.y0 - marker_px < my < box.y1 + marker_px
+                                for j, (mx, my) in enumerate(marks) if j != i))
+            if free or n == len(LABEL_SPOTS):  # the last pass is the first spot again: where none was free
+                if abs(dy) > 3:  # set off from its point: a leader line says whose label it is
+                    text.remove()
+                    text = ax.annotate(label, (x, y), **spot, arrowprops=dict(arrowstyle="-", lw=0.5, color="gray",
+                                                                               shrinkA=0, shrinkB=4))
+                break
+            text.remove()
+        taken.append(box)
+        texts.append(text)
+    return texts
+
+
 def plot_pareto(report: dict, path: str | Path) -> Path:
     """pareto.png: one labelled point per model, the front as a step line (matplotlib, Agg backend)."""
     import matplotlib
@@ -297,10 +333,8 @@ def plot_pareto(report: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     front = set(p["front"])
     shown = sorted(((x, y, label) for label, (x, y) in p["points"].items() if x is not None and y is not None))
-    for i, (x, y, label) in enumerate(shown):
+    for x, y, label in shown:
         ax.scatter([x], [y], s=40, zorder=3, color="tab:red" if label in front else "tab:gray")
-        # Neighbours along x take turns above and below their point, so close labels do not overprint.
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12), fontsize=8)
     ys = [y for _, y, _ in shown]
     if ys and min(ys) > 0 and max(ys) / min(ys) > 10:
         ax.set_yscale("log")  # perplexities spanning decades: a linear axis flattens all the good models
@@ -317,6 +351,7 @@ def plot_pareto(report: dict, path: str | Path) -> Path:
     ax.set_title(f"slimlm compare: quality against speed (base {report['models'][0]['label']})", fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
+    place_labels(ax, shown)
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)

@@ -469,3 +469,37 @@ def test_draft_specs_are_checked_and_join_the_cache_key(models):
                          ([small, f"{large}+draft:{small}", f"{large}+draft:{small}"], "listed twice")]:
         with pytest.raises(SlimlmError, match=words):
             compare.check_models(specs)
+
+
+def test_pareto_labels_do_not_overprint_each_other_or_other_points():
+    # Four models side by side at one perplexity (the base, a lossless draft variant, int8...): labels written
+    # to the right of each point would run over the next point and label; each gets a spot of its own.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slimlm.recipes.compare_report import place_labels
+
+    points = [(1.0, 6.72, "smollm2-135m"), (1.17, 6.72, "base-int4-draft"), (1.45, 6.71, "int8-rtn"),
+              (1.78, 7.25, "int4-gptq"), (3.75, 25.8, "pruned-50-distilled-int4")]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter([x for x, _, _ in points], [y for _, y, _ in points])
+    ax.set_yscale("log")
+    ax.margins(0.15)
+    fig.tight_layout()
+    texts = place_labels(ax, points)
+    renderer = fig.canvas.get_renderer()
+    for t in texts:
+        t.arrowprops = t.arrow_patch = None  # measure the text alone, not the leader line of a label set further off
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    inside = ax.get_window_extent(renderer)
+    assert [t.get_text() for t in texts] == [label for _, _, label in points]
+    for i, a in enumerate(boxes):
+        assert inside.x0 <= a.x0 and a.x1 <= inside.x1, points[i][2]  # the rightmost label turned left
+        for j, b in enumerate(boxes[:i]):
+            assert not a.overlaps(b), (points[i][2], points[j][2])
+        for j, (x, y, _) in enumerate(points):
+            mx, my = ax.transData.transform((x, y))
+            assert j == i or not (a.x0 < mx < a.x1 and a.y0 < my < a.y1), (points[i][2], points[j][2])
+    plt.close(fig)
