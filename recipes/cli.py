@@ -226,6 +226,9 @@ def add_bench(sub) -> None:
     p.add_argument("--task", choices=["quote", "summarize"], default=None,
                    help="chat prompts asking to repeat / summarize a held-out paragraph instead of --prompt-len "
                         "tokens of text to continue (outputs that reuse their input: where --speculative ngram pays)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE.jsonl",
+                   help="your own prompts, one JSON object a line: {\"prompt\": text}, {\"messages\": [chat]} or "
+                        "{\"prompt_token_ids\": [ids]} (at least as many as the run needs; replaces --prompt-len)")
     p.add_argument("--gen-len", type=int, default=128, help="new tokens per request (default 128)")
     p.add_argument("--reps", type=int, default=3, help="repetitions after the warm-up (default 3)")
     p.add_argument("--dtype", default="bf16", help="bf16 (default), float32 or fp16")
@@ -268,8 +271,22 @@ def run_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
+    if args.prompts_file is not None:
+        if args.task is not None:
+            raise SlimlmError("--prompts-file and --task both name the prompts; pass one of them.")
+        if not Path(args.prompts_file).is_file():
+            raise SlimlmError(f"--prompts-file {args.prompts_file}: no such file.")
     hf_model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     spec = speculative_config(args, hf_model.config.num_hidden_layers, tokenizer)
+    if args.prompts_file is not None:
+        from slimlm.serve.bench import file_prompts, prompts_needed
+
+        try:  # checked before any timing: a bad line is reported at once
+            file_prompts(tokenizer, args.prompts_file, prompts_needed(batch_sizes, args.concurrency or None,
+                                                                      args.num_requests, args.rate))
+        except ValueError as e:
+            raise SlimlmError(str(e), "Fix the file or ask for fewer prompts (--batch-sizes, --concurrency, "
+                                      "--num-requests).") from None
 
     def engine_with(speculative):
         return LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, args.concurrency or 1]),
@@ -282,15 +299,18 @@ def run_bench(args) -> int:
     with console.status("benchmarking") as status:
         result = benchmark(engine, hf_model if args.baseline == "hf" else None, batch_sizes,
                            args.concurrency or None, args.rate, args.num_requests, args.prompt_len,
-                           args.gen_len, args.reps, progress=status.update, task=args.task)
+                           args.gen_len, args.reps, progress=status.update, task=args.task,
+                           prompts_file=args.prompts_file)
         if spec is not None:  # the same engine with speculation, same prompts, same run; plain is 1.0x
             del engine
             engine = engine_with(spec)
             fast = benchmark(engine, None, batch_sizes, args.concurrency or None, args.rate, args.num_requests,
                              args.prompt_len, args.gen_len, args.reps,
-                             progress=lambda msg: status.update(f"speculative {msg}"), task=args.task)
+                             progress=lambda msg: status.update(f"speculative {msg}"), task=args.task,
+                             prompts_file=args.prompts_file)
             merge_speculative(result, fast, engine.stats())
-    prompts = f"{args.task} prompts" if args.task else f"{args.prompt_len}-token prompts"
+    prompts = (f"prompts of {args.prompts_file}" if args.prompts_file else f"{args.task} prompts" if args.task
+               else f"{args.prompt_len}-token prompts")
     table = Table(title=escape(f"bench: {args.model} ({args.dtype}, {prompts}, "
                                f"{args.gen_len} new tokens, KV cache {args.kv_cache_dtype}; median [min, max] of {args.reps})"))
     table.add_column("run")

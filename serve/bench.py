@@ -91,6 +91,46 @@ def task_prompts(tokenizer, n: int, task: str, seed: int = 0, min_words: int = 4
     return out
 
 
+def file_prompts(tokenizer, path: str, n: int) -> list[list[int]]:
+    """The first `n` prompts of a JSONL file, one a line: {"prompt": "text"}, {"messages": [...]} (chat messages,
+    through the tokenizer's chat template) or {"prompt_token_ids": [ids]}. ValueError naming the line of a bad
+    one, or when the file holds fewer than `n` (repeating prompts would measure the prefix cache)."""
+    import json
+
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if len(out) == n:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected an object with \"prompt\", \"messages\" or "
+                                 f"\"prompt_token_ids\", got {type(row).__name__}")
+            if isinstance(row.get("prompt"), str):
+                ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            elif isinstance(row.get("messages"), list):
+                ids = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
+                ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            elif isinstance(row.get("prompt_token_ids"), list) and all(
+                    isinstance(t, int) and 0 <= t < len(tokenizer) for t in row["prompt_token_ids"]):
+                ids = row["prompt_token_ids"]
+            else:
+                raise ValueError(f"{path}, line {number}: expected \"prompt\" (text), \"messages\" (a chat) or "
+                                 f"\"prompt_token_ids\" (ids below {len(tokenizer)}), got keys {sorted(row)}")
+            if not ids:
+                raise ValueError(f"{path}, line {number}: the prompt is empty")
+            out.append(list(ids))
+    if len(out) < n:
+        raise ValueError(f"{path} holds {len(out)} prompts; this run needs {n} (the largest batch size, or the "
+                         f"online requests: --num-requests, default twice --concurrency)")
+    return out
+
+
 def run_engine(engine: LLMEngine, prompts: list[list[int]], gen_len: int, concurrency: int | None = None,
                rate: float | None = None, seed: int = 0) -> RunStats:
     """Push all prompts through the engine: at once (offline), at fixed concurrency, or Poisson at `rate`."""
@@ -168,15 +208,26 @@ def run_hf(model, prompts: list[list[int]], gen_len: int, pad_id: int) -> float:
     return len(prompts) * gen_len / (time.perf_counter() - start)
 
 
+def prompts_needed(batch_sizes, concurrency: int | None, num_requests: int | None, rate: float | None = None) -> int:
+    """Distinct prompts a `benchmark` run uses: the largest batch size, or the online requests if more."""
+    online = num_requests or (2 * concurrency if concurrency else 32) if concurrency or rate else 0
+    return max(max(batch_sizes, default=1), online)
+
+
 def benchmark(engine: LLMEngine, hf_model=None, batch_sizes=(1, 16), concurrency: int | None = 32,
               rate: float | None = None, num_requests: int | None = None, prompt_len: int = 128,
-              gen_len: int = 128, reps: int = 3, progress=None, task: str | None = None) -> dict:
+              gen_len: int = 128, reps: int = 3, progress=None, task: str | None = None,
+              prompts_file: str | None = None) -> dict:
     """Run every configured measurement; returns a JSON-ready dict of Spreads and ratios. `task` ("quote",
-    "summarize"): chat prompts around held-out paragraphs (`task_prompts`) instead of `prompt_len` tokens of text."""
+    "summarize"): chat prompts around held-out paragraphs (`task_prompts`) instead of `prompt_len` tokens of
+    text; `prompts_file`: the user's own prompts (`file_prompts`)."""
     tok = engine.tokenizer
+    n = prompts_needed(batch_sizes, concurrency, num_requests, rate)
     n_online = num_requests or (2 * concurrency if concurrency else 32)
-    n = max(max(batch_sizes, default=1), n_online)
-    prompts = bench_prompts(tok, n, prompt_len) if task is None else task_prompts(tok, n, task)
+    if prompts_file is not None:
+        prompts = file_prompts(tok, prompts_file, n)
+    else:
+        prompts = bench_prompts(tok, n, prompt_len) if task is None else task_prompts(tok, n, task)
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(engine.eos_token_ids), 0)
     rows: dict[str, dict] = {}
     say = progress or (lambda msg: None)

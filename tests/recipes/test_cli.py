@@ -216,6 +216,26 @@ def test_bench_ngram_on_quote_prompts(model_dir, tmp_path, capsys):
     assert "quote prompts" in capsys.readouterr().out
 
 
+def test_bench_on_a_prompts_file_and_its_errors(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"request {i}: say something"}) for i in range(3)) + "\n")
+    out = tmp_path / "bench.json"
+    base = ["bench", str(model_dir), "--batch-sizes", "1,2", "--concurrency", "0", "--gen-len", "4", "--reps", "1",
+            "--dtype", "float32"]
+    assert main([*base, "--prompts-file", str(prompts), "--json", str(out)]) == 0
+    assert "engine batch 2" in json.loads(out.read_text())["rows"]
+    assert f"promptsof{prompts}" in "".join(capsys.readouterr().out.split())  # the title names the file
+    assert main([*base, "--batch-sizes", "4", "--prompts-file", str(prompts)]) == 2
+    assert "holds 3 prompts; this run needs 4" in capsys.readouterr().err
+    prompts.write_text('{"prompt": "ok"}\n{"text": "no"}\n')
+    assert main([*base, "--prompts-file", str(prompts)]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert main([*base, "--prompts-file", str(tmp_path / "none.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main([*base, "--prompts-file", str(prompts), "--task", "quote"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, words", [(["--speculative", "self", "--exit-layer", "9"], "--exit-layer must be in 1.."),
                                          (["--exit-layer", "1"], "needs --speculative"),
                                          (["--speculative", "draft"], "go together"),

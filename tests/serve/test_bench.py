@@ -1,7 +1,7 @@
 """The benchmark harness on a tiny model: every figure is produced, and the counts add up."""
 import pytest
 
-from slimlm.serve.bench import benchmark, bench_prompts, percentile, run_engine, task_prompts
+from slimlm.serve.bench import benchmark, bench_prompts, file_prompts, percentile, run_engine, task_prompts
 from slimlm.serve.engine.engine import EngineConfig, LLMEngine
 from slimlm.toolkit.models import tiny_model
 
@@ -29,6 +29,28 @@ def test_task_prompts_are_chat_prompts_around_distinct_held_out_paragraphs(engin
     assert "Summarize" in tok.decode(task_prompts(tok, 1, "summarize")[0])
     with pytest.raises(ValueError, match="task must be one of"):
         task_prompts(tok, 1, "translate")
+
+
+def test_file_prompts_read_text_chats_and_ids_and_name_the_bad_line(engine_and_model, tmp_path):
+    import json
+
+    tok = engine_and_model[0].tokenizer
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "hello there"}, {"messages": [{"role": "user", "content": "hi"}]},
+            {"prompt_token_ids": [5, 6, 7]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    got = file_prompts(tok, str(path), 3)
+    assert got[0] == tok("hello there", add_special_tokens=False)["input_ids"] and got[2] == [5, 6, 7]
+    assert "hi" in tok.decode(got[1]) and len(got[1]) > len(tok("hi")["input_ids"])  # the chat template's tokens
+    assert file_prompts(tok, str(path), 2) == got[:2]
+    with pytest.raises(ValueError, match="holds 3 prompts; this run needs 4"):
+        file_prompts(tok, str(path), 4)
+    for bad, words in [("{oops", "line 2: not JSON"), ('{"text": "x"}', "line 2: expected"),
+                       ('{"prompt_token_ids": [-1]}', "line 2: expected"), ('{"prompt": ""}', "line 2: the prompt is empty"),
+                       ("[1, 2]", "line 2: expected an object")]:
+        path.write_text(json.dumps(rows[0]) + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=words):
+            file_prompts(tok, str(path), 2)
 
 
 @pytest.mark.parametrize("concurrency, rate", [(None, None), (2, None), (None, 200.0)])
