@@ -63,7 +63,8 @@ OUR_FILES = ("report.md", "report.json", "pareto.png", "settings.json", "cache")
 def _add_arguments(p) -> None:
     p.add_argument("base", metavar="BASE", help="the reference (1.0x): alias, model folder, export, .gguf or hub id")
     p.add_argument("variants", nargs="+", metavar="VARIANT", help="models to compare against the base; MODEL+draft:DRAFT "
-                   "is MODEL timed with draft-model speculative decoding from DRAFT (e.g. an int4 copy of it)")
+                   "is MODEL timed with draft-model speculative decoding from DRAFT (e.g. an int4 copy of it), "
+                   "MODEL+ngram with prompt-lookup drafts (copied from the text)")
     p.add_argument("--out", default="compare", help="report folder; also caches results (default ./compare)")
     p.add_argument("--overwrite", action="store_true", help="discard results in --out from earlier runs")
     p.add_argument("--data", action="append", metavar="SRC", help="held-out text for perplexity, repeatable (default "
@@ -80,6 +81,12 @@ def _add_arguments(p) -> None:
     p.add_argument("--dtype", default="bf16", help="dtype of the serving engine for speed (default bf16)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for speed (held-out text; default 128)")
+    p.add_argument("--task", choices=["quote", "summarize"], default=None,
+                   help="speed on chat prompts asking to repeat / summarize a held-out paragraph instead of "
+                        "--prompt-len tokens of text to continue")
+    p.add_argument("--prompts-file", default=None, metavar="FILE.jsonl",
+                   help="speed on your own prompts: {\"prompt\": text}, {\"messages\": [chat]} or "
+                        "{\"prompt_token_ids\": [ids]} a line, at least --num-requests of them")
     p.add_argument("--gen-len", type=int, default=64, help="new tokens per request (default 64)")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight for the online figures (default 32)")
     p.add_argument("--num-requests", type=int, default=None, help="online requests per repetition (default 2x concurrency)")
@@ -135,25 +142,41 @@ def settings_from_args(args) -> dict:
         check_source(spec)
     for path in args.tasks:
         load_tasks(path)
-    files = [s for s in [*data, *args.tasks] if Path(s).is_file()]
+    num_requests = args.num_requests or 2 * args.concurrency
+    if args.prompts_file is not None:
+        from slimlm.serve.bench import prompt_rows
+
+        if args.task is not None:
+            raise SlimlmError("--prompts-file and --task both name the speed prompts.", "Pass one of them.")
+        if not Path(args.prompts_file).is_file():
+            raise SlimlmError(f"--prompts-file {args.prompts_file}: no such file.")
+        try:
+            prompt_rows(args.prompts_file, num_requests)
+        except ValueError as e:
+            raise SlimlmError(str(e), "Fix the file, or pass fewer --num-requests.") from None
+    files = [s for s in [*data, *args.tasks, *([args.prompts_file] if args.prompts_file else [])] if Path(s).is_file()]
     return {"data": data, "tasks": list(args.tasks), "files_sha256": {s: file_sha256(s) for s in files},
             "split": args.split, "window": args.window, "max_windows": args.max_windows or None,
             "eval_batch_size": args.eval_batch_size, "eval_dtype": args.eval_dtype, "device": args.device,
             "dtype": args.dtype, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-            "concurrency": args.concurrency, "num_requests": args.num_requests or 2 * args.concurrency,
+            "concurrency": args.concurrency, "num_requests": num_requests,
             "reps": args.reps, "threads": args.threads,
             # only where it is not 1: the settings of folders made before the option stay the same
             **({"speed_rounds": args.speed_rounds} if args.speed_rounds != 1 else {}),
             **({"speculative": "off"} if args.speculative == "off" else {}),
+            **({"speed_task": args.task} if args.task else {}),
+            **({"speed_prompts_file": args.prompts_file} if args.prompts_file else {}),
             **({"spread_windows": True} if args.spread_windows and args.max_windows else {})}
 
 
 DRAFT_SEP = "+draft:"  # MODEL+draft:DRAFT: MODEL served with draft-model speculative decoding from DRAFT
+NGRAM_SUFFIX = "+ngram"  # MODEL+ngram: MODEL served with prompt-lookup speculative decoding
 
 
 def check_models(specs: list[str]) -> list[dict]:
     """Resolve every spec (unknown ones are refused here) and give each a unique short label. A variant
-    `MODEL+draft:DRAFT` is MODEL timed with DRAFT as its draft model (`speculation_plan`)."""
+    `MODEL+draft:DRAFT` is MODEL timed with DRAFT as its draft model, `MODEL+ngram` with prompt-lookup
+    drafts (`speculation_plan`)."""
     from slimlm.toolkit.models import resolve
 
     def place(spec: str) -> tuple[str, str, str]:  # kind, where its files are, a short name
@@ -163,12 +186,18 @@ def check_models(specs: list[str]) -> list[dict]:
 
     models, seen = [], {}
     for i, given in enumerate(specs):
-        spec, sep, draft = given.partition(DRAFT_SEP)
+        ngram = given.endswith(NGRAM_SUFFIX)
+        spec, sep, draft = given[:-len(NGRAM_SUFFIX)].partition(DRAFT_SEP) if ngram else given.partition(DRAFT_SEP)
         if sep and (i == 0 or not spec or not draft):
             raise SlimlmError(f"{given}: a draft model goes with a variant, as MODEL{DRAFT_SEP}DRAFT.",
                               "The base is timed plainly; list e.g. BASE, then BASE+draft:INT4_COPY as a variant.")
+        if ngram and (i == 0 or not spec or sep):
+            raise SlimlmError(f"{given}: prompt lookup goes with a variant without a draft model, as MODEL{NGRAM_SUFFIX}.",
+                              f"The base is timed plainly; list e.g. BASE, then BASE{NGRAM_SUFFIX} as a variant.")
         kind, where, name = place(spec)
         model = {"spec": spec, "kind": kind, "label": name, "role": "base" if i == 0 else "variant"}
+        if ngram:
+            where, model["label"], model["ngram"] = f"{where}{NGRAM_SUFFIX}", f"{name} + ngram", True
         if sep:
             draft_kind, draft_where, draft_name = place(draft)
             where, model["label"] = f"{where}{DRAFT_SEP}{draft_where}", f"{name} + draft {draft_name}"
@@ -181,7 +210,8 @@ def check_models(specs: list[str]) -> list[dict]:
     labels = [m["label"] for m in models]
     for m in models:
         if labels.count(m["label"]) > 1:
-            m["label"] = m["spec"] + (f" + draft {m['draft']}" if m.get("draft") else "")  # the full paths tell them apart
+            m["label"] = m["spec"] + (f" + draft {m['draft']}" if m.get("draft") else " + ngram" if m.get("ngram")
+                                      else "")  # the full paths tell them apart
     return models
 
 
@@ -342,6 +372,7 @@ def measure_accuracy(spec: str, settings: dict) -> dict:
 
 
 NUM_DRAFT = 4  # most drafts per step: `slimlm serve --speculative self`'s default
+PROMPT_LOOKUP = 3  # `slimlm serve --speculative ngram`'s default: the text's last 3 (down to 2) tokens looked up
 
 
 def speculation_plan(model: dict, settings: dict) -> dict | None:
@@ -349,7 +380,10 @@ def speculation_plan(model: dict, settings: dict) -> dict | None:
     auto, self-speculative decoding from its shallowest exit (through its own norm and lens where it has them),
     the adaptive policy, at most NUM_DRAFT drafts: what `slimlm serve DIR --speculative self` runs. For
     `MODEL+draft:DRAFT`, draft-model speculative decoding, adaptive, at most NUM_DRAFT drafts (`slimlm serve
-    MODEL --speculative draft --draft-model DRAFT`); the draft's files join the plan, so its cache key."""
+    MODEL --speculative draft --draft-model DRAFT`); the draft's files join the plan, so its cache key. For
+    `MODEL+ngram`, prompt-lookup drafts (`slimlm serve MODEL --speculative ngram`), adaptive, at most NUM_DRAFT."""
+    if model.get("ngram"):  # asked for by name, as a draft model is
+        return {"prompt_lookup": PROMPT_LOOKUP, "num_draft": NUM_DRAFT, "adaptive": True}
     if model.get("draft"):  # asked for by name: timed with its draft whatever --speculative says
         draft = {"spec": model["draft"], "kind": model["draft_kind"]}
         return {"draft_model": model["draft"], "draft_identity": identity(draft), "num_draft": NUM_DRAFT,
@@ -364,6 +398,20 @@ def speculation_plan(model: dict, settings: dict) -> dict | None:
     return {"exit_layer": spec.layers[0], "num_draft": NUM_DRAFT, "adaptive": True, "norm": spec.norm}
 
 
+def speed_prompts(tokenizer, settings: dict, n: int) -> list[list[int]]:
+    """The speed measurement's first `n` prompts: --prompts-file's, --task's, or `prompt_len` tokens of held-out text."""
+    from slimlm.serve.bench import bench_prompts, file_prompts, task_prompts
+
+    if settings.get("speed_prompts_file"):
+        try:
+            return file_prompts(tokenizer, settings["speed_prompts_file"], n)
+        except ValueError as e:
+            raise SlimlmError(str(e), "Fix the file (token ids must be below the vocabulary's size).") from None
+    if settings.get("speed_task"):
+        return task_prompts(tokenizer, n, settings["speed_task"])
+    return bench_prompts(tokenizer, n, settings["prompt_len"])
+
+
 def _engine(spec: str, settings: dict, plan: dict | None = None):
     """`spec` loaded into slimlm's serving engine, with a KV cache just large enough for the benchmark, drafting
     from an exit or a draft model where `plan` (`speculation_plan`) says so."""
@@ -373,7 +421,10 @@ def _engine(spec: str, settings: dict, plan: dict | None = None):
     from slimlm.toolkit.models import load
 
     hf_model, tokenizer = load(spec, dtype=settings["dtype"], device=settings["device"])
-    length = settings["prompt_len"] + settings["gen_len"]
+    longest = settings["prompt_len"]
+    if settings.get("speed_prompts_file") or settings.get("speed_task"):
+        longest = max(map(len, speed_prompts(tokenizer, settings, settings["num_requests"])))
+    length = longest + settings["gen_len"]
     blocks = settings["concurrency"] * (-(-length // 16) + 1) + 1  # every request in flight, plus one spare
     speculative = None
     if plan is not None and "draft_model" in plan:
@@ -382,6 +433,9 @@ def _engine(spec: str, settings: dict, plan: dict | None = None):
             raise SlimlmError(f"the draft {plan['draft_model']} has another tokenizer than {spec}.",
                               "A draft must share the model's tokenizer (e.g. a quantized or pruned variant of it).")
         speculative = SpeculativeConfig(draft_model=draft, num_draft=plan["num_draft"], adaptive=plan["adaptive"])
+    elif plan is not None and "prompt_lookup" in plan:
+        speculative = SpeculativeConfig(prompt_lookup=plan["prompt_lookup"], num_draft=plan["num_draft"],
+                                        adaptive=plan["adaptive"])
     elif plan is not None:
         norm, proj = draft_weights(spec, read_exit_spec(spec, verify=False), plan["exit_layer"])
         speculative = SpeculativeConfig(exit_layer=plan["exit_layer"], num_draft=plan["num_draft"], exit_norm=norm,
@@ -424,7 +478,8 @@ def measure_speed(spec: str, settings: dict, progress=None, plan: dict | None = 
 
     engine = _engine(spec, settings, plan)
     result = benchmark(engine, None, [1], settings["concurrency"], None, settings["num_requests"],
-                       settings["prompt_len"], settings["gen_len"], settings["reps"], progress=progress)
+                       settings["prompt_len"], settings["gen_len"], settings["reps"], progress=progress,
+                       task=settings.get("speed_task"), prompts_file=settings.get("speed_prompts_file"))
     speculation = {"speculation": speculation_result(plan, [engine.stats()])} if plan else {}
     del engine
     gc.collect()  # the next model loads into the memory this one held (torch's caching allocator keeps it on GPU)
@@ -462,7 +517,8 @@ def measure_speeds(specs: list[str], settings: dict, progress=None, plans: list 
             engines.append(_engine(spec, settings, plans[i]))
         results = benchmark_interleaved(engines, settings["concurrency"], settings["num_requests"],
                                         settings["prompt_len"], settings["gen_len"], settings["reps"],
-                                        progress=lambda msg, tag=tag: say(tag + msg))
+                                        progress=lambda msg, tag=tag: say(tag + msg),
+                                        make_prompts=lambda tokenizer, n: speed_prompts(tokenizer, settings, n))
         for i, plan in enumerate(plans):
             if plan:
                 stats[i].append(engines[i].stats())
@@ -551,9 +607,10 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
     with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar:
         acc_task = bar.add_task("accuracy", total=len(todo_accuracy))
         for e in todo_accuracy:
-            twin = e.get("draft") and next((o for o in entries if not o.get("draft") and o["spec"] == e["spec"]
-                                            and "accuracy" in o), None)
-            if twin:  # MODEL+draft:DRAFT is MODEL's accuracy: lossless speculation changes no output
+            twin = (e.get("draft") or e.get("ngram")) and next(
+                (o for o in entries if not o.get("draft") and not o.get("ngram") and o["spec"] == e["spec"]
+                 and "accuracy" in o), None)
+            if twin:  # MODEL+draft:DRAFT (+ngram) is MODEL's accuracy: lossless speculation changes no output
                 e.update({k: twin[k] for k in ("accuracy", "params", "memory")}, accuracy_of=twin["label"])
             else:
                 bar.update(acc_task, description=f"accuracy + memory: {e['label']} (subprocess)")

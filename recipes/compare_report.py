@@ -170,10 +170,11 @@ def _header(col: dict) -> str:
 
 def model_name(m: dict) -> str:
     """A model's name in the tables: its label, marked where it is the base and where its speed was measured
-    with self-speculative decoding from one of its exits or with a draft model (the notes say how)."""
+    with self-speculative decoding from one of its exits, a draft model or prompt lookup (the notes say how)."""
     sp = m.get("speed", {}).get("speculation")
     return (m["label"] + (" (base)" if m["role"] == "base" else "")
-            + ("" if not sp else " (draft-spec)" if "draft_model" in sp else " (self-spec)"))
+            + ("" if not sp else " (draft-spec)" if "draft_model" in sp else " (ngram-spec)" if "prompt_lookup" in sp
+               else " (self-spec)"))
 
 
 def table_cells(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -195,10 +196,22 @@ def speculation_note(label: str, sp: dict, settings: dict) -> str:
     plain = (f"; batches of more than {sp['max_batch']} decode plainly"
              if settings["concurrency"] > sp["max_batch"] else "")
     how = (f"draft-model speculative decoding from {sp['draft_model']}" if "draft_model" in sp else
+           f"prompt-lookup speculative decoding (drafts copied from the text where its last {sp['prompt_lookup']} "
+           "tokens occurred before)" if "prompt_lookup" in sp else
            f"self-speculative decoding from exit {sp['exit_layer']} ({NORM_WORDS.get(sp['norm'], sp['norm'])})")
     return (f"{label}: speed with {how}, adaptive, at most {sp['num_draft']} drafts: {achieved} "
             f"(warm-ups and all repetitions together){plain}. Lossless: the full model verifies every drafted token, "
             "so greedy output is its own and the perplexity and accuracy are the model's, unchanged.")
+
+
+def prompts_words(settings: dict) -> str:
+    """What the speed prompts were, in words."""
+    if settings.get("speed_prompts_file"):
+        return f"prompts of {settings['speed_prompts_file']}"
+    if settings.get("speed_task"):
+        return (f"chat prompts asking to {'repeat' if settings['speed_task'] == 'quote' else 'summarize'} a "
+                "held-out paragraph of builtin:wiki")
+    return f"{settings['prompt_len']}-token prompts"
 
 
 def notes(report: dict) -> list[str]:
@@ -210,7 +223,7 @@ def notes(report: dict) -> list[str]:
         f"Perplexity: {windows} windows of {s['window']} tokens of the {s['split']} split of {', '.join(s['data'])}"
         + (" (spread evenly over it)" if s.get("spread_windows") else "")
         + ("; accuracy: log-likelihood multiple choice" if s["tasks"] else "") + f"; in {s['eval_dtype']} on {s['device']}.",
-        f"Speed: slimlm's serving engine in {s['dtype']}, the same {s['prompt_len']}-token prompts for every model, "
+        f"Speed: slimlm's serving engine in {s['dtype']}, the same {prompts_words(s)} for every model, "
         f"{s['gen_len']} new tokens each (greedy, EOS ignored); median [min, max] of {s['reps']} repetition(s) after "
         + (f"a warm-up, in each of {s['speed_rounds']} loads of the models (figures over all "
            f"{s['speed_rounds'] * s['reps']})" if s.get("speed_rounds", 1) > 1 else "a warm-up")

@@ -91,16 +91,16 @@ def task_prompts(tokenizer, n: int, task: str, seed: int = 0, min_words: int = 4
     return out
 
 
-def file_prompts(tokenizer, path: str, n: int) -> list[list[int]]:
-    """The first `n` prompts of a JSONL file, one a line: {"prompt": "text"}, {"messages": [...]} (chat messages,
-    through the tokenizer's chat template) or {"prompt_token_ids": [ids]}. ValueError naming the line of a bad
-    one, or when the file holds fewer than `n` (repeating prompts would measure the prefix cache)."""
+def prompt_rows(path: str, n: int) -> list[dict]:
+    """The first `n` prompts of a JSONL file, checked but not yet tokenized: one object a line, {"prompt":
+    "text"}, {"messages": [...]} (chat messages) or {"prompt_token_ids": [ids]}. ValueError naming the line of a
+    bad one, or when the file holds fewer than `n` (repeating prompts would measure the prefix cache)."""
     import json
 
-    out = []
+    rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            if len(out) == n:
+            if len(rows) == n:
                 break
             if not line.strip():
                 continue
@@ -111,23 +111,38 @@ def file_prompts(tokenizer, path: str, n: int) -> list[list[int]]:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {number}: expected an object with \"prompt\", \"messages\" or "
                                  f"\"prompt_token_ids\", got {type(row).__name__}")
-            if isinstance(row.get("prompt"), str):
-                ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            elif isinstance(row.get("messages"), list):
-                ids = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
-                ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-            elif isinstance(row.get("prompt_token_ids"), list) and all(
-                    isinstance(t, int) and 0 <= t < len(tokenizer) for t in row["prompt_token_ids"]):
-                ids = row["prompt_token_ids"]
-            else:
+            ids = row.get("prompt_token_ids")
+            if not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list) or (
+                    isinstance(ids, list) and all(isinstance(t, int) and t >= 0 for t in ids))):
                 raise ValueError(f"{path}, line {number}: expected \"prompt\" (text), \"messages\" (a chat) or "
-                                 f"\"prompt_token_ids\" (ids below {len(tokenizer)}), got keys {sorted(row)}")
-            if not ids:
+                                 f"\"prompt_token_ids\" (ids >= 0), got keys {sorted(row)}")
+            if not (row.get("prompt") or row.get("messages") or ids):
                 raise ValueError(f"{path}, line {number}: the prompt is empty")
-            out.append(list(ids))
-    if len(out) < n:
-        raise ValueError(f"{path} holds {len(out)} prompts; this run needs {n} (the largest batch size, or the "
+            rows.append({**row, "line": number})
+    if len(rows) < n:
+        raise ValueError(f"{path} holds {len(rows)} prompts; this run needs {n} (the largest batch size, or the "
                          f"online requests: --num-requests, default twice --concurrency)")
+    return rows
+
+
+def file_prompts(tokenizer, path: str, n: int) -> list[list[int]]:
+    """`prompt_rows` as token ids: text tokenized, chats through the tokenizer's chat template, ids checked
+    against the vocabulary (ValueError naming the line)."""
+    out = []
+    for row in prompt_rows(path, n):
+        if isinstance(row.get("prompt"), str):
+            ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        elif isinstance(row.get("messages"), list):
+            ids = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        else:
+            ids = row["prompt_token_ids"]
+            if max(ids) >= len(tokenizer):
+                raise ValueError(f"{path}, line {row['line']}: token id {max(ids)} is outside the vocabulary "
+                                 f"({len(tokenizer)} tokens)")
+        if not ids:
+            raise ValueError(f"{path}, line {row['line']}: the prompt is empty")
+        out.append(list(ids))
     return out
 
 
@@ -281,8 +296,10 @@ def benchmark(engine: LLMEngine, hf_model=None, batch_sizes=(1, 16), concurrency
 
 
 def benchmark_interleaved(engines: list[LLMEngine], concurrency: int, num_requests: int | None = None,
-                          prompt_len: int = 128, gen_len: int = 128, reps: int = 3, progress=None) -> list[dict]:
+                          prompt_len: int = 128, gen_len: int = 128, reps: int = 3, progress=None,
+                          make_prompts=None) -> list[dict]:
     """`benchmark`'s batch-1 and fixed-concurrency runs for several engines, alternated repetition by repetition.
+    `make_prompts(tokenizer, n)`: the prompts (default: `bench_prompts` of `prompt_len` tokens).
 
     After one warm-up run of every engine, each repetition runs every engine once, starting one engine
     later each time (the first engine of a repetition can meet a machine in another state than the
@@ -296,7 +313,8 @@ def benchmark_interleaved(engines: list[LLMEngine], concurrency: int, num_reques
         raise ValueError("need at least one engine, reps >= 1 and concurrency >= 1, "
                          f"got {len(engines)} engine(s), reps {reps}, concurrency {concurrency}")
     n_online = num_requests or 2 * concurrency
-    prompts = [bench_prompts(e.tokenizer, n_online, prompt_len) for e in engines]
+    make_prompts = make_prompts or (lambda tokenizer, n: bench_prompts(tokenizer, n, prompt_len))
+    prompts = [make_prompts(e.tokenizer, n_online) for e in engines]
     say = progress or (lambda msg: None)
     label = f"engine online c={concurrency}"
     runs = {"batch 1": [[] for _ in engines], f"c={concurrency}": [[] for _ in engines]}

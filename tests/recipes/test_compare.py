@@ -424,6 +424,25 @@ def test_a_speculation_note_says_what_was_used_and_achieved():
     assert "no token was drafted" in speculation_note("exits", {**sp, "acceptance_rate": None}, {"concurrency": 8})
 
 
+def test_speed_prompts_join_the_settings_only_when_set_and_bad_files_are_refused_up_front(tmp_path):
+    settings = lambda *argv: compare.settings_from_args(parse(["a", "b", "--out", "x", *argv]))  # noqa: E731
+    plain = settings()
+    assert "speed_task" not in plain and "speed_prompts_file" not in plain
+    assert settings("--task", "quote")["speed_task"] == "quote"
+    good = tmp_path / "p.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"hello {i}"}) + "\n" for i in range(4)))
+    chosen = settings("--prompts-file", good, "--concurrency", "2")
+    assert chosen["speed_prompts_file"] == str(good) and chosen["files_sha256"][str(good)] == compare.file_sha256(good)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n{"nope": 1}\n')
+    for argv, words in [(["--prompts-file", good], "holds 4 prompts; this run needs 64"),
+                        (["--prompts-file", bad, "--num-requests", "2"], "line 2"),
+                        (["--prompts-file", tmp_path / "missing.jsonl"], "no such file"),
+                        (["--prompts-file", good, "--task", "quote", "--num-requests", "2"], "both name")]:
+        with pytest.raises(SlimlmError, match=words):
+            settings(*argv)
+
+
 def test_speculative_joins_the_settings_only_when_off():
     assert "speculative" not in compare.settings_from_args(parse(["a", "b", "--out", "x"]))
     assert compare.settings_from_args(parse(["a", "b", "--out", "x", "--speculative", "off"]))["speculative"] == "off"
@@ -468,6 +487,37 @@ def test_draft_specs_are_checked_and_join_the_cache_key(models):
                          ([small, f"{large}+draft:"], "goes with a variant"),
                          ([small, f"{large}+draft:{small}", f"{large}+draft:{small}"], "listed twice")]:
         with pytest.raises(SlimlmError, match=words):
+            compare.check_models(specs)
+
+
+@pytest.mark.parametrize("order", ["alternate", "sequential"])
+def test_a_model_with_prompt_lookup_is_timed_drafting_from_its_text(models, text_file, tmp_path, monkeypatch,
+                                                                     one_thread, order):
+    """`MODEL+ngram`: MODEL's accuracy (taken from MODEL, listed before it) beside its speed with prompt-lookup
+    drafts, on the user's prompts (--prompts-file; repetitive ones, so lookups find drafts); the report marks
+    and explains it; its cache key differs from MODEL's; bad forms are refused."""
+    evaluated = []
+    monkeypatch.setattr(compare, "measure_accuracy", lambda spec, s: evaluated.append(spec) or fixed_accuracy(spec, s))
+    large = str(models["large"])
+    out = tmp_path / "ngram"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{w} {w} {w} {w} {w} {w}"}) + "\n" for w in ("ab", "cd xy")))
+    argv = [large, large + compare.NGRAM_SUFFIX, "--data", text_file, *FAST, "--gen-len", "24", *one_thread,
+            "--out", out, "--prompts-file", prompts, "--speed-order", order]
+    assert compare.run_compare(parse(argv)) == 0
+    base, fast = json.loads((out / "report.json").read_text())["models"]
+    assert fast["label"] == "large + ngram" and fast["spec"] == large and fast["accuracy_of"] == "large"
+    assert evaluated == [large] and fast["accuracy"] == base["accuracy"]
+    sp = fast["speed"]["speculation"]
+    assert (sp["prompt_lookup"], sp["num_draft"], sp["adaptive"]) == (3, 4, True) and sp["drafted_tokens"] > 0
+    md = (out / "report.md").read_text()
+    assert "| large + ngram (ngram-spec) |" in md and "speed with prompt-lookup speculative decoding" in md
+    assert f"the same prompts of {prompts} for every model" in md
+    plain, looked_up = compare.check_models([large, large + compare.NGRAM_SUFFIX])
+    key = lambda m: compare.cache_key(compare.identity(m, compare.speculation_plan(m, {})), {})  # noqa: E731
+    assert key(plain) != key(looked_up)
+    for specs in ([large + "+ngram", large], [large, f"{large}+draft:{large}+ngram"]):
+        with pytest.raises(SlimlmError, match="prompt lookup goes with a variant"):
             compare.check_models(specs)
 
 

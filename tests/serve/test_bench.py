@@ -46,7 +46,8 @@ def test_file_prompts_read_text_chats_and_ids_and_name_the_bad_line(engine_and_m
     with pytest.raises(ValueError, match="holds 3 prompts; this run needs 4"):
         file_prompts(tok, str(path), 4)
     for bad, words in [("{oops", "line 2: not JSON"), ('{"text": "x"}', "line 2: expected"),
-                       ('{"prompt_token_ids": [-1]}', "line 2: expected"), ('{"prompt": ""}', "line 2: the prompt is empty"),
+                       ('{"prompt_token_ids": [-1]}', "line 2: expected"),
+                       ('{"prompt_token_ids": [99999]}', "line 2: token id 99999"), ('{"prompt": ""}', "line 2: the prompt is empty"),
                        ("[1, 2]", "line 2: expected an object")]:
         path.write_text(json.dumps(rows[0]) + "\n" + bad + "\n")
         with pytest.raises(ValueError, match=words):
