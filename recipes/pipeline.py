@@ -17,7 +17,9 @@ another config is refused unless --overwrite, which deletes the pipeline's files
 
 A variant `{name: N, draft: V}` (optionally `from: W`) makes nothing: compare times the base (or W's
 export) with V's export as its draft model (`MODEL+draft:DRAFT`, see compare): lossless speculative
-decoding, e.g. the base drafting from its own int4 variant.
+decoding, e.g. the base drafting from its own int4 variant. A variant `{name: N, ngram: true}` (optionally
+`from: W`) makes nothing either: compare times the base (or W's export) with prompt-lookup drafts
+(`MODEL+ngram`).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from slimlm.toolkit.errors import SlimlmError
 
 OUR_FILES = ("pipeline.json", "logs", "variants", "compare")
 TOP_KEYS = {"base", "out", "variants", "compare"}
-VARIANT_KEYS = {"name", "recipe", "from", "config", "args", "launcher", "draft"}
+VARIANT_KEYS = {"name", "recipe", "from", "config", "args", "launcher", "draft", "ngram"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -175,6 +177,18 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
                 raise SlimlmError(f"{where}: `{key}: {named}` names no variant listed above it.",
                                   f"Variants so far: {', '.join(x['name'] for x in variants) or '(none)'}; "
                                   f"a variant's `{key}` may name only one listed before it.")
+        made = {x["name"]: x["recipe"] for x in variants}
+        if made.get(parent) in ("draft", "ngram"):
+            raise SlimlmError(f"{where}: `from: {parent}` names a variant that makes nothing (it times a model with "
+                              "speculative decoding).", "Name the variant it times instead.")
+        if v.get("ngram") is not None:  # served with prompt-lookup drafts: nothing to make
+            extra = sorted(set(v) & {"recipe", "config", "args", "launcher", "draft"})
+            if v["ngram"] is not True or extra:
+                raise SlimlmError(f"{where}: an `ngram: true` variant makes nothing, so it takes no "
+                                  f"{', '.join(extra) or 'value but true'}.",
+                                  "It is the base (or `from:`) timed with prompt-lookup speculative decoding.")
+            variants.append({"name": name, "recipe": "ngram", "from": parent})
+            continue
         if v.get("draft") is not None:  # served with another variant as its draft model: nothing to make
             extra = sorted(set(v) & {"recipe", "config", "args", "launcher"})
             if extra:
@@ -379,6 +393,10 @@ def pipeline(plan: dict, out: Path, state: dict, command_line: str = "", progres
             elif drafter is not None and drafter["status"] != "done":
                 results[name] = {"recipe": "draft", "from": v["from"], "status": "failed",
                                  "error": f"draft {v['draft']} failed", "seconds": 0.0}
+            elif v["recipe"] == "ngram":  # nothing to make: compare times the model with prompt-lookup drafts
+                model = parent["export"] if parent else plan["base"]
+                results[name] = {"recipe": "ngram", "from": v["from"], "status": "done", "seconds": 0.0,
+                                 "export": f"{model}{compare.NGRAM_SUFFIX}"}
             elif v["recipe"] == "draft":  # nothing to make: compare times the model with its draft
                 model = parent["export"] if parent else plan["base"]
                 results[name] = {"recipe": "draft", "from": v["from"], "draft": v["draft"], "status": "done",
@@ -424,6 +442,9 @@ def run_pipeline(args) -> int:
             if v["recipe"] == "draft":
                 print(f"# {v['name']}\n# nothing to make: compare times {model} with "
                       f"{export_dir(out, by_name[v['draft']])} as its draft model")
+                continue
+            if v["recipe"] == "ngram":
+                print(f"# {v['name']}\n# nothing to make: compare times {model} with prompt-lookup drafts")
                 continue
             print(f"# {v['name']}\n{shlex.join(command(v, model, plan['base'], out))}")
         return 0

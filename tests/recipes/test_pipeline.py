@@ -125,6 +125,11 @@ def refused(capsys, argv, *words):
     (lambda vs: vs[1].update(name="int8"), ["unique `name`"]),
     (lambda vs: vs.append({"name": "d", "draft": "nowhere"}), ["draft: nowhere", "names no variant"]),
     (lambda vs: vs.append({"name": "d", "draft": "int8", "recipe": "quantize"}), ["makes nothing", "recipe"]),
+    (lambda vs: vs.append({"name": "n", "ngram": "yes"}), ["ngram: true", "makes nothing"]),
+    (lambda vs: vs.append({"name": "n", "ngram": True, "draft": "int8"}), ["makes nothing", "draft"]),
+    (lambda vs: vs.extend([{"name": "n", "ngram": True}, {"name": "q", "recipe": "quantize", "from": "n",
+                                                           "args": {"method": "rtn", "bits": 8}}]),
+     ["from: n", "makes nothing"]),
     (lambda vs: vs.append({"name": "d", "recipe": "distill", "config": "configs/distill/smollm2-135m.yaml",
                            "args": {"loss": {"kind": "forward_kl", "tempo": 2}}}), ["unknown setting 'loss.tempo'"]),
 ])
@@ -234,3 +239,23 @@ def test_a_draft_variant_times_the_base_with_another_variant_as_its_draft(base, 
     assert drafting["spec"] == str(base / "tiny") and drafting["draft"] == str(out / "variants" / "int8")
     assert drafting["speed"]["speculation"]["drafted_tokens"] > 0
     assert "| drafting (draft-spec) |" in (out / "compare" / "report.md").read_text()
+
+
+def test_an_ngram_variant_times_its_model_with_prompt_lookup(base, capsys):
+    """`{name, ngram: true, from: V}` makes nothing; compare times V's export with prompt-lookup drafts and takes
+    V's accuracy; --dry-run says what it will time."""
+    vs = variants(base)[:1] + [{"name": "int8-ngram", "ngram": True, "from": "int8"}]
+    config = write_config(base, vs, name="ngram.yaml", out="ngram_out")
+    out = base / "ngram_out"
+    assert main(["pipeline", str(config), "--dry-run"]) == 0
+    assert f"# nothing to make: compare times {out / 'variants' / 'int8'} with prompt-lookup drafts" \
+        in capsys.readouterr().out
+    assert main(["pipeline", str(config)]) == 0
+    state = json.loads((out / "pipeline.json").read_text())["variants"]
+    assert state["int8-ngram"] == {"recipe": "ngram", "from": "int8", "status": "done", "seconds": 0.0,
+                                   "export": f"{out / 'variants' / 'int8'}+ngram"}
+    report = json.loads((out / "compare" / "report.json").read_text())
+    looked_up = next(m for m in report["models"] if m["label"] == "int8-ngram")
+    assert looked_up["spec"] == str(out / "variants" / "int8") and looked_up["accuracy_of"] == "int8"
+    assert looked_up["speed"]["speculation"]["prompt_lookup"] == 3
+    assert "| int8-ngram (ngram-spec) |" in (out / "compare" / "report.md").read_text()
