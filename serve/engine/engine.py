@@ -215,9 +215,7 @@ class LLMEngine:
         else:
             logits, new_tokens = self.runner.execute(out, want_prompt), {}
         if self.speculator and all(s.sample and s.num_tokens == 1 for s in out.scheduled):
-            ks = {plan.get(s.seq.seq_id, 0) for s in out.scheduled}
-            if len(ks) == 1:  # a pure decode step, every sequence drafting the same k: a clean timing
-                self.speculator.observe(time.perf_counter() - started, len(out.scheduled), ks.pop())
+            self.speculator.observe_step(time.perf_counter() - started, out, plan)  # a pure decode step
         advanced: dict[str, _Request] = {self._owner[i][0].request_id: self._owner[i][0] for i in new_tokens}
         for seq_id, (rows, first_pos) in logits.prompt.items():
             self._record_prompt_logprobs(self._owner[seq_id][0], rows, first_pos)

@@ -10,11 +10,13 @@ draft distribution that is certain of its token), so their tokens follow the tar
 
 Pays where outputs repeat their context: quoting or rewriting a document, editing code, extracting fields,
 summaries that reuse the source's phrases, text that loops. Elsewhere no n-gram matches and the step is a
-plain one. The draft length follows each sequence's acceptance (the policy `SelfSpeculator` defines),
-counted only on steps that found a match; a draft costs nothing but its verify rows. Because drafting is
-free, a step where some sequences found a draft and others did not runs them all in the one verify pass
-(one row for a sequence without a draft: exactly its plain decode row), instead of the plain ones in a
-pass of their own.
+plain one. A draft costs nothing but its rows in the verify pass, so the policy (`choose`) prices rows: it
+verifies the step's likeliest found tokens (by each sequence's running acceptance, counted only on steps
+that drafted) up to the count that makes the most tokens per second, with a verify pass of R rows timed
+on this machine (`step_seconds`), and drafts nothing where no count beats a plain step. Because drafting
+is free, a step where some sequences found a draft and others did not runs them all in the one verify
+pass (one row for a sequence without a draft: exactly its plain decode row), instead of the plain ones in
+a pass of their own.
 
 The lookup index is kept per sequence and grows with its tokens (a dict per n from each n-gram to the
 latest position after which a token followed), so a step costs a dict lookup per n, whatever the length.
@@ -26,7 +28,7 @@ import torch
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .scheduler import SchedulerOutput
-from .speculative import SelfSpeculator, SpeculativeConfig, expected_tokens, verify_rows
+from .speculative import SelfSpeculator, SpeculativeConfig, verify_rows
 
 
 class NgramIndex:
@@ -68,10 +70,7 @@ class NgramSpeculator(SelfSpeculator):
         self.exit_layer = None
         self.index: dict[int, NgramIndex] = {}
         self.proposals: dict[int, list[int]] = {}
-
-    def model_speedup(self, acceptance: float, k: int) -> float:
-        """Drafts are free; each verified token beyond the first costs `verify_cost` of a step."""
-        return 1.0 if k == 0 else expected_tokens(acceptance, k) / (1 + self.config.verify_cost * k)
+        self.rows_time: dict[int, float] = {}  # rows of a verify pass -> running mean seconds of its step
 
     def plan(self, out: SchedulerOutput, bm: BlockManager, max_model_len: int) -> dict[int, int]:
         """Draft lengths `{seq_id: k >= 0}` with KV slots reserved; empty (a plain step) unless some sequence
@@ -80,28 +79,92 @@ class NgramSpeculator(SelfSpeculator):
         self.proposals = {}
         if not decodes or len(decodes) > self.config.max_batch:
             return {}
-        ks = {}
-        for s in decodes:
-            seq = s.seq
-            if not self.eligible(seq):
-                continue
-            ks[seq.seq_id] = 0
-            room = min(self.config.num_draft, max_model_len - seq.num_tokens - 1)
-            if room < 1:
-                continue
-            index = self.index.setdefault(seq.seq_id, NgramIndex(self.config.prompt_lookup_min,
-                                                                  self.config.prompt_lookup))
-            draft = index.propose(seq.token_ids, room)
-            if draft:  # the policy runs (and probes) only where there is something to verify
-                k = min(self.draft_len(seq, len(decodes)), len(draft))
-                if k >= 1 and bm.can_allocate(seq, 1 + k):
-                    bm.allocate(seq, 1 + k)  # slots for [last token, d_1 .. d_k]
-                    ks[seq.seq_id] = k
-                    self.proposals[seq.seq_id] = draft[:k]
+        eligible = [s.seq for s in decodes if self.eligible(s.seq)]
+        found = {}
+        for seq in eligible:
+            room = min(self.config.num_draft, max_model_len - seq.num_tokens - 1,
+                       seq.max_tokens - seq.num_output_tokens - 1)  # the target adds one token of its own
+            if room >= 1:
+                index = self.index.setdefault(seq.seq_id, NgramIndex(self.config.prompt_lookup_min,
+                                                                      self.config.prompt_lookup))
+                draft = index.propose(seq.token_ids, room)
+                if draft:
+                    found[seq.seq_id] = draft
+        ks = self.choose(found, len(decodes)) if found else {}
+        for seq in eligible:
+            k = ks.get(seq.seq_id, 0)
+            if k and bm.can_allocate(seq, 1 + k):
+                bm.allocate(seq, 1 + k)  # slots for [last token, d_1 .. d_k]
+                self.proposals[seq.seq_id] = found[seq.seq_id][:k]
         if not self.proposals:
             return {}
         out.copy_ops.extend(bm.pop_copy_ops())
+        return {seq.seq_id: len(self.proposals.get(seq.seq_id, ())) for seq in eligible}
+
+    def choose(self, found: dict[int, list[int]], batch: int) -> dict[int, int]:
+        """How many of each sequence's found tokens to verify. Adaptive: draft token j of a sequence with running
+        acceptance a is kept with probability a^j, so verifying the step's r likeliest tokens (a prefix of
+        each sequence's draft) adds their sum to the `batch` tokens a plain step makes, for r more rows in
+        the pass; the r with the most tokens per second (`step_seconds`) is chosen where it beats a plain
+        step by 5%. Rows are priced, not sequences: a verify pass of R rows costs what this machine was seen
+        to take for R rows, so a batch drafts less as rows grow dear. A sequence kept from drafting while it
+        had a draft probes with one token now and then (the wait doubles with each miss), as `draft_len` does."""
+        if not self.config.adaptive:
+            return {sid: len(d) for sid, d in found.items()}
+        plain = self.step_seconds(batch, batch)
+        if plain is None:
+            return {}  # a plain step at this batch size first: its time is what drafting must beat
+        odds = sorted(((self.acceptance.get(sid, self.engine_acceptance) ** j, sid)
+                       for sid, d in found.items() for j in range(1, len(d) + 1)), key=lambda x: -x[0])
+        best_r, best, tokens = 0, 1.05, float(batch)
+        for r, (p, _) in enumerate(odds, 1):
+            tokens += p
+            speedup = tokens / batch * plain / self.step_seconds(batch, batch + r)
+            if speedup > best:
+                best_r, best = r, speedup
+        ks: dict[int, int] = {}
+        for _, sid in odds[:best_r]:
+            ks[sid] = ks.get(sid, 0) + 1
+        for sid in found:
+            if ks.get(sid):
+                continue
+            waited = self.plain_steps.get(sid, 0) + 1
+            self.plain_steps[sid] = waited
+            wait = self.probe_wait.get(sid, self.config.probe_every)
+            if waited >= wait:  # re-measure now and then: the text may have turned to copying
+                self.plain_steps[sid] = 0
+                self.probe_wait[sid] = min(8 * self.config.probe_every, 2 * wait)
+                ks[sid] = 1
         return ks
+
+    def step_seconds(self, batch: int, rows: int) -> float | None:
+        """Seconds of a decode step of `batch` sequences running `rows` rows in one pass: measured where a step
+        of so many rows ran, else the plain step's time plus the extra rows at the per-row price measured
+        nearest this many rows (before any, `verify_cost` of a plain step per sequence); never below a plain
+        step's. None until a plain step of `batch` sequences is timed."""
+        plain = self.plain_time.get(batch)
+        if plain is None or rows == batch:
+            return plain
+        if rows in self.rows_time:
+            return max(self.rows_time[rows], plain)
+        known = [(r, t) for r, t in self.rows_time.items() if r > batch]
+        if known:
+            r1, t1 = min(known, key=lambda rt: abs(rt[0] - rows))
+            per_row = max(t1 - plain, 0.0) / (r1 - batch)
+        else:
+            per_row = self.config.verify_cost * plain / batch
+        return plain + per_row * (rows - batch)
+
+    def observe_step(self, seconds: float, out: SchedulerOutput, plan: dict[int, int]) -> None:
+        """Time a pure decode step: a plain one by its batch size, a verify pass over every sequence of the step
+        by its rows (a step that also ran a plain pass for ineligible sequences is no clean timing)."""
+        batch = len(out.scheduled)
+        if not plan:
+            self.observe(seconds, batch, 0)
+        elif len(plan) == batch:
+            rows = sum(k + 1 for k in plan.values())
+            prev = self.rows_time.get(rows)
+            self.rows_time[rows] = seconds if prev is None else 0.8 * prev + 0.2 * seconds
 
     def _draft(self, runner: ModelRunner, spec, plan):
         return {s.seq.seq_id: [s.seq.last_token_id] + self.proposals.get(s.seq.seq_id, []) for s in spec}, None

@@ -210,6 +210,12 @@ class SelfSpeculator:
         prev = table.get(key)
         table[key] = seconds if prev is None else 0.8 * prev + 0.2 * seconds
 
+    def observe_step(self, seconds: float, out: SchedulerOutput, plan: dict[int, int]) -> None:
+        """Time a pure decode step; only one where every sequence drafted the same k is a clean timing."""
+        ks = {plan.get(s.seq.seq_id, 0) for s in out.scheduled}
+        if len(ks) == 1:
+            self.observe(seconds, len(out.scheduled), ks.pop())
+
     def draft_len(self, seq: Sequence, batch: int = 1) -> int:
         c = self.config
         room = min(seq.max_tokens - seq.num_output_tokens, c.num_draft + 1) - 1  # the target adds one token

@@ -68,11 +68,12 @@ def test_the_incremental_index_equals_a_search_of_the_whole_text():
 
 
 @pytest.mark.parametrize("batch", [1, 16])
-@pytest.mark.parametrize("lookup, num_draft", [(2, 3), (4, 6)])
-def test_greedy_output_equals_plain_decoding(batch, lookup, num_draft):
+@pytest.mark.parametrize("lookup, num_draft, adaptive", [(2, 3, False), (4, 6, False), (3, 4, True)])
+def test_greedy_output_equals_plain_decoding(batch, lookup, num_draft, adaptive):
     model, tok = make()
     plain, _ = run(model, tok, PROMPTS[:batch])
-    spec = SpeculativeConfig(prompt_lookup=lookup, prompt_lookup_min=1, num_draft=num_draft, adaptive=False)
+    spec = SpeculativeConfig(prompt_lookup=lookup, prompt_lookup_min=1, num_draft=num_draft, adaptive=adaptive,
+                             verify_cost=0.01)  # adaptive: rows priced cheap until timed, so it drafts
     fast, engine = run(model, tok, PROMPTS[:batch], spec)
     assert isinstance(engine.speculator, NgramSpeculator)
     assert fast == plain
@@ -155,3 +156,52 @@ def test_bad_configs_are_refused(tmp_path):
         LLM(model, tok, block_size=4, num_blocks=16, speculative=SpeculativeConfig(prompt_lookup=2, exit_confidence=0.9))
     with pytest.raises(ValueError, match="not both"):
         LLM(model, tok, block_size=4, num_blocks=16, speculative=SpeculativeConfig(prompt_lookup=2, draft_model=model))
+
+
+def _policy(**config):
+    model, tok = make()
+    return NgramSpeculator(LLM(model, tok, block_size=4, num_blocks=16).engine.model,
+                           SpeculativeConfig(prompt_lookup=3, **config))
+
+
+def test_the_policy_verifies_the_likeliest_tokens_while_rows_pay_for_themselves():
+    spec = _policy(num_draft=4)
+    found = {1: [7, 8, 9], 2: [5, 6, 7]}
+    assert spec.choose(found, 2) == {}  # no plain step of 2 sequences timed yet: decode plainly to time one
+    spec.observe(0.010, batch=1, k=0)
+    spec.observe(0.020, batch=2, k=0)
+    spec.rows_time[4] = 0.024  # verifying 3 drafts at batch 1 took 2.4 plain steps...
+    spec.acceptance.update({1: 0.9, 2: 0.9})
+    assert spec.choose({1: [7, 8, 9]}, 1) == {1: 3}  # ...and 90% acceptance emits 3.4 tokens: 1.4x
+    spec.acceptance[1] = 0.3
+    assert spec.choose({1: [7, 8, 9]}, 1) == {}  # 30%: 1.4 tokens for 2.4 steps' time at most
+    # At batch 2, rows are priced from the per-row cost seen nearest (5 rows: 1.5 ms a row over the plain
+    # step): the more likely sequence gets its tokens first, a prefix of its draft each.
+    for five_rows, drafts in ((0.0245, True), (0.060, False)):  # the second: rows this dear never pay
+        spec = _policy(num_draft=4)
+        spec.observe(0.020, batch=2, k=0)
+        spec.rows_time[5] = five_rows
+        spec.acceptance.update({1: 0.95, 2: 0.5})
+        ks = spec.choose(found, 2)
+        assert (ks[1] == 3 and ks.get(2, 0) < 3) if drafts else not ks
+
+
+def test_a_sequence_kept_from_drafting_probes_now_and_then():
+    spec = _policy(num_draft=4, probe_every=3)
+    spec.observe(0.010, batch=1, k=0)
+    spec.rows_time[2] = 0.030
+    spec.acceptance[1] = 0.1
+    picks = [spec.choose({1: [4, 5]}, 1) for _ in range(12)]
+    assert picks.count({1: 1}) == 2 and picks[2] == {1: 1}  # after 3 steps, then after 6 more (the wait doubled)
+
+
+def test_timed_steps_go_by_rows_and_mixed_passes_are_not_timed():
+    from types import SimpleNamespace
+
+    spec = _policy()
+    out = SimpleNamespace(scheduled=[SimpleNamespace(seq=SimpleNamespace(seq_id=i)) for i in range(3)])
+    spec.observe_step(0.030, out, {})
+    spec.observe_step(0.050, out, {0: 2, 1: 0, 2: 1})  # 3 sequences, 6 rows in one pass
+    spec.observe_step(0.900, out, {0: 2, 1: 0})  # a third sequence decoded in a pass of its own: not clean
+    assert spec.plain_time == {3: 0.030} and spec.rows_time == {6: 0.050}
+    assert spec.step_seconds(3, 6) == 0.050 and spec.step_seconds(3, 9) == pytest.approx(0.070)  # 6.7 ms a row
