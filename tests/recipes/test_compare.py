@@ -288,7 +288,8 @@ def test_speed_rounds_load_the_models_again_and_span_every_round(monkeypatch):
 
     loads, round_no = [], []
 
-    def fake_interleaved(engines, concurrency, num_requests, prompt_len, gen_len, reps, progress=None):
+    def fake_interleaved(engines, concurrency, num_requests, prompt_len, gen_len, reps, progress=None,
+                         make_prompts=None):
         round_no.append(len(round_no))
         k = float(len(round_no))  # round 1 gives 1, 2; round 2 gives 2, 4: the spread covers both
         return [{"values": {"batch1_tok_s": [k * (i + 1), 2 * k * (i + 1)], "batch1_decode_tok_s": [k, 3 * k],
