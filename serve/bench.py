@@ -85,10 +85,14 @@ def task_prompts(tokenizer, n: int, task: str, seed: int = 0, min_words: int = 4
         raise ValueError(f"{n} prompts need {n} paragraphs of {min_words}-{max_words} words; there are {len(paragraphs)}")
     out = []
     for text in random.Random(seed).sample(paragraphs, n):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": f"{TASKS[task]}\n\n{text}"}],
-                                            add_generation_prompt=True, tokenize=True)
-        out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+        out.append(chat_ids(tokenizer, [{"role": "user", "content": f"{TASKS[task]}\n\n{text}"}]))
     return out
+
+
+def chat_ids(tokenizer, messages: list) -> list[int]:
+    """`messages` through the tokenizer's chat template, ready for the assistant's answer, as token ids."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # some tokenizers return a BatchEncoding
 
 
 def prompt_rows(path: str, n: int) -> list[dict]:
@@ -133,8 +137,7 @@ def file_prompts(tokenizer, path: str, n: int) -> list[list[int]]:
         if isinstance(row.get("prompt"), str):
             ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         elif isinstance(row.get("messages"), list):
-            ids = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            ids = chat_ids(tokenizer, row["messages"])
         else:
             ids = row["prompt_token_ids"]
             if max(ids) >= len(tokenizer):
