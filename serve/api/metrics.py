@@ -38,6 +38,7 @@ _COUNTERS = {
     "spec_draft_tokens_total": ("slimlm_spec_draft_tokens", "Tokens drafted by speculative decoding."),
     "spec_accepted_tokens_total": ("slimlm_spec_accepted_tokens", "Drafted tokens the target model accepted."),
     "spec_steps_total": ("slimlm_spec_steps", "Speculative steps, counted per sequence."),
+    "spec_lookup_steps_total": ("slimlm_spec_lookup_steps", "Speculative steps whose draft came from prompt lookup."),
 }
 
 

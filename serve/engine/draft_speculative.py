@@ -38,7 +38,7 @@ from ..layers.attention import AttentionMetadata
 from ..layers.kv_quant import is_quantized
 from ..models.cpu_decode import STACK_MAX_ROWS
 from .model_runner import ModelRunner
-from .speculative import SelfSpeculator, SpeculativeConfig, expected_tokens, verify_rows
+from .speculative import SelfSpeculator, SpeculativeConfig, expected_tokens, verify_logits
 
 
 def decode_step_seconds(models: list, block_size: int, reps: int = 3) -> list[float]:
@@ -126,6 +126,7 @@ class DraftSpeculator(SelfSpeculator):
         self.draft_caches = None if self.shares_kv else draft.allocate_kv_cache(runner.num_blocks, runner.block_size,
                                                                                 device=runner.device)
         self.computed: dict[int, tuple[int, tuple[int, ...]]] = {}  # seq_id -> (positions, block ids they used)
+        self.ran_draft: set[int] = set()  # the sequences the draft model ran on this step
 
     def model_speedup(self, acceptance: float, k: int) -> float:
         if k == 0:
@@ -140,6 +141,7 @@ class DraftSpeculator(SelfSpeculator):
 
     def _draft(self, runner: ModelRunner, spec, plan):
         draft, dev, bs = self.draft, runner.device, runner.block_size
+        self.ran_draft = {s.seq.seq_id for s in spec}
         tokens = {s.seq.seq_id: [s.seq.last_token_id] for s in spec}   # [last token, d_1, ...]
         # Step 0: every token the draft has not seen, the last one included, in one call per step: after a
         # verify step that is one or two tokens a sequence (the target's correction, or the last draft and
@@ -181,12 +183,10 @@ class DraftSpeculator(SelfSpeculator):
     def _verify(self, runner: ModelRunner, spec, plan, drafts, hidden) -> dict[int, list[int]]:
         if not spec:
             return {}
-        model = self.model
-        ids = [t for s in spec for t in drafts[s.seq.seq_id][:plan[s.seq.seq_id] + 1]]
-        pos, meta = verify_rows(spec, plan, runner)
-        x = model(torch.tensor(ids, dtype=torch.long, device=runner.device), pos, runner.kv_caches, meta)
-        new_tokens = self._accept(spec, plan, drafts, model.compute_logits(x))
+        new_tokens = self._accept(spec, plan, drafts, verify_logits(self.model, runner, spec, plan, drafts))
         for s in spec if not self.shares_kv else ():
+            if s.seq.seq_id not in self.ran_draft:
+                continue  # its draft cache saw nothing this step; it catches up when it next drafts
             seq, k = s.seq, plan[s.seq.seq_id]
             accepted = len(new_tokens[seq.seq_id]) - 1
             # The draft wrote positions up to start + k - 1; they hold the final tokens up to the last accepted.

@@ -25,6 +25,7 @@ from .outputs import CompletionOutput, RequestOutput
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .draft_speculative import DraftSpeculator
+from .hybrid_speculative import HybridSpeculator
 from .ngram_speculative import NgramSpeculator
 from .speculative import SelfSpeculator, SpeculativeConfig
 
@@ -102,7 +103,7 @@ class LLMEngine:
         if config.speculative is None:
             self.speculator = None
         elif config.speculative.draft_model is not None and config.speculative.prompt_lookup:
-            raise ValueError("speculative decoding drafts from a draft model or by prompt lookup, not both")
+            self.speculator = HybridSpeculator(self.model, config.speculative, self.runner)
         elif config.speculative.draft_model is not None:
             self.speculator = DraftSpeculator(self.model, config.speculative, self.runner)
         elif config.speculative.prompt_lookup:
@@ -200,7 +201,7 @@ class LLMEngine:
         st = self.speculator.stats
         return {"spec_acceptance_rate": st.acceptance_rate, "spec_mean_accepted_length": st.mean_accepted_length,
                 "spec_draft_tokens_total": st.drafted, "spec_accepted_tokens_total": st.accepted,
-                "spec_steps_total": st.steps}
+                "spec_steps_total": st.steps, "spec_lookup_steps_total": st.lookup_steps}
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

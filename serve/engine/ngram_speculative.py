@@ -28,7 +28,23 @@ import torch
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .scheduler import SchedulerOutput
-from .speculative import SelfSpeculator, SpeculativeConfig, verify_rows
+from .speculative import SelfSpeculator, SpeculativeConfig, verify_logits
+
+
+def accept_certain(drafts: list[int], p, gen) -> list[int]:
+    """Speculative sampling where the draft is certain of each token (q_i = 1 at d_i): d_i is kept with
+    probability p_i(d_i); the first one rejected is replaced by a sample of p_i without d_i (renormalised);
+    with all kept, one more token is sampled from p_(k+1). `p` [k + 1, V]: the target's probabilities."""
+    out = []
+    for i, tok in enumerate(drafts):
+        if torch.rand((), generator=gen).item() < p[i][tok].item():
+            out.append(tok)
+            continue
+        rest = p[i].clone()
+        rest[tok] = 0
+        out.append(torch.multinomial(rest if rest.sum() > 0 else p[i], 1, generator=gen).item())
+        return out
+    return out + [torch.multinomial(p[len(drafts)], 1, generator=gen).item()]
 
 
 class NgramIndex:
@@ -170,31 +186,15 @@ class NgramSpeculator(SelfSpeculator):
         return {s.seq.seq_id: [s.seq.last_token_id] + self.proposals.get(s.seq.seq_id, []) for s in spec}, None
 
     def _verify(self, runner: ModelRunner, spec, plan, drafts, hidden) -> dict[int, list[int]]:
-        if not spec:
-            return {}
-        ids = [t for s in spec for t in drafts[s.seq.seq_id]]
-        pos, meta = verify_rows(spec, plan, runner)
-        x = self.model(torch.tensor(ids, dtype=torch.long, device=runner.device), pos, runner.kv_caches, meta)
-        return self._accept(spec, plan, drafts, self.model.compute_logits(x))
+        return self._accept(spec, plan, drafts, verify_logits(self.model, runner, spec, plan, drafts)) if spec else {}
 
     def _accept_sampled(self, sid: int, drafts: list[int], p) -> list[int]:
-        """Speculative sampling where the draft is certain of each token: d_i is kept with probability
-        p_i(d_i); the first one rejected is replaced by a sample of p_i without d_i (renormalised)."""
-        gen = self.generator_for(sid)
-        out = []
-        for i, tok in enumerate(drafts):
-            if torch.rand((), generator=gen).item() < p[i][tok].item():
-                out.append(tok)
-                continue
-            rest = p[i].clone()
-            rest[tok] = 0
-            out.append(torch.multinomial(rest if rest.sum() > 0 else p[i], 1, generator=gen).item())
-            return out
-        return out + [torch.multinomial(p[len(drafts)], 1, generator=gen).item()]
+        return accept_certain(drafts, p, self.generator_for(sid))
 
     def _record(self, seq_id: int, k: int, accepted: int) -> None:
         if k:  # a row without a draft is a plain decode row: nothing to learn
             super()._record(seq_id, k, accepted)
+            self.stats.lookup_steps += 1
 
     def forget(self, seq_id: int) -> None:
         super().forget(seq_id)

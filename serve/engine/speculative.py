@@ -82,6 +82,7 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
+    lookup_steps: int = 0  # of `steps`: those whose draft came from prompt lookup
     by_draft_len: dict[int, list[int]] = field(default_factory=dict)  # k -> [steps, accepted]
 
     @property
@@ -109,6 +110,11 @@ def expected_speedup(acceptance: float, k: int, layer_fraction: float, verify_co
     return expected_tokens(acceptance, k) / cost
 
 
+def step_acceptance(k: int, accepted: int) -> float:
+    """Acceptance per drafted token, from one step: a run of `accepted` of `k`, then (maybe) a miss."""
+    return accepted / k if accepted == k else accepted / (accepted + 1)
+
+
 def _probs(logits: Tensor, params: list) -> Tensor:
     """The sampling distribution each row's request draws from: its temperature, top-k, top-p, min-p."""
     probs = filter_logits(logits.float(), params).softmax(-1)
@@ -130,6 +136,15 @@ def verify_rows(spec, plan: dict[int, int], runner: ModelRunner) -> tuple[Tensor
     meta = AttentionMetadata.build([1] * len(positions), [p + 1 for p in positions], tables, runner.block_size,
                                    device=dev)
     return torch.tensor(positions, dtype=torch.long, device=dev), meta
+
+
+def verify_logits(model, runner: ModelRunner, spec, plan: dict[int, int], drafts: dict[int, list[int]]) -> Tensor:
+    """The whole model's logits [N, V] over each planned sequence's `[last token, d_1 .. d_k]` (`verify_rows`),
+    for a draft that kept no hidden states to resume from (a draft model, prompt lookup)."""
+    ids = [t for s in spec for t in drafts[s.seq.seq_id][:plan[s.seq.seq_id] + 1]]
+    pos, meta = verify_rows(spec, plan, runner)
+    x = model(torch.tensor(ids, dtype=torch.long, device=runner.device), pos, runner.kv_caches, meta)
+    return model.compute_logits(x)
 
 
 class SelfSpeculator:
@@ -376,7 +391,7 @@ class SelfSpeculator:
             return out
         return out + [torch.multinomial(p[len(drafts)], 1, generator=gen).item()]
 
-    def _record(self, seq_id: int, k: int, accepted: int) -> None:
+    def _count(self, k: int, accepted: int) -> None:
         st = self.stats
         st.steps += 1
         st.drafted += k
@@ -385,8 +400,10 @@ class SelfSpeculator:
         cell = st.by_draft_len.setdefault(k, [0, 0])
         cell[0] += 1
         cell[1] += accepted
-        # Acceptance per drafted token, from this step: a run of `accepted` then (maybe) a miss.
-        rate = accepted / k if accepted == k else accepted / (accepted + 1)
+
+    def _record(self, seq_id: int, k: int, accepted: int) -> None:
+        self._count(k, accepted)
+        rate = step_acceptance(k, accepted)
         prev = self.acceptance.get(seq_id, self.engine_acceptance)
         self.engine_acceptance = 0.9 * self.engine_acceptance + 0.1 * rate
         if accepted:

@@ -154,8 +154,6 @@ def test_bad_configs_are_refused(tmp_path):
         LLM(model, tok, block_size=4, num_blocks=16, speculative=SpeculativeConfig(prompt_lookup=2, prompt_lookup_min=3))
     with pytest.raises(ValueError, match="exit_confidence"):
         LLM(model, tok, block_size=4, num_blocks=16, speculative=SpeculativeConfig(prompt_lookup=2, exit_confidence=0.9))
-    with pytest.raises(ValueError, match="not both"):
-        LLM(model, tok, block_size=4, num_blocks=16, speculative=SpeculativeConfig(prompt_lookup=2, draft_model=model))
 
 
 def _policy(**config):
