@@ -136,10 +136,11 @@ def add_speculative_arguments(p) -> None:
                    "they occurred before in the prompt or output (pays where outputs quote their input) "
                    "(lossless for greedy and sampled requests; the draft length adapts and switches off where "
                    "it does not pay)")
-    p.add_argument("--prompt-lookup", type=int, default=3, metavar="N",
-                   help="--speculative ngram: the longest suffix of the text looked up (default 3)")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="--speculative ngram: the longest suffix of the text looked up (default 3); with "
+                        "--speculative draft: look up first and draft with the model where the text holds no match")
     p.add_argument("--prompt-lookup-min", type=int, default=2, metavar="N",
-                   help="--speculative ngram: the shortest suffix looked up when no longer one matches (default 2)")
+                   help="the shortest suffix looked up when no longer one matches (default 2)")
     p.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: a quarter)")
     p.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="--speculative draft: a smaller model with the same tokenizer (e.g. a pruned, distilled export), "
@@ -176,17 +177,19 @@ def speculative_config(args, num_layers: int, tokenizer=None):
         return None
     if args.num_draft < 1:
         raise SlimlmError(f"--num-draft must be at least 1, got {args.num_draft}.")
+    lookup = args.prompt_lookup if args.prompt_lookup is not None else 3 if args.speculative == "ngram" else 0
+    if lookup and args.speculative not in ("ngram", "draft"):
+        raise SlimlmError("--prompt-lookup needs --speculative ngram (lookup alone) or draft (lookup, then the model).")
+    if lookup and sure is not None:
+        raise SlimlmError("--exit-confidence needs drafts with probabilities; prompt-lookup drafts have none.")
+    if lookup and not 1 <= args.prompt_lookup_min <= lookup:
+        raise SlimlmError(f"--prompt-lookup must be at least --prompt-lookup-min (>= 1); got "
+                          f"{lookup} and {args.prompt_lookup_min}.")
     if args.speculative == "draft":
         return SpeculativeConfig(num_draft=args.num_draft, draft_model=draft_model(args, tokenizer),
-                                 exit_confidence=sure)
+                                 exit_confidence=sure, prompt_lookup=lookup, prompt_lookup_min=args.prompt_lookup_min)
     if args.speculative == "ngram":
-        if sure is not None:
-            raise SlimlmError("--exit-confidence needs a draft with probabilities (--speculative self or draft).")
-        if not 1 <= args.prompt_lookup_min <= args.prompt_lookup:
-            raise SlimlmError(f"--prompt-lookup must be at least --prompt-lookup-min (>= 1); got "
-                              f"{args.prompt_lookup} and {args.prompt_lookup_min}.")
-        return SpeculativeConfig(num_draft=args.num_draft, prompt_lookup=args.prompt_lookup,
-                                 prompt_lookup_min=args.prompt_lookup_min)
+        return SpeculativeConfig(num_draft=args.num_draft, prompt_lookup=lookup, prompt_lookup_min=args.prompt_lookup_min)
     spec = read_exit_spec(args.model, verify=False) if resolve(args.model).kind == "export" else None
     default = spec.layers[0] if spec else max(1, num_layers // 4)
     exit_layer = args.exit_layer if args.exit_layer is not None else default
@@ -325,6 +328,8 @@ def run_bench(args) -> int:
         st = result["speculative"]
         table.add_row("spec", "draft tokens accepted", f"{st['spec_acceptance_rate']:.1%}")
         table.add_row("spec", "tokens per spec. step", f"{st['spec_mean_accepted_length']:.2f}")
+        if st.get("spec_lookup_steps_total") and st["spec_lookup_steps_total"] < st["spec_steps_total"]:
+            table.add_row("spec", "steps drafted by lookup", f"{st['spec_lookup_steps_total'] / st['spec_steps_total']:.1%}")
     Console().print(table)
     if args.json:
         write_json({**result, "model": args.model, "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."),

@@ -191,17 +191,18 @@ def check_models(specs: list[str]) -> list[dict]:
         if sep and (i == 0 or not spec or not draft):
             raise SlimlmError(f"{given}: a draft model goes with a variant, as MODEL{DRAFT_SEP}DRAFT.",
                               "The base is timed plainly; list e.g. BASE, then BASE+draft:INT4_COPY as a variant.")
-        if ngram and (i == 0 or not spec or sep):
-            raise SlimlmError(f"{given}: prompt lookup goes with a variant without a draft model, as MODEL{NGRAM_SUFFIX}.",
+        if ngram and (i == 0 or not spec):
+            raise SlimlmError(f"{given}: prompt lookup goes with a variant, as MODEL{NGRAM_SUFFIX} or "
+                              f"MODEL{DRAFT_SEP}DRAFT{NGRAM_SUFFIX}.",
                               f"The base is timed plainly; list e.g. BASE, then BASE{NGRAM_SUFFIX} as a variant.")
         kind, where, name = place(spec)
         model = {"spec": spec, "kind": kind, "label": name, "role": "base" if i == 0 else "variant"}
-        if ngram:
-            where, model["label"], model["ngram"] = f"{where}{NGRAM_SUFFIX}", f"{name} + ngram", True
         if sep:
             draft_kind, draft_where, draft_name = place(draft)
             where, model["label"] = f"{where}{DRAFT_SEP}{draft_where}", f"{name} + draft {draft_name}"
             model.update(draft=draft, draft_kind=draft_kind)
+        if ngram:
+            where, model["label"], model["ngram"] = f"{where}{NGRAM_SUFFIX}", f"{model['label']} + ngram", True
         if where in seen:
             raise SlimlmError(f"{given} is listed twice (as {seen[where]!r} and {given!r}).",
                               "Name each model once; the first one is the base.")
@@ -210,8 +211,8 @@ def check_models(specs: list[str]) -> list[dict]:
     labels = [m["label"] for m in models]
     for m in models:
         if labels.count(m["label"]) > 1:
-            m["label"] = m["spec"] + (f" + draft {m['draft']}" if m.get("draft") else " + ngram" if m.get("ngram")
-                                      else "")  # the full paths tell them apart
+            m["label"] = (m["spec"] + (f" + draft {m['draft']}" if m.get("draft") else "")
+                          + (" + ngram" if m.get("ngram") else ""))  # the full paths tell them apart
     return models
 
 
@@ -381,13 +382,15 @@ def speculation_plan(model: dict, settings: dict) -> dict | None:
     the adaptive policy, at most NUM_DRAFT drafts: what `slimlm serve DIR --speculative self` runs. For
     `MODEL+draft:DRAFT`, draft-model speculative decoding, adaptive, at most NUM_DRAFT drafts (`slimlm serve
     MODEL --speculative draft --draft-model DRAFT`); the draft's files join the plan, so its cache key. For
-    `MODEL+ngram`, prompt-lookup drafts (`slimlm serve MODEL --speculative ngram`), adaptive, at most NUM_DRAFT."""
-    if model.get("ngram"):  # asked for by name, as a draft model is
-        return {"prompt_lookup": PROMPT_LOOKUP, "num_draft": NUM_DRAFT, "adaptive": True}
+    `MODEL+ngram`, prompt-lookup drafts (`slimlm serve MODEL --speculative ngram`), adaptive, at most NUM_DRAFT;
+    `MODEL+draft:DRAFT+ngram` both (`... --draft-model DRAFT --prompt-lookup 3`: lookup first, then the draft)."""
+    lookup = {"prompt_lookup": PROMPT_LOOKUP} if model.get("ngram") else {}
     if model.get("draft"):  # asked for by name: timed with its draft whatever --speculative says
         draft = {"spec": model["draft"], "kind": model["draft_kind"]}
         return {"draft_model": model["draft"], "draft_identity": identity(draft), "num_draft": NUM_DRAFT,
-                "adaptive": True}
+                "adaptive": True, **lookup}
+    if lookup:  # asked for by name, as a draft model is
+        return {**lookup, "num_draft": NUM_DRAFT, "adaptive": True}
     if settings.get("speculative", "auto") == "off" or model["kind"] != "export":
         return None
     from slimlm.toolkit.early_exit import read_exit_spec
@@ -432,7 +435,8 @@ def _engine(spec: str, settings: dict, plan: dict | None = None):
         if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise SlimlmError(f"the draft {plan['draft_model']} has another tokenizer than {spec}.",
                               "A draft must share the model's tokenizer (e.g. a quantized or pruned variant of it).")
-        speculative = SpeculativeConfig(draft_model=draft, num_draft=plan["num_draft"], adaptive=plan["adaptive"])
+        speculative = SpeculativeConfig(draft_model=draft, num_draft=plan["num_draft"], adaptive=plan["adaptive"],
+                                        prompt_lookup=plan.get("prompt_lookup", 0))
     elif plan is not None and "prompt_lookup" in plan:
         speculative = SpeculativeConfig(prompt_lookup=plan["prompt_lookup"], num_draft=plan["num_draft"],
                                         adaptive=plan["adaptive"])

@@ -173,7 +173,8 @@ def model_name(m: dict) -> str:
     with self-speculative decoding from one of its exits, a draft model or prompt lookup (the notes say how)."""
     sp = m.get("speed", {}).get("speculation")
     return (m["label"] + (" (base)" if m["role"] == "base" else "")
-            + ("" if not sp else " (draft-spec)" if "draft_model" in sp else " (ngram-spec)" if "prompt_lookup" in sp
+            + ("" if not sp else " (draft+ngram-spec)" if {"draft_model", "prompt_lookup"} <= set(sp)
+               else " (draft-spec)" if "draft_model" in sp else " (ngram-spec)" if "prompt_lookup" in sp
                else " (self-spec)"))
 
 
@@ -195,10 +196,12 @@ def speculation_note(label: str, sp: dict, settings: dict) -> str:
                 f"{sp['mean_accepted_length']:.2f} tokens per speculative step")
     plain = (f"; batches of more than {sp['max_batch']} decode plainly"
              if settings["concurrency"] > sp["max_batch"] else "")
-    how = (f"draft-model speculative decoding from {sp['draft_model']}" if "draft_model" in sp else
-           f"prompt-lookup speculative decoding (drafts copied from the text where its last {sp['prompt_lookup']} "
-           "tokens occurred before)" if "prompt_lookup" in sp else
-           f"self-speculative decoding from exit {sp['exit_layer']} ({NORM_WORDS.get(sp['norm'], sp['norm'])})")
+    lookup = (f"prompt-lookup speculative decoding (drafts copied from the text where its last {sp['prompt_lookup']} "
+              "tokens occurred before)") if "prompt_lookup" in sp else ""
+    how = (f"{lookup}, and draft-model speculative decoding from {sp['draft_model']} where nothing matched"
+           if lookup and "draft_model" in sp else
+           f"draft-model speculative decoding from {sp['draft_model']}" if "draft_model" in sp else
+           lookup or f"self-speculative decoding from exit {sp['exit_layer']} ({NORM_WORDS.get(sp['norm'], sp['norm'])})")
     return (f"{label}: speed with {how}, adaptive, at most {sp['num_draft']} drafts: {achieved} "
             f"(warm-ups and all repetitions together){plain}. Lossless: the full model verifies every drafted token, "
             "so greedy output is its own and the perplexity and accuracy are the model's, unchanged.")

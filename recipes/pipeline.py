@@ -19,7 +19,8 @@ A variant `{name: N, draft: V}` (optionally `from: W`) makes nothing: compare ti
 export) with V's export as its draft model (`MODEL+draft:DRAFT`, see compare): lossless speculative
 decoding, e.g. the base drafting from its own int4 variant. A variant `{name: N, ngram: true}` (optionally
 `from: W`) makes nothing either: compare times the base (or W's export) with prompt-lookup drafts
-(`MODEL+ngram`).
+(`MODEL+ngram`); `{name: N, draft: V, ngram: true}` both, lookup first and V's drafts where nothing
+matches (`MODEL+draft:DRAFT+ngram`).
 """
 from __future__ import annotations
 
@@ -181,8 +182,8 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
         if made.get(parent) in ("draft", "ngram"):
             raise SlimlmError(f"{where}: `from: {parent}` names a variant that makes nothing (it times a model with "
                               "speculative decoding).", "Name the variant it times instead.")
-        if v.get("ngram") is not None:  # served with prompt-lookup drafts: nothing to make
-            extra = sorted(set(v) & {"recipe", "config", "args", "launcher", "draft"})
+        if v.get("ngram") is not None and v.get("draft") is None:  # served with prompt-lookup drafts: nothing to make
+            extra = sorted(set(v) & {"recipe", "config", "args", "launcher"})
             if v["ngram"] is not True or extra:
                 raise SlimlmError(f"{where}: an `ngram: true` variant makes nothing, so it takes no "
                                   f"{', '.join(extra) or 'value but true'}.",
@@ -194,7 +195,11 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
             if extra:
                 raise SlimlmError(f"{where}: a `draft:` variant makes nothing, so it takes no {', '.join(extra)}.",
                                   "It is the base (or `from:`) timed with the named variant as its draft model.")
-            variants.append({"name": name, "recipe": "draft", "from": parent, "draft": str(v["draft"])})
+            if v.get("ngram") not in (None, True):
+                raise SlimlmError(f"{where}: `ngram` takes no value but true.",
+                                  "With `draft:` it looks the text up first and drafts with the variant elsewhere.")
+            variants.append({"name": name, "recipe": "draft", "from": parent, "draft": str(v["draft"]),
+                             **({"ngram": True} if v.get("ngram") else {})})
             continue
         recipe = RECIPES.get(v.get("recipe"))
         if recipe is None:
@@ -399,8 +404,9 @@ def pipeline(plan: dict, out: Path, state: dict, command_line: str = "", progres
                                  "export": f"{model}{compare.NGRAM_SUFFIX}"}
             elif v["recipe"] == "draft":  # nothing to make: compare times the model with its draft
                 model = parent["export"] if parent else plan["base"]
+                lookup = compare.NGRAM_SUFFIX if v.get("ngram") else ""
                 results[name] = {"recipe": "draft", "from": v["from"], "draft": v["draft"], "status": "done",
-                                 "seconds": 0.0, "export": f"{model}{compare.DRAFT_SEP}{drafter['export']}"}
+                                 "seconds": 0.0, "export": f"{model}{compare.DRAFT_SEP}{drafter['export']}{lookup}"}
             elif still_good(v, old.get(name, {}), out, redone):
                 results[name] = old[name] | {"skipped": True}
                 bar.console.print(escape(f"{name}: done in an earlier run, export verified; skipped"), highlight=False)
@@ -441,7 +447,8 @@ def run_pipeline(args) -> int:
             model = str(export_dir(out, by_name[v["from"]])) if v["from"] else plan["base"]
             if v["recipe"] == "draft":
                 print(f"# {v['name']}\n# nothing to make: compare times {model} with "
-                      f"{export_dir(out, by_name[v['draft']])} as its draft model")
+                      f"{export_dir(out, by_name[v['draft']])} as its draft model"
+                      + (" where prompt lookup finds no draft" if v.get("ngram") else ""))
                 continue
             if v["recipe"] == "ngram":
                 print(f"# {v['name']}\n# nothing to make: compare times {model} with prompt-lookup drafts")

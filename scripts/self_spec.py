@@ -11,6 +11,7 @@ the output equals plain decoding token for token, and tokens/s against the plain
     python scripts/self_spec.py --exits 8 --drafts 3 --draft-head none,int8,int4       # cheaper drafts, lossless
     python scripts/self_spec.py --model runs/early_exit-smollm2-135m-lens/model --exits 4,8   # trained exits
     python scripts/self_spec.py --ngram 3 --drafts 4,8 --adaptive --task quote   # prompt lookup, a copying task
+    python scripts/self_spec.py --draft-model DIR --ngram 3 --drafts 2 --adaptive --task summarize  # both
 
 --task quote|summarize: chat prompts asking the model to repeat or sum up a held-out paragraph (outputs that
 reuse their input, where prompt lookup pays), generated up to EOS or --gen tokens; the default, continue,
@@ -66,7 +67,8 @@ def main() -> None:
     p.add_argument("--adaptive", action="store_true", help="also run the adaptive policy at the largest K")
     p.add_argument("--draft-model", default=None, help="draft with this model instead of exit layers (--exits ignored)")
     p.add_argument("--ngram", type=int, default=0, metavar="N",
-                   help="draft by prompt lookup of the text's last N..2 tokens instead of exit layers (--exits ignored)")
+                   help="draft by prompt lookup of the text's last N..2 tokens instead of exit layers (--exits ignored); "
+                        "with --draft-model, look up first and draft with the model where nothing matches")
     p.add_argument("--task", choices=["continue", "quote", "summarize"], default="continue",
                    help="continue held-out text (default), or chat prompts: repeat / summarize a held-out paragraph")
     p.add_argument("--prompts", type=int, default=8)
@@ -103,7 +105,8 @@ def main() -> None:
         runs += [(max(drafts), False, float(c), None) for c in args.exit_confidence.split(",") if c.strip()]
         norm, proj = draft_weights(args.model, exit_spec, exit_layer) if isinstance(exit_layer, int) else (None, None)
         for k, adaptive, sure, head in runs:
-            spec = (SpeculativeConfig(num_draft=k, adaptive=adaptive, draft_model=draft, exit_confidence=sure)
+            spec = (SpeculativeConfig(num_draft=k, adaptive=adaptive, draft_model=draft, exit_confidence=sure,
+                                      prompt_lookup=args.ngram)
                     if draft is not None else
                     SpeculativeConfig(num_draft=k, adaptive=adaptive, prompt_lookup=args.ngram)
                     if args.ngram else
@@ -123,7 +126,7 @@ def main() -> None:
             same = sum(o == r for o, r in zip(outs, reference))
             row = {"exit_layer": exit_layer, "exit": "shared" if norm is None else exit_spec.norm, "num_draft": k, "adaptive": adaptive, "draft_head": head or "model",
                    "acceptance": round(st.acceptance_rate, 3), "tokens_per_step": round(st.mean_accepted_length, 2),
-                   "identical": f"{same}/{len(prompts)}", "tok_s": round(tps, 1), "plain_tok_s": round(plain_tps, 1),
+                   "identical": f"{same}/{len(prompts)}", "lookup_steps": st.lookup_steps, "steps": st.steps, "tok_s": round(tps, 1), "plain_tok_s": round(plain_tps, 1),
                    "speedup": round(statistics.median(ratios), 2),
                    "speedup_range": [round(min(ratios), 2), round(max(ratios), 2)]}
             if sure is not None:

@@ -216,6 +216,20 @@ def test_bench_ngram_on_quote_prompts(model_dir, tmp_path, capsys):
     assert "quote prompts" in capsys.readouterr().out
 
 
+def test_bench_draft_model_with_prompt_lookup(model_dir, tmp_path):
+    # --speculative draft --prompt-lookup N: lookup first, the draft model elsewhere (fixed drafting is
+    # not a CLI option, so the adaptive policy decides; on quote prompts lookup drafts are found and pay).
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model_dir), "--batch-sizes", "1", "--concurrency", "0", "--task", "quote",
+                 "--gen-len", "12", "--reps", "1", "--dtype", "float32", "--speculative", "draft", "--draft-model",
+                 str(model_dir), "--prompt-lookup", "3", "--prompt-lookup-min", "1", "--num-draft", "3",
+                 "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["ratios"]["spec batch 1 / engine batch 1"] > 0
+    assert 0 <= result["speculative"]["spec_acceptance_rate"] <= 1
+
+
 def test_bench_on_a_prompts_file_and_its_errors(model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"request {i}: say something"}) for i in range(3)) + "\n")
@@ -244,7 +258,11 @@ def test_bench_on_a_prompts_file_and_its_errors(model_dir, tmp_path, capsys):
                                           "needs --speculative self"),
                                          (["--draft-head", "int4"], "--draft-head needs --speculative self"),
                                          (["--speculative", "draft", "--draft-model", "x", "--draft-head", "int8"],
-                                          "--draft-head needs --speculative self")])
+                                          "--draft-head needs --speculative self"),
+                                         (["--speculative", "self", "--exit-layer", "1", "--prompt-lookup", "3"],
+                                          "--prompt-lookup needs --speculative ngram"),
+                                         (["--speculative", "draft", "--draft-model", "x", "--prompt-lookup", "3",
+                                           "--exit-confidence", "0.9"], "prompt-lookup drafts have none")])
 def test_bench_refuses_bad_speculative_flags(model_dir, capsys, argv, words):
     assert main(["bench", str(model_dir), "--batch-sizes", "1", "--reps", "1", *argv]) == 2
     assert words in capsys.readouterr().err

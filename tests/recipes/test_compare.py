@@ -460,9 +460,10 @@ def test_a_model_with_a_draft_is_timed_drafting_from_it(models, text_file, tmp_p
     monkeypatch.setattr(draft_speculative, "decode_step_seconds", lambda models, block_size: [1.0, 0.1])
     drafted = f"{models['large']}{compare.DRAFT_SEP}{models['small']}"
     out = tmp_path / "draft"
-    argv = [models["large"], drafted, "--data", text_file, *FAST, "--gen-len", "12", *one_thread, "--out", out]
+    argv = [models["large"], drafted, drafted + compare.NGRAM_SUFFIX, "--data", text_file, *FAST, "--gen-len", "12",
+            *one_thread, "--out", out]
     assert compare.run_compare(parse(argv)) == 0
-    base, fast = json.loads((out / "report.json").read_text())["models"]
+    base, fast, both = json.loads((out / "report.json").read_text())["models"]
     assert fast["label"] == "large + draft small" and fast["spec"] == str(models["large"])
     assert evaluated == [str(models["large"])] and fast["accuracy_of"] == "large"  # the base's accuracy, not again
     assert fast["accuracy"] == base["accuracy"] and fast["params"] == base["params"]
@@ -473,6 +474,12 @@ def test_a_model_with_a_draft_is_timed_drafting_from_it(models, text_file, tmp_p
     md = (out / "report.md").read_text()
     assert "| large + draft small (draft-spec) |" in md
     assert f"speed with draft-model speculative decoding from {models['small']}, adaptive" in md
+    # MODEL+draft:DRAFT+ngram: lookup first, the draft model where nothing matched (the engine's hybrid)
+    assert both["label"] == "large + draft small + ngram" and both["accuracy_of"] == "large"
+    sp = both["speed"]["speculation"]
+    assert (sp["draft_model"], sp["prompt_lookup"]) == (str(models["small"]), 3) and sp["drafted_tokens"] > 0
+    assert "| large + draft small + ngram (draft+ngram-spec) |" in md
+    assert f"and draft-model speculative decoding from {models['small']} where nothing matched" in md
 
 
 def test_draft_specs_are_checked_and_join_the_cache_key(models):
@@ -484,6 +491,8 @@ def test_draft_specs_are_checked_and_join_the_cache_key(models):
     assert compare.speculation_plan(plain, {}) is None
     key = lambda m: compare.cache_key(compare.identity(m, compare.speculation_plan(m, {})), {})  # noqa: E731
     assert key(plain) != key(drafted)
+    _, both = compare.check_models([large, f"{large}+draft:{small}+ngram"])
+    assert key(both) != key(drafted) and compare.speculation_plan(both, {})["prompt_lookup"] == compare.PROMPT_LOOKUP
     for specs, words in [([f"{large}+draft:{small}", small], "goes with a variant"),
                          ([small, f"{large}+draft:"], "goes with a variant"),
                          ([small, f"{large}+draft:{small}", f"{large}+draft:{small}"], "listed twice")]:
@@ -517,7 +526,7 @@ def test_a_model_with_prompt_lookup_is_timed_drafting_from_its_text(models, text
     plain, looked_up = compare.check_models([large, large + compare.NGRAM_SUFFIX])
     key = lambda m: compare.cache_key(compare.identity(m, compare.speculation_plan(m, {})), {})  # noqa: E731
     assert key(plain) != key(looked_up)
-    for specs in ([large + "+ngram", large], [large, f"{large}+draft:{large}+ngram"]):
+    for specs in ([large + "+ngram", large], [large, "+ngram"]):
         with pytest.raises(SlimlmError, match="prompt lookup goes with a variant"):
             compare.check_models(specs)
 

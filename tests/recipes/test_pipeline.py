@@ -126,7 +126,7 @@ def refused(capsys, argv, *words):
     (lambda vs: vs.append({"name": "d", "draft": "nowhere"}), ["draft: nowhere", "names no variant"]),
     (lambda vs: vs.append({"name": "d", "draft": "int8", "recipe": "quantize"}), ["makes nothing", "recipe"]),
     (lambda vs: vs.append({"name": "n", "ngram": "yes"}), ["ngram: true", "makes nothing"]),
-    (lambda vs: vs.append({"name": "n", "ngram": True, "draft": "int8"}), ["makes nothing", "draft"]),
+    (lambda vs: vs.append({"name": "n", "ngram": "yes", "draft": "int8"}), ["`ngram` takes no value but true"]),
     (lambda vs: vs.extend([{"name": "n", "ngram": True}, {"name": "q", "recipe": "quantize", "from": "n",
                                                            "args": {"method": "rtn", "bits": 8}}]),
      ["from: n", "makes nothing"]),
@@ -222,12 +222,15 @@ def test_a_draft_variant_times_the_base_with_another_variant_as_its_draft(base, 
     from slimlm.serve.engine import draft_speculative
 
     monkeypatch.setattr(draft_speculative, "decode_step_seconds", lambda models, block_size: [1.0, 0.1])
-    vs = variants(base) + [{"name": "drafting", "draft": "int8"}, {"name": "drafting-broken", "draft": "broken"}]
+    vs = variants(base) + [{"name": "drafting", "draft": "int8"}, {"name": "drafting-broken", "draft": "broken"},
+                           {"name": "drafting-ngram", "draft": "int8", "ngram": True}]
     config = write_config(base, vs, name="draft.yaml", out="draft_out")
     out = base / "draft_out"
     assert main(["pipeline", str(config), "--dry-run"]) == 0
-    assert f"# nothing to make: compare times {base / 'tiny'} with {out / 'variants' / 'int8'} as its draft model" \
-        in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"# nothing to make: compare times {base / 'tiny'} with {out / 'variants' / 'int8'} as its draft model\n" \
+        in printed
+    assert f"{out / 'variants' / 'int8'} as its draft model where prompt lookup finds no draft" in printed
     assert main(["pipeline", str(config)]) == 1  # `broken` fails
     state = json.loads((out / "pipeline.json").read_text())["variants"]
     assert state["drafting"]["status"] == "done" and state["drafting"]["recipe"] == "draft"
@@ -239,6 +242,10 @@ def test_a_draft_variant_times_the_base_with_another_variant_as_its_draft(base, 
     assert drafting["spec"] == str(base / "tiny") and drafting["draft"] == str(out / "variants" / "int8")
     assert drafting["speed"]["speculation"]["drafted_tokens"] > 0
     assert "| drafting (draft-spec) |" in (out / "compare" / "report.md").read_text()
+    both = next(m for m in report["models"] if m["label"] == "drafting-ngram")
+    assert state["drafting-ngram"]["export"] == f"{base / 'tiny'}+draft:{out / 'variants' / 'int8'}+ngram"
+    assert both["speed"]["speculation"]["prompt_lookup"] == 3 and both["draft"] == str(out / "variants" / "int8")
+    assert "| drafting-ngram (draft+ngram-spec) |" in (out / "compare" / "report.md").read_text()
 
 
 def test_an_ngram_variant_times_its_model_with_prompt_lookup(base, capsys):
