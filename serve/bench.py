@@ -267,7 +267,8 @@ def benchmark(engine: LLMEngine, hf_model=None, batch_sizes=(1, 16), concurrency
             hf = measure(f"hf batch {b}", lambda b=b: run_hf(hf_model, prompts[:b], gen_len, pad))
             rows[f"hf batch {b}"] = {"tokens_per_s": Spread.of(hf).__dict__}
     if concurrency or rate:
-        label = f"engine online c={concurrency}" if concurrency else f"engine online rate={rate}/s"
+        label = (f"engine online rate={rate}/s" + (f" c<={concurrency}" if concurrency else "") if rate
+                 else f"engine online c={concurrency}")
         runs = measure(label, lambda: run_engine(engine, prompts[:n_online], gen_len, concurrency, rate))
         rows[label] = {
             "tokens_per_s": Spread.of([r.tokens_per_s for r in runs]).__dict__,

@@ -11,6 +11,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from slimlm.serve.sampling_params import MAX_LOGPROBS
+
 from .common import (SSE_DONE, EventStream, ServerContext, check_prompt, collect, finite, make_params,
                      new_id, now_s, resolve_max_tokens, sse, stream_error, submit, usage)
 from .protocol import APIError, ChatCompletionRequest
@@ -28,6 +30,9 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}",
+                       param="top_logprobs")
     ids = await run_in_threadpool(_render, ctx, body)
     check_prompt(ctx, ids, "the rendered conversation")
     requested, name = body.max_completion_tokens, "max_completion_tokens"
@@ -48,11 +53,17 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     return JSONResponse(view.response(finals[0], bool(body.logprobs)))
 
 
+ROLES = {"system", "developer", "user", "assistant", "tool"}  # OpenAI's; a template maps developer itself
+
+
 def _render(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
     if not body.messages:
         raise APIError(400, "messages is empty; send at least one message", param="messages")
     messages = []
     for i, m in enumerate(body.messages):
+        if m.role not in ROLES:
+            raise APIError(400, f"messages[{i}].role is {m.role!r}; expected one of {', '.join(sorted(ROLES))}",
+                           param=f"messages.{i}.role")
         content = m.content
         if isinstance(content, list):
             parts = []
@@ -85,8 +96,7 @@ class _View:
         self.created = now_s()
 
     def _entry(self, tid: int, lp: float) -> dict:
-        piece = self.ctx.piece(tid)
-        return {"token": piece, "logprob": finite(lp), "bytes": list(piece.encode())}
+        return {"token": self.ctx.piece(tid), "logprob": finite(lp), "bytes": list(self.ctx.token_bytes(tid))}
 
     def _logprobs(self, comp, start: int = 0) -> dict:
         content = []

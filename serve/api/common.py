@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import threading
 import time
 import uuid
@@ -27,6 +28,54 @@ from .protocol import APIError, error_body
 from .worker import Batch, EngineError, EngineWorker, QueueFull
 
 
+def _byte_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's, used by Llama 3, Qwen, SmolLM...): each byte written as one
+    printable character, printable ASCII and Latin-1 as themselves, the other bytes from U+0100 on."""
+    shown = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in shown:
+            chars[chr(b)] = b
+        else:
+            chars[chr(0x100 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_CHARS = _byte_chars()
+
+
+def token_bytes(tokenizer, tid: int) -> bytes:
+    """A token's own bytes. Its decoded text where that is whole; a token holding part of a UTF-8 character
+    decodes to U+FFFD, so its bytes come from its name in the vocabulary instead (a byte-level BPE name, or
+    SentencePiece's byte fallback `<0xNN>`)."""
+    piece = tokenizer.decode([tid])
+    if "\ufffd" not in piece:
+        return piece.encode()
+    name = tokenizer.convert_ids_to_tokens(tid)
+    if isinstance(name, str) and name:
+        fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", name)
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        if all(c in BYTE_CHARS for c in name):
+            return bytes(BYTE_CHARS[c] for c in name)
+    return piece.encode()
+
+
+def token_text(raw: bytes) -> str:
+    """A token's text for logprob listings: its bytes as UTF-8, or `bytes:\\xNN...` (OpenAI's form) where they
+    are part of a character, so two such tokens never share a name."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def lead_bytes(raw: bytes) -> int:
+    """Characters that start in `raw` (UTF-8 bytes that are not continuation bytes)."""
+    return sum((b & 0xC0) != 0x80 for b in raw)
+
+
 @dataclass
 class ServerContext:
     """The engine-facing state of one app; built once by `create_app`."""
@@ -36,13 +85,17 @@ class ServerContext:
     metrics: Metrics
     max_tokens_limit: int | None = None
     retry_after_s: int = 1
-    piece: Callable[[int], str] = field(init=False)
+    token_bytes: Callable[[int], bytes] = field(init=False)
 
     def __post_init__(self):
         tok = self.engine.tokenizer
-        # One token's text, for logprob listings; cached because prompts repeat the same ids.
-        self.piece = functools.lru_cache(maxsize=1 << 16)(lambda tid: tok.decode([tid]))
+        # One token's bytes, for logprob listings; cached because prompts repeat the same ids.
+        self.token_bytes = functools.lru_cache(maxsize=1 << 16)(lambda tid: token_bytes(tok, tid))
         self._encode_lock = threading.Lock()
+
+    def piece(self, tid: int) -> str:
+        """One token as logprob listings name it: its text, or `bytes:\\xNN...` where it holds part of a character."""
+        return token_text(self.token_bytes(tid))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenize off the event loop's thread; one at a time, because a fast tokenizer shared by
@@ -129,7 +182,8 @@ def make_params(body, max_tokens: int, logprobs: int | None, prompt_logprobs: in
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError) as exc:
-        raise APIError(400, str(exc)) from exc
+        named = str(exc).split(" ", 1)[0]  # SamplingParams' messages begin with the field they are about
+        raise APIError(400, str(exc), param=named if named in kw else None) from exc
 
 
 async def submit(ctx: ServerContext, requests: list[tuple[str, list[int], SamplingParams]]) -> Batch:

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .common import (SSE_DONE, EventStream, ServerContext, check_prompt, collect, finite, make_params,
+from .common import (SSE_DONE, EventStream, ServerContext, check_prompt, collect, finite, lead_bytes, make_params,
                      new_id, now_s, resolve_max_tokens, sse, stream_error, submit, usage)
 from .protocol import APIError, CompletionRequest
 from .worker import EngineError
@@ -81,11 +81,13 @@ class _View:
         text, ids = self.prompts[i]
         return text if text is not None else self.ctx.tokenizer.decode(ids)
 
-    def _logprobs(self, ids, lps, tops, offset: int) -> dict:
-        """Completions-style logprobs; `offset` is where the first token's text starts."""
+    def _logprobs(self, ids, lps, tops, offset: int) -> tuple[dict, int]:
+        """Completions-style logprobs, and where the text after them starts; `offset` is where the first token's
+        text starts. A token's offset is that of the character its first byte belongs to (one that begins
+        inside a character points at it), so offsets index the choice's text however tokens split it."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for j, tid in enumerate(ids):
-            piece = self.ctx.piece(tid)
+            piece, raw = self.ctx.piece(tid), self.ctx.token_bytes(tid)
             lp = finite(lps[j]) if lps is not None and j < len(lps) else None
             top = None
             if lp is not None:
@@ -98,12 +100,12 @@ class _View:
             out["tokens"].append(piece)
             out["token_logprobs"].append(lp)
             out["top_logprobs"].append(top)
-            out["text_offset"].append(offset)
-            offset += len(piece)
-        return out
+            out["text_offset"].append(max(offset - (bool(raw) and (raw[0] & 0xC0) == 0x80), 0))
+            offset += lead_bytes(raw)
+        return out, offset
 
     def _prompt_logprobs(self, out) -> dict:
-        return self._logprobs(out.prompt_token_ids, out.prompt_logprobs, out.prompt_top_logprobs, 0)
+        return self._logprobs(out.prompt_token_ids, out.prompt_logprobs, out.prompt_top_logprobs, 0)[0]
 
     def _choice(self, i: int, out, comp) -> dict:
         prefix = self._prompt_text(i) if self.echo else ""
@@ -114,7 +116,7 @@ class _View:
         else:
             text, reason, logprobs = prefix + comp.text, comp.finish_reason, None
             if self.k is not None:
-                gen = self._logprobs(comp.token_ids, comp.logprobs, comp.top_logprobs, len(prefix))
+                gen = self._logprobs(comp.token_ids, comp.logprobs, comp.top_logprobs, len(prefix))[0]
                 if self.echo:
                     head = self._prompt_logprobs(out)
                     gen = {key: head[key] + gen[key] for key in gen}
@@ -144,6 +146,7 @@ class _View:
         """Stream chunks: each carries the text (and logprobs) new since the previous one."""
         sent_chars: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
+        next_offset: dict[int, int] = {}  # text_offset of the next token's first character
         done: set[int] = set()
         generated = 0
         try:
@@ -165,9 +168,9 @@ class _View:
                     logprobs = None
                     if self.k is not None:
                         # Offsets count from the start of the choice's whole text, echoed prompt included.
-                        offset = (len(self._prompt_text(i)) if self.echo else 0) + sent_chars.get(index, 0)
-                        logprobs = self._logprobs(new_ids, (comp.logprobs or [])[start_tok:],
-                                                  (comp.top_logprobs or [])[start_tok:], offset)
+                        offset = next_offset.get(index, len(self._prompt_text(i)) if self.echo else 0)
+                        logprobs, next_offset[index] = self._logprobs(new_ids, (comp.logprobs or [])[start_tok:],
+                                                                      (comp.top_logprobs or [])[start_tok:], offset)
                         if self.echo and first:
                             head = self._prompt_logprobs(out)
                             logprobs = {key: head[key] + logprobs[key] for key in logprobs}

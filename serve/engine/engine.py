@@ -300,6 +300,8 @@ class LLMEngine:
                 break
         if comp.finish_reason is None and text.endswith("\ufffd"):
             text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next byte
+        if comp.finish_reason is None:
+            text = text[:len(text) - _stop_prefix(text, req.params.stop)]  # hold back what a stop string may cut
         comp.text = text
         if comp.finish_reason is not None:
             req.done.add(idx)
@@ -315,6 +317,18 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt_token_ids, req.outputs, finished,
                              req.prompt_logprobs, req.prompt_top,
                              num_cached_tokens=min(s.num_cached_prefix_tokens for s in req.seqs), metrics=metrics)
+
+
+def _stop_prefix(text: str, stops) -> int:
+    """Length of the longest end of `text` that begins a stop string (and is shorter than it): text a stream
+    must not send yet, since the next tokens may complete the stop string, which the output leaves out."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
 
 
 def _eos_ids(hf_model, tokenizer) -> frozenset[int]:

@@ -82,6 +82,33 @@ def test_stop_strings_stop_tokens_and_max_tokens():
         assert o.text == free.text[:free.text.find(stop_str)]
 
 
+def _published(llm, prompt, params) -> list[str]:
+    """The text the engine publishes after each step (what a stream sends), one request, to its end."""
+    engine = llm.engine
+    engine.add_request("r", llm.tokenizer(prompt).input_ids, params)
+    texts = []
+    while engine.has_unfinished():
+        texts += [o.outputs[0].text for o in engine.step()]
+    return texts
+
+
+def test_a_stream_never_sends_the_start_of_a_stop_string_that_a_later_token_completes():
+    model, tok = make("qwen2")  # this tiny model repeats one character, then turns to another
+    llm = LLM(model, tok)
+    free = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
+    a = next(i for i in range(1, len(free.text)) if free.text[i] != free.text[i - 1])
+    stop = free.text[a - 1:a + 3]  # its first character is the run's: each token of the run may begin it
+    assert len(tok.encode(stop, add_special_tokens=False)) > 1 and "\ufffd" not in stop
+    texts = _published(llm, PROMPTS[1], SamplingParams(temperature=0, max_tokens=20, stop=[stop], ignore_eos=True))
+    final = free.text[:a - 1]
+    assert texts[-1] == final
+    assert all(final.startswith(t) for t in texts), texts  # nothing sent that the output then leaves out
+    # a stop string begun but never completed is held back only until the end: the output keeps all of it
+    never = free.text[-1] + "\x00\x00\x00"
+    texts = _published(llm, PROMPTS[1], SamplingParams(temperature=0, max_tokens=20, stop=[never], ignore_eos=True))
+    assert texts[-1] == free.text and all(free.text.startswith(t) for t in texts)
+
+
 def test_logprobs_and_prompt_logprobs_match_hf():
     model, tok = make()
     llm = LLM(model, tok)

@@ -40,6 +40,7 @@ BAD = [
     ("missing prompt", C, {"max_tokens": 3}, 400),
     ("messages a string", CHAT, {"messages": "hi"}, 400),
     ("message without role", CHAT, {"messages": [{"content": "hi"}]}, 400),
+    ("unknown role", CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 400),
     ("empty messages", CHAT, {"messages": []}, 400),
     ("image content part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
     ("body is a list", C, [1, 2, 3], 400),
@@ -95,7 +96,13 @@ def test_error_messages_name_the_problem(shared_fake):
     r = _send(server.url + C, {"prompt": "x", "temperature": "hot"}).json()["error"]
     assert r["param"] == "temperature" and r["type"] == "invalid_request_error"
     r = _send(server.url + C, {"prompt": "x", "top_p": 1.5}).json()["error"]
-    assert "top_p" in r["message"]
+    assert "top_p" in r["message"] and r["param"] == "top_p"  # a bad value, checked by SamplingParams
+    r = _send(server.url + C, {"prompt": "x", "n": 0}).json()["error"]
+    assert r["param"] == "n"
+    r = _send(server.url + CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}).json()["error"]
+    assert r["param"] == "top_logprobs" and r["message"].startswith("top_logprobs must be in [0, 20]")
+    r = _send(server.url + CHAT, {"messages": [{"role": "robot", "content": "hi"}]}).json()["error"]
+    assert r["param"] == "messages.0.role" and "'robot'" in r["message"] and "user" in r["message"]
     r = _send(server.url + C, {"prompt": "x" * 100}).json()["error"]
     assert r["code"] == "context_length_exceeded" and "64" in r["message"]
     r = _send(server.url + C, {"model": "gpt-4", "prompt": "x"}).json()["error"]
@@ -219,7 +226,7 @@ def test_chunked_body_over_the_limit_is_413(api, make_server):
 def test_wrong_content_type_is_400(shared_fake):
     _, server = shared_fake
     r = httpx.post(server.url + C, content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
-    assert r.status_code == 400 and "error" in r.json()
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
 
 
 def test_max_tokens_limit(api, make_server):

@@ -4,6 +4,7 @@ requests give their KV blocks back."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -159,3 +160,40 @@ def test_disconnect_mid_stream_frees_kv_blocks(real, api):
     assert api.wait_for(lambda: _metric(server, abort_metric, default=0.0) > before, timeout=10)
     assert api.wait_for(lambda: _metric(server, "slimlm_kv_blocks_used") == 0, timeout=10)
     assert _metric(server, "slimlm_num_requests_inflight") == 0
+
+
+def _token_bytes(name: str) -> bytes:
+    """A logprob listing's token name back to its bytes (`bytes:\\xNN...` for part of a character)."""
+    if name.startswith("bytes:"):
+        return bytes(int(h, 16) for h in name[len("bytes:"):].split("\\x")[1:])
+    return name.encode()
+
+
+def test_logprob_tokens_carry_their_own_bytes_where_a_character_spans_tokens(real):
+    # A token holding part of a character decodes to U+FFFD alone; its listing must still give its own bytes
+    # (chat's `bytes`, completions' `bytes:\xNN` names), and text offsets must index the text.
+    _, tok, _, server = real
+    prompt = "日本の首都は 🎉 é"
+    ids = tok(prompt).input_ids
+    assert any("\ufffd" in tok.decode([t]) for t in ids)  # some token holds part of a character
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}
+    lp = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    raw = [_token_bytes(t) for t in lp["tokens"]]
+    assert b"".join(raw).decode() == tok.decode(ids)
+    for j, offset in enumerate(lp["text_offset"]):  # the character the token's first byte belongs to
+        assert offset == len(b"".join(raw[:j]).decode("utf-8", errors="ignore")), (j, lp["text_offset"])
+    # streamed, with generated tokens: the same names and offsets as the response in one piece
+    body.update(max_tokens=6, temperature=0, ignore_eos=True)
+    whole = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    lines = httpx.post(server.url + "/v1/completions", json={**body, "stream": True}).text.splitlines()
+    chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [t for s in streamed for t in s["tokens"]] == whole["tokens"]
+    assert [o for s in streamed for o in s["text_offset"]] == whole["text_offset"]
+    # chat: each entry's bytes are the token's own, so joined they rebuild the reply's characters
+    reply = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0,
+        "logprobs": True}).json()["choices"][0]
+    content = reply["logprobs"]["content"]
+    assert b"".join(bytes(e["bytes"]) for e in content).decode(errors="replace") == reply["message"]["content"]
+    assert all(bytes(e["bytes"]) == _token_bytes(e["token"]) for e in content)

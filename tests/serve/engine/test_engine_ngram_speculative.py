@@ -124,6 +124,20 @@ def test_logprob_requests_decode_plainly_and_sampled_ones_speculate_reproducibly
     assert again == fast  # seeded: the same draws, the same text
 
 
+def test_seeded_sampled_requests_decode_plainly_under_the_adaptive_policy():
+    # Its draft lengths follow timings and the batch, and they change how many numbers a request's generator
+    # draws: a seeded request would not repeat its text. It decodes plainly, so its text is the plain engine's.
+    model, tok = make()
+    spec = SpeculativeConfig(prompt_lookup=3, prompt_lookup_min=1, num_draft=3, verify_cost=0.01)
+    seeded = SamplingParams(temperature=0.5, max_tokens=20, seed=5, ignore_eos=True)
+    plain, _ = run(model, tok, PROMPTS[:4], params=seeded)
+    fast, engine = run(model, tok, PROMPTS[:4], spec, params=seeded)
+    assert fast == plain and engine.speculator.stats.steps == 0
+    unseeded = SamplingParams(temperature=0.5, max_tokens=20, ignore_eos=True)
+    _, engine = run(model, tok, PROMPTS[:4], spec, params=unseeded)
+    assert engine.speculator.stats.steps > 0  # sampled requests do speculate
+
+
 def test_the_acceptance_rule_with_a_certain_draft_keeps_the_target_distribution():
     # Draft d_1 = 0 and d_2 = 1 against target distributions p_1, p_2, p_3: the first emitted token must follow
     # p_1, and the second, given that d_1 was kept, p_2 (kept with p(d), else p without d, renormalised).
