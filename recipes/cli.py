@@ -46,6 +46,25 @@ def add_eval(sub) -> None:
     p.add_argument("--json", metavar="OUT", help="write every figure, the settings and the command to OUT")
 
 
+def check_outputs(args) -> None:
+    """Refuse a --json path that cannot be written and a --threads below 1 before any work: a long run must not
+    end in a crash that loses its results."""
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise SlimlmError(f"--threads must be at least 1, got {args.threads}.")
+    path = getattr(args, "json", None)
+    if not path:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise SlimlmError(f"--json {path} is a folder.", "Pass a file path, e.g. results.json.")
+    parent = next(p for p in [*path.parents] if p.exists())
+    if not parent.is_dir():
+        raise SlimlmError(f"--json {path}: {parent} is a file, so no folder can be made there.",
+                          "Pass a path under a folder.")
+    if not os.access(parent, os.W_OK):
+        raise SlimlmError(f"--json {path}: {parent} is not writable.", "Pass a path you can write to.")
+
+
 def exits_to_evaluate(args, model):
     """ExitHeads of an early-exit export, or the --exits layers with the shared norm; None for neither."""
     from slimlm.toolkit.early_exit import load_exits, read_exit_spec
@@ -72,6 +91,7 @@ def run_eval(args) -> int:
 
     if args.window < 2 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
         raise SlimlmError("--window must be >= 2, --batch-size and --max-windows >= 1.")
+    check_outputs(args)
     data = args.data or ([] if args.tasks else ["builtin:wiki"])
     # Refuse typos before the (slow) model load.
     resolve(args.model)
@@ -81,13 +101,13 @@ def run_eval(args) -> int:
     for path in args.tasks:
         load_tasks(path)
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    exits = exits_to_evaluate(args, model)  # a bad --exits is refused before the perplexity run
     results = evaluate(model, tokenizer, data=data, tasks=args.tasks, split=args.split, window=args.window,
                        max_windows=args.max_windows, batch_size=args.batch_size)
     results["model"] = args.model
     results["settings"] = {k: getattr(args, k) for k in ("split", "window", "max_windows", "batch_size", "dtype")}
     results["command"] = args.command_line
     print_results(results)
-    exits = exits_to_evaluate(args, model)
     if exits is not None and data:
         from slimlm.toolkit.early_exit import evaluate_exits, format_exit_table
 
@@ -118,9 +138,18 @@ def run_export(args) -> int:
     from slimlm.toolkit.models import load, resolve
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"--out {out} is a file; an export is a folder.", "Choose another path or remove the file.")
     if out.exists() and any(out.iterdir()) and not args.overwrite:  # refuse before any work starts
         raise SlimlmError(f"--out {out} exists and is not empty.", "Pass --overwrite to replace it, or choose another folder.")
-    resolve(args.model)
+    source = resolve(args.model)
+    if source.kind == "export":
+        done = read(source.location, verify=False)
+        made = [what for what, key in (("quantized", "quant"), ("early exits", "exit_layers")) if done.transforms.get(key)]
+        if made:
+            raise SlimlmError(f"{args.model} is already a slimlm export with {' and '.join(made)}; exporting it again "
+                              "would write plain dense weights and drop them.",
+                              "Copy the folder instead (`cp -r`), or export the model it was made from.")
     model, tokenizer = load(args.model, dtype=args.dtype)
     write(model, tokenizer, out, meta={"base_model": args.model, "command": args.command_line},
           overwrite=args.overwrite)
@@ -270,6 +299,11 @@ def run_bench(args) -> int:
         raise SlimlmError(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of integers.") from None
     if any(b < 1 for b in batch_sizes) or args.reps < 1 or args.prompt_len < 1 or args.gen_len < 1:
         raise SlimlmError("--batch-sizes, --reps, --prompt-len and --gen-len must be positive.")
+    if args.concurrency < 0 or (args.num_requests is not None and args.num_requests < 1) or \
+            (args.rate is not None and not args.rate > 0):
+        raise SlimlmError("--concurrency must be >= 0 (0 skips the online run), --num-requests >= 1 and --rate > 0; got "
+                          f"{args.concurrency}, {args.num_requests} and {args.rate}.")
+    check_outputs(args)
     resolve(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -358,6 +392,7 @@ def add_serve(sub) -> None:
     add_engine_arguments(p)
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--max-queue", type=int, default=256, help="requests held at once; past it, 429 (default 256)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
 def merge_speculative(result: dict, fast: dict, stats: dict) -> None:
@@ -374,14 +409,27 @@ def merge_speculative(result: dict, fast: dict, stats: dict) -> None:
 
 
 def run_serve(args) -> int:
+    import torch
+    from rich.console import Console
+
     from slimlm.serve.api import serve
     from slimlm.serve.engine.engine import EngineConfig, LLMEngine
     from slimlm.toolkit.models import load, resolve
 
     if not 0 < args.port < 65536 or args.max_num_seqs < 1 or args.kv_cache_gb <= 0 or args.max_queue < 1:
         raise SlimlmError("--port must be 1-65535; --max-num-seqs, --kv-cache-gb and --max-queue positive.")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise SlimlmError(f"--max-model-len must be at least 2, got {args.max_model_len}.")
+    check_outputs(args)
     resolve(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hf_model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    context = getattr(hf_model.config, "max_position_embeddings", None)
+    if args.max_model_len and context and args.max_model_len > context:
+        raise SlimlmError(f"--max-model-len {args.max_model_len} is beyond {args.model}'s context of {context} tokens "
+                          "(max_position_embeddings): past it its positions were never trained.",
+                          f"Pass --max-model-len {context} or less (default: the context, at most 4096).")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=not args.no_prefix_caching,
                           kv_cache_dtype=args.kv_cache_dtype, quantize_lm_head=args.quantize_lm_head,
@@ -391,6 +439,11 @@ def run_serve(args) -> int:
         engine = LLMEngine(hf_model, tokenizer, config, model_name=args.served_model_name or args.model)
     except ValueError as err:
         raise SlimlmError(f"cannot serve {args.model}: {err}") from err
+    asked = engine._blocks_for(args.kv_cache_gb)
+    if engine.block_manager.num_blocks > asked:
+        Console(stderr=True).print(
+            f"note: --kv-cache-gb {args.kv_cache_gb} holds {asked} blocks of {config.block_size} tokens; the cache has "
+            f"{engine.block_manager.num_blocks}, so that one request of --max-model-len {engine.max_model_len} fits")
     serve(engine, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue)
     return 0
 
@@ -423,6 +476,8 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None, command_line: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--debug" in argv[1:]:  # after the verb too (`slimlm eval X --debug`), as the recipe scripts take it
+        argv = ["--debug", *(a for a in argv if a != "--debug")]
     args = build_parser().parse_args(argv)
     args.command_line = command_line or "slimlm " + shlex.join(argv)
     quiet_libraries()

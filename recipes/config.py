@@ -45,7 +45,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping at the top of a YAML file (an empty file is an empty mapping)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise SlimlmError(f"config file {p} does not exist.", "Pass --config with the path to a YAML file.")
+        raise SlimlmError(f"config file {p} does not exist.", "Check the path of the YAML file.")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

@@ -209,10 +209,15 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
         if not isinstance(args, dict) or OWNED & {str(k).replace("-", "_") for k in args}:
             raise SlimlmError(f"{where}: `args` must be a mapping without {', '.join(sorted(OWNED))}.",
                               "The pipeline sets the input model and the output folder; a config file goes in `config:`.")
-        config = Path(v["config"]).expanduser() if v.get("config") else None
-        config = str((config if config.exists() else here / config).resolve()) if config else None  # from here or beside
-        if config and not Path(config).is_file():
-            raise SlimlmError(f"{where}: config file {v['config']} does not exist (here or beside {path}).")
+        config = None
+        if v.get("config"):
+            given = Path(v["config"]).expanduser()  # from here, beside the YAML, or from above its configs/ folder
+            tops = [d.parent for d in [here.resolve(), *here.resolve().parents] if d.name == "configs"]
+            found = [p for p in [given, here / given, *(top / given for top in tops)] if p.is_file()]
+            if not found:
+                raise SlimlmError(f"{where}: config file {v['config']} does not exist (here, beside {path}"
+                                  + "".join(f", or under {top}" for top in tops) + ").")
+            config = str(found[0].resolve())
         if recipe.needs_config and not config:
             raise SlimlmError(f"{where}: the {recipe.verb} recipe needs `config:` (a YAML of its settings).")
         launcher = v.get("launcher") or []

@@ -91,6 +91,8 @@ def run_quantize(args) -> int:
                           "Drop --act-order, or use --method gptq.")
     if args.samples < 1 or args.seq_len < 2 or args.eval_windows < 1 or args.window < 2 or not args.damp > 0:
         raise SlimlmError("--samples and --eval-windows must be >= 1, --seq-len and --window >= 2, --damp > 0.")
+    if args.threads is not None and args.threads < 1:
+        raise SlimlmError(f"--threads must be at least 1, got {args.threads}.")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise SlimlmError(f"--out {out} exists and is not empty.", "Pass --overwrite to replace it, or choose another folder.")

@@ -317,9 +317,30 @@ def loggers(log_dir: str | os.PathLike, name: str) -> list:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     out = [CSVLogger(log_dir, name=name, version="csv")]
+    _keep_csv_history(out[0])
     with contextlib.suppress(ModuleNotFoundError):  # no tensorboard (nor tensorboardX): CSV alone
         out.append(TensorBoardLogger(log_dir, name=name, version="tb", default_hp_metric=False))
     return out
+
+
+def _keep_csv_history(logger) -> None:
+    """Lightning's CSV writer deletes the metrics.csv it finds when it starts; put it back, with its columns, so
+    the run appends to it (the writer rewrites the header itself when new columns come)."""
+    import csv
+    import io
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    path = Path(logger.log_dir) / "metrics.csv"
+    if rank_zero_only.rank != 0 or not path.is_file():
+        return
+    old = path.read_text()
+    with warnings.catch_warnings():  # its "previous log files will be deleted": not so
+        warnings.simplefilter("ignore")
+        writer = logger.experiment  # made now: this is where the file goes
+    path.write_text(old)
+    writer.metrics_keys = sorted(next(csv.reader(io.StringIO(old)), []))
 
 
 # ---------------------------------------------------------------- DeepSpeed's engine (CPU ZeRO)

@@ -98,9 +98,9 @@ def test_user_errors_exit_2_with_a_short_message(argv, words, model_dir, capsys)
     assert len(err.strip().splitlines()) <= 3
 
 
-def test_debug_shows_the_traceback():
-    proc = subprocess.run([sys.executable, "-m", "slimlm.recipes.cli", "--debug", "eval", "/no/such/model"],
-                          capture_output=True, text=True)
+@pytest.mark.parametrize("argv", [["--debug", "eval", "/no/such/model"], ["eval", "/no/such/model", "--debug"]])
+def test_debug_shows_the_traceback(argv):
+    proc = subprocess.run([sys.executable, "-m", "slimlm.recipes.cli", *argv], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
@@ -150,7 +150,7 @@ def test_serve_answers_an_openai_client(model_dir):
         port = s.getsockname()[1]
     exe = __import__("pathlib").Path(sys.executable).parent / "slimlm"
     proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--port", str(port), "--served-model-name", "tiny",
-                             "--dtype", "float32", "--max-model-len", "256"],
+                             "--dtype", "float32", "--max-model-len", "256", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
@@ -174,6 +174,12 @@ def test_serve_answers_an_openai_client(model_dir):
 def test_serve_refuses_a_bad_port(model_dir, capsys):
     assert main(["serve", str(model_dir), "--port", "0"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_max_model_len_beyond_the_models_context(model_dir, capsys):
+    context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    assert main(["serve", str(model_dir), "--max-model-len", str(context + 1)]) == 2
+    assert f"beyond {model_dir}'s context of {context} tokens" in capsys.readouterr().err
 
 
 def test_bench_speculative_reports_plain_and_speculative_side_by_side(model_dir, tmp_path, capsys):
@@ -286,6 +292,33 @@ def test_eval_reports_exits_of_an_early_exit_export(tmp_path, text_file, capsys)
     assert json.loads(out_json.read_text())["early_exit"]["norm"] == "shared"
     assert main(["eval", str(out), "--data", str(text_file), "--exits", "4"]) == 2
     assert "layers must be in 1..3" in capsys.readouterr().err
+    # re-exporting it would drop its exits: refused
+    assert main(["export", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "already a slimlm export with early exits" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_bad_values_are_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
+    """Values a long run would only trip over at its end (or crash on) are refused before it starts."""
+    from slimlm.toolkit import eval as eval_mod
+
+    monkeypatch.setattr(eval_mod, "evaluate", lambda *a, **k: pytest.fail("work started"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    bench = ["bench", str(model_dir), "--batch-sizes", "1", "--reps", "1"]
+    for argv, words in [([*bench, "--concurrency", "-1"], "--concurrency must be >= 0"),
+                        ([*bench, "--num-requests", "0"], "--num-requests >= 1"),
+                        ([*bench, "--rate", "-1"], "--rate > 0"),
+                        ([*bench, "--threads", "-2"], "--threads must be at least 1"),
+                        ([*bench, "--json", str(blocker / "x.json")], f"{blocker} is a file"),
+                        ([*bench, "--json", str(tmp_path)], "is a folder"),
+                        (["eval", str(model_dir), "--json", str(blocker / "x.json")], f"{blocker} is a file"),
+                        (["eval", str(model_dir), "--exits", "99"], "layers must be in 1.."),
+                        (["quantize", str(model_dir), "--method", "rtn", "--out", str(tmp_path / "q"),
+                          "--threads", "-2"], "--threads must be at least 1"),
+                        (["export", str(model_dir), "--out", str(blocker)], "is a file; an export is a folder")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "internal error" not in err, (argv, err)
 
 
 def test_bench_speculative_drafts_through_an_exports_own_exit_norm(tmp_path):

@@ -2,6 +2,7 @@
 on), the re-run rule, an export that fails its integrity check, refusals before any work, shipped YAMLs."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -184,6 +185,15 @@ def test_shipped_configs_validate(capsys):
     assert len(deepspeed) == 2 and all("recipes/distill.py --config " in line for line in deepspeed)
     assert "student=/nonexistent/x/variants/pruned-4b teacher=meta-llama/Llama-3.1-8B-Instruct" in printed
     assert "quantize /nonexistent/x/variants/pruned-4b-distilled/model --out" in printed
+
+
+def test_shipped_configs_work_from_another_folder(tmp_path, monkeypatch):
+    # Their `config:` paths are written from the project's root (configs/prune/...): found from anywhere.
+    quickstart = (Path.cwd() / "configs/pipeline/quickstart.yaml").resolve()
+    monkeypatch.chdir(tmp_path)
+    plan = pipeline.load_pipeline(quickstart)
+    configs = [v["config"] for v in plan["variants"] if v.get("config")]
+    assert configs and all(Path(c).is_file() and "/configs/" in c for c in configs)
 
 
 def test_a_qat_variant_runs_as_slimlm_qat(tmp_path, capsys):

@@ -155,3 +155,15 @@ def test_launch_arguments_accept_deepspeeds_local_rank():
     p = T.add_launch_arguments(argparse.ArgumentParser())
     args = p.parse_args(["--local_rank=1", "--config", "c.yaml", "a=1", "b.c=x", "--resume"])
     assert args.local_rank == 1 and args.overrides == ["a=1", "b.c=x"] and args.resume
+
+
+def test_a_resumed_run_appends_to_the_csv_log(tmp_path):
+    # Lightning's CSV writer deletes a metrics.csv it finds; the training history of a resumed run must stay.
+    first = T.loggers(tmp_path, "run")[0]
+    first.log_metrics({"loss": 2.0}, step=1)
+    first.save()
+    resumed = T.loggers(tmp_path, "run")[0]
+    resumed.log_metrics({"loss": 1.5, "lr": 0.1}, step=2)  # a new column too: the header grows
+    resumed.save()
+    rows = list(__import__("csv").DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    assert [(r["step"], r["loss"], r.get("lr")) for r in rows] == [("1", "2.0", ""), ("2", "1.5", "0.1")]

@@ -55,6 +55,7 @@ def write(model, tokenizer, out_dir: str | os.PathLike, meta: dict | None = None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_extra(tmp, extra)
+        _readable_as_the_umask_says(tmp)
         manifest.files = describe_files(tmp)
         text = json.dumps(manifest.to_dict(), indent=2) + "\n"
         (tmp / MANIFEST_NAME).write_text(text, encoding="utf-8")
@@ -120,6 +121,15 @@ def _write_extra(folder: Path, extra: dict) -> None:
                               "Choose another name for the extra tensors.")
         save_file({k: v.detach().to("cpu").clone() for k, v in tensors.items()}, str(folder / name),
                   metadata={"format": "pt"})
+
+
+def _readable_as_the_umask_says(folder: Path) -> None:
+    """Give every file the mode the umask gives a new file (safetensors writes its files 0600, unreadable to
+    the other users a server or container may run as); the folder itself was made under the umask."""
+    mode = folder.stat().st_mode & 0o666
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
 
 
 def _check_target(out: Path, overwrite: bool) -> None:

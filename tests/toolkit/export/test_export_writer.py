@@ -40,6 +40,18 @@ def test_non_empty_target_refused_then_replaced(tmp_path, tiny):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or backup left
 
 
+def test_every_file_gets_the_mode_the_umask_gives(tmp_path, tiny):
+    # safetensors writes 0600; a server running as another user must still read the export (umask 022: 0644)
+    old = os.umask(0o022)
+    try:
+        out = write(*tiny, tmp_path / "out", extra_tensors={"early_exit.safetensors": {"w": tiny[0].lm_head.weight}})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
 def test_empty_target_is_used(tmp_path, tiny):
     (tmp_path / "out").mkdir()
     read(write(*tiny, tmp_path / "out"))
