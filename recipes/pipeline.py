@@ -11,9 +11,11 @@ failed variant is recorded with its error, its descendants are marked "parent X 
 others go on; then `compare` measures the base and every variant made (OUT/compare/report.md lists
 the failed ones too). Recipe, `from:` and argument names, models (resolved, not loaded), config
 files and compare settings are all checked before any work. OUT/pipeline.json holds the config's
-hash and each variant's status, error, export, seconds and command: a re-run of the same config
-skips variants whose export verifies (and re-makes the descendants of any it re-makes); an OUT of
-another config is refused unless --overwrite, which deletes the pipeline's files in OUT first.
+hash and each variant's status, error, export, seconds, command and identity (`variant_hashes`): a
+re-run skips variants whose export verifies and whose definition is unchanged, and re-makes the others
+and their descendants (edit one variant's args, add one: only those are made); changed compare settings
+measure every model again; an OUT of another base model is refused unless --overwrite, which deletes
+the pipeline's files in OUT first.
 
 A variant `{name: N, draft: V}` (optionally `from: W`) makes nothing: compare times the base (or W's
 export) with V's export as its draft model (`MODEL+draft:DRAFT`, see compare): lossless speculative
@@ -240,7 +242,19 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
     plan = {"config": str(path), "base": base, "out": str(out), "variants": variants,
             "compare": compare.settings_from_args(cargs)}
     plan["sha256"] = config_hash(plan)
+    plan["variant_sha256"] = variant_hashes(plan)
     return plan
+
+
+def variant_hashes(plan: dict) -> dict[str, str]:
+    """Each variant's identity: its definition, its config file's content, the base and its parent's identity.
+    A re-run remakes a variant whose identity changed (and its descendants) and reuses the others."""
+    out = {}
+    for v in plan["variants"]:
+        file = hashlib.sha256(Path(v["config"]).read_bytes()).hexdigest() if v.get("config") else None
+        blob = {"variant": v, "file": file, "base": plan["base"], "from": out.get(v["from"])}
+        out[v["name"]] = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return out
 
 
 def config_hash(plan: dict) -> str:
@@ -275,7 +289,8 @@ def command(variant: dict, model: str, base: str, out: Path) -> list[str]:
 
 
 def check_out(out: Path, plan: dict, overwrite: bool) -> dict:
-    """The state of an earlier run of the same config in `out` ({} if none); refuses another config's folder."""
+    """The state of an earlier run in `out` ({} if none): of this config, or of one with the same base model whose
+    variants or compare settings changed (`pipeline` remakes what changed); refuses a folder of another base."""
     state_file = out / "pipeline.json"
     if out.exists() and not out.is_dir():
         raise SlimlmError(f"--out {out} is a file.", "Pass a folder for the pipeline's exports and report.")
@@ -283,9 +298,9 @@ def check_out(out: Path, plan: dict, overwrite: bool) -> dict:
         return {}
     if state_file.is_file():
         state = json.loads(state_file.read_text())
-        if state.get("sha256") != plan["sha256"]:
-            raise SlimlmError(f"{out} holds a pipeline made from another config ({state.get('config')}, "
-                              f"hash {state.get('sha256')}; this one: {plan['config']}, hash {plan['sha256']}).",
+        if state.get("sha256") != plan["sha256"] and state.get("base") != plan["base"]:
+            raise SlimlmError(f"{out} holds a pipeline made from another config ({state.get('config')}) of another "
+                              f"base model ({state.get('base')}); this one's is {plan['base']} ({plan['config']}).",
                               "Pass --overwrite to delete it and start again, or choose another --out.")
         return state
     if out.is_dir() and any(out.iterdir()):
@@ -351,7 +366,8 @@ def make_variant(v: dict, plan: dict, out: Path, results: dict, show=lambda line
     folder, export = out / "variants" / v["name"], export_dir(out, v)
     cmd = command(v, model, plan["base"], out)
     result = {"recipe": v["recipe"], "from": v["from"], "command": shlex.join(cmd),
-              "log": str(out / "logs" / f"{v['name']}.log"), "export": str(export)}
+              "log": str(out / "logs" / f"{v['name']}.log"), "export": str(export),
+              "sha256": plan["variant_sha256"][v["name"]]}
     shutil.rmtree(folder, ignore_errors=True)  # a fresh start: never a half-made earlier attempt
     children_cpu = lambda: sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])  # noqa: E731 - user + system
     start, cpu = time.perf_counter(), children_cpu()
@@ -367,11 +383,12 @@ def make_variant(v: dict, plan: dict, out: Path, results: dict, show=lambda line
     return result | {"status": "done"}
 
 
-def still_good(v: dict, old: dict, out: Path, redone: set) -> bool:
-    """An earlier run's export of this variant may be reused: it finished, verifies, and its parent is unchanged."""
+def still_good(v: dict, old: dict, out: Path, redone: set, identity: str | None) -> bool:
+    """An earlier run's export of this variant may be reused: it finished, verifies, its parent is unchanged and so
+    is the variant (`identity`, its `variant_hashes` entry; None: the whole config is the same)."""
     from slimlm.toolkit.export import read
 
-    if old.get("status") != "done" or v["from"] in redone:
+    if old.get("status") != "done" or v["from"] in redone or (identity is not None and old.get("sha256") != identity):
         return False
     try:
         return bool(read(export_dir(out, v)))
@@ -412,7 +429,8 @@ def pipeline(plan: dict, out: Path, state: dict, command_line: str = "", progres
                 lookup = compare.NGRAM_SUFFIX if v.get("ngram") else ""
                 results[name] = {"recipe": "draft", "from": v["from"], "draft": v["draft"], "status": "done",
                                  "seconds": 0.0, "export": f"{model}{compare.DRAFT_SEP}{drafter['export']}{lookup}"}
-            elif still_good(v, old.get(name, {}), out, redone):
+            elif still_good(v, old.get(name, {}), out, redone,
+                            None if state.get("sha256") == plan["sha256"] else plan["variant_sha256"][name]):
                 results[name] = old[name] | {"skipped": True}
                 bar.console.print(escape(f"{name}: done in an earlier run, export verified; skipped"), highlight=False)
             else:
@@ -431,8 +449,12 @@ def pipeline(plan: dict, out: Path, state: dict, command_line: str = "", progres
     for m, name in zip(models[1:], done):
         m["label"] = name  # the variant's name, not its folder's (distill exports are all called "model")
     cmp_out = out / "compare"
-    compare.check_out(cmp_out, plan["compare"], overwrite=False)
-    compare.start_out(cmp_out, plan["compare"], overwrite=False)
+    try:
+        compare.check_out(cmp_out, plan["compare"], overwrite=False)
+        remeasure = False
+    except SlimlmError:  # measured with other compare settings: every model again, with these
+        remeasure = True
+    compare.start_out(cmp_out, plan["compare"], overwrite=remeasure)
     extra = {"pipeline": {"config": plan["config"], "sha256": plan["sha256"], "variants": results}}
     return compare.compare(models, plan["compare"], cmp_out, command=command_line, progress=progress, extra=extra)
 

@@ -96,6 +96,33 @@ def test_tiny_pipeline_end_to_end_then_rerun(base, monkeypatch, capsys):
     assert v["broken"]["status"] == "failed" and "integrity check" in v["broken"]["error"]
 
 
+def test_a_rerun_makes_only_the_variants_that_changed(base, monkeypatch, capsys):
+    vs = [{"name": "q8", "recipe": "quantize", "args": {"method": "rtn", "bits": 8, "no-eval": True}},
+          {"name": "q8-child", "recipe": "quantize", "from": "q8", "args": {"method": "rtn", "bits": 8, "no-eval": True}},
+          {"name": "q4", "recipe": "quantize", "args": {"method": "rtn", "bits": 4, "group-size": 32, "no-eval": True}}]
+    config = write_config(base, vs, name="change.yaml", out="change_out")
+    real_run_step, ran = pipeline.run_step, []
+    monkeypatch.setattr(pipeline, "run_step", lambda cmd, log, show=None: ran.append(log.stem) or real_run_step(cmd, log, show))
+    assert main(["pipeline", str(config)]) == 0 and ran == ["q8", "q8-child", "q4"]
+    ran.clear()
+    vs[0]["args"]["group-size"] = 32  # q8 changes: it and its child are made again, q4 is not
+    vs.append({"name": "q4-more", "recipe": "quantize", "args": {"method": "rtn", "bits": 4, "no-eval": True}})
+    config = write_config(base, vs, name="change.yaml", out="change_out")
+    assert main(["pipeline", str(config)]) == 0 and ran == ["q8", "q8-child", "q4-more"]
+    state = json.loads((base / "change_out" / "pipeline.json").read_text())["variants"]
+    assert state["q4"]["skipped"] and not state["q8"].get("skipped")
+    ran.clear()
+    cfg = yaml.safe_load(config.read_text())  # other compare settings: nothing made, every model measured again
+    cfg["compare"]["gen-len"] = 4
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["pipeline", str(config)]) == 0 and ran == []
+    settings = json.loads((base / "change_out" / "compare" / "settings.json").read_text())
+    assert settings["gen_len"] == 4
+    cfg["base"] = str(base / "change_out" / "variants" / "q4")  # another base: another pipeline, refused
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    refused(capsys, [config], "another base model", "--overwrite")
+
+
 def test_args_become_the_recipes_flags_and_overrides():
     assert pipeline._flag_args({"group-size": 64, "sym": True, "act_order": False, "eval-windows": 0,
                                 "skip": ["a", "b"], "seed": None}) == [
@@ -152,7 +179,7 @@ def test_unknown_model_and_other_configs_out_are_refused(base, monkeypatch, caps
     out.mkdir()
     (out / "pipeline.json").write_text(json.dumps({"config": "old.yaml", "sha256": "0123456789abcdef"}))
     config = write_config(base, variants(base)[:1], name="other.yaml", out="other_out")
-    refused(capsys, [config], "another config", "--overwrite")
+    refused(capsys, [config], "another config", "another base model", "--overwrite")
     (out / "pipeline.json").unlink()
     (out / "notes.txt").write_text("mine")
     refused(capsys, [config], "holds no slimlm pipeline")
