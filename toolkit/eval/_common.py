@@ -35,8 +35,39 @@ def eval_mode(model):
         model.train(was_training)
 
 
+class LoggedProgress(Progress):
+    """A progress bar that, where stderr is no terminal (a log file, a pipeline's tee), prints a plain line each
+    time a task passes another tenth of its total or 30 s went by (a terminal's bar would draw nothing there)."""
+
+    def __init__(self, *columns, **kwargs):
+        super().__init__(*columns, **kwargs)
+        self._logged: dict = {}  # task id -> (tenths, time) of its last line
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._log(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def _log(self, task_id) -> None:
+        if self.disable or self.console.is_terminal:
+            return
+        import time
+
+        task = self._tasks[task_id]
+        tenths = int(10 * task.completed / task.total) if task.total else 0
+        last = self._logged.get(task_id, (-1, 0.0))
+        if tenths > last[0] or time.monotonic() - last[1] > 30:
+            self._logged[task_id] = (tenths, time.monotonic())
+            total = f"/{task.total:g}" if task.total else ""
+            self.console.print(f"{task.description}: {task.completed:g}{total}", highlight=False, markup=False)
+
+
 def progress_bar(enabled: bool) -> Progress:
-    """A rich progress bar on stderr (stdout stays clean for tables); does nothing when not `enabled`."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-                    disable=not enabled)
+    """A rich progress bar on stderr (stdout stays clean for tables); does nothing when not `enabled`; plain lines
+    where stderr is no terminal (`LoggedProgress`)."""
+    return LoggedProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                          disable=not enabled)

@@ -34,3 +34,24 @@ def test_missing_bits_per_byte_and_sections():
     assert results_table(r).row_count == 1
     assert results_table({"model": "m"}).row_count == 0
     assert not any("bits/byte" in line for line in render(r))
+
+
+def test_progress_prints_plain_lines_where_stderr_is_no_terminal():
+    # In a log file (a pipeline's tee) a rich bar draws nothing; a line each tenth of the way tells how far it got.
+    import io
+
+    from rich.console import Console
+
+    from slimlm.toolkit.eval._common import LoggedProgress
+
+    log = io.StringIO()
+    with LoggedProgress(console=Console(file=log, force_terminal=False), transient=True) as bar:  # as progress_bar
+        task = bar.add_task("GPTQ", total=30)
+        for _ in range(30):
+            bar.advance(task)
+    lines = [line for line in log.getvalue().splitlines() if line.strip()]
+    assert lines[0] == "GPTQ: 1/30" and lines[-1] == "GPTQ: 30/30" and 10 <= len(lines) <= 12, lines
+    quiet = io.StringIO()
+    with LoggedProgress(console=Console(file=quiet, force_terminal=False), disable=True) as bar:
+        bar.advance(bar.add_task("x", total=3))
+    assert quiet.getvalue() == ""
