@@ -36,7 +36,7 @@ def add_eval(sub) -> None:
     p.add_argument("--split", default="validation", choices=["validation", "train"],
                    help="split of built-in corpora (default validation: never seen in calibration or training)")
     p.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (0 or unset: all)")
     p.add_argument("--batch-size", type=int, default=4, help="windows or choices per forward pass")
     p.add_argument("--dtype", default="float32", help="float32 (default), bf16 or fp16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -89,8 +89,9 @@ def run_eval(args) -> int:
     from slimlm.toolkit.eval import evaluate, load_tasks, print_results, write_json
     from slimlm.toolkit.models import load, parse_dtype, resolve
 
-    if args.window < 2 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
-        raise SlimlmError("--window must be >= 2, --batch-size and --max-windows >= 1.")
+    if args.window < 2 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 0):
+        raise SlimlmError("--window must be >= 2, --batch-size >= 1 and --max-windows >= 0 (0: all).")
+    args.max_windows = args.max_windows or None  # 0 means all, as in compare and the pipeline
     check_outputs(args)
     data = args.data or ([] if args.tasks else ["builtin:wiki"])
     # Refuse typos before the (slow) model load.

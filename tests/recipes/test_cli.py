@@ -88,9 +88,11 @@ def test_export_refuses_a_non_empty_out(model_dir, tmp_path, capsys):
     (["eval", "MODEL", "--data", "builtin:nope"], "nope"),
     (["eval", "MODEL", "--data", "/no/such/file.txt"], "does not exist"),
     (["eval", "MODEL", "--window", "1"], "--window"),
+    (["eval", "MODEL", "--max-windows", "-1"], "--max-windows >= 0 (0: all)"),
+    (["eval", "PARENT"], "Did you mean"),  # a run's folder, its model in a subfolder
 ])
 def test_user_errors_exit_2_with_a_short_message(argv, words, model_dir, capsys):
-    argv = [str(model_dir) if a == "MODEL" else a for a in argv]
+    argv = [str(model_dir) if a == "MODEL" else str(model_dir.parent) if a == "PARENT" else a for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert words in err

@@ -60,8 +60,10 @@ def resolve(spec: str) -> ModelSource:
             return ModelSource("export", str(path))
         if (path / "config.json").exists():
             return ModelSource("hf_dir", str(path))
+        inside = sorted(p.parent.name for p in path.glob("*/config.json"))
         raise SlimlmError(f"{spec} has no config.json, so it is not a Hugging Face model folder.",
-                          "Pass the folder that holds config.json and the *.safetensors files.")
+                          f"Did you mean {path / inside[0]}? (a training run's folder holds its model in a subfolder)"
+                          if inside else "Pass the folder that holds config.json and the *.safetensors files.")
     looks_like_path = spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     if not looks_like_path and _HUB_ID.match(spec):
         return ModelSource("hub", spec)
@@ -115,8 +117,9 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
             raise SlimlmError(
                 f"could not load {spec!r} from the Hugging Face hub or its local cache "
                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]}).",
-                "If no hub is reachable, download the model elsewhere and pass its local folder "
-                "(or set HF_HUB_OFFLINE=1 to use only the local cache).") from err
+                "If no hub is reachable, download the model elsewhere and pass its local folder"
+                + ("." if os.environ.get("HF_HUB_OFFLINE") == "1" else
+                   " (or set HF_HUB_OFFLINE=1 to use only the local cache).")) from err
         raise SlimlmError(f"could not load the model in {location}: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:300] if str(err) else ''}",
                           "A weight file may be corrupt or truncated; re-download or re-export it.") from err

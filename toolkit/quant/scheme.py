@@ -56,7 +56,7 @@ class QuantScheme:
     def __post_init__(self):
         if self.bits not in BITS or isinstance(self.bits, bool):
             raise SlimlmError(f"quantization bits must be 4 or 8, got {self.bits!r}.",
-                              "Pass --bits 4 (int4) or --bits 8 (int8).")
+                              "Use 4 (int4) or 8 (int8).")
         if self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
             raise SlimlmError(f"group size must be one of 32, 64, 128 or -1 (per channel), got {self.group_size!r}.",
                               "Pass e.g. --group-size 64; smaller groups are more accurate and a little larger.")
