@@ -238,7 +238,9 @@ def notes(report: dict) -> list[str]:
                           "median of the per-repetition ratios (range: their min-max)."
                           if any("ratio_min" in f for m in report["models"] for f in m["figures"].values()) else "."),
         "Memory: peak RSS (VmHWM) of a fresh process while it loaded the model and ran the evaluation, minus "
-        "its RSS just before the load (interpreter and libraries); the peak record was reset before the load.",
+        "its RSS just before the load (interpreter and libraries); the peak record was reset before the load. "
+        f"It is the evaluation's footprint, in {s['eval_dtype']}: a quantized model is evaluated through its dequantized "
+        "weights, so it can exceed the base's; what the model takes at rest and to serve is nearer its disk size.",
         "Disk: all files of the model folder (built-in aliases: the converted cached folder). Params: the loaded "
         "model's parameters, tied weights counted once.",
     ]
