@@ -37,7 +37,9 @@ def add_eval(sub) -> None:
                    help="split of built-in corpora (default validation: never seen in calibration or training)")
     p.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (0 or unset: all)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows or choices per forward pass")
+    p.add_argument("--batch-size", "--eval-batch-size", dest="batch_size", type=int, default=4,
+                   help="windows or choices per forward pass")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bf16 or fp16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--exits", default=None, metavar="E,E",
@@ -92,6 +94,10 @@ def run_eval(args) -> int:
     if args.window < 2 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 0):
         raise SlimlmError("--window must be >= 2, --batch-size >= 1 and --max-windows >= 0 (0: all).")
     args.max_windows = args.max_windows or None  # 0 means all, as in compare and the pipeline
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     check_outputs(args)
     data = args.data or ([] if args.tasks else ["builtin:wiki"])
     # Refuse typos before the (slow) model load.
@@ -388,7 +394,9 @@ def add_serve(sub) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch (default 64)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (default 1.0)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
-                   help="auto: the model's dtype (default); int8: per-block, per-head scales, twice the sequences")
+                   help="auto: the model's dtype (default); int8: per-block, per-head scales, twice the sequences "
+                        "(a block's scale spans the tokens a step writes into it, so a prompt token's echoed logprob "
+                        "can move slightly with the tokens after it; use auto for log-likelihood scoring)")
     add_speculative_arguments(p)
     add_engine_arguments(p)
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")

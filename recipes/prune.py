@@ -73,8 +73,10 @@ def _add_arguments(p) -> None:
     p.add_argument("--norm-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="rescale RMSNorm weights so their outputs keep their size after width pruning (default on)")
     p.add_argument("--data", help=f"calibration text; built-in corpora use their train split (default {d.data})")
-    p.add_argument("--calib-samples", type=int, help=f"calibration windows (default {d.calib_samples})")
-    p.add_argument("--calib-len", type=int, help=f"tokens per calibration window (default {d.calib_len})")
+    p.add_argument("--calib-samples", "--samples", dest="calib_samples", type=int,
+                   help=f"calibration windows (default {d.calib_samples})")
+    p.add_argument("--calib-len", "--seq-len", dest="calib_len", type=int,
+                   help=f"tokens per calibration window (default {d.calib_len})")
     p.add_argument("--seed", type=int, help=f"seed of the calibration windows (default {d.seed})")
     p.add_argument("--eval-data",
                    help=f"held-out text; built-in corpora use their validation split (default {d.eval_data})")

@@ -51,8 +51,10 @@ def add_quantize(sub) -> None:
                    help="dtype of the stored scales and unquantized tensors (default float16)")
     p.add_argument("--data", default="builtin:wiki",
                    help="calibration text: builtin:NAME (train split), a .txt/.jsonl/.parquet file or hf:<id>")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--samples", "--calib-samples", dest="samples", type=int, default=128,
+                   help="calibration windows (default 128)")
+    p.add_argument("--seq-len", "--calib-len", dest="seq_len", type=int, default=512,
+                   help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
     p.add_argument("--compute-dtype", choices=["auto", "bf16", "float32"], default="auto",
                    help="dtype of calibration forward passes (default auto: bf16 where the CPU or GPU multiplies "

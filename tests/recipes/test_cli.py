@@ -299,6 +299,18 @@ def test_eval_reports_exits_of_an_early_exit_export(tmp_path, text_file, capsys)
     assert "already a slimlm export with early exits" in capsys.readouterr().err and not (tmp_path / "again").exists()
 
 
+def test_verbs_take_each_others_names_for_the_same_setting():
+    from slimlm.recipes.cli import build_parser
+
+    parse = build_parser().parse_args
+    q = parse(["quantize", "m", "--out", "x", "--calib-samples", "8", "--calib-len", "64"])
+    assert (q.samples, q.seq_len) == (8, 64)
+    p = parse(["prune", "m", "--out", "x", "--target-params", "1M", "--samples", "8", "--seq-len", "64"])
+    assert (p.calib_samples, p.calib_len) == (8, 64)
+    e = parse(["eval", "m", "--eval-batch-size", "2", "--threads", "1"])
+    assert (e.batch_size, e.threads) == (2, 1)
+
+
 def test_bad_values_are_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
     """Values a long run would only trip over at its end (or crash on) are refused before it starts."""
     from slimlm.toolkit import eval as eval_mod
@@ -315,6 +327,7 @@ def test_bad_values_are_refused_before_any_work(model_dir, tmp_path, capsys, mon
                         ([*bench, "--json", str(tmp_path)], "is a folder"),
                         (["eval", str(model_dir), "--json", str(blocker / "x.json")], f"{blocker} is a file"),
                         (["eval", str(model_dir), "--exits", "99"], "layers must be in 1.."),
+                        (["eval", str(model_dir), "--threads", "0"], "--threads must be at least 1"),
                         (["quantize", str(model_dir), "--method", "rtn", "--out", str(tmp_path / "q"),
                           "--threads", "-2"], "--threads must be at least 1"),
                         (["export", str(model_dir), "--out", str(blocker)], "is a file; an export is a folder")]:
