@@ -186,16 +186,38 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
     return app
 
 
+GRACE_S = 5.0  # on shutdown, how long requests in flight may take to finish
+
+
+def draining_server(app, grace_s: float = GRACE_S, **config):
+    """A uvicorn server for `app` whose shutdown gives requests in flight `grace_s` to finish and then ends those
+    still running with an in-band error ("the server is shutting down"; a stream gets it as its last event before
+    [DONE]) just before uvicorn would cut their connections without a word."""
+    import asyncio
+
+    import uvicorn
+
+    worker = app.state.ctx.worker
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            halt = asyncio.get_running_loop().call_later(max(grace_s - 0.5, 0.0), worker.halt)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                halt.cancel()
+
+    return Server(uvicorn.Config(app, timeout_graceful_shutdown=grace_s, **config))
+
+
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           log_level: str = "info", **limits) -> None:
     """Run the app under uvicorn until interrupted. The key falls back to $SLIMLM_API_KEY."""
-    import uvicorn
-
     api_key = api_key or os.environ.get("SLIMLM_API_KEY") or None
     if api_key is None and not _is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     app = create_app(engine, api_key=api_key, **limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    draining_server(app, host=host, port=port, log_level=log_level).run()
 
 
 def _is_loopback(host: str) -> bool:

@@ -111,10 +111,15 @@ class EngineWorker:
                 self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stopping = True
-        self._wake.set()
+        self.halt()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def halt(self) -> None:
+        """Stop without waiting: the engine thread ends every request in flight with "the server is shutting down"
+        (a stream gets it in-band) and refuses new ones."""
+        self._stopping = True
+        self._wake.set()
 
     @property
     def alive(self) -> bool:

@@ -235,3 +235,36 @@ def test_max_tokens_limit(api, make_server):
     assert r.status_code == 400 and "at most 8" in r.json()["error"]["message"]
     r = httpx.post(server.url + CHAT, json={"messages": MSG})  # the default respects the limit too
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+
+def test_shutdown_ends_a_running_stream_with_an_in_band_error(api):
+    # Requests in flight get the grace period; a stream still running then ends with the server's error and
+    # [DONE], not a connection cut mid-body.
+    import socket
+    import threading
+
+    from slimlm.serve.api import create_app
+    from slimlm.serve.api.app import draining_server
+
+    engine = api.FakeEngine(max_model_len=8192, step_delay=0.01)
+    server = draining_server(create_app(engine), grace_s=1.0, log_level="warning")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    assert api.wait_for(lambda: server.started, timeout=20)
+    try:
+        with httpx.stream("POST", url + C, json={"prompt": "x", "max_tokens": 5000, "stream": True}, timeout=20) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            server.should_exit = True
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and "the server is shutting down" in rest[-2], rest[-3:]
+        thread.join(10)
+        assert not thread.is_alive()
+        assert engine.steps < 4000  # cut at the grace period, not run to max_tokens
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

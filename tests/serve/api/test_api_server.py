@@ -244,12 +244,14 @@ def test_infinite_logprobs_stay_valid_json(shared_fake):
 
 
 def test_serve_binds_loopback_and_reads_the_key_from_env(api, monkeypatch):
-    import uvicorn
+    import types
 
+    from slimlm.serve.api import app as app_module
     from slimlm.serve.api import serve
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
+    monkeypatch.setattr(app_module, "draining_server",
+                        lambda app, **kw: types.SimpleNamespace(run=lambda: seen.update(kw, app=app)))
     monkeypatch.setenv("SLIMLM_API_KEY", "from-env")
     serve(api.FakeEngine())
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
