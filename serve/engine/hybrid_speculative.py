@@ -19,7 +19,7 @@ from __future__ import annotations
 from .block_manager import BlockManager
 from .draft_speculative import DraftSpeculator
 from .model_runner import ModelRunner
-from .ngram_speculative import NgramIndex, accept_certain
+from .ngram_speculative import NgramIndex, accept_certain, draft_room, look_up
 from .scheduler import SchedulerOutput
 from .speculative import SpeculativeConfig, expected_tokens, step_acceptance
 
@@ -49,13 +49,10 @@ class HybridSpeculator(DraftSpeculator):
         eligible = [s.seq for s in decodes if self.eligible(s.seq)]
         plan = {}
         for seq in eligible:
-            room = min(self.config.num_draft, max_model_len - seq.num_tokens - 1,
-                       seq.max_tokens - seq.num_output_tokens - 1)  # the target adds one token of its own
+            room = draft_room(self.config, seq, max_model_len)
             if room < 1:
                 continue
-            index = self.index.setdefault(seq.seq_id, NgramIndex(self.config.prompt_lookup_min,
-                                                                  self.config.prompt_lookup))
-            found = index.propose(seq.token_ids, room)
+            found = look_up(self.index, self.config, seq, room)
             k = min(self.draft_len(seq, len(decodes)), room)
             if found and self._lookup_pays(seq.seq_id, found, k, len(decodes)):
                 self.lookup[seq.seq_id], k = found, len(found)

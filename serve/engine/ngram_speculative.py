@@ -47,6 +47,19 @@ def accept_certain(drafts: list[int], p, gen) -> list[int]:
     return out + [torch.multinomial(p[len(drafts)], 1, generator=gen).item()]
 
 
+def draft_room(config: SpeculativeConfig, seq, max_model_len: int) -> int:
+    """Most tokens `seq` may draft this step: `num_draft`, less where the context or max_tokens ends first (the
+    target adds one token of its own)."""
+    return min(config.num_draft, max_model_len - seq.num_tokens - 1, seq.max_tokens - seq.num_output_tokens - 1)
+
+
+def look_up(indexes: dict, config: SpeculativeConfig, seq, room: int) -> list[int]:
+    """Up to `room` tokens that followed the latest earlier occurrence of `seq`'s last tokens, from its index in
+    `indexes` (made on first use)."""
+    index = indexes.setdefault(seq.seq_id, NgramIndex(config.prompt_lookup_min, config.prompt_lookup))
+    return index.propose(seq.token_ids, room)
+
+
 class NgramIndex:
     """The latest occurrence of every n-gram (n in [lo, hi]) of a growing token list that some token followed."""
 
@@ -98,12 +111,9 @@ class NgramSpeculator(SelfSpeculator):
         eligible = [s.seq for s in decodes if self.eligible(s.seq)]
         found = {}
         for seq in eligible:
-            room = min(self.config.num_draft, max_model_len - seq.num_tokens - 1,
-                       seq.max_tokens - seq.num_output_tokens - 1)  # the target adds one token of its own
+            room = draft_room(self.config, seq, max_model_len)
             if room >= 1:
-                index = self.index.setdefault(seq.seq_id, NgramIndex(self.config.prompt_lookup_min,
-                                                                      self.config.prompt_lookup))
-                draft = index.propose(seq.token_ids, room)
+                draft = look_up(self.index, self.config, seq, room)
                 if draft:
                     found[seq.seq_id] = draft
         ks = self.choose(found, len(decodes)) if found else {}
