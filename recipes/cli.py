@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from slimlm.recipes import compare, distill, early_exit, pipeline, prune, qat, quantize  # noqa: E402
+from slimlm.recipes.compare_memory import trim_heap  # noqa: E402
 from slimlm.toolkit.errors import SlimlmError  # noqa: E402
 
 
@@ -448,6 +449,8 @@ def run_serve(args) -> int:
         engine = LLMEngine(hf_model, tokenizer, config, model_name=args.served_model_name or args.model)
     except ValueError as err:
         raise SlimlmError(f"cannot serve {args.model}: {err}") from err
+    del hf_model  # the engine holds its own form of the weights: the loaded model would double the memory served
+    trim_heap()  # and its pages go back to the system
     asked = engine._blocks_for(args.kv_cache_gb)
     if engine.block_manager.num_blocks > asked:
         Console(stderr=True).print(

@@ -9,14 +9,13 @@ tokens/s with the prefill; tokens/s and TTFT p50 at fixed concurrency; median [m
 parameters; size on disk. Writes report.md, report.json and pareto.png to --out (compare_report.py)
 and prints the table.
 
-Memory: the evaluating process resets the kernel's peak-RSS record after its imports (Linux), loads
-and evaluates, and reports its peak RSS (VmHWM, the counter behind getrusage's ru_maxrss) minus its
-RSS before the load. One process per model, because a process's peak only grows: measured here,
-every model after the largest would read the same. (Without the reset: a lower bound, and so marked.)
+Memory, two figures, each from a fresh process (`compare_memory.py`): the evaluation's peak (RSS past the RSS
+before the load, while loading and evaluating), and serving memory: what the model holds in slimlm's engine
+(weights as served, KV cache for the benchmark, a draft model where one drafts) after serving one full batch.
 
 Cache and resume rule: --out/cache/ holds a JSON per model named by a hash of the model's identity
 (kind, location, every file's size and mtime, an export's manifest hash) and the settings.
-- Accuracy, memory and parameters are measured once per model and settings, then reused.
+- Accuracy, both memory figures and parameters are measured once per model and settings, then reused.
 - The base's speed is measured in every run: a speed ratio divides two figures of the same run only.
 - The models measured in a run are loaded together and their repetitions alternate (--speed-order
   alternate; `auto` does so where they fit in half the free memory): each repetition runs every model
@@ -41,7 +40,7 @@ model's cache key.
 A variant `MODEL+draft:DRAFT` is MODEL (its accuracy, evaluated as MODEL's) timed with draft-model
 speculative decoding from DRAFT, adaptive, at most 4 drafts, as `slimlm serve MODEL --speculative draft
 --draft-model DRAFT` runs it (asked for by name, so --speculative off does not apply); the draft's files join
-its cache key, and its size on disk counts both folders. Its accuracy, parameters and memory are MODEL's
+its cache key, and its size on disk and serving memory count both. Its accuracy, parameters and evaluation memory are MODEL's
 (copied from MODEL where it is listed before it, else evaluated). An int4 copy of the base as the draft
 gives the base's perplexity at the speed its drafts buy (docs/benchmarks.md).
 """
@@ -55,6 +54,7 @@ import sys
 import time
 from pathlib import Path
 
+from slimlm.recipes.compare_memory import in_fresh_process, measure_serving_memory, peak_rss_bytes, reset_peak_rss
 from slimlm.toolkit.errors import SlimlmError
 
 OUR_FILES = ("report.md", "report.json", "pareto.png", "settings.json", "cache")
@@ -298,30 +298,6 @@ def cache_key(ident: dict, settings: dict) -> str:
 
 # -- measurements -------------------------------------------------------------------------------------
 
-def _peak_rss_bytes() -> int:
-    """Peak RSS: VmHWM on Linux (ru_maxrss there also counts the pre-exec image, a fork of this possibly large
-    process, which no reset lowers), else getrusage's ru_maxrss."""
-    import re
-    import resource
-
-    status = Path("/proc/self/status")
-    hwm = re.search(r"^VmHWM:\s+(\d+) kB", status.read_text(), re.M) if status.exists() else None
-    if hwm:
-        return int(hwm.group(1)) * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
-
-
-def _reset_peak_rss() -> bool:
-    """Lower the recorded peak RSS to the current RSS (Linux: `5` into /proc/self/clear_refs), else the
-    peak of importing torch and transformers, which a small model's load may never exceed, would remain."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _accuracy_job(spec: str, settings: dict) -> dict:
     """In a fresh process: load, evaluate, count parameters, read the peak memory. Errors come back as data."""
     import torch
@@ -334,8 +310,8 @@ def _accuracy_job(spec: str, settings: dict) -> dict:
     quiet_libraries()
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
-    reset = _reset_peak_rss()
-    before = _peak_rss_bytes()  # after a reset: the RSS now; without one, the peak so far (a lower bound below)
+    reset = reset_peak_rss()
+    before = peak_rss_bytes()  # after a reset: the RSS now; without one, the peak so far (a lower bound below)
     try:
         model, tokenizer = load(spec, dtype=settings["eval_dtype"], device=settings["device"])
         params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
@@ -344,8 +320,8 @@ def _accuracy_job(spec: str, settings: dict) -> dict:
                             batch_size=settings["eval_batch_size"], progress=False,
                             spread_windows=settings.get("spread_windows", False))
     except SlimlmError as err:
-        return {"error": err.what, "hint": err.hint}
-    peak = _peak_rss_bytes()
+        return {"error": f"{spec}: {err.what}", "hint": err.hint}
+    peak = peak_rss_bytes()
     memory = {"peak_rss_bytes": peak, "baseline_rss_bytes": before, "load_eval_bytes": peak - before,
               "exact": reset}
     if str(settings["device"]).startswith("cuda"):
@@ -355,21 +331,10 @@ def _accuracy_job(spec: str, settings: dict) -> dict:
 
 def measure_accuracy(spec: str, settings: dict) -> dict:
     """Accuracy, parameter count and peak memory of one model, measured in a spawned process."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
     from slimlm.recipes import compare as this  # by module name, also when run as `python recipes/compare.py`
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            result = pool.submit(this._accuracy_job, spec, settings).result()
-        except BrokenProcessPool:
-            raise SlimlmError(f"the process evaluating {spec} died (out of memory?).",
-                              "Lower --eval-batch-size or --window, or free memory, and run again to resume.") from None
-    if "error" in result:
-        raise SlimlmError(f"{spec}: {result['error']}", result["hint"])
-    return result
+    return in_fresh_process(this._accuracy_job, spec, settings, what=f"evaluating {spec}",
+                            hint="Lower --eval-batch-size or --window, or free memory, and run again to resume.")
 
 
 NUM_DRAFT = 4  # most drafts per step: `slimlm serve --speculative self`'s default
@@ -622,6 +587,13 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
             e["measured_now"]["accuracy"] = True
             save(e)
             bar.advance(acc_task)
+        todo_memory = [e for e in entries if "serving_memory" not in e]
+        mem_task = bar.add_task("serving memory", total=len(todo_memory))
+        for e in todo_memory:
+            bar.update(mem_task, description=f"serving memory: {e['label']} (subprocess)")
+            e["serving_memory"] = measure_serving_memory(e["spec"], settings, e["identity"].get("speculation"))
+            save(e)
+            bar.advance(mem_task)
         together = fit_together(todo_speed, settings) if interleave is None else interleave
         if together and len(todo_speed) > 1:
             speed_task = bar.add_task("speed", total=None)

@@ -48,7 +48,8 @@ def columns(report: dict) -> list[dict]:
     s = report["settings"]
     cols = [dict(key="params", header="params", better="lower", digits=None),
             dict(key="disk_mb", header="disk MB", better="lower", digits=1),
-            dict(key="memory_mb", header="memory MB", better="lower", digits=0)]
+            dict(key="serving_mb", header="serving MB", better="lower", digits=0),
+            dict(key="memory_mb", header="eval peak MB", better="lower", digits=0)]
     first = report["models"][0]["accuracy"]
     for source in first.get("perplexity", {}):
         cols.append(dict(key=f"ppl:{source}", header=f"ppl {source}", better="lower", digits=2))
@@ -65,6 +66,7 @@ def _values(model: dict) -> dict:
     """The plain value of each non-speed figure of one model."""
     acc = model["accuracy"]
     values = {"params": model["params"], "disk_mb": _mb(model["disk_bytes"]),
+              "serving_mb": _mb(model.get("serving_memory", {}).get("serving_bytes")),
               "memory_mb": _mb(model["memory"]["load_eval_bytes"])}
     for source, r in acc.get("perplexity", {}).items():
         values[f"ppl:{source}"] = r["perplexity"]
@@ -237,16 +239,20 @@ def notes(report: dict) -> list[str]:
         "the same run" + ("; where a ratio shows a range, the models' repetitions alternated and the ratio is the "
                           "median of the per-repetition ratios (range: their min-max)."
                           if any("ratio_min" in f for m in report["models"] for f in m["figures"].values()) else "."),
-        "Memory: peak RSS (VmHWM) of a fresh process while it loaded the model and ran the evaluation, minus "
+        f"Serving MB: resident memory (RSS) of a fresh process holding the model in slimlm's engine in {s['dtype']} "
+        f"(weights as served, packed int4/int8 included; a KV cache for {s['concurrency']} requests of the benchmark's "
+        "length; a draft model where one drafts), after serving one full batch, minus its RSS before the load.",
+        "Eval peak MB: peak RSS (VmHWM) of a fresh process while it loaded the model and ran the evaluation, minus "
         "its RSS just before the load (interpreter and libraries); the peak record was reset before the load. "
         f"It is the evaluation's footprint, in {s['eval_dtype']}: a quantized model is evaluated through its dequantized "
-        "weights, so it can exceed the base's; what the model takes at rest and to serve is nearer its disk size.",
+        "weights, so it can exceed the base's.",
         "Disk: all files of the model folder (built-in aliases: the converted cached folder). Params: the loaded "
         "model's parameters, tied weights counted once.",
     ]
-    if not all(m["memory"].get("exact", True) for m in report["models"]):
-        lines.append("Memory: this system could not reset the peak-RSS record, so memory is the growth past the "
-                     "peak the imports reached: a lower bound.")
+    if not all(m["memory"].get("exact", True) and m.get("serving_memory", {}).get("exact", True)
+               for m in report["models"]):
+        lines.append("Memory: this system could not reset the peak-RSS record or read the RSS, so memory is the "
+                     "growth past the peak the imports reached: a lower bound.")
     lines += [speculation_note(m["label"], m["speed"]["speculation"], s) for m in report["models"]
               if m["speed"].get("speculation")]
     if any(f.get("earlier_run") for m in report["models"] for f in m["figures"].values()):

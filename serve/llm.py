@@ -38,15 +38,22 @@ class LLM:
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
-            ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-            self.engine.add_request(str(i), ids, p)
+        ids = [self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt) for prompt in prompts]
         results: dict[str, RequestOutput] = {}
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("generating", total=len(prompts))
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        bar.advance(task)
+        try:  # a bad prompt, an error or Ctrl-C mid-way: nothing of this call stays queued in the engine
+            for i, (prompt_ids, p) in enumerate(zip(ids, per_prompt)):
+                try:
+                    self.engine.add_request(str(i), prompt_ids, p)
+                except ValueError as err:
+                    raise ValueError(f"prompt {i}: {err}") from None
+            with Progress(disable=not progress, transient=True) as bar:
+                task = bar.add_task("generating", total=len(prompts))
+                while self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            bar.advance(task)
+        finally:
+            for i in range(len(prompts)):
+                self.engine.abort_request(str(i))  # a no-op for finished ones
         return [results[str(i)] for i in range(len(prompts))]

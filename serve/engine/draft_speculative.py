@@ -95,6 +95,7 @@ class DraftSpeculator(SelfSpeculator):
         draft = config.draft_model
         if not hasattr(draft, "allocate_kv_cache"):  # a transformers model: slimlm's serving model of it
             draft = load_model(draft, dtype=model.dtype)
+            config.draft_model = draft  # the config keeps the serving form, so the transformers model can be freed
         draft = draft.eval()
         if draft.args.vocab_size != model.args.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft.args.vocab_size} tokens) is not the target's "

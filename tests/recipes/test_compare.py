@@ -61,7 +61,7 @@ def test_report_has_every_figure_with_the_base_at_1x(models, text_file, tmp_path
     md = (out / "report.md").read_text()
     assert "at most 2 windows of 32 tokens of the validation split of " in md and "(spread evenly over it)" in md
     header = next(line for line in md.splitlines() if line.startswith("| model"))
-    for column in ("params", "disk MB", "memory MB", "ppl held_out.txt", "acc t.jsonl", "batch-1 decode tok/s",
+    for column in ("params", "disk MB", "serving MB", "eval peak MB", "ppl held_out.txt", "acc t.jsonl", "batch-1 decode tok/s",
                    "batch-1 tok/s with prefill", "c=2 tok/s", "TTFT p50 ms"):
         assert column in header
     base_row = next(line for line in md.splitlines() if line.startswith("| base (base)"))
@@ -77,6 +77,14 @@ def test_report_has_every_figure_with_the_base_at_1x(models, text_file, tmp_path
     assert all(f["ratio"] == pytest.approx(1.0) for f in base["figures"].values())
     assert small["params"] < base["params"] and small["figures"]["params"]["ratio"] < 1
     assert base["memory"]["load_eval_bytes"] > 0 and base["disk_bytes"] > 0
+    # Serving memory: the engine's KV cache for 2 requests of 8 + 3 tokens (2 x 2 blocks + 1 spare, 16 tokens
+    # each) in float32, and at least that much resident.
+    serving = base["serving_memory"]
+    per_token = 2 * 2 * 2 * 16 * 4  # k and v, 2 layers, 2 KV heads of 16 dims (tiny_model's), float32
+    assert serving["kv_cache_bytes"] == 5 * 16 * per_token and serving["exact"] is True
+    assert serving["serving_peak_bytes"] >= serving["serving_bytes"] >= serving["kv_cache_bytes"]
+    assert base["figures"]["serving_mb"]["value"] == pytest.approx(serving["serving_bytes"] / 2**20)
+    assert "Serving MB: resident memory (RSS) of a fresh process holding the model in slimlm's engine" in md
     assert base["figures"]["batch1_tok_s"]["value"] > 0
     # Decoding alone (1 / TPOT) runs faster than the same request timed with its prefill.
     assert base["figures"]["batch1_decode_tok_s"]["value"] > base["figures"]["batch1_tok_s"]["value"]
@@ -99,6 +107,12 @@ class Fakes:
         monkeypatch.setattr(compare, "measure_accuracy", self.measure_accuracy)
         monkeypatch.setattr(compare, "measure_speed", self.measure_speed)
         monkeypatch.setattr(compare, "measure_speeds", self.measure_speeds)
+        self.memory = []
+        monkeypatch.setattr(compare, "measure_serving_memory", self.measure_serving_memory)
+
+    def measure_serving_memory(self, spec, settings, plan=None):
+        self.memory.append(os.path.basename(spec))
+        return fake_serving_memory(spec, settings, plan)
 
     def measure_speeds(self, specs, settings, progress=None, plans=None):
         self.together.append([os.path.basename(s) for s in specs])
@@ -139,12 +153,12 @@ def test_rerun_with_one_more_model_measures_only_it_and_the_base(order, models, 
     fakes = Fakes(monkeypatch)
     out = tmp_path / "c"
     assert compare.run_compare(parse([models["base"], models["small"], "--out", out, *FAST, "--speed-order", order])) == 0
-    assert fakes.accuracy == ["base", "small"] and fakes.speed == ["base", "small"]
+    assert fakes.accuracy == fakes.memory == ["base", "small"] and fakes.speed == ["base", "small"]
     assert fakes.together == ([] if order == "sequential" else [["base", "small"]])
 
     assert compare.run_compare(parse([models["base"], models["small"], models["large"], "--out", out, *FAST,
                                       "--speed-order", order])) == 0
-    assert fakes.accuracy == ["base", "small", "large"]  # the base's accuracy came from the cache
+    assert fakes.accuracy == fakes.memory == ["base", "small", "large"]  # the base's came from the cache
     assert fakes.speed == ["base", "small", "base", "large"]  # the base's speed never does
     f = figures(out)
     assert f["small"]["batch1_decode_tok_s"]["ratio"] == pytest.approx(2.0)  # 200 / the base of its own run (100)
@@ -341,6 +355,10 @@ def exit_models(models, tmp_path_factory):
     return {"base": models["large"], "lens-exits": root / "lens-exits", "plain-export": root / "plain-export"}
 
 
+def fake_serving_memory(spec, settings, plan=None):
+    return {"serving_bytes": 2**21, "serving_peak_bytes": 2**22, "kv_cache_bytes": 2**10, "exact": True}
+
+
 def fixed_accuracy(spec, settings):
     return {"accuracy": {"perplexity": {"wiki": {"perplexity": 7.0}}, "tasks": {}}, "params": 1000,
             "memory": {"load_eval_bytes": 2**20}}
@@ -362,6 +380,7 @@ def test_an_exit_export_is_timed_drafting_from_its_exit_unless_off(exit_models, 
     subprocesses took 20 s): under the default --speculative auto the export drafts from its exit (alternated
     and sequential speed alike) and the report says what was accepted; --speculative off times it plainly."""
     monkeypatch.setattr(compare, "measure_accuracy", fixed_accuracy)
+    monkeypatch.setattr(compare, "measure_serving_memory", fake_serving_memory)
     argv = [exit_models["base"], exit_models["lens-exits"], "--data", text_file, *FAST, "--gen-len", "12", *one_thread]
     out = tmp_path / "auto"
     assert compare.run_compare(parse([*argv, "--out", out])) == 0  # auto: tiny models are alternated
@@ -458,6 +477,9 @@ def test_a_model_with_a_draft_is_timed_drafting_from_it(models, text_file, tmp_p
     evaluated = []
     monkeypatch.setattr(compare, "measure_accuracy", lambda spec, s: evaluated.append(spec) or fixed_accuracy(spec, s))
     monkeypatch.setattr(draft_speculative, "decode_step_seconds", lambda models, block_size: [1.0, 0.1])
+    served = []  # serving memory is measured with the plan: the draft model is loaded beside the model
+    monkeypatch.setattr(compare, "measure_serving_memory",
+                        lambda spec, s, plan=None: served.append((spec, plan)) or fake_serving_memory(spec, s, plan))
     drafted = f"{models['large']}{compare.DRAFT_SEP}{models['small']}"
     out = tmp_path / "draft"
     argv = [models["large"], drafted, drafted + compare.NGRAM_SUFFIX, "--data", text_file, *FAST, "--gen-len", "12",
@@ -471,6 +493,8 @@ def test_a_model_with_a_draft_is_timed_drafting_from_it(models, text_file, tmp_p
     assert sp["draft_model"] == str(models["small"]) and sp["drafted_tokens"] > 0 and sp["num_draft"] == 4
     assert "speculation" not in base["speed"]
     assert fast["disk_bytes"] == base["disk_bytes"] + compare.disk_bytes({"spec": str(models["small"]), "kind": "hf_dir"})
+    assert [spec for spec, _ in served] == [str(models["large"])] * 3
+    assert served[0][1] is None and served[1][1]["draft_model"] == served[2][1]["draft_model"] == str(models["small"])
     md = (out / "report.md").read_text()
     assert "| large + draft small (draft-spec) |" in md
     assert f"speed with draft-model speculative decoding from {models['small']}, adaptive" in md
@@ -508,6 +532,7 @@ def test_a_model_with_prompt_lookup_is_timed_drafting_from_its_text(models, text
     and explains it; its cache key differs from MODEL's; bad forms are refused."""
     evaluated = []
     monkeypatch.setattr(compare, "measure_accuracy", lambda spec, s: evaluated.append(spec) or fixed_accuracy(spec, s))
+    monkeypatch.setattr(compare, "measure_serving_memory", fake_serving_memory)
     large = str(models["large"])
     out = tmp_path / "ngram"
     prompts = tmp_path / "prompts.jsonl"

@@ -27,6 +27,15 @@ def base(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def fake_serving_memory(monkeypatch):
+    """Serving memory (measured for real in the end-to-end and draft tests) faked: a spawned process per model."""
+    from slimlm.recipes import compare
+
+    monkeypatch.setattr(compare, "measure_serving_memory", lambda spec, settings, plan=None: {
+        "serving_bytes": 2**21, "serving_peak_bytes": 2**22, "kv_cache_bytes": 2**10, "exact": True})
+
+
 def write_config(root, variants, name="pipe.yaml", out="out"):
     cfg = {"base": str(root / "tiny"), "out": str(root / out), "variants": variants,
            "compare": {**FAST, "data": [str(root / "text.txt")]}}
@@ -96,7 +105,7 @@ def test_tiny_pipeline_end_to_end_then_rerun(base, monkeypatch, capsys):
     assert v["broken"]["status"] == "failed" and "integrity check" in v["broken"]["error"]
 
 
-def test_a_rerun_makes_only_the_variants_that_changed(base, monkeypatch, capsys):
+def test_a_rerun_makes_only_the_variants_that_changed(base, monkeypatch, capsys, fake_serving_memory):
     vs = [{"name": "q8", "recipe": "quantize", "args": {"method": "rtn", "bits": 8, "no-eval": True}},
           {"name": "q8-child", "recipe": "quantize", "from": "q8", "args": {"method": "rtn", "bits": 8, "no-eval": True}},
           {"name": "q4", "recipe": "quantize", "args": {"method": "rtn", "bits": 4, "group-size": 32, "no-eval": True}}]
@@ -278,6 +287,8 @@ def test_a_draft_variant_times_the_base_with_another_variant_as_its_draft(base, 
     drafting = next(m for m in report["models"] if m["label"] == "drafting")
     assert drafting["spec"] == str(base / "tiny") and drafting["draft"] == str(out / "variants" / "int8")
     assert drafting["speed"]["speculation"]["drafted_tokens"] > 0
+    # serving memory of the drafting row: measured in a process serving the base with the draft beside it
+    assert drafting["serving_memory"]["serving_bytes"] > 0 and report["models"][0]["serving_memory"]["serving_bytes"] > 0
     assert "| drafting (draft-spec) |" in (out / "compare" / "report.md").read_text()
     both = next(m for m in report["models"] if m["label"] == "drafting-ngram")
     assert state["drafting-ngram"]["export"] == f"{base / 'tiny'}+draft:{out / 'variants' / 'int8'}+ngram"
@@ -285,7 +296,7 @@ def test_a_draft_variant_times_the_base_with_another_variant_as_its_draft(base, 
     assert "| drafting-ngram (draft+ngram-spec) |" in (out / "compare" / "report.md").read_text()
 
 
-def test_an_ngram_variant_times_its_model_with_prompt_lookup(base, capsys):
+def test_an_ngram_variant_times_its_model_with_prompt_lookup(base, capsys, fake_serving_memory):
     """`{name, ngram: true, from: V}` makes nothing; compare times V's export with prompt-lookup drafts and takes
     V's accuracy; --dry-run says what it will time."""
     vs = variants(base)[:1] + [{"name": "int8-ngram", "ngram": True, "from": "int8"}]

@@ -204,6 +204,34 @@ def test_bad_prompts_are_refused(prompt, words):
         engine.add_request("r", prompt, SamplingParams())
 
 
+def test_a_bad_prompt_or_an_interrupt_leaves_the_llm_usable(monkeypatch):
+    """`LLM.generate` with one bad prompt in a batch names it and queues nothing of the batch; an interrupt
+    mid-generation leaves no request behind; the next call works and frees its blocks."""
+    model, tok = make()
+    llm = LLM(model, tok, block_size=4, max_model_len=64)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    with pytest.raises(ValueError, match="prompt 1: the prompt has 100 tokens"):
+        llm.generate([[5, 6], [7] * 100], params)
+    assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_used_blocks == 0
+    real_step = llm.engine.step
+    calls = []
+
+    def interrupted_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["hello", "world"], params)
+    assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_used_blocks == 0
+    monkeypatch.undo()
+    out = llm.generate(["hello", "world"], params)
+    assert [len(o.outputs[0].token_ids) for o in out] == [3, 3]
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
 def test_the_preemption_test_really_preempts(monkeypatch):
     from slimlm.serve.engine import scheduler as sched
 

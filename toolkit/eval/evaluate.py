@@ -26,6 +26,13 @@ def source_name(spec: str) -> str:
     return Path(spec).name
 
 
+def source_names(specs) -> list[str]:
+    """`source_name` of each spec, or the spec itself where two specs would share a label (d1/val.txt and
+    d2/val.txt), so no result overwrites another's."""
+    names = [source_name(str(s)) for s in specs]
+    return [str(s) if names.count(n) > 1 else n for s, n in zip(specs, names)]
+
+
 def evaluate(model, tokenizer, data: list[str] = (), tasks: list[str] = (), split: str = "validation",
              window: int = 512, max_windows: int | None = None, batch_size: int = 4,
              progress: bool = True, spread_windows: bool = False) -> dict:
@@ -38,16 +45,16 @@ def evaluate(model, tokenizer, data: list[str] = (), tasks: list[str] = (), spli
 
     start = time.perf_counter()
     results: dict = {"perplexity": {}, "tasks": {}, "data": list(data), "task_files": list(tasks)}
-    for spec in data:
+    for spec, name in zip(data, source_names(data)):
         texts = load_texts(spec, split=split, tokenizer=tokenizer)
         stream = token_stream(texts, tokenizer)
         r = perplexity(model, stream, window=window, batch_size=batch_size, max_windows=max_windows,
                        progress=progress, tokenizer=tokenizer, spread=spread_windows)
-        results["perplexity"][source_name(spec)] = {**r, "source": spec, "split": split}
-    for path in tasks:
+        results["perplexity"][name] = {**r, "source": spec, "split": split}
+    for path, name in zip(tasks, source_names(tasks)):
         rows = load_tasks(path)
         r = multiple_choice(model, tokenizer, rows, batch_size=batch_size * 2, progress=progress)
-        results["tasks"][source_name(path)] = {**r, "file": str(path)}
+        results["tasks"][name] = {**r, "file": str(path)}
     results["seconds"] = round(time.perf_counter() - start, 2)
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()}

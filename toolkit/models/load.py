@@ -9,7 +9,6 @@ A spec is, in the order tried:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -75,12 +74,14 @@ def resolve(spec: str) -> ModelSource:
 
 
 def is_gptq_dir(folder: str | os.PathLike) -> bool:
-    """True when `folder/config.json` declares a GPTQ `quantization_config` (ours or another tool's)."""
+    """True when `folder` declares GPTQ settings (ours or another tool's): config.json's `quantization_config`,
+    or a `quantize_config.json` beside it (AutoGPTQ's older layout)."""
+    from ..quant.gptq_format import find_gptq_config
+
     try:
-        qc = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
+        return find_gptq_config(folder) is not None
+    except SlimlmError:
         return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "gptq"
 
 
 def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
@@ -111,7 +112,7 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
         return model.to(device), tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dt)
+        model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dt, output_loading_info=True)
     except Exception as err:  # transformers raises OSError, ValueError, SafetensorError, ...
         if source.kind == "hub":
             raise SlimlmError(
@@ -123,4 +124,9 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
         raise SlimlmError(f"could not load the model in {location}: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:300] if str(err) else ''}",
                           "A weight file may be corrupt or truncated; re-download or re-export it.") from err
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers fills them with random values and only logs it
+        raise SlimlmError(f"the checkpoint in {location} lacks {len(missing)} weight(s) its config needs, e.g. "
+                          f"{', '.join(missing[:3])}; they would be random.",
+                          "The weight files are incomplete or belong to another config; re-download or re-export it.")
     return model.to(device).eval(), tokenizer

@@ -144,7 +144,7 @@ def quantize_model(model, scheme: QuantScheme, method: str = "gptq", samples: to
     if hessian_dtype not in (None, "bf16", "float32"):
         raise SlimlmError(f"unknown Hessian precision {hessian_dtype!r}.", "Expected bf16 or float32.")
     fast = (hessian_dtype or ("bf16" if compute_dtype == torch.bfloat16 else "float32")) == "bf16"
-    samples = _check_samples(samples)
+    samples = _check_samples(samples, model.get_input_embeddings().num_embeddings)
     prefix, layers = decoder_layers(model)
     per_chunk = max(1, batch_tokens // samples.shape[1])
     result: dict[str, QuantizedWeight] = {}
@@ -176,13 +176,17 @@ def quantize_model(model, scheme: QuantScheme, method: str = "gptq", samples: to
     return result
 
 
-def _check_samples(samples) -> torch.Tensor:
+def _check_samples(samples, vocab: int) -> torch.Tensor:
     if samples is None:
         raise SlimlmError("GPTQ needs calibration samples.",
                           "Pass samples from slimlm.toolkit.data.calibration_samples, or use method='rtn'.")
     samples = torch.as_tensor(samples)
     if samples.dim() != 2 or samples.numel() == 0 or samples.dtype not in (torch.int64, torch.int32):
         raise SlimlmError(f"calibration samples must be token ids [n, T], got {tuple(samples.shape)} {samples.dtype}.")
+    if samples.min() < 0 or samples.max() >= vocab:
+        raise SlimlmError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary), got "
+                          f"{int(samples.min())}..{int(samples.max())}.",
+                          "Tokenize the calibration text with the model's own tokenizer.")
     return samples.long()
 
 

@@ -207,15 +207,31 @@ def save_gptq(model, tokenizer, quantized_state: dict[str, QuantizedWeight], sch
         del model.save_pretrained
 
 
-def gptq_config(path: str | os.PathLike) -> dict:
-    """The `quantization_config` of the checkpoint at `path`; SlimlmError unless it is GPTQ."""
-    config_path = Path(path) / "config.json"
+def _read_json(path: Path) -> dict:
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise SlimlmError(f"cannot read {config_path} ({err}).", "Pass a GPTQ checkpoint folder.") from err
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
+        raise SlimlmError(f"cannot read {path} ({err}).", "Pass a GPTQ checkpoint folder.") from err
+    if not isinstance(data, dict):
+        raise SlimlmError(f"{path} holds no JSON object.", "Pass a GPTQ checkpoint folder.")
+    return data
+
+
+def find_gptq_config(path: str | os.PathLike) -> dict | None:
+    """The GPTQ settings of the folder at `path`, or None: config.json's `quantization_config`, or else
+    `quantize_config.json` (AutoGPTQ's layout, which older checkpoints keep; it may name no method)."""
+    folder = Path(path)
+    qc = _read_json(folder / "config.json").get("quantization_config")
+    if qc is None and (folder / "quantize_config.json").is_file():
+        qc = {"quant_method": "gptq", **_read_json(folder / "quantize_config.json")}
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == "gptq" else None
+
+
+def gptq_config(path: str | os.PathLike) -> dict:
+    """The `quantization_config` of the checkpoint at `path` (`find_gptq_config`); SlimlmError unless it is GPTQ,
+    or where a slimlm export's config no longer says what its manifest recorded (edited after export)."""
+    qc = find_gptq_config(path)
+    if qc is None:
         raise SlimlmError(f"{path} is not a GPTQ checkpoint (config.json has no gptq quantization_config).",
                           "Pass a folder written by `slimlm quantize` or another GPTQ tool.")
     if qc.get("bits") not in (2, 3, 4, 8) or qc.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
@@ -224,7 +240,56 @@ def gptq_config(path: str | os.PathLike) -> dict:
                           "slimlm reads 4- and 8-bit GPTQ checkpoints in the gptq (v1) or gptq_v2 format.")
     if qc["bits"] not in (4, 8):
         raise SlimlmError(f"{path}: {qc['bits']}-bit GPTQ is not supported.", "slimlm reads 4- and 8-bit GPTQ.")
+    _check_against_manifest(Path(path), qc)
     return qc
+
+
+def _check_against_manifest(folder: Path, qc: dict) -> None:
+    """A slimlm export records its scheme in the manifest, whose tensor files are hashed; config.json is not.
+    An edit of config.json that changes how the codes are read (format, bits, group size) is refused."""
+    manifest = folder / "slimlm.json"
+    if not manifest.is_file():
+        return
+    quant = (_read_json(manifest).get("transforms") or {}).get("quant") or {}
+    if quant.get("format") != "gptq":
+        return
+    recorded = {"checkpoint_format": quant.get("checkpoint_format", "gptq"), "bits": quant.get("bits"),
+                "group_size": quant.get("group_size"), "sym": quant.get("sym"), "desc_act": quant.get("act_order")}
+    found = {k: qc.get(k, "gptq" if k == "checkpoint_format" else None) for k in recorded}
+    changed = [f"{k}: {found[k]!r} where the manifest says {v!r}" for k, v in recorded.items()
+               if v is not None and found[k] != v]
+    if changed:
+        raise SlimlmError(f"{folder / 'config.json'}'s quantization_config was changed after export ("
+                          + "; ".join(changed) + "): the packed weights would be read wrongly.",
+                          "Restore config.json from the export, or export the model again.")
+
+
+def check_layer(folder, name: str, layer: dict[str, torch.Tensor], bits: int | None = None) -> int:
+    """The bits of one packed layer `{qweight, qzeros, scales, g_idx}` after checking that its four tensors
+    fit together (SlimlmError naming the layer otherwise, where indexing would fail or read garbage)."""
+    redo = "The checkpoint is damaged or not GPTQ as slimlm reads it; re-export or re-download it."
+    missing = [p for p in PACKED if p not in layer]
+    if missing:
+        raise SlimlmError(f"{folder}: layer {name} lacks {', '.join(missing)}.", redo)
+    qweight, qzeros, scales, g_idx = (layer[p] for p in PACKED)
+    if g_idx.dim() != 1 or qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2:
+        raise SlimlmError(f"{folder}: layer {name} has tensors of the wrong rank (qweight {tuple(qweight.shape)}, "
+                          f"qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)}).", redo)
+    bits = bits or packed_bits(qweight, g_idx.numel())
+    if bits is None:
+        raise SlimlmError(f"{folder}: {name}.qweight {tuple(qweight.shape)} is not a 4- or 8-bit packing of "
+                          f"{g_idx.numel()} inputs.", redo)
+    out, groups = qweight.shape[1], scales.shape[0]
+    if scales.shape[1] != out or qzeros.shape[1] != out * bits // 32:
+        raise SlimlmError(f"{folder}: {name} has scales {tuple(scales.shape)} and qzeros {tuple(qzeros.shape)}, "
+                          f"expected [groups, {out}] and [groups, {out * bits // 32}] for a {bits}-bit layer of "
+                          f"{out} outputs.", redo)
+    if qzeros.shape[0] != groups:
+        raise SlimlmError(f"{folder}: {name} has {groups} groups of scales but {qzeros.shape[0]} of qzeros.", redo)
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise SlimlmError(f"{folder}: {name}.g_idx names groups {int(g_idx.min())}..{int(g_idx.max())}, but the "
+                          f"layer has {groups} groups of scales.", redo)
+    return bits
 
 
 def read_gptq_tensors(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
@@ -236,10 +301,8 @@ def read_gptq_tensors(path: str | os.PathLike) -> dict[str, dict[str, torch.Tens
     for key in tensors:
         if key.endswith(".qweight"):
             name = key[: -len(".qweight")]
-            missing = [p for p in PACKED if f"{name}.{p}" not in tensors]
-            if missing:
-                raise SlimlmError(f"{path}: layer {name} lacks {', '.join(missing)}.", "Re-export the checkpoint.")
-            layers[name] = {p: tensors[f"{name}.{p}"] for p in PACKED}
+            layers[name] = {p: tensors[f"{name}.{p}"] for p in PACKED if f"{name}.{p}" in tensors}
+            check_layer(path, name, layers[name])
             if f"{name}.bias" in tensors:
                 layers[name]["bias"] = tensors[f"{name}.bias"]
     return layers
@@ -267,18 +330,19 @@ def load_gptq(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verif
     for key, tensor in tensors.items():
         if key.endswith(".qweight"):
             name = key[: -len(".qweight")]
-            g_idx = tensors[f"{name}.g_idx"]
-            bits = packed_bits(tensor, g_idx.numel())
-            if bits is None:
-                raise SlimlmError(f"{folder}: {name}.qweight {tuple(tensor.shape)} is not a 4- or 8-bit packing of "
-                                  f"{g_idx.numel()} inputs.", "Re-export the checkpoint.")
-            state[f"{name}.weight"] = dequantize_gptq(
-                tensor, tensors[f"{name}.qzeros"], tensors[f"{name}.scales"], g_idx, bits, offset).to(dtype)
+            layer = {p: tensors[f"{name}.{p}"] for p in PACKED if f"{name}.{p}" in tensors}
+            bits = check_layer(folder, name, layer)
+            state[f"{name}.weight"] = dequantize_gptq(*(layer[p] for p in PACKED), bits, offset).to(dtype)
         elif not key.endswith((".qzeros", ".scales", ".g_idx")):
             state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.qweight" in tensors:
+        raise SlimlmError(f"{folder}: config.json ties the LM head to the input embeddings, but the checkpoint holds "
+                          "a quantized lm_head of its own: which of the two is the model's head is ambiguous.",
+                          "Set \"tie_word_embeddings\": false in config.json to use the quantized head (slimlm writes "
+                          "it so), or remove the lm_head tensors to use the embeddings.")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()

@@ -54,10 +54,10 @@ class QuantScheme:
     mse_clip: bool = False
 
     def __post_init__(self):
-        if self.bits not in BITS or isinstance(self.bits, bool):
+        if self.bits not in BITS or type(self.bits) is not int:  # not True, not 4.0
             raise SlimlmError(f"quantization bits must be 4 or 8, got {self.bits!r}.",
                               "Use 4 (int4) or 8 (int8).")
-        if self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
+        if self.group_size not in GROUP_SIZES or type(self.group_size) is not int:
             raise SlimlmError(f"group size must be one of 32, 64, 128 or -1 (per channel), got {self.group_size!r}.",
                               "Pass e.g. --group-size 64; smaller groups are more accurate and a little larger.")
         if self.scale_dtype not in SCALE_DTYPES:

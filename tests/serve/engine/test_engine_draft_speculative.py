@@ -48,6 +48,23 @@ def test_the_target_as_its_own_draft_accepts_everything_and_stays_exact(batch):
     assert st.acceptance_rate == 1.0 and st.mean_accepted_length > 3
 
 
+def test_the_engine_does_not_keep_the_transformers_draft_alive():
+    """The engine drafts with its serving form of a transformers draft; holding the transformers model too (via
+    the config) kept a second copy of the draft's weights for the server's lifetime."""
+    import gc
+    import weakref
+
+    model, tok = make()
+    draft, _ = make(seed=1, layers=2)
+    alive = weakref.ref(draft)
+    spec = SpeculativeConfig(num_draft=2, adaptive=False, draft_model=draft)
+    llm = LLM(model, tok, block_size=4, speculative=spec)
+    del draft
+    gc.collect()
+    assert alive() is None and llm.engine.config.speculative.draft_model is llm.engine.speculator.draft
+    assert llm.generate(["hello"], GREEDY)[0].outputs[0].token_ids
+
+
 def test_a_close_draft_is_mostly_accepted_and_exact():
     # The draft: the target with its last two layers' residual writes removed (2 of 4 layers' worth).
     model, tok = make()

@@ -146,3 +146,20 @@ def test_restores_train_mode(llama):
         assert model.training
     finally:
         model.eval()
+
+
+def test_two_sources_of_one_file_name_keep_both_results(llama, tmp_path):
+    """`--data d1/val.txt --data d2/val.txt`: each keeps its row (labelled by its path), neither overwrites."""
+    from slimlm.toolkit.eval import evaluate
+    from slimlm.toolkit.eval.evaluate import source_names
+
+    model, tok = llama
+    for folder, word in (("d1", "apple"), ("d2", "zebra quartz")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "val.txt").write_text("\n\n".join(f"{word} {i} " * 20 for i in range(6)))
+    specs = [str(tmp_path / "d1" / "val.txt"), str(tmp_path / "d2" / "val.txt"), "builtin:wiki"]
+    out = evaluate(model, tok, data=specs[:2], window=16, max_windows=2, progress=False)
+    assert list(out["perplexity"]) == specs[:2]
+    first, second = (out["perplexity"][s]["perplexity"] for s in specs[:2])
+    assert first != second
+    assert source_names([specs[0], specs[2]]) == ["val.txt", "wiki"]  # no clash: the short labels stay

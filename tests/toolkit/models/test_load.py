@@ -46,6 +46,18 @@ def test_bad_specs(spec, words):
         resolve(spec)
 
 
+def test_a_checkpoint_missing_weights_is_refused_not_filled_with_random_ones(hf_dir):
+    """transformers initializes missing weights randomly and only logs it; slimlm refuses such a folder."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = hf_dir
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SlimlmError, match=r"lacks 1 weight\(s\).*model.layers.1.mlp.down_proj.weight"):
+        load(str(path))
+
+
 def test_folder_without_config(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(SlimlmError, match="no config.json"):

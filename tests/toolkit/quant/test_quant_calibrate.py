@@ -136,7 +136,9 @@ def test_layer_sizes_that_do_not_fit_the_group_are_refused_by_name():
 
 @pytest.mark.parametrize("kwargs, needle", [(dict(method="awq"), "unknown quantization method"),
                                             (dict(method="gptq"), "needs calibration samples"),
-                                            (dict(method="gptq", samples=torch.ones(4)), r"token ids \[n, T\]")])
+                                            (dict(method="gptq", samples=torch.ones(4)), r"token ids \[n, T\]"),
+                                            (dict(method="gptq", samples=torch.full((2, 8), 10**6)),
+                                             r"must lie in \[0, 259\).*got 1000000..1000000")])
 def test_bad_arguments_are_refused(kwargs, needle):
     model, _ = tiny_model("llama", seed=0)
     with pytest.raises(SlimlmError, match=needle):

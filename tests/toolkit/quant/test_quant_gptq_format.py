@@ -223,3 +223,88 @@ def test_models_load_routes_gptq_folders_to_load_gptq(tmp_path):
     tensor_file.write_bytes(tensor_file.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(SlimlmError, match="sha256|changed|integrity"):
         load(str(out))  # an export is still verified first
+
+
+def _other_tools_folder(tmp_path, name="plain", edit=None, keep_manifest=False):
+    """A copy of a slimlm GPTQ export (llama, int4 g32 asymmetric): `edit(tensors, config)` changes it in place."""
+    from safetensors.torch import save_file
+
+    model, tok = tiny_model("llama", seed=3)
+    scheme = QuantScheme(bits=4, group_size=32, sym=False)
+    out = save_gptq(model, tok, quantize_model(model, scheme, "rtn"), scheme, tmp_path / "q", overwrite=True)
+    folder = tmp_path / name
+    folder.mkdir()
+    for f in out.iterdir():
+        if keep_manifest or f.name != "slimlm.json":
+            (folder / f.name).write_bytes(f.read_bytes())
+    tensors, config = load_file(folder / "model.safetensors"), json.loads((folder / "config.json").read_text())
+    if edit:
+        edit(tensors, config, folder)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return out, folder
+
+
+def test_a_quantize_config_json_beside_config_json_is_read_as_the_gptq_settings(tmp_path):
+    """AutoGPTQ's older layout keeps the settings in quantize_config.json (often without quant_method), as many
+    published checkpoints do: it loads as the same model, where before its linears were silently random."""
+    from slimlm.toolkit.models import load
+
+    def move(tensors, config, folder):
+        qc = config.pop("quantization_config")
+        del qc["quant_method"]
+        (folder / "quantize_config.json").write_text(json.dumps(qc))
+
+    out, folder = _other_tools_folder(tmp_path, edit=move)
+    with torch.no_grad():
+        torch.testing.assert_close(load(str(folder))[0](IDS).logits, load_gptq(out)[0](IDS).logits, rtol=0, atol=0)
+    assert read_gptq_tensors(folder)  # the serving engine's packed path reads it too
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t, c, f: t.pop("model.layers.0.mlp.down_proj.g_idx"), "model.layers.0.mlp.down_proj lacks g_idx"),
+    (lambda t, c, f: t.__setitem__("model.layers.1.self_attn.o_proj.g_idx",
+                                   t["model.layers.1.self_attn.o_proj.g_idx"] + 1), "o_proj.g_idx names groups 1..2"),
+    (lambda t, c, f: t.__setitem__("model.layers.0.mlp.up_proj.scales", t["model.layers.0.mlp.up_proj.scales"][:-1]),
+     "up_proj has 1 groups of scales but 2 of qzeros"),
+    (lambda t, c, f: t.__setitem__("model.layers.0.self_attn.q_proj.qzeros",
+                                   t["model.layers.0.self_attn.q_proj.qzeros"][:, :-1]), "q_proj has scales (2, 64) and qzeros (2, 7)"),
+])
+def test_a_damaged_packed_layer_is_named(tmp_path, edit, words):
+    """A tensor missing or of the wrong shape, or a g_idx past the groups: an error naming the layer and tensor
+    (before: KeyError, IndexError or a shape mismatch deep in the dequantization), from both readers."""
+    _, folder = _other_tools_folder(tmp_path, edit=edit)
+    for reader in (load_gptq, read_gptq_tensors):
+        with pytest.raises(SlimlmError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            reader(folder)
+
+
+def test_an_exports_config_edited_after_export_is_refused(tmp_path):
+    """The manifest hashes the tensor files, not config.json: an edit of its quantization_config that changes how
+    the codes are read (gptq -> gptq_v2 shifts every zero point by one) is refused against the manifest."""
+    out, folder = _other_tools_folder(
+        tmp_path, keep_manifest=True,
+        edit=lambda t, c, f: c["quantization_config"].update(checkpoint_format="gptq_v2"))
+    assert read(folder)  # the tensor files are untouched
+    with pytest.raises(SlimlmError, match="checkpoint_format: 'gptq_v2' where the manifest says 'gptq'"):
+        load_gptq(folder)
+    _, plain = _other_tools_folder(tmp_path, name="other-tool",
+                                   edit=lambda t, c, f: c["quantization_config"].update(checkpoint_format="gptq_v2"))
+    load_gptq(plain)  # without a manifest, the config is all there is: gptq_v2 read as such
+
+
+def test_a_tied_config_with_a_quantized_head_is_refused(tmp_path):
+    from slimlm.toolkit.quant.lm_head import quantize_lm_head
+
+    model, tok = tiny_model("llama", seed=4, vocab_size=264)  # the head's outputs a multiple of 4 (8-bit packing)
+    scheme = QuantScheme(bits=4, group_size=32, sym=False)
+    state = quantize_model(model, scheme, "rtn")
+    head_scheme = QuantScheme(bits=8, group_size=-1, sym=True, skip=())
+    state["lm_head"] = quantize_lm_head(model, head_scheme)
+    out = save_gptq(model, tok, state, scheme, tmp_path / "q", lm_head_scheme=head_scheme)
+    assert load_gptq(out)  # as written: untied
+    config = json.loads((out / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlimlmError, match="ties the LM head to the input embeddings"):
+        load_gptq(out)

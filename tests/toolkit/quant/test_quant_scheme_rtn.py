@@ -17,6 +17,8 @@ def fp16(x: float) -> float:
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(bits=3), "bits must be 4 or 8"),
     (dict(group_size=48), "group size"),
+    (dict(group_size=64.0), "got 64.0"),  # equal to 64, but a float reshape fails deep inside
+    (dict(bits=4.0), "bits must be 4 or 8, got 4.0"),
     (dict(scale_dtype="float32"), "scale dtype"),
     (dict(static_groups=True), "needs act_order"),
     (dict(skip=("lm_head(",)), "not a valid regular expression"),
