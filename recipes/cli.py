@@ -20,6 +20,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from slimlm.recipes import compare, distill, early_exit, pipeline, prune, qat, quantize  # noqa: E402
 from slimlm.recipes.compare_memory import trim_heap  # noqa: E402
+from slimlm.recipes.training import quiet_libraries  # noqa: E402 - transformers' bars, Lightning's tips
 from slimlm.toolkit.errors import SlimlmError  # noqa: E402
 
 
@@ -478,19 +479,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries() -> None:
-    """Our own progress bars and tables speak; transformers' per-load bars and warnings do not."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+def parse_arguments(argv: list[str]):
+    """The verb's arguments. key=value overrides of the training recipes may also follow a flag
+    (`--config C a=1 --resume b=2`), as `python recipes/X.py` takes them."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message for what it did not recognize, exit 2
+    return args
 
 
 def main(argv: list[str] | None = None, command_line: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--debug" in argv[1:]:  # after the verb too (`slimlm eval X --debug`), as the recipe scripts take it
         argv = ["--debug", *(a for a in argv if a != "--debug")]
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     args.command_line = command_line or "slimlm " + shlex.join(argv)
     quiet_libraries()
     try:

@@ -311,6 +311,21 @@ def test_verbs_take_each_others_names_for_the_same_setting():
     assert (e.batch_size, e.threads) == (2, 1)
 
 
+@pytest.mark.parametrize("verb", ["distill", "qat", "early-exit"])
+def test_training_overrides_may_follow_resume(verb, capsys):
+    """`slimlm distill --config C a=1 --resume b=2` keeps both overrides, in order, as `python recipes/X.py` does;
+    an unknown flag is still refused by argparse."""
+    from slimlm.recipes.cli import parse_arguments
+
+    args = parse_arguments([verb, "--config", "c.yaml", "max_steps=4", "--resume", "lr=0.1", "seed=3"])
+    assert args.resume and args.overrides == ["max_steps=4", "lr=0.1", "seed=3"]
+    with pytest.raises(SystemExit) as stop:
+        parse_arguments([verb, "--config", "c.yaml", "--resume", "--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_arguments(["eval", "m", "max_steps=4"])  # only the training recipes take overrides
+
+
 def test_bad_values_are_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
     """Values a long run would only trip over at its end (or crash on) are refused before it starts."""
     from slimlm.toolkit import eval as eval_mod
