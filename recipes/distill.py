@@ -121,12 +121,21 @@ class DistillConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise SlimlmError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        T.check_schedule(self)
+        seq = self.sequence  # read only by teacher_mode=sequence, checked always: a bad value is a typo
+        for name, ok, expected in (("sequence.prompts", seq.prompts >= 1, ">= 1"),
+                                   ("sequence.prompt_len", seq.prompt_len >= 1, ">= 1"),
+                                   ("sequence.max_new_tokens", seq.max_new_tokens >= 1, ">= 1"),
+                                   ("sequence.temperature", seq.temperature >= 0, ">= 0 (0: greedy)")):
+            if not ok:
+                raise SlimlmError(f"{name} must be {expected}, got {getattr(seq, name.split('.')[1])!r}.")
         if self.loss.hidden_layers and self.teacher_mode != "logits":
             raise SlimlmError("loss.hidden_layers needs the teacher's hidden states: use teacher_mode=logits.")
 
 
-def make_module(student, teacher, aligner, topk_cache, *, loss: LossConfig, optim: dict):
+def make_module(student, teacher, aligner, topk_cache, *, loss: LossConfig, optim: dict, vocab: int | None = None):
     """The LightningModule: `forward(batch) -> (loss, parts)`, which both training paths call.
+    `vocab`: score only the first `vocab` logits of each model (see `shared_vocab`); None: all of them.
     (Defined in a function so that importing this file, e.g. for `slimlm --help`, skips Lightning.)"""
     import lightning as L
 
@@ -143,19 +152,20 @@ def make_module(student, teacher, aligner, topk_cache, *, loss: LossConfig, opti
             ids, labels = batch["input_ids"], batch["labels"]  # [B, T] each
             hidden = self.aligner is not None
             out = self.student(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+            logits = out.logits[..., :vocab] if vocab else out.logits  # [B, T, V]
             target, kd_w, ce_w = None, loss.kd_weight, loss.ce_weight
             if self.teacher is not None:
                 # At kd_weight 0 without hidden alignment nothing reads the teacher: skip its forward.
                 if kd_w > 0 or hidden:
                     with torch.no_grad():
                         t_out = self.teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
-                    target = t_out.logits  # [B, T, V]
+                    target = t_out.logits[..., :vocab] if vocab else t_out.logits  # [B, T, V]
             elif topk_cache is not None:  # one cached batch per training row
                 got = [topk_cache.get(int(r), ids[i:i + 1].cpu()) for i, r in enumerate(batch["row"])]
                 target = tuple(torch.cat(x).to(ids.device) for x in zip(*got))  # values, indices: [B, T, k]
             else:  # sequence-level KD: plain cross-entropy on the teacher's text
                 kd_w, ce_w = 0.0, 1.0
-            total, parts = distill_objective(out.logits, target, labels, kd_weight=kd_w, ce_weight=ce_w,
+            total, parts = distill_objective(logits, target, labels, kd_weight=kd_w, ce_weight=ce_w,
                                              kind=loss.kind, temperature=loss.temperature, skew=loss.skew,
                                              chunk_size=loss.chunk_size)
             if hidden:
@@ -205,6 +215,27 @@ def load_student(config: DistillConfig):
         except ValueError as err:
             raise SlimlmError(f"LoRA: {err}", "Set lora.targets to module names the student has.") from err
     return student.train(), tokenizer
+
+
+def shared_vocab(student, teacher, tokenizer, mode: str) -> int | None:
+    """The logit columns to compare when the two models' vocabularies differ in size (one embedding matrix
+    padded past the shared tokenizer, e.g. to a multiple of 64): the tokenizer's ids, `len(tokenizer)`.
+    None where the sizes agree, or in sequence mode (the student learns the teacher's text, not its logits)."""
+    s_v = student.get_output_embeddings().weight.shape[0]
+    t_v = teacher.get_output_embeddings().weight.shape[0]
+    if s_v == t_v or mode == "sequence":
+        return None
+    n = len(tokenizer)
+    if min(s_v, t_v) < n:
+        raise SlimlmError(f"the student scores {s_v} tokens and the teacher {t_v}, but their tokenizer has {n}.",
+                          "Both models need an output row for every token of the tokenizer.")
+    if mode == "topk":  # the cached ids index the student's logits: they must exist there
+        if t_v > s_v:
+            raise SlimlmError(f"teacher_mode=topk needs a student with at least the teacher's {t_v} output rows; "
+                              f"it has {s_v} (the tokenizer has {n}).",
+                              "Use teacher_mode=logits, which compares the tokenizer's ids only.")
+        return None
+    return n
 
 
 def build_data(config: DistillConfig, tokenizer, teacher, rank: int, out: Path) -> dict[str, torch.Tensor]:
@@ -277,7 +308,7 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
     from slimlm.toolkit.models import load, resolve
 
     on = T.accelerator()
-    out = Path(config.out_dir)
+    out = T.check_out_dir(config.out_dir)
     ckpt_dir, log_dir = out / "checkpoints", Path(config.log_dir or out / "logs")
     found = T.find_checkpoint(ckpt_dir)
     rank = T.env_rank()
@@ -301,6 +332,7 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if on == "gpu" else "cpu"
     teacher, teacher_tok = load(config.teacher, dtype="bf16" if config.precision == "bf16" else "float32", device=device)
     check_same_tokenizer(teacher_tok, tokenizer)
+    vocab = shared_vocab(student, teacher, tokenizer, config.teacher_mode)
     teacher.requires_grad_(False)
     data = build_data(config, tokenizer, teacher, rank, out)
     topk_cache = open_topk_cache(config, teacher, data, rank, out) if config.teacher_mode == "topk" else None
@@ -315,7 +347,7 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
     stage = T.zero_stage(config.strategy)
     optim = dict(lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
                  max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio, cpu_adam=config.offload and stage is not None)
-    module = make_module(student, teacher, aligner, topk_cache, loss=config.loss, optim=optim)
+    module = make_module(student, teacher, aligner, topk_cache, loss=config.loss, optim=optim, vocab=vocab)
     meta = {"config": to_dict(config)}
     start_step = found[1]["global_step"] if found else 0
     t0 = time.perf_counter()

@@ -16,8 +16,9 @@ is left exactly as it was.
 
 The result in `<out_dir>/model` is a slimlm export that plain transformers loads unchanged; the
 manifest records the exits (`transforms.exit_layers`), and own norms and lenses live in `early_exit.safetensors`.
-With `eval_windows > 0` per-exit perplexity and agreement with the final layer on the validation
-split are measured after training (and before, with `eval_before`) and stored in the manifest.
+With `eval_windows > 0` per-exit perplexity and agreement with the final layer on `eval_data` or the
+validation split (a local data file has none: without `eval_data`, the training text, said in the results)
+are measured after training (and before, with `eval_before`) and stored in the manifest.
 Strategies, checkpoints and logs: see training.py.
 """
 from __future__ import annotations
@@ -70,8 +71,10 @@ class EarlyExitConfig:
     precision: str = "32"              # 32 | bf16
     chunk_size: int | None = None      # tokens per loss chunk (bounds [tokens, vocab] memory)
     seed: int = 0
-    eval_windows: int = 0              # >0: per-exit figures on the validation split, in the manifest
-    eval_window: int = 256
+    eval_data: str | None = None       # held-out text (default: data's validation split; a local file has none, so
+                                       # without eval_data the figures are on the training text, and say so)
+    eval_windows: int = 0              # >0: per-exit figures on the eval text, in the manifest
+    eval_window: int = 256             # tokens per window, >= 2
     eval_before: bool = False          # also measure the model before training (fresh runs only)
     strategy: str = "auto"
     offload: bool = False
@@ -92,9 +95,13 @@ class EarlyExitConfig:
             if value not in allowed:
                 raise SlimlmError(f"unknown {name} {value!r}.", f"Expected one of: {', '.join(allowed)}.")
         T.check_strategy(self.strategy, self.offload, T.accelerator())
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_window"):
+        T.check_schedule(self)
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise SlimlmError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.eval_windows < 0 or self.eval_window < 2:  # else found only after training, with no export
+            raise SlimlmError(f"eval_windows must be >= 0 (0: no evaluation) and eval_window >= 2 tokens, got "
+                              f"eval_windows={self.eval_windows}, eval_window={self.eval_window}.")
         if not self.exit_layers or any(e < 1 for e in self.exit_layers) or len(set(self.exit_layers)) != len(self.exit_layers):
             raise SlimlmError(f"exit_layers {self.exit_layers} must be distinct layer numbers >= 1.",
                               "Exit E means 'after decoder layer E', e.g. exit_layers=[6,10,15,20].")
@@ -218,12 +225,24 @@ def build_data(config: EarlyExitConfig, tokenizer) -> dict[str, torch.Tensor]:
     return {"input_ids": blocks, "labels": blocks.clone()}
 
 
+def eval_text(config: EarlyExitConfig) -> tuple[str, str, bool]:
+    """`(source, split, held_out)`: `eval_data`, else the validation split of built-in and hub data. A local
+    file has no split of its own: without `eval_data` that is the training text itself."""
+    source = config.eval_data or config.data
+    split = "validation" if source.startswith(("builtin:", "hf:")) else config.data_split
+    return source, split, not (source == config.data and split == config.data_split)
+
+
 def exit_eval(model, tokenizer, exits, config: EarlyExitConfig) -> dict:
     from slimlm.toolkit.early_exit import evaluate_exits, format_exit_table
 
-    split = "validation" if config.data.startswith(("builtin:", "hf:")) else config.data_split
-    r = evaluate_exits(model, tokenizer, exits, data=config.data, split=split, window=config.eval_window,
+    source, split, held_out = eval_text(config)
+    r = evaluate_exits(model, tokenizer, exits, data=source, split=split, window=config.eval_window,
                        max_windows=config.eval_windows, progress=config.progress)
+    r["text"] = "held-out" if held_out else "training"
+    if not held_out:
+        print(f"early-exit: {source} has no validation split: these figures are on the training text (not held "
+              "out); set eval_data to a held-out file for held-out figures", file=sys.stderr)
     print(format_exit_table(r), file=sys.stderr)
     return r
 
@@ -238,7 +257,7 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
 
     check_exit_layers(config, num_layers_of(config.model))  # before any weights load
     on = T.accelerator()
-    out = Path(config.out_dir)
+    out = T.check_out_dir(config.out_dir)
     ckpt_dir, log_dir = out / "checkpoints", Path(config.log_dir or out / "logs")
     found = T.find_checkpoint(ckpt_dir)
     rank = T.env_rank()
@@ -252,6 +271,10 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
                               "Resume with the same settings, or start a new out_dir.")
     if resume and not found and rank == 0:
         print(f"early-exit: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
+    if config.eval_windows:
+        from slimlm.toolkit.data import check_source
+
+        check_source(eval_text(config)[0])
     L.seed_everything(config.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
 

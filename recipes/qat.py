@@ -16,8 +16,10 @@ quantized linears only; `all` also the norms and embeddings (which the export st
 
 The result in `<out_dir>/model` is the same packed GPTQ checkpoint as `slimlm quantize` writes (what
 vLLM, SGLang, TGI and slimlm's engine serve), holding exactly the codes of the last forward pass. With
-`eval_windows > 0`, held-out perplexity of the unquantised model, of the start (RTN/GPTQ) and of the
-result goes into the manifest (`eval.qat`). LoRA is not offered: see the note at `QATConfig`.
+`eval_windows > 0`, the perplexity of the unquantised model, of the start (RTN/GPTQ) and of the
+result goes into the manifest (`eval.qat`): held out (`eval_data`, or the validation split of built-in and
+hub data), or, for a local data file without `eval_data`, on the training text, which the manifest says (`perplexity_text`). LoRA is not offered: see the note at
+`QATConfig`.
 Strategies, checkpoints and logs: see training.py.
 """
 from __future__ import annotations
@@ -100,9 +102,10 @@ class QATConfig:
     precision: str = "32"              # 32 | bf16
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
-    eval_data: str | None = None       # held-out text (default: data; built-in and hub data: their validation split)
+    eval_data: str | None = None       # held-out text (default: data's validation split; a local file has none, so
+                                       # without eval_data its figures are on the training text, and say so)
     eval_windows: int = 0              # >0: perplexity of base, start and result in the manifest
-    eval_window: int = 512
+    eval_window: int = 512             # tokens per window, >= 2
     strategy: str = "auto"             # auto | ddp | fsdp | deepspeed_stage_1 | 2 | 3
     offload: bool = False
     devices: int | str = "auto"
@@ -124,6 +127,7 @@ class QATConfig:
                 raise SlimlmError(f"unknown {name} {value!r}.", f"Expected one of: {', '.join(allowed)}.")
         check_qat_options(self.quant.scheme(), self.init, self.grid)  # the scheme checks its own fields
         T.check_strategy(self.strategy, self.offload, T.accelerator())
+        T.check_schedule(self)
         counts = {name: getattr(self, name) for name in ("seq_len", "batch_size", "grad_accum", "max_steps",
                                                           "log_every", "eval_window")}
         if self.threads is not None:
@@ -136,6 +140,9 @@ class QATConfig:
             raise SlimlmError(f"loss.kd_weight={self.loss.kd_weight} and loss.ce_weight={self.loss.ce_weight}: "
                               "both must be >= 0 and at least one positive.",
                               "Use loss.kd_weight=1 (distil from the unquantised model) and/or loss.ce_weight=1.")
+        if self.eval_windows < 0 or self.eval_window < 2:
+            raise SlimlmError(f"eval_windows must be >= 0 (0: no evaluation) and eval_window >= 2 tokens, got "
+                              f"eval_windows={self.eval_windows}, eval_window={self.eval_window}.")
         if not self.calibration.damp > 0:
             raise SlimlmError(f"calibration.damp must be > 0, got {self.calibration.damp}.")
 
@@ -230,18 +237,31 @@ def build_data(config: QATConfig, tokenizer) -> dict[str, torch.Tensor]:
     return {"input_ids": blocks, "labels": blocks.clone()}
 
 
+def eval_text(config: QATConfig) -> tuple[str, str, bool]:
+    """`(source, split, held_out)` of the perplexity text: `eval_data`, else the validation split of built-in
+    and hub data. A local file has no split of its own: without `eval_data` that is the training text itself."""
+    source = config.eval_data or config.data
+    split = "validation" if source.startswith(("builtin:", "hf:")) else config.data_split
+    return source, split, not (source == config.data and split == config.data_split)
+
+
 def perplexity(model, tokenizer, config: QATConfig) -> float:
-    """Held-out perplexity: the validation split of built-in and hub data, or `eval_data` as given."""
+    """Perplexity on `eval_text(config)` (held out unless the data is a local file and eval_data is unset)."""
     from slimlm.toolkit.data import load_texts, token_stream
     from slimlm.toolkit.eval import perplexity as ppl
 
-    source = config.eval_data or config.data
-    split = "validation" if source.startswith(("builtin:", "hf:")) else config.data_split
+    source, split, _ = eval_text(config)
     stream = token_stream(load_texts(source, split=split, tokenizer=tokenizer), tokenizer)
     was_training = model.training
     r = ppl(model, stream, window=config.eval_window, max_windows=config.eval_windows, progress=config.progress)
     model.train(was_training)
     return round(r["perplexity"], 4)
+
+
+def gap_closed(base: float, start: float, after: float) -> float | None:
+    """The share of the quantization gap (start - base perplexity) that training closed; None where the start was
+    already at or below the base's perplexity: there was no gap, and a ratio over it would mislead."""
+    return round((start - after) / (start - base), 4) if start > base else None
 
 
 # ---------------------------------------------------------------- the run
@@ -256,7 +276,7 @@ def main(config: QATConfig, resume: bool = False) -> Path:
     from slimlm.toolkit.quant.qat import convert_qat
 
     on = T.accelerator()
-    out = Path(config.out_dir)
+    out = T.check_out_dir(config.out_dir)
     ckpt_dir, log_dir = out / "checkpoints", Path(config.log_dir or out / "logs")
     found = T.find_checkpoint(ckpt_dir)
     rank = T.env_rank()
@@ -281,10 +301,17 @@ def main(config: QATConfig, resume: bool = False) -> Path:
     model, tokenizer, teacher, base_ppl = build(config, skeleton=bool(found))
     data = build_data(config, tokenizer)
     results: dict = {"scheme": config.quant.scheme().to_dict(), "init": config.init}
+    held_out = eval_text(config)[2]
+    on_text = "held-out perplexity" if held_out else "perplexity on the training text"
+    if config.eval_windows:  # which text the perplexities are on, beside them in the manifest
+        results["perplexity_text"] = "held-out" if held_out else "training"
+        if not held_out and rank == 0:
+            print(f"qat: {config.data} has no validation split, so perplexity is measured on the training text "
+                  "(not held out); set eval_data to a held-out file for a held-out figure", file=sys.stderr)
     before = dict(found[1].get("perplexity_before", {})) if found else {}  # a resumed run keeps the first run's
     if config.eval_windows and not found and rank == 0:
         before = {"perplexity_base": base_ppl, "perplexity_start": perplexity(model, tokenizer, config)}
-        print(f"qat: held-out perplexity {base_ppl:.3f} unquantised, {before['perplexity_start']:.3f} "
+        print(f"qat: {on_text} {base_ppl:.3f} unquantised, {before['perplexity_start']:.3f} "
               f"at the start ({config.init})", file=sys.stderr)
     results.update(before)
     stage = T.zero_stage(config.strategy)
@@ -314,13 +341,18 @@ def main(config: QATConfig, resume: bool = False) -> Path:
             if config.eval_windows:
                 results["perplexity_after"] = perplexity(model, tokenizer, config)
                 start, base = results.get("perplexity_start"), results.get("perplexity_base")
-                if start is not None and base is not None and start != base:
-                    results["gap_closed"] = round((start - results["perplexity_after"]) / (start - base), 4)
+                if start is not None and base is not None:
+                    results["gap_closed"] = gap_closed(base, start, results["perplexity_after"])
             manifest = {"base_model": config.model, "config": to_dict(config), "eval": {"qat": results},
                         "transforms": {"quant": {"method": "qat", "init": config.init}}, "command": " ".join(sys.argv)}
             save_gptq(model, tokenizer, quantized, config.quant.scheme(), export_dir, meta=manifest, overwrite=True)
             first, final = (f"{results[k]['loss']:.4f}" if results[k] else "-" for k in ("first", "final"))
-            ppl = f", held-out perplexity {results['perplexity_after']:.3f}" if "perplexity_after" in results else ""
+            ppl = f", {on_text} {results['perplexity_after']:.3f}" if "perplexity_after" in results else ""
+            if "gap_closed" in results:
+                ppl += (f" (closed {results['gap_closed']:.0%} of the gap to unquantised)"
+                        if results["gap_closed"] is not None else
+                        f" (gap closed: n/a, the start {results['perplexity_start']:.3f} was already at or below "
+                        f"unquantised {results['perplexity_base']:.3f})")
             print(f"qat: {final_step} steps, loss {first} -> {final}{ppl}; wrote {export_dir}")
     T.barrier()
     return export_dir

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -131,6 +132,31 @@ def check_strategy(strategy: str, offload: bool, on: str) -> None:
                           "On CPU use strategy=ddp, or deepspeed_stage_3 to shard parameters.")
     if offload and zero_stage(strategy) is None and strategy != "fsdp":
         raise SlimlmError(f"offload=true needs strategy fsdp or deepspeed_stage_N, not {strategy}.")
+
+
+def check_schedule(config) -> None:
+    """Refuse the shared training settings that would train wrongly or fail late (a negative LR, a block
+    count of 0, no devices), naming the key; every recipe's config calls this from `__post_init__`."""
+    checks = (("lr", config.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
+              ("warmup_steps", config.warmup_steps >= 0, ">= 0"),
+              ("min_lr_ratio", 0 <= config.min_lr_ratio <= 1, "in [0, 1] (the final LR as a fraction of lr)"),
+              ("grad_clip", config.grad_clip >= 0, ">= 0 (0: no clipping)"),
+              ("checkpoint_every", config.checkpoint_every >= 0, ">= 0 (0: only at the end)"),
+              ("max_blocks", config.max_blocks is None or config.max_blocks >= 1, ">= 1, or null for all blocks"),
+              ("num_nodes", config.num_nodes >= 1, ">= 1"),
+              ("devices", not isinstance(config.devices, int) or config.devices >= 1, ">= 1, or auto"))
+    for name, ok, expected in checks:
+        if not ok:
+            raise SlimlmError(f"{name} must be {expected}, got {getattr(config, name)!r}.")
+
+
+def check_out_dir(out_dir: str) -> Path:
+    """`out_dir` as a Path, refused if it names an existing file (the run writes a folder there)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"out_dir {out} is a file; the run writes a folder there (checkpoints, logs, the export).",
+                          "Set out_dir to a folder (new or existing).")
+    return out
 
 
 def zero_stage(strategy: str) -> int | None:
@@ -461,8 +487,17 @@ def fit(module, model, data: dict[str, torch.Tensor], config, on: str, stage: in
                         enable_progress_bar=config.progress, enable_model_summary=False)
     datamodule = step_datamodule(data, config.batch_size, config.max_steps * config.grad_accum,
                                  config.seed, start_step * config.grad_accum)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(found[0] / "state.ckpt") if found else None,
-                weights_only=True)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(found[0] / "state.ckpt") if found else None,
+                    weights_only=True)
+    except SIGTERMException:  # a SystemExit with no code, i.e. exit status 0: a stopped run must not look done
+        if trainer.is_global_zero:
+            print(f"{name.replace('_', '-')}: stopped by SIGTERM at step {trainer.global_step}; nothing exported. "
+                  f"Run again with --resume to continue from the last checkpoint in {ckpt_dir}.",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a process the signal ended
     return module.history, trainer.is_global_zero, trainer.global_step, trainer
 
 

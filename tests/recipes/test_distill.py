@@ -249,3 +249,80 @@ def test_plain_cross_entropy_skips_the_teacher_forward():
     kd = make_module(student, RaisingTeacher(), None, None, loss=LossConfig(kd_weight=1.0), optim={})
     with pytest.raises(AssertionError, match="forward pass ran"):
         kd(batch)  # with a KD term the teacher is still needed
+
+
+@pytest.mark.parametrize("override, match", [
+    ("min_lr_ratio=1.5", "min_lr_ratio must be in \\[0, 1\\]"),
+    ("min_lr_ratio=-0.1", "min_lr_ratio must be in \\[0, 1\\]"),
+    ("warmup_steps=-1", "warmup_steps must be >= 0"),
+    ("grad_clip=-1", "grad_clip must be >= 0"),
+    ("checkpoint_every=-1", "checkpoint_every must be >= 0"),
+    ("max_blocks=0", "max_blocks must be >= 1"),
+    ("max_blocks=-3", "max_blocks must be >= 1"),
+    ("lr=0", "lr must be > 0"),
+    ("lr=-1e-4", "lr must be > 0"),
+    ("weight_decay=-0.1", "weight_decay must be >= 0"),
+    ("devices=0", "devices must be >= 1"),
+    ("num_nodes=0", "num_nodes must be >= 1"),
+    ("sequence.prompts=0", "sequence.prompts must be >= 1"),
+    ("sequence.max_new_tokens=0", "sequence.max_new_tokens must be >= 1"),
+    ("sequence.temperature=-0.5", "sequence.temperature must be >= 0"),
+])
+def test_settings_that_would_break_training_are_refused_by_key(assets, override, match, monkeypatch):
+    import slimlm.recipes.distill as recipe
+
+    out = assets["root"] / "bad"
+    monkeypatch.setattr(recipe, "load_student", lambda *a, **k: pytest.fail("loaded a model before checking"))
+    with pytest.raises(SlimlmError, match=match):
+        main(load_config(DistillConfig, config_file(assets, out, teacher_mode="sequence"), [override]))
+    assert not out.exists()
+
+
+def test_zero_checkpoint_every_and_auto_devices_stay_allowed(assets):
+    config = load_config(DistillConfig, config_file(assets, assets["root"] / "ok"), ["checkpoint_every=0"])
+    assert config.checkpoint_every == 0 and config.devices == "auto"
+
+
+def test_out_dir_that_is_a_file_is_refused_before_loading(assets, monkeypatch):
+    import slimlm.recipes.distill as recipe
+
+    out = assets["root"] / "a_file"
+    out.write_text("not a folder")
+    monkeypatch.setattr(recipe, "load_student", lambda *a, **k: pytest.fail("loaded a model before checking"))
+    with pytest.raises(SlimlmError, match="out_dir .*a_file is a file"):
+        main(load_config(DistillConfig, config_file(assets, out), []))
+
+
+def test_sigterm_exits_143_with_a_resume_hint_and_no_export(assets, monkeypatch, capsys):
+    # Lightning turns SIGTERM into SIGTERMException, a SystemExit with no code: status 0 unless caught.
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stopped(self, *args, **kwargs):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(pl.Trainer, "fit", stopped)
+    out = assets["root"] / "sigterm"
+    with pytest.raises(SystemExit) as exc:
+        cli(["--config", str(config_file(assets, out)), "max_steps=2"])
+    assert exc.value.code == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped by SIGTERM" in err[0] and "--resume" in err[0], err
+    assert not (out / "model").exists()
+
+
+def test_student_padded_past_the_tokenizer_distils_on_the_shared_ids(assets):
+    # Same tokenizer (259 ids), student embedding matrix padded to 320 rows, teacher's 259.
+    root = assets["root"]
+    student, tok = tiny_model("llama", seed=2, vocab_size=320)
+    student.save_pretrained(root / "student_padded")
+    tok.save_pretrained(root / "student_padded")
+    out = root / "padded"
+    export = main(load_config(DistillConfig, config_file(assets, out, student=str(root / "student_padded")),
+                              ["max_steps=2", "checkpoint_every=0"]))
+    r = read(export).eval["distill"]
+    assert r["steps"] == 2 and r["final"]["kd"] >= 0
+    # top-k: the teacher's cached ids index the student's logits, so a teacher padded past the student is refused
+    with pytest.raises(SlimlmError, match="teacher_mode=topk needs a student with at least the teacher's 320"):
+        main(load_config(DistillConfig, config_file(assets, root / "padded_topk", teacher=str(root / "student_padded")),
+                         ["teacher_mode=topk", "max_steps=2"]))

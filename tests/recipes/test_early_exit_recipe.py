@@ -124,6 +124,7 @@ def test_rotational_shared_with_eval_records_per_exit_figures(assets):
         figures = result[when]["exits"]
         assert set(figures) == {"1", "2"} and 0.0 <= figures["1"]["agreement"] <= 1.0
     assert result["after"]["exits"]["1"]["perplexity"] < result["before"]["exits"]["1"]["perplexity"]
+    assert result["after"]["text"] == "training"  # a local file and no eval_data: said, not called held out
 
 
 def test_lens_exits_are_fitted_then_trained_and_leave_the_model_as_it_was(assets):
@@ -153,6 +154,18 @@ def test_lens_exits_are_fitted_then_trained_and_leave_the_model_as_it_was(assets
     ("exit_weights=[1.0]", "exit_weights"),
     ("train=exits", "nothing to train"),
     ("lens_ridge=-1", "lens_ridge must be >= 0"),
+    ("eval_windows=-1", "eval_windows must be >= 0"),
+    ("eval_window=1", "eval_window >= 2"),
+    ("min_lr_ratio=-1", "min_lr_ratio must be in"),
+    ("warmup_steps=-2", "warmup_steps must be >= 0"),
+    ("grad_clip=-1", "grad_clip must be >= 0"),
+    ("checkpoint_every=-5", "checkpoint_every must be >= 0"),
+    ("max_blocks=0", "max_blocks must be >= 1"),
+    ("lr=-0.1", "lr must be > 0"),
+    ("weight_decay=-1", "weight_decay must be >= 0"),
+    ("devices=0", "devices must be >= 1"),
+    ("num_nodes=0", "num_nodes must be >= 1"),
+    ("eval_data=/no/such/file.txt eval_windows=2", "does not exist|no such|not found"),
 ])
 def test_bad_config_is_a_clear_error_before_work(assets, override, match, monkeypatch):
     out = assets["root"] / "bad"
@@ -161,7 +174,7 @@ def test_bad_config_is_a_clear_error_before_work(assets, override, match, monkey
 
     monkeypatch.setattr(recipe, "build", lambda *a, **k: pytest.fail("loaded the model before checking"))
     with pytest.raises(SlimlmError, match=match):
-        main(load_config(EarlyExitConfig, path, [override]))
+        main(load_config(EarlyExitConfig, path, override.split()))
     assert not out.exists()
 
 
@@ -196,3 +209,14 @@ def test_two_ddp_ranks_with_idle_exits_and_skipped_layers(assets):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "GLOBAL_RANK: 1" in proc.stdout + proc.stderr
     assert read(out / "model").eval["early_exit"]["steps"] == 6
+
+
+def test_eval_data_is_the_held_out_text_when_given(assets):
+    from slimlm.recipes.early_exit import eval_text
+
+    other = assets["root"] / "held_out.txt"
+    other.write_text("the quick brown fox")
+    config = load_config(EarlyExitConfig, None, [f"data={assets['data']}", f"eval_data={other}"])
+    assert eval_text(config) == (str(other), "train", True)
+    assert eval_text(load_config(EarlyExitConfig, None, [f"data={assets['data']}"]))[2] is False
+    assert eval_text(load_config(EarlyExitConfig, None, [])) == ("builtin:wiki", "validation", True)
