@@ -66,13 +66,18 @@ def _values(model: dict) -> dict:
     """The plain value of each non-speed figure of one model."""
     acc = model["accuracy"]
     values = {"params": model["params"], "disk_mb": _mb(model["disk_bytes"]),
-              "serving_mb": _mb(model.get("serving_memory", {}).get("serving_bytes")),
+              "serving_mb": _mb(_serving_bytes(model.get("serving_memory", {}))),
               "memory_mb": _mb(model["memory"]["load_eval_bytes"])}
     for source, r in acc.get("perplexity", {}).items():
         values[f"ppl:{source}"] = r["perplexity"]
     for task, r in acc.get("tasks", {}).items():
         values[f"acc:{task}"] = r["acc"]
     return values
+
+
+def _serving_bytes(memory: dict):
+    """On CUDA the weights and KV cache are on the GPU: its allocated bytes; else the process's resident growth."""
+    return memory.get("cuda_bytes", memory.get("serving_bytes"))
 
 
 def _mb(n):
@@ -105,19 +110,22 @@ def add_figures(report: dict) -> dict:
                 figures[key].update(ratio=ratios["median"], ratio_min=ratios["min"], ratio_max=ratios["max"])
         model["figures"] = figures
     report["pareto"] = pareto_summary(report)
+    report["pareto_memory"] = pareto_summary(report, x="serving_mb")
     return report
 
 
-def pareto_summary(report: dict) -> dict:
-    """Which figure is quality and which is speed on the plot, each model's point, and the front."""
+def pareto_summary(report: dict, x: str = "batch1_decode_tok_s") -> dict:
+    """Which figure is quality and which is speed (or, x="serving_mb", serving memory) on a plot, each model's
+    point (x as the ratio to the base), and the front (higher speedup, or lower memory, and better quality)."""
     quality = next((c for c in report["columns"] if c["key"].startswith("ppl:")), None)
     if quality is None:  # no text source: fall back to the first task's accuracy (higher is better)
         quality = next((c for c in report["columns"] if c["key"].startswith("acc:")), None)
     models = report["models"]
-    xs = [m["figures"]["batch1_decode_tok_s"]["ratio"] for m in models]
+    xs = [m["figures"].get(x, {}).get("ratio") for m in models]
     ys = [m["figures"][quality["key"]]["value"] if quality else None for m in models]
-    front = pareto_front(list(zip(xs, ys)), maximize=(True, quality is not None and quality["better"] == "higher"))
-    return {"x": "batch1_decode_tok_s ratio", "y": quality["key"] if quality else None,
+    higher_x = next(c["better"] for c in report["columns"] if c["key"] == x) == "higher"
+    front = pareto_front(list(zip(xs, ys)), maximize=(higher_x, quality is not None and quality["better"] == "higher"))
+    return {"x": f"{x} ratio", "y": quality["key"] if quality else None,
             "y_better": quality["better"] if quality else None,
             "points": {m["label"]: [x, y] for m, x, y in zip(models, xs, ys)},
             "front": [models[i]["label"] for i in front]}
@@ -241,7 +249,8 @@ def notes(report: dict) -> list[str]:
                           if any("ratio_min" in f for m in report["models"] for f in m["figures"].values()) else "."),
         f"Serving MB: resident memory (RSS) of a fresh process holding the model in slimlm's engine in {s['dtype']} "
         f"(weights as served, packed int4/int8 included; a KV cache for {s['concurrency']} requests of the benchmark's "
-        "length; a draft model where one drafts), after serving one full batch, minus its RSS before the load.",
+        "length; a draft model where one drafts), after serving one full batch, minus its RSS before the load"
+        + (" (on CUDA: the GPU memory allocated)." if str(s.get("device", "")).startswith("cuda") else "."),
         "Eval peak MB: peak RSS (VmHWM) of a fresh process while it loaded the model and ran the evaluation, minus "
         "its RSS just before the load (interpreter and libraries); the peak record was reset before the load. "
         f"It is the evaluation's footprint, in {s['eval_dtype']}: a quantized model is evaluated through its dequantized "
@@ -271,8 +280,10 @@ def markdown(report: dict) -> str:
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     lines += [""] + [f"- {line}" for line in notes(report)]
     front = ", ".join(report["pareto"]["front"]) or "-"
-    lines += ["", f"Pareto front (quality {report['pareto']['y']} against batch-1 decode speedup): {front}", "",
-              "![quality against speedup](pareto.png)", ""]
+    lines += ["", f"Pareto front (quality {report['pareto']['y']} against batch-1 decode speedup): {front}"]
+    if report.get("pareto_memory", {}).get("front"):
+        lines += ["", f"Pareto front (quality against serving memory): {', '.join(report['pareto_memory']['front'])}"]
+    lines += ["", "![quality against speedup and serving memory](pareto.png)", ""]
     lines += pipeline_lines(report, esc)
     lines += ["## Models", ""] + [f"- {esc(m['label'])}: `{m['spec']}`" + (f", draft `{m['draft']}`" if m.get("draft") else "")
                                    for m in report["models"]]
@@ -347,14 +358,37 @@ def place_labels(ax, points: list[tuple[float, float, str]], marker_px: float = 
 
 
 def plot_pareto(report: dict, path: str | Path) -> Path:
-    """pareto.png: one labelled point per model, the front as a step line (matplotlib, Agg backend)."""
+    """pareto.png: quality against speedup and, beside it, against serving memory; one labelled point per model,
+    each front as a step line (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, and no GUI backend may be picked up
     import matplotlib.pyplot as plt
 
-    p = report["pareto"]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    memory = report.get("pareto_memory")
+    panels = 2 if memory and any(x is not None for x, _ in memory["points"].values()) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), dpi=120, squeeze=False)
+    speed_ax = axes[0][0]
+    _plot_front(speed_ax, report["pareto"], "pre")  # at a speedup >= x the best quality is the next point's
+    speed_ax.set_xlabel("speedup: batch-1 decode tokens/s ÷ base (higher is better)")
+    speed_ax.set_title(f"slimlm compare: quality against speed (base {report['models'][0]['label']})", fontsize=10)
+    if panels == 2:
+        mem_ax = axes[0][1]
+        _plot_front(mem_ax, memory, "post")  # within a memory <= x the best quality is the last point's
+        mem_ax.set_xlabel("serving memory ÷ base (lower is better)")
+        mem_ax.set_title("quality against serving memory", fontsize=10)
+    fig.tight_layout()
+    for ax, p in zip(axes[0], (report["pareto"], memory)):
+        place_labels(ax, sorted((x, y, label) for label, (x, y) in p["points"].items()
+                                if x is not None and y is not None))
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_front(ax, p: dict, where: str) -> None:
+    """One panel: the points (the front's in red), the front as a step line, the y axis and grid."""
     front = set(p["front"])
     shown = sorted(((x, y, label) for label, (x, y) in p["points"].items() if x is not None and y is not None))
     for x, y, label in shown:
@@ -364,22 +398,13 @@ def plot_pareto(report: dict, path: str | Path) -> Path:
         ax.set_yscale("log")  # perplexities spanning decades: a linear axis flattens all the good models
     pts = [p["points"][label] for label in p["front"]]
     if len(pts) > 1:
-        # Between two front points, the best quality reachable at a speedup >= x is the next point's.
-        ax.step([x for x, _ in pts], [y for _, y in pts], where="pre", color="tab:red", lw=1.2, label="Pareto front")
+        ax.step([x for x, _ in pts], [y for _, y in pts], where=where, color="tab:red", lw=1.2, label="Pareto front")
         ax.legend(loc="best", fontsize=8)
     ax.axvline(1.0, color="lightgray", lw=0.8, zorder=0)
     ax.margins(0.15)  # room for the labels of the outermost points
     better = "lower" if p["y_better"] == "lower" else "higher"
-    ax.set_xlabel("speedup: batch-1 decode tokens/s ÷ base (higher is better)")
     ax.set_ylabel(f"{p['y']} ({better} is better)")
-    ax.set_title(f"slimlm compare: quality against speed (base {report['models'][0]['label']})", fontsize=10)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    place_labels(ax, shown)
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def write_report(report: dict, out: Path) -> dict:

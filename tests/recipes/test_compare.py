@@ -166,6 +166,13 @@ def test_rerun_with_one_more_model_measures_only_it_and_the_base(order, models, 
     assert f["large"]["batch1_decode_tok_s"]["ratio"] == pytest.approx(0.8)  # 40 / the base of this run (50)
     assert f["large"]["batch1_decode_tok_s"]["earlier_run"] is False
     assert f["small"]["ppl:wiki"]["ratio"] == pytest.approx(8.0 / 6.8)
+    assert f["small"]["serving_mb"]["value"] == 1 and f["small"]["serving_mb"]["ratio"] == pytest.approx(0.25)
+    report = json.loads((out / "report.json").read_text())
+    # quality against serving memory: small (1 MB, ppl 8.0) and large (8 MB, 6.5) are each best in one; the base
+    # (4 MB, 6.8) is beaten by neither alone, so all three are on the front, lowest memory first
+    assert report["pareto_memory"]["front"] == ["small", "base", "large"]
+    assert report["pareto_memory"]["x"] == "serving_mb ratio"
+    assert "Pareto front (quality against serving memory): small, base, large" in (out / "report.md").read_text()
     assert "†" in (out / "report.md").read_text()
 
     # A changed model is a different model: rewriting a file of `small` measures it again.
@@ -356,7 +363,8 @@ def exit_models(models, tmp_path_factory):
 
 
 def fake_serving_memory(spec, settings, plan=None):
-    return {"serving_bytes": 2**21, "serving_peak_bytes": 2**22, "kv_cache_bytes": 2**10, "exact": True}
+    mib = {"base": 4, "small": 1, "large": 8}.get(os.path.basename(spec), 2)
+    return {"serving_bytes": mib * 2**20, "serving_peak_bytes": 2 * mib * 2**20, "kv_cache_bytes": 2**10, "exact": True}
 
 
 def fixed_accuracy(spec, settings):
