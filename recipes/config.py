@@ -41,13 +41,31 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     return from_dict(cls, data, where=str(path) if path is not None else "config")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping at the top of a YAML file (an empty file is an empty mapping)."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise SlimlmError(f"config file {p} is a folder.", "Pass the YAML file itself, e.g. configs/distill/smollm2-135m.yaml.")
     if not p.is_file():
         raise SlimlmError(f"config file {p} does not exist.", "Check the path of the YAML file.")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise SlimlmError(f"config file {p} is not valid YAML: {err}") from err
     if data is None:

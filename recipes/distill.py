@@ -320,6 +320,7 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
         if changed:
             raise SlimlmError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config.",
                               "Resume with the same settings, or start a new out_dir.")
+        T.check_resume(found, T.planned_world(config), config.max_steps)  # before any model loads
     if resume and not found and rank == 0:
         print(f"distill: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
     student_source = resolve(config.student)

@@ -269,6 +269,7 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
         if changed:
             raise SlimlmError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config.",
                               "Resume with the same settings, or start a new out_dir.")
+        T.check_resume(found, T.planned_world(config), config.max_steps)  # before any model loads
     if resume and not found and rank == 0:
         print(f"early-exit: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
     if config.eval_windows:

@@ -109,6 +109,10 @@ def load_config(args) -> PruneConfig:
         where = str(args.config)
     values.update({k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None})
     cfg = from_dict(PruneConfig, values, where=where)
+    if cfg.model and "=" in cfg.model and not Path(cfg.model).exists():
+        key, _, value = cfg.model.partition("=")
+        raise SlimlmError(f"{cfg.model!r} is not a model: prune takes flags, not key=value overrides.",
+                          f"Write --{key.replace('_', '-')} {value} (the YAML's keys are the flags' names).")
     if not cfg.model:
         raise SlimlmError("no model to prune.", "Name one on the command line or as `model:` in the --config file.")
     if not cfg.out:

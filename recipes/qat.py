@@ -39,7 +39,8 @@ from slimlm.recipes.config import load_config, to_dict
 from slimlm.toolkit.errors import SlimlmError
 
 RESUME_KEYS = ("model", "quant", "init", "grid", "calibration", "train", "data", "data_split", "max_blocks",
-               "seq_len", "batch_size", "grad_accum", "seed")  # what fixes the start, the data order and the targets
+               "seq_len", "batch_size", "grad_accum", "seed",  # what fixes the start, the data order and the targets
+               "eval_data", "eval_window", "eval_windows")  # the first run's perplexities are on that text
 
 
 @dataclass
@@ -288,6 +289,7 @@ def main(config: QATConfig, resume: bool = False) -> Path:
         if changed:
             raise SlimlmError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config.",
                               "Resume with the same settings, or start a new out_dir.")
+        T.check_resume(found, T.planned_world(config), config.max_steps)  # before any model loads
     if resume and not found and rank == 0:
         print(f"qat: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
     resolve(config.model)

@@ -56,6 +56,7 @@ def run_as_script(prog: str, description: str, run, argv: list[str] | None = Non
     from slimlm.toolkit.errors import SlimlmError
 
     parser = add_launch_arguments(argparse.ArgumentParser(f"{prog}.py", description=description))
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_intermixed_args(argv)
     quiet_libraries()
     try:
@@ -64,7 +65,18 @@ def run_as_script(prog: str, description: str, run, argv: list[str] | None = Non
         print(f"{prog.replace('_', '-')}: error: {err.what}", file=sys.stderr)
         if err.hint:
             print(err.hint, file=sys.stderr)
+        if args.debug:
+            raise
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, not a user error: as `slimlm` says it
+        if args.debug:
+            raise
+        print(f"{prog.replace('_', '-')}: internal error: {type(err).__name__}: {err}\n"
+              "Rerun with --debug for the traceback, and please report it.", file=sys.stderr)
+        return 1
 
 
 def quiet_libraries() -> None:
@@ -157,6 +169,31 @@ def check_out_dir(out_dir: str) -> Path:
         raise SlimlmError(f"out_dir {out} is a file; the run writes a folder there (checkpoints, logs, the export).",
                           "Set out_dir to a folder (new or existing).")
     return out
+
+
+def check_resume(found: tuple[Path, dict] | None, world: int | None, max_steps: int) -> None:
+    """Refuse a resume that would not continue the run: another number of processes (each takes its own
+    positions of the data order, so samples would be skipped or seen twice), or a checkpoint past max_steps.
+    `world` None: not known yet (devices=auto), checked once the trainer has it."""
+    if not found:
+        return
+    step, was = found[1]["global_step"], found[1].get("world_size")  # checkpoints before this have no world_size
+    if was is not None and world is not None and was != world:
+        raise SlimlmError(f"the checkpoint in {found[0]} was written by {was} process(es); this run has {world}. "
+                          "Each process reads its own positions of the data order, so resuming would skip or repeat "
+                          "samples.", "Resume with the same devices and num_nodes, or start a new out_dir.")
+    if step > max_steps:
+        raise SlimlmError(f"the checkpoint in {found[0]} is at step {step}, past max_steps={max_steps}.",
+                          f"Pass max_steps={step} or more (equal: export it again without training).")
+
+
+def planned_world(config) -> int | None:
+    """The number of training processes `config` asks for, where known before the trainer starts (not for
+    DeepSpeed's own engine, whose world is the launcher's: `run_deepspeed` checks it)."""
+    if uses_deepspeed_engine(config.strategy, accelerator()):
+        return None
+    devices, num_nodes = world_from_env(config.devices, config.num_nodes)
+    return devices * num_nodes if isinstance(devices, int) else None
 
 
 def zero_stage(strategy: str) -> int | None:
@@ -319,7 +356,8 @@ def checkpoint_callback(ckpt_dir: str | os.PathLike, every: int, meta: dict):
                 self.save(trainer)
 
         def save(self, trainer):
-            save_checkpoint(self.dir, {**meta, "global_step": trainer.global_step}, trainer.is_global_zero,
+            save_checkpoint(self.dir, {**meta, "global_step": trainer.global_step, "world_size": trainer.world_size},
+                            trainer.is_global_zero,
                             trainer.strategy.barrier, lambda path: trainer.save_checkpoint(path, weights_only=False))
             self.saved = trainer.global_step
 
@@ -335,6 +373,26 @@ def progress_bar():
         def get_metrics(self, trainer, pl_module):
             return {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k != "v_num"}
     return Bar()
+
+
+def progress_lines(every_s: float = 30.0):
+    """Where stderr is no terminal (a log file, a pipeline's per-variant log): a plain line each tenth of the
+    steps or `every_s` seconds, where a bar would write one ever-growing line of carriage returns."""
+    import lightning as L
+
+    class Lines(L.Callback):
+        def __init__(self):
+            self.last = (-1, time.monotonic())  # (tenths, time) of the last line
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step, total = trainer.global_step, trainer.max_steps
+            tenths = 10 * step // total if total > 0 else 0
+            if trainer.is_global_zero and (tenths > self.last[0] or time.monotonic() - self.last[1] > every_s):
+                self.last = (tenths, time.monotonic())
+                loss = trainer.progress_bar_metrics.get("loss")
+                print(f"training: step {step}/{total}" + (f", loss {float(loss):.4f}" if loss is not None else ""),
+                      file=sys.stderr, flush=True)
+    return Lines()
 
 
 def loggers(log_dir: str | os.PathLike, name: str) -> list:
@@ -406,7 +464,8 @@ def run_deepspeed(module, data: dict[str, torch.Tensor], ds_config: dict, max_st
     schedule, logs and checkpoint layout as the Lightning path. Returns `(engine, history)`, history
     holding this rank's per-micro-batch losses (see `per_step`)."""
     import deepspeed
-    from rich.progress import Progress
+
+    from slimlm.toolkit.eval._common import progress_bar as logged_progress  # plain lines in a log file
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     opt = module.configure_optimizers()
@@ -414,6 +473,7 @@ def run_deepspeed(module, data: dict[str, torch.Tensor], ds_config: dict, max_st
                                            lr_scheduler=opt["lr_scheduler"]["scheduler"])
     step, history = 0, []
     found = find_checkpoint(ckpt_dir) if resume else None
+    check_resume(found, world, max_steps)
     if found:
         # DeepSpeed unpickles its own files here (weights_only=False): trusted local state only.
         _, client = engine.load_checkpoint(str(found[0]), tag="state.ckpt")
@@ -423,7 +483,7 @@ def run_deepspeed(module, data: dict[str, torch.Tensor], ds_config: dict, max_st
                           seed, start=step * accum)
     logs = loggers(log_dir, name) if rank == 0 else []
     engine.train()
-    with Progress(disable=not progress or rank != 0) as bar:
+    with logged_progress(progress and rank == 0) as bar:
         task = bar.add_task("training", total=max_steps, completed=step)
         sums: dict[str, float] = {}
         for i, batch in enumerate(batches, start=step * accum):
@@ -445,7 +505,8 @@ def run_deepspeed(module, data: dict[str, torch.Tensor], ds_config: dict, max_st
             if (every and step % every == 0) or step == max_steps:
                 for lg in logs:
                     lg.save()
-                save_checkpoint(ckpt_dir, {**meta, "global_step": step}, rank == 0, torch.distributed.barrier,
+                save_checkpoint(ckpt_dir, {**meta, "global_step": step, "world_size": world}, rank == 0,
+                                torch.distributed.barrier,
                                 lambda path: engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False,
                                                                     client_state={"history": history}))
     for lg in logs:
@@ -474,6 +535,7 @@ def fit(module, model, data: dict[str, torch.Tensor], config, on: str, stage: in
                                         config.log_every, config.progress)
         return history, rank == 0, engine.global_steps, None
     devices, num_nodes = world_from_env(config.devices, config.num_nodes)
+    bar = config.progress and sys.stderr.isatty()  # else plain lines (`progress_lines`)
     layer_classes = {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
     trainer = L.Trainer(accelerator=on, devices=devices, num_nodes=num_nodes,
                         strategy=lightning_strategy(config.strategy, config.offload, layer_classes),
@@ -482,9 +544,10 @@ def fit(module, model, data: dict[str, torch.Tensor], config, on: str, stage: in
                         logger=loggers(log_dir, name), log_every_n_steps=config.log_every,
                         callbacks=[checkpoint_callback(ckpt_dir, config.checkpoint_every, meta),
                                    L.pytorch.callbacks.LearningRateMonitor("step"),
-                                   *([progress_bar()] if config.progress else [])],
+                                   *([progress_bar()] if bar else [progress_lines()] if config.progress else [])],
                         enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-                        enable_progress_bar=config.progress, enable_model_summary=False)
+                        enable_progress_bar=bar, enable_model_summary=False)
+    check_resume(found, trainer.world_size, config.max_steps)
     datamodule = step_datamodule(data, config.batch_size, config.max_steps * config.grad_accum,
                                  config.seed, start_step * config.grad_accum)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -498,6 +561,15 @@ def fit(module, model, data: dict[str, torch.Tensor], config, on: str, stage: in
                   f"Run again with --resume to continue from the last checkpoint in {ckpt_dir}.",
                   file=sys.stderr, flush=True)
         raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a process the signal ended
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        # Ctrl-C: Lightning catches it inside fit and exits 1 with its message silenced (quiet_libraries)
+        if trainer.is_global_zero:
+            print(f"{name.replace('_', '-')}: interrupted at step {trainer.global_step}; nothing exported. "
+                  f"Run again with --resume to continue from the last checkpoint in {ckpt_dir}.",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     return module.history, trainer.is_global_zero, trainer.global_step, trainer
 
 

@@ -113,6 +113,19 @@ def test_bad_files(tmp_path):
     with pytest.raises(SlimlmError, match="mapping"):
         load_config(Outer, write(tmp_path, "- 1\n- 2\n"), [])
     assert load_config(Outer, write(tmp_path, ""), []) == Outer()
+    with pytest.raises(SlimlmError, match="is a folder"):
+        load_config(Outer, tmp_path, [])
+
+
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path):
+    """Plain YAML keeps the last of two `lr:` lines silently; a config that says two things is refused."""
+    with pytest.raises(SlimlmError, match="the key 'a' is given twice"):
+        load_config(Outer, write(tmp_path, "a: 1\nb: x\na: 5\n"), [])
+    with pytest.raises(SlimlmError, match="the key 'x' is given twice"):
+        load_config(Outer, write(tmp_path, "inner:\n  x: 1\n  x: 2\n"), [])
+    from slimlm.recipes.config import read_yaml  # a merge key's keys may be overridden: not a duplicate
+    merged = read_yaml(write(tmp_path, "base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n"))
+    assert merged["other"] == {"x": 1, "y": 3}
 
 
 def test_round_trip_through_a_dict():

@@ -105,7 +105,7 @@ def test_manifest_holds_config_losses_and_pruned_shapes(assets, kd_run):
 def test_checkpoint_loads_weights_only_and_holds_no_teacher(kd_run):
     _, out, _ = kd_run
     meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())
-    assert meta["global_step"] == 20
+    assert meta["global_step"] == 20 and meta["world_size"] == 1  # a resume checks it (`check_resume`)
     state = torch.load(out / "checkpoints" / "last" / "state.ckpt", weights_only=True, map_location="cpu")
     keys = list(state["state_dict"])
     assert keys and all(k.startswith("student.") for k in keys)  # the frozen teacher is not saved
@@ -293,22 +293,41 @@ def test_out_dir_that_is_a_file_is_refused_before_loading(assets, monkeypatch):
         main(load_config(DistillConfig, config_file(assets, out), []))
 
 
-def test_sigterm_exits_143_with_a_resume_hint_and_no_export(assets, monkeypatch, capsys):
-    # Lightning turns SIGTERM into SIGTERMException, a SystemExit with no code: status 0 unless caught.
-    import lightning.pytorch as pl
+def _sigterm(trainer):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    def stopped(self, *args, **kwargs):
-        raise SIGTERMException()
+    raise SIGTERMException()  # Lightning's SIGTERM: a SystemExit with no code, status 0 unless caught
 
-    monkeypatch.setattr(pl.Trainer, "fit", stopped)
-    out = assets["root"] / "sigterm"
+
+def _ctrl_c(trainer):
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    trainer.state.status = TrainerStatus.INTERRUPTED  # Lightning catches Ctrl-C inside fit, marks the trainer
+    raise SystemExit(1)  # and exits 1, its message silenced by quiet_libraries
+
+
+@pytest.mark.parametrize("stop, code, words", [(_sigterm, 143, "stopped by SIGTERM at step 0"),
+                                               (_ctrl_c, 130, "interrupted at step 0")])
+def test_a_stopped_run_exits_non_zero_with_a_resume_hint_and_no_export(assets, monkeypatch, capsys, stop, code, words):
+    import lightning.pytorch as pl
+
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, *args, **kwargs: stop(self))
+    out = assets["root"] / f"stopped-{code}"
     with pytest.raises(SystemExit) as exc:
         cli(["--config", str(config_file(assets, out)), "max_steps=2"])
-    assert exc.value.code == 143
+    assert exc.value.code == code
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "stopped by SIGTERM" in err[0] and "--resume" in err[0], err
+    assert len(err) == 1 and words in err[0] and "--resume" in err[0], err
     assert not (out / "model").exists()
+
+
+def test_a_resume_past_max_steps_is_refused_before_loading(assets, kd_run, monkeypatch):
+    import slimlm.recipes.distill as recipe
+
+    path, _, _ = kd_run  # finished at step 20
+    monkeypatch.setattr(recipe, "load_student", lambda *a, **k: pytest.fail("loaded a model before checking"))
+    with pytest.raises(SlimlmError, match="at step 20, past max_steps=4"):
+        main(load_config(DistillConfig, path, ["max_steps=4"]), resume=True)
 
 
 def test_student_padded_past_the_tokenizer_distils_on_the_shared_ids(assets):
@@ -326,3 +345,14 @@ def test_student_padded_past_the_tokenizer_distils_on_the_shared_ids(assets):
     with pytest.raises(SlimlmError, match="teacher_mode=topk needs a student with at least the teacher's 320"):
         main(load_config(DistillConfig, config_file(assets, root / "padded_topk", teacher=str(root / "student_padded")),
                          ["teacher_mode=topk", "max_steps=2"]))
+
+
+def test_progress_in_a_log_is_plain_lines(assets, capsys):
+    """stderr not a terminal (here: captured; in use: a log file): a line per tenth of the steps, no bar of
+    carriage returns."""
+    out = assets["root"] / "lines"
+    main(load_config(DistillConfig, config_file(assets, out), ["max_steps=4", "checkpoint_every=0", "progress=true"]))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("training: step ")]
+    assert [line.split(",")[0] for line in lines] == [f"training: step {s}/4" for s in (1, 2, 3, 4)]
+    assert "loss" in lines[-1] and "Epoch 0" not in err  # no Lightning bar (its "Epoch 0: ..." line)

@@ -128,3 +128,12 @@ def test_config_values_are_type_checked(setup, capsys):
     cfg.write_text("target-params: 0.5\ncalib-samples: many\n")
     assert main(["--config", str(cfg), str(setup / "tiny"), "--out", str(setup / "never")]) == 2
     assert "calib_samples must be int" in capsys.readouterr().err
+
+
+def test_a_key_value_override_is_not_taken_for_the_model(setup, capsys):
+    """The training recipes take key=value overrides; prune takes flags: `out=/x` where the model goes says so."""
+    cfg = setup / "p.yaml"
+    cfg.write_text(f"model: {setup / 'tiny'}\ntarget-params: 0.5\n")
+    assert main(["--config", str(cfg), "out=/tmp/x"]) == 2
+    err = capsys.readouterr().err
+    assert "'out=/tmp/x' is not a model: prune takes flags" in err and "--out /tmp/x" in err

@@ -157,6 +157,34 @@ def test_launch_arguments_accept_deepspeeds_local_rank():
     assert args.local_rank == 1 and args.overrides == ["a=1", "b.c=x"] and args.resume
 
 
+def test_a_resume_must_continue_the_run(tmp_path):
+    """Another number of processes would skip or repeat samples; a checkpoint past max_steps has nothing to do.
+    Checkpoints written before world_size was recorded resume as before."""
+    found = (tmp_path, {"global_step": 12, "world_size": 1})
+    T.check_resume(None, 4, 1)
+    T.check_resume(found, 1, 12)  # equal: export again
+    T.check_resume((tmp_path, {"global_step": 12}), 2, 20)
+    with pytest.raises(SlimlmError, match=r"written by 1 process\(es\); this run has 2"):
+        T.check_resume(found, 2, 20)
+    with pytest.raises(SlimlmError, match="at step 12, past max_steps=4"):
+        T.check_resume(found, 1, 4)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_script_reports_a_bug_briefly_unless_debug(debug, capsys):
+    """`python recipes/X.py` says an internal error in one line (exit 1) as `slimlm X` does; --debug raises."""
+    def run(args):
+        raise ValueError("boom")
+
+    argv = ["--config", "c.yaml", *(["--debug"] if debug else [])]
+    if debug:
+        with pytest.raises(ValueError, match="boom"):
+            T.run_as_script("distill", "d", run, argv)
+    else:
+        assert T.run_as_script("distill", "d", run, argv) == 1
+        assert "distill: internal error: ValueError: boom" in capsys.readouterr().err
+
+
 def test_a_resumed_run_appends_to_the_csv_log(tmp_path):
     # Lightning's CSV writer deletes a metrics.csv it finds; the training history of a resumed run must stay.
     first = T.loggers(tmp_path, "run")[0]
