@@ -523,7 +523,7 @@ def run_script(verb: str, argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     rest = [a for a in argv if a != "--debug"]
     return main(["--debug"] * (len(rest) < len(argv)) + [verb, *rest],
-                command_line=f"python recipes/{verb}.py " + shlex.join(rest))
+                command_line=f"python recipes/{verb.replace('-', '_')}.py " + shlex.join(rest))
 
 
 if __name__ == "__main__":

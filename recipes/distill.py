@@ -394,7 +394,9 @@ def run_distill(args) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return T.run_as_script("distill", __doc__.splitlines()[0], run_distill, argv)
+    from slimlm.recipes.cli import run_script
+
+    return run_script("distill", argv)
 
 
 if __name__ == "__main__":

@@ -225,18 +225,10 @@ def build_data(config: EarlyExitConfig, tokenizer) -> dict[str, torch.Tensor]:
     return {"input_ids": blocks, "labels": blocks.clone()}
 
 
-def eval_text(config: EarlyExitConfig) -> tuple[str, str, bool]:
-    """`(source, split, held_out)`: `eval_data`, else the validation split of built-in and hub data. A local
-    file has no split of its own: without `eval_data` that is the training text itself."""
-    source = config.eval_data or config.data
-    split = "validation" if source.startswith(("builtin:", "hf:")) else config.data_split
-    return source, split, not (source == config.data and split == config.data_split)
-
-
 def exit_eval(model, tokenizer, exits, config: EarlyExitConfig) -> dict:
     from slimlm.toolkit.early_exit import evaluate_exits, format_exit_table
 
-    source, split, held_out = eval_text(config)
+    source, split, held_out = T.eval_text(config)
     r = evaluate_exits(model, tokenizer, exits, data=source, split=split, window=config.eval_window,
                        max_windows=config.eval_windows, progress=config.progress)
     r["text"] = "held-out" if held_out else "training"
@@ -275,7 +267,7 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
     if config.eval_windows:
         from slimlm.toolkit.data import check_source
 
-        check_source(eval_text(config)[0])
+        check_source(T.eval_text(config)[0])
     L.seed_everything(config.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -349,7 +341,9 @@ def run_early_exit(args) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return T.run_as_script("early_exit", __doc__.splitlines()[0], run_early_exit, argv)
+    from slimlm.recipes.cli import run_script
+
+    return run_script("early-exit", argv)
 
 
 if __name__ == "__main__":

@@ -238,20 +238,12 @@ def build_data(config: QATConfig, tokenizer) -> dict[str, torch.Tensor]:
     return {"input_ids": blocks, "labels": blocks.clone()}
 
 
-def eval_text(config: QATConfig) -> tuple[str, str, bool]:
-    """`(source, split, held_out)` of the perplexity text: `eval_data`, else the validation split of built-in
-    and hub data. A local file has no split of its own: without `eval_data` that is the training text itself."""
-    source = config.eval_data or config.data
-    split = "validation" if source.startswith(("builtin:", "hf:")) else config.data_split
-    return source, split, not (source == config.data and split == config.data_split)
-
-
 def perplexity(model, tokenizer, config: QATConfig) -> float:
-    """Perplexity on `eval_text(config)` (held out unless the data is a local file and eval_data is unset)."""
+    """Perplexity on `T.eval_text(config)` (held out unless the data is a local file and eval_data is unset)."""
     from slimlm.toolkit.data import load_texts, token_stream
     from slimlm.toolkit.eval import perplexity as ppl
 
-    source, split, _ = eval_text(config)
+    source, split, _ = T.eval_text(config)
     stream = token_stream(load_texts(source, split=split, tokenizer=tokenizer), tokenizer)
     was_training = model.training
     r = ppl(model, stream, window=config.eval_window, max_windows=config.eval_windows, progress=config.progress)
@@ -303,7 +295,7 @@ def main(config: QATConfig, resume: bool = False) -> Path:
     model, tokenizer, teacher, base_ppl = build(config, skeleton=bool(found))
     data = build_data(config, tokenizer)
     results: dict = {"scheme": config.quant.scheme().to_dict(), "init": config.init}
-    held_out = eval_text(config)[2]
+    held_out = T.eval_text(config)[2]
     on_text = "held-out perplexity" if held_out else "perplexity on the training text"
     if config.eval_windows:  # which text the perplexities are on, beside them in the manifest
         results["perplexity_text"] = "held-out" if held_out else "training"
@@ -374,7 +366,9 @@ def run_qat(args) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return T.run_as_script("qat", __doc__.splitlines()[0], run_qat, argv)
+    from slimlm.recipes.cli import run_script
+
+    return run_script("qat", argv)
 
 
 if __name__ == "__main__":

@@ -48,37 +48,6 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def run_as_script(prog: str, description: str, run, argv: list[str] | None = None) -> int:
-    """`python recipes/PROG.py --config FILE [key=value ...]` (also under deepspeed/torchrun): parse the launch
-    arguments, keep libraries quiet, run `run(args)`; a user error prints one line and exits 2."""
-    import sys
-
-    from slimlm.toolkit.errors import SlimlmError
-
-    parser = add_launch_arguments(argparse.ArgumentParser(f"{prog}.py", description=description))
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    args = parser.parse_intermixed_args(argv)
-    quiet_libraries()
-    try:
-        return run(args)
-    except SlimlmError as err:
-        print(f"{prog.replace('_', '-')}: error: {err.what}", file=sys.stderr)
-        if err.hint:
-            print(err.hint, file=sys.stderr)
-        if args.debug:
-            raise
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # a bug, not a user error: as `slimlm` says it
-        if args.debug:
-            raise
-        print(f"{prog.replace('_', '-')}: internal error: {type(err).__name__}: {err}\n"
-              "Rerun with --debug for the traceback, and please report it.", file=sys.stderr)
-        return 1
-
-
 def quiet_libraries() -> None:
     """Our progress bar and summary speak; transformers' per-load bars and Lightning's tips do not."""
     import logging
@@ -185,6 +154,14 @@ def check_resume(found: tuple[Path, dict] | None, world: int | None, max_steps: 
     if step > max_steps:
         raise SlimlmError(f"the checkpoint in {found[0]} is at step {step}, past max_steps={max_steps}.",
                           f"Pass max_steps={step} or more (equal: export it again without training).")
+
+
+def eval_text(config) -> tuple[str, str, bool]:
+    """`(source, split, held_out)` of a recipe's evaluation text: `eval_data`, else the validation split of built-in
+    and hub data. A local file has no split of its own: without `eval_data` that is the training text itself."""
+    source = config.eval_data or config.data
+    split = "validation" if source.startswith(("builtin:", "hf:")) else config.data_split
+    return source, split, not (source == config.data and split == config.data_split)
 
 
 def planned_world(config) -> int | None:

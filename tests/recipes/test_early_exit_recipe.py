@@ -212,7 +212,7 @@ def test_two_ddp_ranks_with_idle_exits_and_skipped_layers(assets):
 
 
 def test_eval_data_is_the_held_out_text_when_given(assets):
-    from slimlm.recipes.early_exit import eval_text
+    from slimlm.recipes.training import eval_text
 
     other = assets["root"] / "held_out.txt"
     other.write_text("the quick brown fox")

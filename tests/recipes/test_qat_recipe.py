@@ -235,7 +235,7 @@ def test_gap_closed_only_where_there_is_a_gap(base, start, after, expected):
 
 
 def test_a_local_data_file_without_eval_data_is_not_called_held_out(assets):
-    from slimlm.recipes.qat import eval_text
+    from slimlm.recipes.training import eval_text
 
     own = load_config(QATConfig, None, [f"data={assets['data']}"])
     assert eval_text(own) == (assets["data"], "train", False)  # a local file has no validation split

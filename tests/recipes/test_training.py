@@ -171,18 +171,26 @@ def test_a_resume_must_continue_the_run(tmp_path):
 
 
 @pytest.mark.parametrize("debug", [False, True])
-def test_a_script_reports_a_bug_briefly_unless_debug(debug, capsys):
-    """`python recipes/X.py` says an internal error in one line (exit 1) as `slimlm X` does; --debug raises."""
+def test_a_script_reports_a_bug_briefly_unless_debug(debug, capsys, monkeypatch):
+    """`python recipes/X.py` runs as `slimlm X`: an internal error in one line (exit 1); --debug raises; the
+    overrides after --resume reach the recipe."""
+    from slimlm.recipes import cli, distill
+
+    seen = []
+
     def run(args):
+        seen.append(args.overrides)
         raise ValueError("boom")
 
-    argv = ["--config", "c.yaml", *(["--debug"] if debug else [])]
+    monkeypatch.setitem(cli.VERBS, "distill", (cli.VERBS["distill"][0], run))
+    argv = ["--config", "c.yaml", "a=1", "--resume", "b=2", *(["--debug"] if debug else [])]
     if debug:
         with pytest.raises(ValueError, match="boom"):
-            T.run_as_script("distill", "d", run, argv)
+            distill.cli(argv)
     else:
-        assert T.run_as_script("distill", "d", run, argv) == 1
-        assert "distill: internal error: ValueError: boom" in capsys.readouterr().err
+        assert distill.cli(argv) == 1
+        assert "slimlm distill: internal error: ValueError: boom" in capsys.readouterr().err
+    assert seen == [["a=1", "b=2"]]
 
 
 def test_a_resumed_run_appends_to_the_csv_log(tmp_path):
