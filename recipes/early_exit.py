@@ -155,10 +155,6 @@ def make_module(model, exits, dropout, *, loss: dict, optim: dict, start_calls: 
         def training_step(self, batch, batch_idx):
             total, parts = self(batch)
             n = len(batch["input_ids"])
-            # Every exit's key at every step, NaN while it is idle: Lightning would repeat a stale value.
-            keys = ["loss", "ce_final", *(f"{t}_{e}" for e in self.exits.layers
-                                          for t in ("ce", "kd") if t == "ce" or loss["kd_weight"] > 0)]
-            self.log_dict({f"train/{k}": parts.get(k, float("nan")) for k in keys}, batch_size=n)
             self.log("loss", parts["loss"], prog_bar=True, logger=False, batch_size=n)
             self.history.append({"step": self.global_step + 1, **parts})
             return total

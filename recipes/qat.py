@@ -175,7 +175,6 @@ def make_module(model, teacher, *, loss: LossConfig, optim: dict):
         def training_step(self, batch, batch_idx):
             total, parts = self(batch)
             n = len(batch["input_ids"])
-            self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)
             self.log("loss", parts["loss"], prog_bar=True, logger=False, batch_size=n)
             self.history.append({"step": self.global_step + 1, **parts})
             return total

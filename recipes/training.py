@@ -22,8 +22,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -384,6 +386,64 @@ def loggers(log_dir: str | os.PathLike, name: str) -> list:
     return out
 
 
+class StepLog:
+    """The training log of both paths (Lightning's and DeepSpeed's engine): per optimizer step, the mean of its
+    micro-batches' records and the learning rate the step used, written at steps `log_every`, 2 x `log_every`,
+    ... and the last one, numbered from 1 (the checkpoints' and the history's step). A key that a step lacks
+    after an earlier step had it (an idle early exit) is NaN, not a stale value."""
+
+    def __init__(self, logs: list, log_every: int, max_steps: int):
+        self.logs, self.every, self.max_steps = logs, log_every, max_steps
+        self.sums: dict[str, float] = {}
+        self.known: set[str] = set()
+        self.n = 0
+
+    def add(self, parts: dict) -> None:
+        for k, v in parts.items():
+            if k != "step":
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def end_step(self, step: int, lr: float | None) -> dict:
+        """Close optimizer step `step`; returns its metrics (`train/<key>`, `lr-AdamW`)."""
+        means = {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        self.known |= set(means)
+        metrics = {f"train/{k}": means.get(k, float("nan")) for k in sorted(self.known)}
+        if lr is not None:
+            metrics["lr-AdamW"] = lr
+        self.sums, self.n = {}, 0
+        if step % self.every == 0 or step == self.max_steps:
+            for lg in self.logs:
+                lg.log_metrics(metrics, step=step)
+                lg.save()  # on disk now: a killed run keeps what it logged
+        return metrics
+
+
+def step_log_callback(log_every: int, max_steps: int):
+    """A Lightning callback that keeps `StepLog` from the module's `history` (its last record is the micro-batch
+    that just ran); the modules log nothing through Lightning itself, whose rows are numbered from 0, hold the
+    last micro-batch's loss rather than the step's, and miss the last step when `log_every` does not divide it."""
+    import lightning as L
+
+    class Log(L.Callback):
+        def __init__(self):
+            self.log, self.lr, self.seen = None, None, None
+
+        def on_train_start(self, trainer, pl_module):
+            self.log = StepLog(list(trainer.loggers) if trainer.is_global_zero else [], log_every, max_steps)
+            self.seen = trainer.global_step
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves after it)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.log.add(pl_module.history[-1])
+            if trainer.global_step != self.seen:  # this micro-batch ended an optimizer step
+                self.seen = trainer.global_step
+                self.log.end_step(trainer.global_step, self.lr)
+    return Log()
+
+
 def _keep_csv_history(logger) -> None:
     """Lightning's CSV writer deletes the metrics.csv it finds when it starts; put it back, with its columns, so
     the run appends to it (the writer rewrites the header itself when new columns come)."""
@@ -459,29 +519,23 @@ def run_deepspeed(module, data: dict[str, torch.Tensor], ds_config: dict, max_st
     batches = StepBatches(data, ds_config["train_micro_batch_size_per_gpu"], max_steps * accum, rank, world,
                           seed, start=step * accum)
     logs = loggers(log_dir, name) if rank == 0 else []
+    log = StepLog(logs, log_every, max_steps)
     engine.train()
-    with logged_progress(progress and rank == 0) as bar:
+    with logged_progress(progress and rank == 0) as bar, stop_with_resume_hint(name, ckpt_dir, lambda: step, rank == 0):
         task = bar.add_task("training", total=max_steps, completed=step)
-        sums: dict[str, float] = {}
         for i, batch in enumerate(batches, start=step * accum):
             loss, parts = engine(batch)
             engine.backward(loss)
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in step())
             engine.step()
             history.append({"step": step + 1, **parts})
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
+            log.add(parts)
             if (i + 1) % accum:
                 continue
             step += 1
-            metrics, sums = {**{f"train/{k}": v for k, v in sums.items()}, "lr-AdamW": lr}, {}
+            metrics = log.end_step(step, lr)
             bar.update(task, completed=step, description=f"training loss {metrics['train/loss']:.4f}")
-            if step % log_every == 0 or step == max_steps:
-                for lg in logs:
-                    lg.log_metrics(metrics, step=step)
             if (every and step % every == 0) or step == max_steps:
-                for lg in logs:
-                    lg.save()
                 save_checkpoint(ckpt_dir, {**meta, "global_step": step, "world_size": world}, rank == 0,
                                 torch.distributed.barrier,
                                 lambda path: engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False,
@@ -519,8 +573,8 @@ def fit(module, model, data: dict[str, torch.Tensor], config, on: str, stage: in
                         precision=PRECISIONS[config.precision], max_steps=config.max_steps, max_epochs=-1,
                         accumulate_grad_batches=config.grad_accum, gradient_clip_val=config.grad_clip or None,
                         logger=loggers(log_dir, name), log_every_n_steps=config.log_every,
-                        callbacks=[checkpoint_callback(ckpt_dir, config.checkpoint_every, meta),
-                                   L.pytorch.callbacks.LearningRateMonitor("step"),
+                        callbacks=[step_log_callback(config.log_every, config.max_steps),
+                                   checkpoint_callback(ckpt_dir, config.checkpoint_every, meta),
                                    *([progress_bar()] if bar else [progress_lines()] if config.progress else [])],
                         enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0,
                         enable_progress_bar=bar, enable_model_summary=False)
@@ -533,21 +587,47 @@ def fit(module, model, data: dict[str, torch.Tensor], config, on: str, stage: in
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(found[0] / "state.ckpt") if found else None,
                     weights_only=True)
     except SIGTERMException:  # a SystemExit with no code, i.e. exit status 0: a stopped run must not look done
-        if trainer.is_global_zero:
-            print(f"{name.replace('_', '-')}: stopped by SIGTERM at step {trainer.global_step}; nothing exported. "
-                  f"Run again with --resume to continue from the last checkpoint in {ckpt_dir}.",
-                  file=sys.stderr, flush=True)
-        raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a process the signal ended
+        stopped(name, ckpt_dir, trainer.global_step, trainer.is_global_zero, 143)
     except SystemExit:
         if not trainer.interrupted:
             raise
         # Ctrl-C: Lightning catches it inside fit and exits 1 with its message silenced (quiet_libraries)
-        if trainer.is_global_zero:
-            print(f"{name.replace('_', '-')}: interrupted at step {trainer.global_step}; nothing exported. "
-                  f"Run again with --resume to continue from the last checkpoint in {ckpt_dir}.",
-                  file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+        stopped(name, ckpt_dir, trainer.global_step, trainer.is_global_zero, 130)
     return module.history, trainer.is_global_zero, trainer.global_step, trainer
+
+
+def stopped(name: str, ckpt_dir: Path, step: int, say: bool, code: int):
+    """End a run that SIGTERM (exit 143, as a shell reports a process the signal ended; a scheduler's
+    preemption) or Ctrl-C (130) stopped: one line with the step and how to continue, nothing exported."""
+    if say:
+        how = "stopped by SIGTERM" if code == 143 else "interrupted"
+        print(f"{name.replace('_', '-')}: {how} at step {step}; nothing exported. "
+              f"Run again with --resume to continue from the last checkpoint in {ckpt_dir}.", file=sys.stderr, flush=True)
+    raise SystemExit(code) from None
+
+
+class _Terminated(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def stop_with_resume_hint(name: str, ckpt_dir: Path, step, say: bool):
+    """Around DeepSpeed's training loop (Lightning's path has its own handling): SIGTERM and Ctrl-C end the run
+    through `stopped` at the step `step()` reports, where SIGTERM's default would end it with no word."""
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, on_term) if main_thread else None
+    try:
+        yield
+    except _Terminated:
+        stopped(name, ckpt_dir, step(), say, 143)
+    except KeyboardInterrupt:
+        stopped(name, ckpt_dir, step(), say, 130)
+    finally:
+        if main_thread and before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager

@@ -356,3 +356,65 @@ def test_progress_in_a_log_is_plain_lines(assets, capsys):
     lines = [line for line in err.splitlines() if line.startswith("training: step ")]
     assert [line.split(",")[0] for line in lines] == [f"training: step {s}/4" for s in (1, 2, 3, 4)]
     assert "loss" in lines[-1] and "Epoch 0" not in err  # no Lightning bar (its "Epoch 0: ..." line)
+
+
+def recipe_process(config_path):
+    """`python recipes/distill.py --config PATH`, as users launch it (DeepSpeed's engine on CPU runs there)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "distill.py"
+    return subprocess.Popen([sys.executable, str(recipe), "--config", str(config_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+def csv_rows(out) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader((out / "logs" / "distill" / "csv" / "metrics.csv").open()))
+
+
+def test_both_training_paths_log_the_same_rows(assets):
+    """metrics.csv has a row at each multiple of log_every and at the last step, numbered from 1 like the
+    checkpoints, each the mean over the step's micro-batches with the rate the step used: on Lightning's path
+    and on DeepSpeed's engine (a `python recipes/distill.py` process, as users launch it) alike. Lightning's
+    own logging numbered from 0, logged the last micro-batch's loss and dropped the last step here."""
+    settings = dict(max_steps=5, log_every=2, grad_accum=2, batch_size=2, checkpoint_every=0)
+    out = assets["root"] / "rows_lightning"
+    main(load_config(DistillConfig, config_file(assets, out, **settings), []))
+    ds_out = assets["root"] / "rows_deepspeed"
+    proc = recipe_process(config_file(assets, ds_out, strategy="deepspeed_stage_2", **settings))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    rows, ds_rows = csv_rows(out), csv_rows(ds_out)
+    assert [r["step"] for r in rows] == [r["step"] for r in ds_rows] == ["2", "4", "5"]
+    history = torch.load(out / "checkpoints" / "last" / "state.ckpt", weights_only=True)["slimlm_history"]
+    for row, ds_row in zip(rows, ds_rows):
+        step = int(row["step"])
+        parts = [h["loss"] for h in history if h["step"] == step]
+        assert len(parts) == 2 and float(row["train/loss"]) == pytest.approx(sum(parts) / 2, rel=1e-6)
+        assert float(ds_row["train/loss"]) == pytest.approx(float(row["train/loss"]), rel=1e-3)
+        assert float(ds_row["lr-AdamW"]) == pytest.approx(float(row["lr-AdamW"]), rel=1e-6)
+    assert float(rows[0]["lr-AdamW"]) != float(rows[1]["lr-AdamW"])  # the warmup's rate, as the step used it
+
+
+def test_sigterm_on_deepspeeds_engine_exits_143_with_a_resume_hint(assets):
+    """As on Lightning's path (above): a preempted DeepSpeed run says where it stopped and how to go on."""
+    import signal
+    import time
+
+    out = assets["root"] / "ds_sigterm"
+    proc = recipe_process(config_file(assets, out, strategy="deepspeed_stage_2", max_steps=400, checkpoint_every=1))
+    meta = out / "checkpoints" / "last" / "meta.json"
+    deadline = time.monotonic() + 240
+    while not meta.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert meta.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    err = proc.stderr.read()
+    line = next(line for line in err.splitlines() if "stopped by SIGTERM" in line)
+    assert line.startswith("distill: stopped by SIGTERM at step ") and "--resume" in line and str(out) in line
+    assert not (out / "model").exists()
