@@ -292,17 +292,37 @@ def check_layer(folder, name: str, layer: dict[str, torch.Tensor], bits: int | N
     return bits
 
 
+def packed_layer(folder, tensors: dict[str, torch.Tensor], name: str, qc: dict) -> tuple[dict[str, torch.Tensor], int]:
+    """Layer `name`'s packed tensors and bits, checked (`check_layer`). Some exports leave `g_idx` out where
+    it would say `i // group_size` (no act-order): it is filled in so; with act-order it cannot be, and is
+    refused as missing."""
+    layer = {p: tensors[f"{name}.{p}"] for p in PACKED if f"{name}.{p}" in tensors}
+    qweight, qzeros, scales = layer.get("qweight"), layer.get("qzeros"), layer.get("scales")
+    if "g_idx" not in layer and not qc.get("desc_act") and qweight is not None and qzeros is not None \
+            and scales is not None and qweight.dim() == 2 and qzeros.dim() == 2 and scales.dim() == 2 \
+            and qweight.shape[1]:
+        # the layer's own bits and groups (a quantized head may differ from the config's)
+        bits = qzeros.shape[1] * 32 // qweight.shape[1]
+        bits = bits if bits in (4, 8) else qc["bits"]
+        gs, in_f, groups = qc.get("group_size", -1), qweight.shape[0] * 32 // bits, scales.shape[0]
+        if groups == 1:
+            layer["g_idx"] = torch.zeros(in_f, dtype=torch.int32)
+        elif gs and gs > 0 and groups == -(-in_f // gs):
+            layer["g_idx"] = torch.arange(in_f, dtype=torch.int32) // gs
+    return layer, check_layer(folder, name, layer)
+
+
 def read_gptq_tensors(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     """The packed layers of a GPTQ checkpoint, `{module name: {qweight, qzeros, scales, g_idx[, bias]}}`,
-    exactly as stored (for the serving kernels); `gptq_config(path)` gives bits and group size."""
-    gptq_config(path)
+    as stored (for the serving kernels; a left-out `g_idx` filled in, `packed_layer`); `gptq_config(path)`
+    gives bits and group size."""
+    qc = gptq_config(path)
     tensors = _read_safetensors(Path(path))
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key in tensors:
         if key.endswith(".qweight"):
             name = key[: -len(".qweight")]
-            layers[name] = {p: tensors[f"{name}.{p}"] for p in PACKED if f"{name}.{p}" in tensors}
-            check_layer(path, name, layers[name])
+            layers[name] = packed_layer(path, tensors, name, qc)[0]
             if f"{name}.bias" in tensors:
                 layers[name]["bias"] = tensors[f"{name}.bias"]
     return layers
@@ -330,8 +350,7 @@ def load_gptq(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verif
     for key, tensor in tensors.items():
         if key.endswith(".qweight"):
             name = key[: -len(".qweight")]
-            layer = {p: tensors[f"{name}.{p}"] for p in PACKED if f"{name}.{p}" in tensors}
-            bits = check_layer(folder, name, layer)
+            layer, bits = packed_layer(folder, tensors, name, qc)
             state[f"{name}.weight"] = dequantize_gptq(*(layer[p] for p in PACKED), bits, offset).to(dtype)
         elif not key.endswith((".qzeros", ".scales", ".g_idx")):
             state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor

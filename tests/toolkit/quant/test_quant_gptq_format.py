@@ -261,8 +261,47 @@ def test_a_quantize_config_json_beside_config_json_is_read_as_the_gptq_settings(
     assert read_gptq_tensors(folder)  # the serving engine's packed path reads it too
 
 
+def test_a_folder_without_g_idx_reads_as_consecutive_groups(tmp_path):
+    """Some exports leave g_idx out where it is i // group_size (no act-order): read as that, by both readers,
+    the same model as with it; the int8 head of a 4-bit checkpoint is read at its own bits."""
+    from slimlm.toolkit.quant.lm_head import quantize_lm_head
+
+    model, tok = tiny_model("llama", seed=4, vocab_size=264)
+    scheme = QuantScheme(bits=4, group_size=32, sym=False)
+    state = quantize_model(model, scheme, "rtn")
+    head_scheme = QuantScheme(bits=8, group_size=-1, sym=True, skip=())
+    state["lm_head"] = quantize_lm_head(model, head_scheme)
+    out = save_gptq(model, tok, state, scheme, tmp_path / "q", lm_head_scheme=head_scheme)
+    folder = tmp_path / "no_g_idx"
+    folder.mkdir()
+    for f in out.iterdir():
+        if f.name != "slimlm.json":
+            (folder / f.name).write_bytes(f.read_bytes())
+    from safetensors.torch import save_file
+
+    tensors = load_file(out / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with torch.no_grad():
+        torch.testing.assert_close(load_gptq(folder)[0](IDS).logits, load_gptq(out)[0](IDS).logits, rtol=0, atol=0)
+    layers, ref = read_gptq_tensors(folder), read_gptq_tensors(out)
+    assert layers.keys() == ref.keys() and "lm_head" in layers
+    for name in ref:
+        assert torch.equal(layers[name]["g_idx"], ref[name]["g_idx"]), name
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["desc_act"] = True  # act-order: the order cannot be guessed
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlimlmError, match="lacks g_idx"):
+        load_gptq(folder)
+
+
+def _act_order(tensors, config, folder):
+    config["quantization_config"]["desc_act"] = True
+    tensors.pop("model.layers.0.mlp.down_proj.g_idx")
+
+
 @pytest.mark.parametrize("edit, words", [
-    (lambda t, c, f: t.pop("model.layers.0.mlp.down_proj.g_idx"), "model.layers.0.mlp.down_proj lacks g_idx"),
+    (_act_order, "model.layers.0.mlp.down_proj lacks g_idx"),
     (lambda t, c, f: t.__setitem__("model.layers.1.self_attn.o_proj.g_idx",
                                    t["model.layers.1.self_attn.o_proj.g_idx"] + 1), "o_proj.g_idx names groups 1..2"),
     (lambda t, c, f: t.__setitem__("model.layers.0.mlp.up_proj.scales", t["model.layers.0.mlp.up_proj.scales"][:-1]),
