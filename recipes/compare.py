@@ -16,7 +16,8 @@ before the load, while loading and evaluating), and serving memory: what the mod
 Cache and resume rule: --out/cache/ holds a JSON per model named by a hash of the model's identity
 (kind, location, every file's size and mtime, an export's manifest hash) and the settings.
 - Accuracy, both memory figures and parameters are measured once per model and settings, then reused.
-- The base's speed is measured in every run: a speed ratio divides two figures of the same run only.
+- The base's speed is measured in every run that times a model: a speed ratio divides two figures of the
+  same run only. A re-run that adds nothing (every speed cached) times nothing again.
 - The models measured in a run are loaded together and their repetitions alternate (--speed-order
   alternate; `auto` does so where they fit in half the free memory): each repetition runs every model
   once, so each has one ratio to the base per repetition, and a change of load on a shared machine
@@ -570,8 +571,11 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
 
     todo_accuracy = [e for e in entries if "accuracy" not in e]
     # A cached speed from an older slimlm that lacks a figure of today's table is measured again.
-    todo_speed = [base] + [e for e in entries[1:] if e.get("speed", {}).get("base_key") != base["key"]
-                           or not set(compare_report.SPEED_FIGURES) <= set(e["speed"].get("figures", {}))]
+    stale = [e for e in entries if e.get("speed", {}).get("base_key") != base["key"]
+             or not set(compare_report.SPEED_FIGURES) <= set(e["speed"].get("figures", {}))]
+    # Nothing to time where every speed, the base's too, is cached (each variant's ratio is to the base of the run
+    # that timed it): the report is written again from the cache.
+    todo_speed = [base] + [e for e in stale if e is not base] if stale else []
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar:
         acc_task = bar.add_task("accuracy", total=len(todo_accuracy))

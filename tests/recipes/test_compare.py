@@ -175,6 +175,15 @@ def test_rerun_with_one_more_model_measures_only_it_and_the_base(order, models, 
     assert "Pareto front (quality against serving memory): small, base, large" in (out / "report.md").read_text()
     assert "†" in (out / "report.md").read_text()
 
+    # The same compare again: every speed is cached, so nothing is timed, and each ratio stays its own run's.
+    assert compare.run_compare(parse([models["base"], models["small"], models["large"], "--out", out, *FAST,
+                                      "--speed-order", order])) == 0
+    assert fakes.speed == ["base", "small", "base", "large"] and fakes.accuracy == ["base", "small", "large"]
+    f = figures(out)
+    assert f["small"]["batch1_decode_tok_s"]["ratio"] == pytest.approx(2.0)
+    assert f["large"]["batch1_decode_tok_s"]["ratio"] == pytest.approx(0.8)
+    assert f["large"]["batch1_decode_tok_s"]["earlier_run"] is True
+
     # A changed model is a different model: rewriting a file of `small` measures it again.
     config = models["small"] / "config.json"
     config.write_text(config.read_text())
