@@ -96,7 +96,10 @@ class PackedLinear(nn.Module):
                 raise
             self.packed = own.contiguous().clone()
             self.own_layout = True
-        if lib is not None and (self.own_layout or _packed_layout_is_known(self.packed, weight)):
+        known = self.own_layout or _packed_layout_is_known(self.packed, weight)
+        # The flat bytes in the kernel's layout, where they are in it (for `rows`; valid while `packed` lives).
+        self._flat = None if not known else self.packed if self.own_layout else packed_view(self.packed)
+        if lib is not None and known:
             self._gemv = lib.slimlm_gemv_bf16 if self.dtype == torch.bfloat16 else lib.slimlm_gemv_f32
             self._gemv_weight = self.packed.data_ptr() if self.own_layout else torch.ops.mkldnn.data_ptr(self.packed)
 
@@ -111,6 +114,23 @@ class PackedLinear(nn.Module):
             o, i = self.out_features, self.in_features
             return self.packed.reshape(o // 64, i // 32, 16, 64, 2).permute(0, 3, 1, 2, 4).reshape(o, i).clone()
         return self.packed.to_dense()
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether `rows` can read the weight's rows from the packed layout (oneDNN's opaque ones: no)."""
+        return self._flat is not None
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows `ids` [N] of the weight, [N, in], gathered from the packed layout: a tied embedding looks its
+        tokens up here, where a dense copy beside the head's would hold the matrix twice."""
+        o, i = self.out_features, self.in_features
+        if self.dtype == torch.float32:  # the kernel's fp32 layout is row-major
+            return self._flat.view(o, i)[ids]
+        # bf16: [out/64][in/32][16][64][2], row r at block r // 64, place r % 64; each pair of inputs read as
+        # one int32 (a gather of 2-byte elements ran 2.6x slower at 2,048 rows)
+        ids = ids.long()
+        pairs = self._flat.view(torch.int32).view(o // 64, i // 32, 16, 64).permute(0, 3, 1, 2)
+        return pairs[ids // 64, ids % 64].reshape(-1, i // 2).view(torch.bfloat16)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [N, in] -> [N, out]

@@ -129,26 +129,42 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """A decoder-only LM whose attention reads and writes a paged KV cache. Inference only."""
 
-    def __init__(self, args: ModelArgs, embed_tokens: Tensor, layers: list[DecoderLayer], norm: RMSNorm,
+    def __init__(self, args: ModelArgs, embed_tokens: Tensor | None, layers: list[DecoderLayer], norm: RMSNorm,
                  lm_head: nn.Module, inv_freq: Tensor | None = None):
+        """`embed_tokens` [V, hidden], or None where the embeddings are tied and `lm_head` reads its rows from
+        its packed weight (`PackedLinear.rows`): the matrix is then held once, not twice."""
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Parameter(embed_tokens, requires_grad=False)  # [V, hidden]
+        self.embed_weight = None if embed_tokens is None else nn.Parameter(embed_tokens, requires_grad=False)
+        # The lookup's source when tied: kept even where lm_head is replaced later (`quantize_lm_head`); not
+        # a submodule of its own (the head is already one).
+        self.__dict__["_embed_head"] = lm_head if embed_tokens is None else None
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.lm_head = lm_head
         computed = rope_inv_freq(args.head_dim, args.rope_parameters)  # also refuses RoPE types we cannot run
         inv_freq = computed if inv_freq is None else inv_freq
         self.rotary = RotaryEmbedding(inv_freq, max_positions=min(args.max_position_embeddings, 4096),
-                                      dtype=embed_tokens.dtype).to(embed_tokens.device)
+                                      dtype=norm.weight.dtype).to(norm.weight.device)
+
+    @property
+    def embed_tokens(self) -> Tensor:
+        """The embedding matrix [V, hidden] (where tied and packed: unpacked anew, for inspection)."""
+        return self.embed_weight if self._embed_head is None else self._embed_head.weight
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """[N] token ids -> [N, hidden]."""
+        if self._embed_head is None:
+            return F.embedding(input_ids, self.embed_weight)
+        return self._embed_head.rows(input_ids)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.device
+        return self.norm.weight.device
 
     @classmethod
     def from_hf(cls, source, config=None, dtype: torch.dtype | None = None,
@@ -201,6 +217,8 @@ class CausalLM(nn.Module):
         embed = embed.to(dtype)
         if args.tie_word_embeddings or "lm_head.weight" not in state:
             head = make_linear(embed, None)
+            if getattr(head, "has_rows", False):  # the lookup reads the head's packed rows: one copy, not two
+                embed = None
         else:
             head = linear("lm_head")
         return cls(args, embed, layers, RMSNorm(get(prefix + "norm.weight"), args.rms_norm_eps),
@@ -241,7 +259,7 @@ class CausalLM(nn.Module):
         if not 0 <= n_layers <= len(self.layers) or len(kv_caches) < n_layers:
             raise ValueError(f"num_layers={n_layers} needs 0..{len(self.layers)} layers and as many KV cache "
                              f"pairs; got {len(kv_caches)} pairs")
-        x = F.embedding(input_ids, self.embed_tokens)                      # [N, hidden]
+        x = self.embed(input_ids)                                          # [N, hidden]
         return self.run_layers(x, positions, kv_caches, meta, 0, n_layers)
 
     def run_layers(self, x: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],

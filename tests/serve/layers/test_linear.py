@@ -40,6 +40,24 @@ def test_packed_linear_matches_f_linear(dtype, shape, rows, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_are_read_from_the_packed_weight(dtype):
+    """`rows` (a tied embedding's lookup) gathers rows of the weight out of the kernel's layout, bit for bit;
+    it is offered exactly where the bytes are in that layout."""
+    g = torch.Generator().manual_seed(0)
+    for shape in SHAPES:
+        w = torch.randn(shape, generator=g).to(dtype)
+        if not can_pack(w):
+            continue
+        layer = PackedLinear(w)
+        known = layer.own_layout or (reference_packed_layout(w) is not None
+                                     and torch.equal(packed_view(layer.packed), reference_packed_layout(w)))
+        assert layer.has_rows == known
+        if known:
+            ids = torch.tensor([0, shape[0] - 1, 63, 64, 5, 5, shape[0] // 2])
+            assert torch.equal(layer.rows(ids), w[ids])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_used_where_the_layout_is_known(dtype):
     if gemv_library() is None:
         pytest.skip("slimlm's C kernels do not build here (no compiler or no AVX-512-BF16)")

@@ -223,16 +223,27 @@ def test_from_state_dict_and_fused_shapes():
         CausalLM.from_hf(hf.state_dict())
 
 
-def test_tied_embeddings_share_one_tensor(monkeypatch):
-    # Plain dense heads share the embedding; a oneDNN-packed head holds its own blocked copy (the
-    # price of its faster matmul), equal to the embedding.
-    hf, _ = tiny_model("llama", seed=0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tied_embeddings_are_held_once(monkeypatch, dtype):
+    # Plain dense heads share the embedding tensor; a packed head whose layout the lookup can read serves the
+    # lookup from its packed rows, so the matrix is held once (not a dense copy beside the packed one), and the
+    # model computes exactly what the dense one does.
+    hf, _ = tiny_model("llama", seed=0, vocab_size=320)  # 320 rows: the bf16 kernel's layout (64-row blocks)
     monkeypatch.setenv("SLIMLM_PACK_LINEAR", "0")
-    model = load_model(hf)
+    model = load_model(hf, dtype=dtype)
     assert model.lm_head.weight.data_ptr() == model.embed_tokens.data_ptr()
     monkeypatch.setenv("SLIMLM_PACK_LINEAR", "1")
-    packed = load_model(hf)
+    packed = load_model(hf, dtype=dtype)
     torch.testing.assert_close(packed.lm_head.weight, packed.embed_tokens, atol=0, rtol=0)
+    ids = torch.tensor([0, 319, 64, 7, 7, 200])
+    assert torch.equal(packed.embed(ids), model.embed(ids))
+    if getattr(packed.lm_head, "has_rows", False):
+        assert packed.embed_weight is None  # one copy
+        assert all(p.numel() != 320 * 64 for p in packed.parameters())
+        head = packed.lm_head
+        packed.lm_head = torch.nn.Identity()  # a head replaced later (--quantize-lm-head) keeps the lookup
+        assert torch.equal(packed.embed(ids), model.embed(ids))
+        packed.lm_head = head
 
 
 def test_bf16_stays_close_to_hf_bf16():
