@@ -390,28 +390,27 @@ class StepLog:
     """The training log of both paths (Lightning's and DeepSpeed's engine): per optimizer step, the mean of its
     micro-batches' records and the learning rate the step used, written at steps `log_every`, 2 x `log_every`,
     ... and the last one, numbered from 1 (the checkpoints' and the history's step). A key that a step lacks
-    after an earlier step had it (an idle early exit) is NaN, not a stale value."""
+    after an earlier step (or the resumed run's history) had it, an idle early exit, is NaN, not a stale value."""
 
-    def __init__(self, logs: list, log_every: int, max_steps: int):
+    def __init__(self, logs: list, log_every: int, max_steps: int, history: list[dict] = ()):
         self.logs, self.every, self.max_steps = logs, log_every, max_steps
-        self.sums: dict[str, float] = {}
-        self.known: set[str] = set()
-        self.n = 0
+        self.sums: dict[str, tuple[float, int]] = {}  # key -> (sum, micro-batches that had it)
+        self.known: set[str] = {k for rec in history for k in rec if k != "step"}
 
     def add(self, parts: dict) -> None:
         for k, v in parts.items():
             if k != "step":
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.n += 1
+                total, n = self.sums.get(k, (0.0, 0))
+                self.sums[k] = (total + float(v), n + 1)
 
     def end_step(self, step: int, lr: float | None) -> dict:
         """Close optimizer step `step`; returns its metrics (`train/<key>`, `lr-AdamW`)."""
-        means = {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        means = {k: total / n for k, (total, n) in self.sums.items()}
         self.known |= set(means)
         metrics = {f"train/{k}": means.get(k, float("nan")) for k in sorted(self.known)}
         if lr is not None:
             metrics["lr-AdamW"] = lr
-        self.sums, self.n = {}, 0
+        self.sums = {}
         if step % self.every == 0 or step == self.max_steps:
             for lg in self.logs:
                 lg.log_metrics(metrics, step=step)
@@ -430,7 +429,8 @@ def step_log_callback(log_every: int, max_steps: int):
             self.log, self.lr, self.seen = None, None, None
 
         def on_train_start(self, trainer, pl_module):
-            self.log = StepLog(list(trainer.loggers) if trainer.is_global_zero else [], log_every, max_steps)
+            self.log = StepLog(list(trainer.loggers) if trainer.is_global_zero else [], log_every, max_steps,
+                               pl_module.history)
             self.seen = trainer.global_step
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -519,7 +519,7 @@ def run_deepspeed(module, data: dict[str, torch.Tensor], ds_config: dict, max_st
     batches = StepBatches(data, ds_config["train_micro_batch_size_per_gpu"], max_steps * accum, rank, world,
                           seed, start=step * accum)
     logs = loggers(log_dir, name) if rank == 0 else []
-    log = StepLog(logs, log_every, max_steps)
+    log = StepLog(logs, log_every, max_steps, history)
     engine.train()
     with logged_progress(progress and rank == 0) as bar, stop_with_resume_hint(name, ckpt_dir, lambda: step, rank == 0):
         task = bar.add_task("training", total=max_steps, completed=step)
@@ -606,7 +606,7 @@ def stopped(name: str, ckpt_dir: Path, step: int, say: bool, code: int):
     raise SystemExit(code) from None
 
 
-class _Terminated(Exception):
+class _Terminated(BaseException):  # as KeyboardInterrupt: no `except Exception` on the way swallows it
     pass
 
 
@@ -614,10 +614,12 @@ class _Terminated(Exception):
 def stop_with_resume_hint(name: str, ckpt_dir: Path, step, say: bool):
     """Around DeepSpeed's training loop (Lightning's path has its own handling): SIGTERM and Ctrl-C end the run
     through `stopped` at the step `step()` reports, where SIGTERM's default would end it with no word."""
+    main_thread = threading.current_thread() is threading.main_thread()
+
     def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)  # a second one ends it at once
         raise _Terminated()
 
-    main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, on_term) if main_thread else None
     try:
         yield

@@ -2,8 +2,9 @@
 
 Why: GPTQ checkpoints keep the LM head dense (the usual skip list), and in a small model with a big
 vocabulary it is a large share of what decode reads per token: SmolLM2-135M's tied head is 49152 x 576
-(56 MB of bf16 against ~58 MB for every int4 decoder layer together). The embedding lookup keeps the
-dense matrix (it reads one row per token); only the output projection is replaced.
+(56 MB of bf16 against ~58 MB for every int4 decoder layer together). The embedding lookup keeps reading
+the bf16 matrix (one row per token; where tied, from the replaced head's packed copy); only the output
+projection is replaced.
 
 How: round-to-nearest, asymmetric, per group of `group_size` inputs, bf16 scales (`toolkit.quant.rtn`,
 the same arithmetic `slimlm quantize --method rtn` uses), built into the serving runtime's quantized

@@ -359,16 +359,19 @@ def test_progress_in_a_log_is_plain_lines(assets, capsys):
 
 
 def recipe_process(config_path):
-    """`python recipes/distill.py --config PATH`, as users launch it (DeepSpeed's engine on CPU runs there)."""
+    """`python recipes/distill.py --config PATH`, as users launch it (DeepSpeed's engine on CPU runs there);
+    returns the process and the file its stderr goes to (a pipe nobody reads could fill and block it)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "distill.py"
-    return subprocess.Popen([sys.executable, str(recipe), "--config", str(config_path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    err = Path(str(config_path) + ".stderr")
+    with err.open("w") as f:
+        proc = subprocess.Popen([sys.executable, str(recipe), "--config", str(config_path)], stdout=subprocess.DEVNULL,
+                                stderr=f, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    return proc, err
 
 
 def csv_rows(out) -> list[dict]:
@@ -386,8 +389,8 @@ def test_both_training_paths_log_the_same_rows(assets):
     out = assets["root"] / "rows_lightning"
     main(load_config(DistillConfig, config_file(assets, out, **settings), []))
     ds_out = assets["root"] / "rows_deepspeed"
-    proc = recipe_process(config_file(assets, ds_out, strategy="deepspeed_stage_2", **settings))
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    proc, err = recipe_process(config_file(assets, ds_out, strategy="deepspeed_stage_2", **settings))
+    assert proc.wait(timeout=300) == 0, err.read_text()[-3000:]
     rows, ds_rows = csv_rows(out), csv_rows(ds_out)
     assert [r["step"] for r in rows] == [r["step"] for r in ds_rows] == ["2", "4", "5"]
     history = torch.load(out / "checkpoints" / "last" / "state.ckpt", weights_only=True)["slimlm_history"]
@@ -406,15 +409,16 @@ def test_sigterm_on_deepspeeds_engine_exits_143_with_a_resume_hint(assets):
     import time
 
     out = assets["root"] / "ds_sigterm"
-    proc = recipe_process(config_file(assets, out, strategy="deepspeed_stage_2", max_steps=400, checkpoint_every=1))
+    proc, err_file = recipe_process(config_file(assets, out, strategy="deepspeed_stage_2", max_steps=400,
+                                                checkpoint_every=1))
     meta = out / "checkpoints" / "last" / "meta.json"
     deadline = time.monotonic() + 240
     while not meta.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert meta.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+    assert meta.exists(), err_file.read_text()[-3000:] if proc.poll() is not None else "no checkpoint in time"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
-    err = proc.stderr.read()
+    err = err_file.read_text()
     line = next(line for line in err.splitlines() if "stopped by SIGTERM" in line)
     assert line.startswith("distill: stopped by SIGTERM at step ") and "--resume" in line and str(out) in line
     assert not (out / "model").exists()

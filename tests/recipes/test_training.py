@@ -203,3 +203,34 @@ def test_a_resumed_run_appends_to_the_csv_log(tmp_path):
     resumed.save()
     rows = list(__import__("csv").DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
     assert [(r["step"], r["loss"], r.get("lr")) for r in rows] == [("1", "2.0", ""), ("2", "1.5", "0.1")]
+
+
+def test_step_log_rows_means_and_idle_keys():
+    """StepLog (both training paths): rows at log_every's multiples and the last step; each key the mean over the
+    micro-batches that had it; a key known from earlier steps or a resumed run's history is NaN when idle."""
+    import math
+
+    class Recorder:
+        def __init__(self):
+            self.rows, self.saved = [], 0
+
+        def log_metrics(self, metrics, step):
+            self.rows.append((step, metrics))
+
+        def save(self):
+            self.saved += 1
+
+    rec = Recorder()
+    log = T.StepLog([rec], log_every=2, max_steps=3, history=[{"step": 1, "loss": 9.0, "ce_1": 9.0}])
+    log.add({"loss": 1.0, "ce_2": 4.0})
+    log.add({"loss": 3.0})
+    assert log.end_step(1, 0.1)["train/loss"] == 2.0 and rec.rows == []  # step 1: not a multiple of 2
+    log.add({"loss": 1.0, "ce_2": 4.0})
+    log.add({"loss": 3.0})
+    log.end_step(2, 0.2)
+    log.add({"loss": 5.0, "ce_1": 1.0})
+    log.end_step(3, 0.3)
+    assert [s for s, _ in rec.rows] == [2, 3] and rec.saved == 2
+    two, three = rec.rows[0][1], rec.rows[1][1]
+    assert two["train/loss"] == 2.0 and two["train/ce_2"] == 4.0 and math.isnan(two["train/ce_1"])
+    assert two["lr-AdamW"] == 0.2 and three["train/ce_1"] == 1.0 and math.isnan(three["train/ce_2"])

@@ -28,7 +28,9 @@ def test_head_is_the_rtn_quantization_of_the_dense_head(kind, bits, bound, hidde
     gs = 64 if hidden % 64 == 0 else -1
     expected = rtn_dequantize(dense.float(), QuantScheme(bits=bits, group_size=gs, sym=False, scale_dtype="bfloat16"))
     assert torch.equal(head.dequantize(), expected)  # exactly the RTN weight, nothing else
-    assert torch.equal(model.embed_tokens, embed)   # the lookup still reads the dense matrix
+    assert torch.equal(model.embed_tokens, embed)   # the lookup still reads the unquantized matrix
+    ids = torch.arange(hf.config.vocab_size)
+    assert torch.equal(model.embed(ids), embed[ids])
     hidden_states = torch.randn(8, hidden)
     err = head_error(dense, head, hidden_states)
     assert 0 < err < bound
