@@ -157,14 +157,6 @@ def test_lens_exits_are_fitted_then_trained_and_leave_the_model_as_it_was(assets
     ("eval_windows=-1", "eval_windows must be >= 0"),
     ("eval_window=1", "eval_window >= 2"),
     ("min_lr_ratio=-1", "min_lr_ratio must be in"),
-    ("warmup_steps=-2", "warmup_steps must be >= 0"),
-    ("grad_clip=-1", "grad_clip must be >= 0"),
-    ("checkpoint_every=-5", "checkpoint_every must be >= 0"),
-    ("max_blocks=0", "max_blocks must be >= 1"),
-    ("lr=-0.1", "lr must be > 0"),
-    ("weight_decay=-1", "weight_decay must be >= 0"),
-    ("devices=0", "devices must be >= 1"),
-    ("num_nodes=0", "num_nodes must be >= 1"),
     ("eval_data=/no/such/file.txt eval_windows=2", "does not exist|no such|not found"),
 ])
 def test_bad_config_is_a_clear_error_before_work(assets, override, match, monkeypatch):

@@ -234,3 +234,28 @@ def test_step_log_rows_means_and_idle_keys():
     two, three = rec.rows[0][1], rec.rows[1][1]
     assert two["train/loss"] == 2.0 and two["train/ce_2"] == 4.0 and math.isnan(two["train/ce_1"])
     assert two["lr-AdamW"] == 0.2 and three["train/ce_1"] == 1.0 and math.isnan(three["train/ce_2"])
+
+
+@pytest.mark.parametrize("override, match", [
+    (dict(min_lr_ratio=1.5), r"min_lr_ratio must be in \[0, 1\]"),
+    (dict(min_lr_ratio=-0.1), r"min_lr_ratio must be in \[0, 1\]"),
+    (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
+    (dict(grad_clip=-1), "grad_clip must be >= 0"),
+    (dict(checkpoint_every=-1), "checkpoint_every must be >= 0"),
+    (dict(max_blocks=0), "max_blocks must be >= 1"),
+    (dict(lr=0), "lr must be > 0"),
+    (dict(lr=-1e-4), "lr must be > 0"),
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+    (dict(devices=0), "devices must be >= 1"),
+    (dict(num_nodes=0), "num_nodes must be >= 1"),
+])
+def test_schedule_settings_that_would_break_training_are_refused_by_key(override, match):
+    """The settings every recipe shares (each recipe's config calls check_schedule; their tests check one key
+    each, before any model loads)."""
+    from types import SimpleNamespace
+
+    good = dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, min_lr_ratio=0.1, grad_clip=1.0, checkpoint_every=0,
+                max_blocks=None, num_nodes=1, devices="auto")
+    T.check_schedule(SimpleNamespace(**good))
+    with pytest.raises(SlimlmError, match=match):
+        T.check_schedule(SimpleNamespace(**{**good, **override}))
