@@ -266,6 +266,10 @@ class LLMEngine:
         for seq_id in new_tokens:
             req, idx = self._owner[seq_id]
             self._update_completion(req, idx)
+        if self.speculator:  # however a sequence ended (EOS, a limit, a stop string), drop its drafting state
+            for seq_id in new_tokens:
+                if self._owner[seq_id][0].seqs[self._owner[seq_id][1]].is_finished:
+                    self.speculator.forget(seq_id)
         return [self._finish_or_report(req) for req in advanced.values()]
 
     def _record_prompt_logprobs(self, req: _Request, rows: torch.Tensor, first_pos: int) -> None:
@@ -283,6 +287,7 @@ class LLMEngine:
 
     def _update_completion(self, req: _Request, idx: int) -> None:
         seq, comp = req.seqs[idx], req.outputs[idx]
+        before = len(comp.token_ids)  # output tokens up to the previous step
         comp.token_ids = seq.output_token_ids
         text = req.texts[idx].update(comp.token_ids, final=seq.is_finished)
         if seq.is_finished:
@@ -290,14 +295,15 @@ class LLMEngine:
             last = comp.token_ids[-1] if comp.token_ids else None
             if comp.finish_reason == "stop" and last in req.params.stop_token_ids:
                 comp.stop_reason = last
-        for stop in req.params.stop:
-            cut = text.find(stop, max(0, len(comp.text) - len(stop)))
-            if cut != -1:
-                text = text[:cut]
-                if not seq.is_finished:
-                    self.scheduler.abort(seq.seq_id)
-                comp.finish_reason, comp.stop_reason = "stop", stop
-                break
+        found = _first_stop(text, len(comp.text), req.params.stop)
+        if found and len(comp.token_ids) - before > 1:  # a step appended several tokens (a speculative step):
+            text, found = self._stop_as_plain_decoding(req, idx, before, found)  # end where one a step would
+        if found:
+            cut, comp.stop_reason = found
+            text = text[:cut]
+            if not seq.is_finished:
+                self.scheduler.abort(seq.seq_id)
+            comp.finish_reason = "stop"
         if comp.finish_reason is None and text.endswith("\ufffd"):
             text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next byte
         if comp.finish_reason is None:
@@ -305,6 +311,26 @@ class LLMEngine:
         comp.text = text
         if comp.finish_reason is not None:
             req.done.add(idx)
+
+    def _stop_as_plain_decoding(self, req: _Request, idx: int, before: int, found: tuple[int, str]):
+        """The text and stop string where plain decoding, one token a step, would have stopped: at the first of
+        this step's tokens whose text holds a stop string; the tokens after it are dropped. `before`: the output
+        tokens the previous step left."""
+        seq, comp = req.seqs[idx], req.outputs[idx]
+        ids = comp.token_ids
+        for n in range(before + 1, len(ids)):
+            text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # an incomplete character: plain decoding would have waited for the next token
+            if (first := _first_stop(text, len(comp.text), req.params.stop)) is not None:
+                seq.drop_last_tokens(len(ids) - n)
+                self.generation_tokens_total -= len(ids) - n
+                comp.token_ids = seq.output_token_ids
+                for kept in (comp.logprobs, comp.top_logprobs):
+                    if kept is not None:
+                        del kept[n:]
+                return text, first
+        return req.texts[idx].text, found
 
     def _finish_or_report(self, req: _Request) -> RequestOutput:
         finished = len(req.done) == len(req.seqs)
@@ -317,6 +343,13 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt_token_ids, req.outputs, finished,
                              req.prompt_logprobs, req.prompt_top,
                              num_cached_tokens=min(s.num_cached_prefix_tokens for s in req.seqs), metrics=metrics)
+
+
+def _first_stop(text: str, sent: int, stops) -> tuple[int, str] | None:
+    """(where it starts, which) of the stop string in `text` that ends first (the longer where two end together),
+    searching what is new since the `sent` characters already given out; None where there is none."""
+    found = [(cut, stop) for stop in stops if (cut := text.find(stop, max(0, sent - len(stop)))) != -1]
+    return min(found, key=lambda f: (f[0] + len(f[1]), f[0]), default=None)
 
 
 def _stop_prefix(text: str, stops) -> int:

@@ -212,8 +212,10 @@ class Scheduler:
             self.block_manager.fork(parent, child)
             child.status = SequenceStatus.RUNNING
             bisect.insort(self._running, child, key=self._key)
-        else:
-            self._waiting.append(child)
+        else:  # queued by its request's arrival: behind its parent and siblings, before later requests
+            at = next((i for i, s in enumerate(self._waiting) if self._key(s) > self._keys[child.seq_id]),
+                      len(self._waiting))
+            self._waiting.insert(at, child)
 
     def _stop_status(self, seq: Sequence) -> SequenceStatus | None:
         """How seq finishes after its last token was appended: EOS, max_tokens or max_model_len; None: it goes on."""

@@ -11,8 +11,9 @@ the plain engine's (the verify pass computes each token as its own decode row, s
 even in bf16 the rows round as one-token steps do wherever both take the same kernels). Sampled
 requests: drafts are sampled from the draft's distribution and kept by the speculative-sampling rule
 (`_accept`), so tokens follow the target's distribution. Requests with logprobs or penalties decode
-plainly, and so do seeded sampled requests under the adaptive policy (their text must not depend on
-timings; with fixed drafting a seeded request is reproducible, but draws other numbers than plain decoding).
+plainly, and so do seeded sampled requests: whether a step drafts, and how much, changes how many numbers
+the request's generator draws, and it follows timings and the rest of the batch even with fixed drafting
+(the batch limit, free KV blocks), so a seed gives the plain engine's text.
 
 Aimed at never being slower than plain decoding (check with `slimlm bench --speculative self`; with
 untrained exits it measured 0.95x, see docs/benchmarks.md): each sequence keeps a running acceptance
@@ -198,12 +199,13 @@ class SelfSpeculator:
     # -- planning -----------------------------------------------------------------------------
     def eligible(self, seq: Sequence) -> bool:
         """Greedy and sampled requests speculate; those that ask for logprobs or penalties decode plainly, and so
-        do seeded sampled ones under the adaptive policy: its draft lengths follow this machine's timings and the
-        rest of the batch, and each changes how many numbers the request's generator draws, so the same seed
-        would give other text from run to run (plainly decoded, a seed gives the plain engine's text).
+        do seeded sampled ones: whether and how far a step drafts follows this machine's timings and the rest
+        of the batch (adaptive or not: the batch limit, free KV blocks), and each changes how many numbers the
+        request's generator draws, so the same seed would give other text from run to run (plainly decoded, a
+        seed gives the plain engine's text).
         A sequence's first token always comes from its prompt's logits (the engine forks n > 1 there)."""
         p = seq.params
-        if p is not None and p.seed is not None and not p.greedy and self.config.adaptive:
+        if p is not None and p.seed is not None and not p.greedy:
             return False
         return seq.num_output_tokens > 0 and (p is None or (p.logprobs is None and not p.needs_penalties))
 

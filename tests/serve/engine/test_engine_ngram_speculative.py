@@ -117,18 +117,22 @@ def test_logprob_requests_decode_plainly_and_sampled_ones_speculate_reproducibly
     plain, _ = run(model, tok, PROMPTS[:2], params=params)
     fast, engine = run(model, tok, PROMPTS[:2], spec, params=params)
     assert fast == plain and engine.speculator.stats.steps == 0
-    sampled = SamplingParams(temperature=0.3, max_tokens=20, seed=3, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.3, max_tokens=20, ignore_eos=True)  # unseeded: a seed decodes plainly
+    torch.manual_seed(3)
     fast, engine = run(model, tok, PROMPTS[:3], spec, params=sampled)
     assert engine.speculator.stats.steps > 0 and all(len(t) == 20 for t in fast)
+    torch.manual_seed(3)
     again, _ = run(model, tok, PROMPTS[:3], spec, params=sampled)
-    assert again == fast  # seeded: the same draws, the same text
+    assert again == fast  # the same draws from the default generator, the same text
 
 
-def test_seeded_sampled_requests_decode_plainly_under_the_adaptive_policy():
-    # Its draft lengths follow timings and the batch, and they change how many numbers a request's generator
-    # draws: a seeded request would not repeat its text. It decodes plainly, so its text is the plain engine's.
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_seeded_sampled_requests_decode_plainly(adaptive):
+    # Whether and how far a step drafts follows timings and the batch (with fixed drafting too: the batch
+    # limit, free KV blocks), and it changes how many numbers a request's generator draws: a seeded request
+    # would not repeat its text. It decodes plainly, so its text is the plain engine's.
     model, tok = make()
-    spec = SpeculativeConfig(prompt_lookup=3, prompt_lookup_min=1, num_draft=3, verify_cost=0.01)
+    spec = SpeculativeConfig(prompt_lookup=3, prompt_lookup_min=1, num_draft=3, verify_cost=0.01, adaptive=adaptive)
     seeded = SamplingParams(temperature=0.5, max_tokens=20, seed=5, ignore_eos=True)
     plain, _ = run(model, tok, PROMPTS[:4], params=seeded)
     fast, engine = run(model, tok, PROMPTS[:4], spec, params=seeded)
@@ -217,3 +221,57 @@ def test_timed_steps_go_by_rows_and_mixed_passes_are_not_timed():
     spec.observe_step(0.900, out, {0: 2, 1: 0})  # a third sequence decoded in a pass of its own: not clean
     assert spec.plain_time == {3: 0.030} and spec.rows_time == {6: 0.050}
     assert spec.step_seconds(3, 6) == 0.050 and spec.step_seconds(3, 9) == pytest.approx(0.070)  # 6.7 ms a row
+
+
+def _completions(llm, prompts, params):
+    return [(c.token_ids, c.text, c.finish_reason, c.stop_reason)
+            for o in llm.generate(prompts, params) for c in o.outputs]
+
+
+def test_stop_strings_end_a_speculative_step_where_plain_decoding_ends():
+    # A verify step accepts several tokens at once; a stop string completed by one of them ends the completion
+    # at that token, as one token a step would: the same tokens, text, finish and stop reason as plain decoding,
+    # and usage counts only those tokens. Stop strings are taken from the plain text, so they do occur.
+    model, tok = make(seed=2)
+    prompts = PROMPTS[:8]
+    llm_plain = LLM(model, tok, block_size=4, max_num_batched_tokens=64)
+    spec = SpeculativeConfig(prompt_lookup=3, prompt_lookup_min=1, num_draft=5, adaptive=False)
+    llm_fast = LLM(model, tok, block_size=4, max_num_batched_tokens=64, speculative=spec)
+    texts = [t for _, t, _, _ in _completions(llm_plain, prompts, GREEDY)]
+    rng = random.Random(0)
+    cases = 0
+    for text in texts:
+        for _ in range(4):
+            if len(text) < 8:
+                continue
+            at = rng.randrange(2, len(text) - 3)
+            stops = [text[at:at + rng.randint(1, 3)], text[at + 2:at + 5]]  # the later one first in the list
+            params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=stops[::-1])
+            before = llm_fast.engine.generation_tokens_total
+            fast = _completions(llm_fast, prompts, params)
+            assert fast == _completions(llm_plain, prompts, params)
+            assert llm_fast.engine.generation_tokens_total - before == sum(len(t) for t, _, _, _ in fast)
+            cases += sum(r == "stop" for _, _, r, _ in fast)
+    assert cases > 20 and llm_fast.engine.speculator.stats.accepted > 0
+    assert llm_fast.engine.block_manager.num_used_blocks == 0
+
+
+def test_the_stop_string_that_ends_first_wins():
+    from slimlm.serve.engine.engine import _first_stop
+
+    assert _first_stop("xab", 1, ["b", "a"]) == (1, "a")  # both new in one step: "a" came first
+    assert _first_stop("xabc", 1, ["abc", "b"]) == (2, "b")  # "b" was whole before "abc" was
+    assert _first_stop("xab", 1, ["ab", "b"]) == (1, "ab")  # both end at once: the longer one
+    assert _first_stop("ab", 2, ["a", "zz"]) is None  # "a" was given out already
+
+
+def test_a_finished_request_leaves_no_drafting_state():
+    # Per-sequence state (n-gram index, acceptance, probe counters) is dropped however a sequence ends: at
+    # max_tokens on a step that did not draft, at EOS, at a stop string.
+    model, tok = make(seed=2)
+    llm = LLM(model, tok, block_size=4, speculative=SpeculativeConfig(prompt_lookup=3, prompt_lookup_min=1))
+    llm.generate(PROMPTS[:6], GREEDY)
+    llm.generate(PROMPTS[:6], SamplingParams(temperature=0, max_tokens=24, stop=["e", "o", " "]))
+    sp = llm.engine.speculator
+    assert sp.stats.steps > 0
+    assert not sp.index and not sp.acceptance and not sp.plain_steps and not sp.probe_wait

@@ -328,6 +328,24 @@ def test_fork_sampled_after_the_parent_finished_recomputes_or_stops(fake_runner,
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_a_child_that_waits_for_room_queues_before_later_requests(fake_runner):
+    # n > 1 with the batch full: the child waits, in its request's place (ahead of requests that came later),
+    # as a preempted sequence goes back to the front.
+    sched, bm = make(max_num_seqs=1)
+    runner = fake_runner(bm)
+    sched.add(Sequence(0, [1, 2, 3, 4, 5, 6], max_tokens=4, arrival_time=0.0))
+    step(sched, runner)
+    sched.add(Sequence(1, [7, 8, 9], max_tokens=4, arrival_time=1.0))  # a later request, waiting
+    child = Sequence(2, [1, 2, 3, 4, 5, 6], max_tokens=4, arrival_time=0.0)
+    sched.fork_sampled(0, child, 33)
+    assert child.status is SequenceStatus.WAITING and sched.num_waiting == 2
+    step(sched, runner)
+    step(sched, runner)
+    step(sched, runner)  # the parent's last token: room for one more
+    out, _ = step(sched, runner)
+    assert [s.seq.seq_id for s in out.scheduled] == [2]
+
+
 def test_fork_sampled_refuses_bad_children(fake_runner):
     sched, bm = make()
     sched.add(Sequence(0, [1, 2, 3], max_tokens=4))
