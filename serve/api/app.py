@@ -96,10 +96,30 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not loc and first.get("type") in ("dict_type", "model_attributes_type"):
         return ("the request body is not a JSON object; send one with the header Content-Type: application/json",
                 None)
+    tag = next((i for i, p in enumerate(loc) if _is_type_tag(p)), None)
+    if tag is not None:  # a field of several accepted forms (str | list[int] ...): name the field and its forms
+        field = loc[:tag]
+        mine = [e for e in errors if [str(p) for p in e.get("loc", ()) if p != "body"][:tag] == field]
+        forms = list(dict.fromkeys(str(e["loc"][len(field) + 1]) for e in mine))
+        param = ".".join(field)
+        others = len({tuple(e.get("loc", ())) for e in errors if e not in mine})
+        more = f" (and {others} more problems)" if others else ""
+        return f"`{param}` must be one of: {', '.join(forms)}; got {_json_kind(first.get('input'))}{more}", param
     param = ".".join(loc) or None
     where = f"`{param}`: " if param else "the request body: "
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"{where}{first.get('msg', 'invalid value')}{more}", param
+
+
+def _is_type_tag(part: str) -> bool:
+    """pydantic's name for one branch of a union in an error's location (`str`, `list[int]`), not a field."""
+    return part in ("str", "int", "float", "bool") or "[" in part
+
+
+def _json_kind(value) -> str:
+    kinds = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_body_bytes: int = MAX_BODY_BYTES,

@@ -34,7 +34,9 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}",
                        param="top_logprobs")
     ids = await run_in_threadpool(_render, ctx, body)
-    check_prompt(ctx, ids, "the rendered conversation")
+    check_prompt(ctx, ids, "the rendered conversation", param="messages")
+    if body.max_tokens is not None and body.max_tokens < 1:  # refused even where max_completion_tokens rules
+        raise APIError(400, f"max_tokens must be at least 1, got {body.max_tokens}", param="max_tokens")
     requested, name = body.max_completion_tokens, "max_completion_tokens"
     if requested is None:
         requested, name = body.max_tokens, "max_tokens"
@@ -53,7 +55,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     return JSONResponse(view.response(finals[0], bool(body.logprobs)))
 
 
-ROLES = {"system", "developer", "user", "assistant", "tool"}  # OpenAI's; a template maps developer itself
+ROLES = {"system", "developer", "user", "assistant", "tool"}  # OpenAI's
 
 
 def _render(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
@@ -72,8 +74,11 @@ def _render(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
                     raise APIError(400, f"messages[{i}]: only text content parts are supported, got "
                                         f"{part.type!r}", param=f"messages.{i}.content")
                 parts.append(part.text)
-            content = "".join(parts)
-        message = {"role": m.role, "content": content or ""}
+            content = "\n".join(parts)
+        role = m.role
+        if role == "developer" and "developer" not in str(getattr(ctx.tokenizer, "chat_template", None) or ""):
+            role = "system"  # OpenAI's newer name for the system message, which most templates do not know
+        message = {"role": role, "content": content or ""}
         if m.name is not None:
             message["name"] = m.name
         messages.append(message)

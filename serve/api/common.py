@@ -133,20 +133,21 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
 
 
-def check_prompt(ctx: ServerContext, ids: list[int], where: str) -> None:
-    """Refuse empty prompts, ids outside the vocabulary and prompts with no room to generate."""
+def check_prompt(ctx: ServerContext, ids: list[int], where: str, param: str = "prompt") -> None:
+    """Refuse empty prompts, ids outside the vocabulary and prompts with no room to generate (`param`: the
+    request field they came from)."""
     if not ids:
-        raise APIError(400, f"{where} is empty; send at least one token of text", param="prompt")
+        raise APIError(400, f"{where} is empty; send at least one token of text", param=param)
     vocab = len(ctx.tokenizer)
     model_vocab = getattr(getattr(getattr(ctx.engine, "model", None), "args", None), "vocab_size", None)
     vocab = max(vocab, model_vocab or 0)
     if min(ids) < 0 or max(ids) >= vocab:
         raise APIError(400, f"{where}: token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}",
-                       param="prompt")
+                       param=param)
     if len(ids) >= ctx.max_model_len:
         raise APIError(400, f"{where} has {len(ids)} tokens, but this model's maximum context length is "
                             f"{ctx.max_model_len} tokens (prompt plus at least one new token); shorten it",
-                       param="prompt", code="context_length_exceeded")
+                       param=param, code="context_length_exceeded")
 
 
 def resolve_max_tokens(ctx: ServerContext, requested: int | None, prompt_len: int, default: int | None,

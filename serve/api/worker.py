@@ -189,21 +189,21 @@ class EngineWorker:
                     self._send(batch, index, exc)
                     self._release(rid)
                     continue
-                self._sinks[rid] = [batch, index, None]
+                self._sinks[rid] = [batch, index, None, params.n]  # ..., first token's time, completions
                 self._send(batch, index, ACCEPTED)
             else:
                 rid = command[1]
-                if self._sinks.pop(rid, None) is not None:
+                if (sink := self._sinks.pop(rid, None)) is not None:
                     self.engine.abort_request(rid)
                     self._release(rid)
-                    if self.metrics:
-                        self.metrics.finished.labels("abort").inc()
+                    if self.metrics:  # per completion, as the other finish reasons are counted
+                        self.metrics.finished.labels("abort").inc(sink[3])
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)
         if sink is None:  # aborted by its client between the step's start and now
             return
-        batch, index, first = sink
+        batch, index, first, _ = sink
         now = time.perf_counter()
         generated = max((len(c.token_ids) for c in out.outputs), default=0)
         if first is None and generated:
@@ -222,7 +222,7 @@ class EngineWorker:
         self._send(batch, index, _snapshot(out))
 
     def _fail_all(self, exc: Exception) -> None:
-        for rid, (batch, index, _) in list(self._sinks.items()):
+        for rid, (batch, index, _, _) in list(self._sinks.items()):
             try:
                 self.engine.abort_request(rid)
             except Exception:

@@ -26,6 +26,8 @@ BAD = [
     ("max_tokens past context", C, {"prompt": "x" * 60, "max_tokens": 5}, 400),
     ("chat max_tokens 0", CHAT, {"messages": MSG, "max_tokens": 0}, 400),
     ("chat max_tokens huge", CHAT, {"messages": MSG, "max_completion_tokens": 2**40}, 400),
+    ("chat max_tokens negative beside max_completion_tokens", CHAT,
+     {"messages": MSG, "max_tokens": -3, "max_completion_tokens": 5}, 400),
     ("huge n", C, {"prompt": "x", "n": 10**6}, 400),
     ("n zero", C, {"prompt": "x", "n": 0}, 400),
     ("chat huge n", CHAT, {"messages": MSG, "n": 1000}, 400),
@@ -104,7 +106,15 @@ def test_error_messages_name_the_problem(shared_fake):
     r = _send(server.url + CHAT, {"messages": [{"role": "robot", "content": "hi"}]}).json()["error"]
     assert r["param"] == "messages.0.role" and "'robot'" in r["message"] and "user" in r["message"]
     r = _send(server.url + C, {"prompt": "x" * 100}).json()["error"]
-    assert r["code"] == "context_length_exceeded" and "64" in r["message"]
+    assert r["code"] == "context_length_exceeded" and "64" in r["message"] and r["param"] == "prompt"
+    r = _send(server.url + CHAT, {"messages": [{"role": "user", "content": "x" * 100}]}).json()["error"]
+    assert r["code"] == "context_length_exceeded" and r["param"] == "messages"
+    # A field of several forms: the field and its forms, not pydantic's name of one form ("prompt.str")
+    r = _send(server.url + C, {"prompt": None}).json()["error"]
+    assert r["param"] == "prompt" and r["message"] == "`prompt` must be one of: str, list[str], list[int], " \
+        "list[list[int]]; got null"
+    r = _send(server.url + C, {"prompt": "x", "stop": [1]}).json()["error"]
+    assert r["param"] == "stop" and "more problems" not in r["message"]
     r = _send(server.url + C, {"model": "gpt-4", "prompt": "x"}).json()["error"]
     assert r["code"] == "model_not_found" and "fake-model" in r["message"]
     r = httpx.get(server.url + "/v1/nothing-here")
@@ -167,7 +177,7 @@ def test_openai_client_sees_rate_limit(api, make_server):
 
 @pytest.mark.parametrize("path,body", [
     (C, {"prompt": "x", "max_tokens": 5000, "stream": True}),
-    (CHAT, {"messages": MSG, "max_tokens": 5000, "stream": True}),
+    (CHAT, {"messages": MSG, "max_tokens": 5000, "stream": True, "n": 2}),
 ])
 def test_disconnect_mid_stream_aborts(api, make_server, path, body):
     engine = api.FakeEngine(max_model_len=8192, step_delay=0.01)
@@ -181,6 +191,8 @@ def test_disconnect_mid_stream_aborts(api, make_server, path, body):
     assert api.wait_for(lambda: not engine.has_unfinished())
     assert api.wait_for(lambda: "slimlm_num_requests_inflight 0.0" in httpx.get(server.url + "/metrics").text)
     assert engine.steps < 4000  # it stopped long before max_tokens
+    aborted = 'slimlm_request_finished_total{finish_reason="abort"} ' + f"{body.get('n', 1)}.0"
+    assert aborted in httpx.get(server.url + "/metrics").text  # per completion, as other finish reasons count
 
 
 def test_disconnect_while_waiting_for_a_full_response_aborts(api, make_server):

@@ -145,6 +145,14 @@ def test_chat_sync_uses_the_template(shared_fake):
     r = _client(server).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}],
                                                 max_completion_tokens=2, n=2)
     assert [c.message.content for c in r.choices] == ["ab", "bc"]
+    # OpenAI's "developer" message is the system message for a template that does not know the name; text
+    # parts are lines of one message
+    _client(server).chat.completions.create(
+        model="fake-model", max_tokens=1, messages=[{"role": "developer", "content": "be brief"},
+                                                    {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                 {"type": "text", "text": "b"}]}])
+    assert engine.tokenizer.decode(engine.added[-1][1]).startswith(
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\na\nb<|im_end|>")
 
 
 def test_chat_stream_role_first(shared_fake):
