@@ -143,18 +143,16 @@ def add_export(sub) -> None:
 def run_export(args) -> int:
     from rich.console import Console
 
-    from slimlm.toolkit.export import read, write
+    from slimlm.toolkit.export import check_target, read, write
     from slimlm.toolkit.models import load, resolve
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SlimlmError(f"--out {out} is a file; an export is a folder.", "Choose another path or remove the file.")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:  # refuse before any work starts
-        raise SlimlmError(f"--out {out} exists and is not empty.", "Pass --overwrite to replace it, or choose another folder.")
+    check_target(out, args.overwrite)  # refuse before any work starts
     source = resolve(args.model)
     if source.kind == "export":
         done = read(source.location, verify=False)
-        made = [what for what, key in (("quantized", "quant"), ("early exits", "exit_layers")) if done.transforms.get(key)]
+        made = [what for what, key in (("quantized weights", "quant"), ("early exits", "exit_layers"))
+                if done.transforms.get(key)]
         if made:
             raise SlimlmError(f"{args.model} is already a slimlm export with {' and '.join(made)}; exporting it again "
                               "would write plain dense weights and drop them.",
@@ -342,6 +340,9 @@ def run_bench(args) -> int:
                          model_name=args.model)
 
     engine = engine_with(None)
+    if args.task is None and args.prompts_file is None and args.prompt_len + args.gen_len > engine.max_model_len:
+        raise SlimlmError(f"--prompt-len {args.prompt_len} plus --gen-len {args.gen_len} is more than this model's "
+                          f"context of {engine.max_model_len} tokens.", "Lower --prompt-len or --gen-len.")
     with console.status("benchmarking") as status:
         result = benchmark(engine, hf_model if args.baseline == "hf" else None, batch_sizes,
                            args.concurrency or None, args.rate, args.num_requests, args.prompt_len,
@@ -476,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for add, _ in VERBS.values():
         add(sub)
+    parser.set_defaults(verb_parsers=sub.choices)  # each verb's parser, for its own usage line in errors
     return parser
 
 
@@ -486,8 +488,9 @@ def parse_arguments(argv: list[str]):
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.parse_args(argv)  # argparse's own message for what it did not recognize, exit 2
+    elif extra:  # the verb's usage and name, not the top-level one's; exit 2
+        args.verb_parsers[args.verb].error(f"unrecognized arguments: {' '.join(extra)}")
+    del args.verb_parsers
     return args
 
 

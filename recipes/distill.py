@@ -388,7 +388,7 @@ def add_distill(sub) -> None:
 
 def run_distill(args) -> int:
     config = load_config(DistillConfig, args.config, args.overrides)
-    main(config, resume=args.resume)
+    T.run_leaving_no_empty_out_dir(config.out_dir, lambda: main(config, resume=args.resume))
     return 0
 
 

@@ -332,7 +332,7 @@ def add_early_exit(sub) -> None:
 
 def run_early_exit(args) -> int:
     config = load_config(EarlyExitConfig, args.config, args.overrides)
-    main(config, resume=args.resume)
+    T.run_leaving_no_empty_out_dir(config.out_dir, lambda: main(config, resume=args.resume))
     return 0
 
 

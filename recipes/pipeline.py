@@ -112,7 +112,8 @@ def _override_args(args: dict, prefix: str = "") -> list[str]:
     return argv
 
 
-def _parse_or_refuse(add, argv: list[str], where: str):
+def _parse_or_refuse(add, argv: list[str], where: str,
+                     hint: str = "Keys under `args:` are the recipe's options (see `slimlm VERB --help`)."):
     """Parse `argv` with a verb's own parser; its complaint becomes a SlimlmError naming `where`."""
     parser = argparse.ArgumentParser(prog="slimlm", add_help=False)
     add(parser.add_subparsers(dest="verb"))
@@ -123,7 +124,7 @@ def _parse_or_refuse(add, argv: list[str], where: str):
     except SystemExit:
         lines = [line for line in err.getvalue().splitlines() if "error:" in line]
         raise SlimlmError(f"{where}: {lines[-1].split('error:', 1)[1].strip() if lines else 'bad arguments'}.",
-                          "Keys under `args:` are the recipe's options (see `slimlm VERB --help`).") from None
+                          hint) from None
 
 
 def _check_override_keys(recipe: Recipe, args: dict, where: str) -> None:
@@ -238,7 +239,8 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
     if isinstance(options, dict) and options.get("speculative") is False:  # YAML reads a bare `off` as false
         options = {**options, "speculative": "off"}
     compare_argv = ["compare", "BASE", "VARIANT", *_flag_args(options)]
-    cargs = _parse_or_refuse(compare.add_compare, compare_argv, f"{path}: compare")
+    cargs = _parse_or_refuse(compare.add_compare, compare_argv, f"{path}: compare",
+                             "Keys under `compare:` are the options of `slimlm compare` (see `slimlm compare --help`).")
     plan = {"config": str(path), "base": base, "out": str(out), "variants": variants,
             "compare": compare.settings_from_args(cargs)}
     plan["sha256"] = config_hash(plan)

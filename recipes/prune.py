@@ -47,6 +47,7 @@ class PruneConfig:
     batch_size: int = 4
     dtype: str = "float32"
     device: str = "cpu"
+    threads: int | None = None  # torch's CPU threads (None: torch's default)
     overwrite: bool = False
 
 
@@ -86,6 +87,7 @@ def _add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, help=f"windows per forward pass (default {d.batch_size})")
     p.add_argument("--dtype", help=f"float32, bf16 or fp16 (default {d.dtype})")
     p.add_argument("--device", help=f"cpu or cuda (default {d.device})")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
 
 
 def add_prune(sub) -> None:
@@ -125,6 +127,8 @@ def load_config(args) -> PruneConfig:
             raise SlimlmError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)!r}.")
     if cfg.eval_windows < 0:
         raise SlimlmError(f"eval-windows must be 0 or more, got {cfg.eval_windows!r}.")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise SlimlmError(f"threads must be at least 1, got {cfg.threads!r}.")
     return cfg
 
 
@@ -169,17 +173,20 @@ def _perplexity(model, tokenizer, stream, cfg):
 
 def run_prune(args) -> int:
     from rich.console import Console
+    import torch
     from rich.markup import escape
     from rich.table import Table
 
     from slimlm.toolkit.data import calibration_samples, check_source, load_texts, token_stream
-    from slimlm.toolkit.export import write
+    from slimlm.toolkit.export import check_target, write
     from slimlm.toolkit.models import load, parse_dtype, resolve
     from slimlm.toolkit.prune import parse_axes, parse_target, prune_model
 
     cfg = load_config(args)
     # Refuse typos before the (slow) model load.
     resolve(cfg.model)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     parse_dtype(cfg.dtype)
     axes = parse_axes(cfg.axes)
     if cfg.target_params is not None:
@@ -187,9 +194,7 @@ def run_prune(args) -> int:
     check_source(cfg.data)
     check_source(cfg.eval_data)
     out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        raise SlimlmError(f"--out {out} exists and is not empty.",
-                          "Pass --overwrite to replace it, or choose another folder.")
+    check_target(out, cfg.overwrite)
 
     console = Console(stderr=True)
     model, tokenizer = load(cfg.model, dtype=cfg.dtype, device=cfg.device)

@@ -360,7 +360,7 @@ def add_qat(sub) -> None:
 
 def run_qat(args) -> int:
     config = load_config(QATConfig, args.config, args.overrides)
-    main(config, resume=args.resume)
+    T.run_leaving_no_empty_out_dir(config.out_dir, lambda: main(config, resume=args.resume))
     return 0
 
 

@@ -76,7 +76,7 @@ def run_quantize(args) -> int:
     from rich.table import Table
 
     from slimlm.toolkit.data import calibration_samples, check_source, load_texts
-    from slimlm.toolkit.export import read
+    from slimlm.toolkit.export import check_target, read
     from slimlm.toolkit.models import load, resolve
     from slimlm.toolkit.quant.calibrate import default_compute_dtype, quantize_model
     from slimlm.toolkit.quant.gptq_format import save_gptq
@@ -96,8 +96,7 @@ def run_quantize(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise SlimlmError(f"--threads must be at least 1, got {args.threads}.")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise SlimlmError(f"--out {out} exists and is not empty.", "Pass --overwrite to replace it, or choose another folder.")
+    check_target(out, args.overwrite)
     resolve(args.model)
     if args.method == "gptq":
         check_source(args.data)

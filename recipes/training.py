@@ -142,6 +142,20 @@ def check_out_dir(out_dir: str) -> Path:
     return out
 
 
+def run_leaving_no_empty_out_dir(out_dir: str, run):
+    """`run()`; where it fails and leaves `out_dir`, which did not exist before, empty (a bad data file, another
+    tokenizer: refused before any write), remove the folder again, so that nothing looks like a run."""
+    out = Path(out_dir)
+    existed = out.exists()
+    try:
+        return run()
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            with contextlib.suppress(OSError):  # another rank may have removed it first
+                out.rmdir()
+        raise
+
+
 def check_resume(found: tuple[Path, dict] | None, world: int | None, max_steps: int) -> None:
     """Refuse a resume that would not continue the run: another number of processes (each takes its own
     positions of the data order, so samples would be skipped or seen twice), or a checkpoint past max_steps.

@@ -321,7 +321,9 @@ def test_training_overrides_may_follow_resume(verb, capsys):
     assert args.resume and args.overrides == ["max_steps=4", "lr=0.1", "seed=3"]
     with pytest.raises(SystemExit) as stop:
         parse_arguments([verb, "--config", "c.yaml", "--resume", "--bogus"])
-    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"slimlm {verb}: error: unrecognized arguments: --bogus" in err  # the verb's
+    assert f"usage: slimlm {verb}" in err                                                              # own usage
     with pytest.raises(SystemExit):
         parse_arguments(["eval", "m", "max_steps=4"])  # only the training recipes take overrides
 
@@ -345,7 +347,17 @@ def test_bad_values_are_refused_before_any_work(model_dir, tmp_path, capsys, mon
                         (["eval", str(model_dir), "--threads", "0"], "--threads must be at least 1"),
                         (["quantize", str(model_dir), "--method", "rtn", "--out", str(tmp_path / "q"),
                           "--threads", "-2"], "--threads must be at least 1"),
-                        (["export", str(model_dir), "--out", str(blocker)], "is a file; an export is a folder")]:
+                        (["export", str(model_dir), "--out", str(blocker)], "is a file; an export needs a folder"),
+                        (["quantize", str(model_dir), "--method", "rtn", "--out", str(blocker)], "afile is a file"),
+                        (["prune", str(model_dir), "--target-params", "0.5", "--out", str(blocker)], "afile is a file"),
+                        (["prune", str(model_dir), "--target-params", "1.5", "--out", str(tmp_path / "p")],
+                         "neither a fraction (below 1) nor a whole count"),
+                        (["prune", str(model_dir), "--target-params", "0.5", "--out", str(tmp_path / "p"),
+                          "--threads", "0"], "threads must be at least 1"),
+                        ([*bench, "--prompt-len", "100000"], "is more than this model's context"),
+                        (["eval", str(model_dir), "--device", "nodevice"], "is not a device torch knows"),
+                        *([(["eval", str(model_dir), "--device", "cuda"], "no CUDA")]
+                          if not torch.cuda.is_available() else [])]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert words in err and "internal error" not in err, (argv, err)

@@ -283,6 +283,19 @@ def test_out_dir_that_is_a_file_is_refused_before_loading(assets, monkeypatch):
         main(load_config(DistillConfig, config_file(assets, out), []))
 
 
+def test_a_run_refused_after_its_out_dir_was_made_leaves_no_folder(assets, capsys):
+    # An empty data file is found only once the student and teacher are loaded, after out_dir was made: the
+    # failed run removes the empty folder it made (one it did not make stays).
+    empty = assets["root"] / "empty.txt"
+    empty.write_text("")
+    out = assets["root"] / "refused_run"
+    assert cli(["--config", str(config_file(assets, out, data=str(empty)))]) == 2
+    assert "empty" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    assert cli(["--config", str(config_file(assets, out, data=str(empty)))]) == 2
+    assert out.is_dir()
+
+
 def _sigterm(trainer):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

@@ -178,6 +178,15 @@ def test_bad_configs_are_refused_before_any_work(base, monkeypatch, capsys, chan
     assert not (base / "bad_out").exists()
 
 
+def test_a_bad_compare_key_points_at_compares_options(base, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("work started"))
+    config = write_config(base, variants(base)[:1], name="badcmp.yaml", out="badcmp_out")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["compare"]["max-windowz"] = 3
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    refused(capsys, [config], "unrecognized arguments: --max-windowz", "Keys under `compare:`", "slimlm compare --help")
+
+
 def test_unknown_model_and_other_configs_out_are_refused(base, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("work started"))
     config = write_config(base, variants(base)[:1], name="unknown.yaml", out="u_out")

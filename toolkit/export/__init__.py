@@ -7,7 +7,7 @@ what was done to the model and the sha256 of every tensor file, checked by `read
 from .integrity import sha256_file
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, TRANSFORM_KEYS, Manifest
 from .reader import is_export, read
-from .writer import write
+from .writer import check_target, write
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "TRANSFORM_KEYS", "Manifest", "is_export", "read",
-           "sha256_file", "write"]
+           "check_target", "sha256_file", "write"]

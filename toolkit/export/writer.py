@@ -42,7 +42,7 @@ def write(model, tokenizer, out_dir: str | os.PathLike, meta: dict | None = None
     out = Path(os.path.abspath(out_dir))
     manifest = _manifest_from_meta(model, meta)
     extra = _check_extra(extra_tensors)
-    _check_target(out, overwrite)
+    check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "tmp")
     tmp.mkdir()  # not mkdtemp: its 0700 mode would outlive the rename; this one follows the umask
@@ -132,7 +132,9 @@ def _readable_as_the_umask_says(folder: Path) -> None:
             path.chmod(mode)
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_target(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, a non-empty folder unless `overwrite`, or one overwrite must never
+    delete (a root, home or current folder): the writer's checks, for commands to run before any work."""
     if out.exists() and not out.is_dir():
         raise SlimlmError(f"{out} is a file; an export needs a folder there.",
                           "Choose another output path or remove the file.")
@@ -156,7 +158,7 @@ def _sibling(out: Path, kind: str) -> Path:
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    _check_target(out, overwrite)  # again: the folder may have appeared while we were writing
+    check_target(out, overwrite)  # again: the folder may have appeared while we were writing
     old = None
     if out.exists():
         old = _sibling(out, "old")

@@ -32,6 +32,26 @@ class ModelSource:
     location: str  # a path for local kinds, the alias or hub id otherwise
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that this torch build and machine can run; SlimlmError saying what is missing."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise SlimlmError(f"device {str(device)!r} is not a device torch knows ({err}).",
+                          "Use cpu, or cuda (cuda:N) on a machine with an NVIDIA GPU.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise SlimlmError(f"device {str(device)!r}: {why} (torch {torch.__version__}).",
+                          "Use --device cpu, or a CUDA build of torch on a machine with a GPU.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SlimlmError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"numbered from 0.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SlimlmError(f"device {str(device)!r}: this torch build or machine has no MPS (Apple GPU) support.",
+                          "Use --device cpu.")
+    return dev
+
+
 def parse_dtype(dtype) -> torch.dtype:
     """Accept a torch dtype or a name such as "bf16"; None means float32."""
     if dtype is None:
@@ -91,6 +111,7 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
     from .builtin import builtin_model_dir
     from .gguf import load_gguf
 
+    check_device(device)
     source = resolve(spec)
     dt = parse_dtype(dtype)
     if source.kind == "gguf":

@@ -88,7 +88,7 @@ def parse_axes(axes) -> dict[str, float]:
 def parse_target(spec, total: int) -> int:
     """A parameter budget: "70M", "1.5B", "500K", "123456", or a fraction of `total` ("0.5", "50%").
 
-    A plain number below 1 is a fraction; a plain number of 1 or more is a count.
+    A plain number below 1 is a fraction; a plain whole number of 1 or more is a count (1.5 is neither).
     """
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         spec = repr(spec)
@@ -101,6 +101,9 @@ def parse_target(spec, total: int) -> int:
         value = value / 100 * total
     elif suffix == "" and value < 1:
         value = value * total
+    elif suffix == "" and value != int(value):
+        raise SlimlmError(f"the parameter target {spec!r} is neither a fraction (below 1) nor a whole count.",
+                          "Write a fraction as 0.5 or 50%, a count as 70000000 or 70M.")
     else:
         value *= _SUFFIX[suffix]
     if value <= 0:

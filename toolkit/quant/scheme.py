@@ -117,10 +117,12 @@ class QuantScheme:
         `qzeros` along the output dimension).
         """
         if self.group_size != -1 and in_features % self.group_size:
+            fits = [str(g) for g in GROUP_SIZES if g > 0 and in_features % g == 0]
             raise SlimlmError(
                 f"layer {name} has in_features={in_features}, which is not divisible by the group size "
                 f"{self.group_size}.",
-                "Choose a group size that divides it (32, 64, 128), use --group-size -1 (per channel), "
+                (f"Choose a group size that divides it ({', '.join(fits)}), use" if fits else
+                 "None of the group sizes 32, 64, 128 divides it: use") + " --group-size -1 (per channel), "
                 f"or keep the layer in full precision with a skip pattern such as {re.escape(name)!r}.")
         for what, size in (("in_features", in_features), ("out_features", out_features)):
             if size % self.pack_factor:

@@ -45,7 +45,7 @@ def test_parse_target():
     assert parse_target("0.5", 1000) == 500
     assert parse_target(0.25, 1000) == 250
     assert parse_target("40%", 1000) == 400
-    for bad in ["abc", "0", "-3M", "12X", ""]:
+    for bad in ["abc", "0", "-3M", "12X", "", "1.5", 2.5]:  # 1.5: neither a fraction nor a count
         with pytest.raises(SlimlmError):
             parse_target(bad, 1000)
 

@@ -136,8 +136,9 @@ def test_misuse_is_refused_clearly():
         prepare_qat(model, QuantScheme(bits=4, group_size=32, act_order=True))
     with pytest.raises(SlimlmError, match="no FakeQuantLinear"):
         convert_qat(model)
-    with pytest.raises(SlimlmError, match="not divisible by the group size"):
+    with pytest.raises(SlimlmError, match="not divisible by the group size") as refusal:
         prepare_qat(tiny_model("llama", seed=5, intermediate_size=96)[0], QuantScheme(bits=4, group_size=64))
+    assert "Choose a group size that divides it (32), use --group-size -1" in refusal.value.hint  # only 32 divides 96
     assert not fake_quant_linears(model)  # nothing was wrapped by the refused calls
     prepare_qat(model, SCHEME)
     with pytest.raises(SlimlmError, match="already prepared"):
