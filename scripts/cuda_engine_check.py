@@ -52,7 +52,7 @@ def greedy_hf(model, prompts: list[list[int]], n: int) -> list[list[int]]:
         ids = torch.tensor([p], device=model.device)
         with torch.inference_mode():
             g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                               min_new_tokens=n, do_sample=False, pad_token_id=0)
+                               do_sample=False, eos_token_id=None, pad_token_id=0)  # past EOS, as ignore_eos
         outs.append(g[0, len(p):].tolist())
     return outs
 

@@ -87,7 +87,12 @@ class LLMEngine:
             quantize_lm_head(self.model, config.quantize_lm_head)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.model.dtype)
         ctx = getattr(hf_model.config, "max_position_embeddings", 4096) or 4096
-        self.max_model_len = config.max_model_len or min(ctx, 4096)
+        window = self.model.args.sliding_window  # attention here is over the whole context: the same up to it
+        if window is not None and (config.max_model_len or 0) > window:
+            raise ValueError(f"max_model_len {config.max_model_len} is past this model's sliding window of {window} "
+                             "tokens; slimlm's runtime attends to the whole context, which gives the model's output "
+                             f"only up to the window: use a max model length of at most {window}")
+        self.max_model_len = config.max_model_len or min(ctx, 4096, window or ctx)
         config.max_model_len = self.max_model_len
         num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_gb)
         num_blocks = max(num_blocks, math.ceil(self.max_model_len / config.block_size))

@@ -125,7 +125,9 @@ class GPTQWeights:
         if not torch.equal(g_idx, consecutive):  # act-order: serve the columns sorted by group
             perm = torch.argsort(g_idx, stable=True)
             if not torch.equal(g_idx[perm], consecutive):
-                return f"act-order g_idx whose groups are not all {gs} inputs long"
+                sizes = sorted(set(torch.bincount(g_idx, minlength=groups).tolist()))
+                return (f"groups of {' and '.join(map(str, sizes))} inputs (g_idx), where the kernels need groups of "
+                        f"one size ({gs} of the {in_f} inputs each)")
         codes = unpack_qweight(qweight, bits).to(torch.uint8)                    # [out, in]
         if perm is not None:
             codes = codes[:, perm]

@@ -16,7 +16,6 @@ to the rows asked for only.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +48,9 @@ class ModelArgs:
     rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    sliding_window: int | None = None  # not applied; see from_hf_config
+    # Where some layer attends only to this many recent tokens. The runtime attends to the whole context, the same
+    # up to the window, so the engine caps its max model length there (see `from_hf_config`).
+    sliding_window: int | None = None
 
     @classmethod
     def from_hf_config(cls, config) -> ModelArgs:
@@ -59,7 +60,7 @@ class ModelArgs:
             raise ValueError(f"model_type {model_type!r} is not supported by slimlm's runtime; supported: "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)}. Serve it with transformers or vLLM instead.")
         act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # transformers' two names of the same function
             raise ValueError(f"hidden_act {act!r} is not supported (the Llama-family MLP here is SiLU-gated)")
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -71,12 +72,13 @@ class ModelArgs:
         if rope["rope_type"] == "llama3":
             rope.setdefault("original_max_position_embeddings", config.max_position_embeddings)
         window = getattr(config, "sliding_window", None)
-        if model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
-            window = None
-        if window is not None and window < config.max_position_embeddings:
-            warnings.warn(f"{model_type} config has sliding_window={window}; slimlm's runtime attends to the "
-                          f"whole context, so outputs match the reference only for contexts up to {window} "
-                          "tokens. Cap the engine's max model length at the window.", stacklevel=2)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:  # transformers names each layer's attention (Qwen2/3: the layers past
+            slides = "sliding_attention" in layer_types  # max_window_layers slide, the others do not)
+        else:
+            slides = model_type == "mistral" or bool(getattr(config, "use_sliding_window", False))
+        if not slides or (window is not None and window >= config.max_position_embeddings):
+            window = None  # no layer's window is shorter than the context
         return cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                    intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
                    num_heads=heads, num_kv_heads=kv_heads,

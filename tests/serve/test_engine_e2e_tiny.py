@@ -25,7 +25,10 @@ def make(arch="llama", seed=0):
 
 def hf_greedy(model, tok, prompt, n):
     ids = tok(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    # eos_token_id=None: past EOS as the engine's ignore_eos goes (min_new_tokens would forbid EOS, another
+    # greedy choice wherever EOS is the argmax)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
     return out[0, ids.shape[1]:].tolist()
 
 

@@ -9,6 +9,7 @@ A spec is, in the order tried:
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -104,6 +105,21 @@ def is_gptq_dir(folder: str | os.PathLike) -> bool:
         return False
 
 
+def check_quant_method(folder: str | os.PathLike) -> None:
+    """Refuse a folder quantized by a method slimlm does not read (AWQ, bitsandbytes, FP8, compressed-tensors...),
+    naming it, before transformers fails on it with a message about something else."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers' own loading says what is wrong with the folder
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(qc, dict) and qc:
+        method = qc.get("quant_method", "unnamed")
+        raise SlimlmError(f"{folder} is quantized with quant_method {method!r}, which slimlm does not read.",
+                          "slimlm reads unquantized checkpoints and 4- or 8-bit GPTQ ones; pass the unquantized model "
+                          "(and quantize it with `slimlm quantize`), or a GPTQ copy of it.")
+
+
 def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
     """Load `(model, tokenizer)` for any spec (see module doc); the model is in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,6 +147,8 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
 
         model, tokenizer = load_gptq(location, dtype=dt, verify=False)  # an export was verified just above
         return model.to(device), tokenizer
+    if source.kind in ("export", "hf_dir"):
+        check_quant_method(location)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dt, output_loading_info=True)

@@ -224,7 +224,7 @@ def find_gptq_config(path: str | os.PathLike) -> dict | None:
     qc = _read_json(folder / "config.json").get("quantization_config")
     if qc is None and (folder / "quantize_config.json").is_file():
         qc = {"quant_method": "gptq", **_read_json(folder / "quantize_config.json")}
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == "gptq" else None
+    return qc if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq" else None
 
 
 def gptq_config(path: str | os.PathLike) -> dict:
@@ -240,6 +240,9 @@ def gptq_config(path: str | os.PathLike) -> dict:
                           "slimlm reads 4- and 8-bit GPTQ checkpoints in the gptq (v1) or gptq_v2 format.")
     if qc["bits"] not in (4, 8):
         raise SlimlmError(f"{path}: {qc['bits']}-bit GPTQ is not supported.", "slimlm reads 4- and 8-bit GPTQ.")
+    if str(qc.get("pack_dtype", "int32")).removeprefix("torch.") != "int32":
+        raise SlimlmError(f"{path}: codes packed in {qc['pack_dtype']} words are not supported.",
+                          "slimlm reads GPTQ codes packed in int32 (every tool's default); repack with pack_dtype int32.")
     _check_against_manifest(Path(path), qc)
     return qc
 
@@ -272,6 +275,11 @@ def check_layer(folder, name: str, layer: dict[str, torch.Tensor], bits: int | N
     if missing:
         raise SlimlmError(f"{folder}: layer {name} lacks {', '.join(missing)}.", redo)
     qweight, qzeros, scales, g_idx = (layer[p] for p in PACKED)
+    words = [f"{p} is {layer[p].dtype}" for p in ("qweight", "qzeros")
+             if layer[p].dtype not in (torch.int32, torch.uint32, torch.int64)]
+    if words:  # the same bits under another label, or 16-bit words: read as int32 words they would be garbage
+        raise SlimlmError(f"{folder}: layer {name}'s {' and '.join(words)}; packed GPTQ codes are 32-bit integer "
+                          "words.", redo)
     if g_idx.dim() != 1 or qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2:
         raise SlimlmError(f"{folder}: layer {name} has tensors of the wrong rank (qweight {tuple(qweight.shape)}, "
                           f"qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)}).", redo)
@@ -292,23 +300,42 @@ def check_layer(folder, name: str, layer: dict[str, torch.Tensor], bits: int | N
     return bits
 
 
+def module_setting(qc: dict, name: str, key: str):
+    """`qc[key]` for module `name`, or the value a `dynamic` override (gptqmodel's `{"+:<regex>": {...}}`, a
+    bare regex being positive) gives it there."""
+    for pattern, override in (qc.get("dynamic") or {}).items():
+        positive = not pattern.startswith("-:")
+        if positive and isinstance(override, dict) and key in override \
+                and re.search(pattern.removeprefix("+:"), name):
+            return override[key]
+    return qc.get(key)
+
+
 def packed_layer(folder, tensors: dict[str, torch.Tensor], name: str, qc: dict) -> tuple[dict[str, torch.Tensor], int]:
     """Layer `name`'s packed tensors and bits, checked (`check_layer`). Some exports leave `g_idx` out where
-    it would say `i // group_size` (no act-order): it is filled in so; with act-order it cannot be, and is
-    refused as missing."""
+    it would say `i // group_size` (no act-order; the module's group size, a `dynamic` override's where one
+    matches): it is filled in so, and so is a layer of one group in any order; with act-order and several
+    groups the order cannot be known, and it is refused as missing."""
     layer = {p: tensors[f"{name}.{p}"] for p in PACKED if f"{name}.{p}" in tensors}
     qweight, qzeros, scales = layer.get("qweight"), layer.get("qzeros"), layer.get("scales")
-    if "g_idx" not in layer and not qc.get("desc_act") and qweight is not None and qzeros is not None \
-            and scales is not None and qweight.dim() == 2 and qzeros.dim() == 2 and scales.dim() == 2 \
-            and qweight.shape[1]:
+    if "g_idx" not in layer and qweight is not None and qzeros is not None and scales is not None \
+            and qweight.dim() == 2 and qzeros.dim() == 2 and scales.dim() == 2 and qweight.shape[1]:
         # the layer's own bits and groups (a quantized head may differ from the config's)
         bits = qzeros.shape[1] * 32 // qweight.shape[1]
         bits = bits if bits in (4, 8) else qc["bits"]
-        gs, in_f, groups = qc.get("group_size", -1), qweight.shape[0] * 32 // bits, scales.shape[0]
+        gs, in_f, groups = module_setting(qc, name, "group_size"), qweight.shape[0] * 32 // bits, scales.shape[0]
         if groups == 1:
             layer["g_idx"] = torch.zeros(in_f, dtype=torch.int32)
-        elif gs and gs > 0 and groups == -(-in_f // gs):
+        elif not module_setting(qc, name, "desc_act") and gs and gs > 0 and groups == -(-in_f // gs):
             layer["g_idx"] = torch.arange(in_f, dtype=torch.int32) // gs
+        elif module_setting(qc, name, "desc_act"):
+            raise SlimlmError(f"{folder}: layer {name} lacks g_idx, and its config says act-order (desc_act): "
+                              "which inputs each of its groups holds cannot be known without it.",
+                              "Re-export or re-download the checkpoint with its g_idx tensors.")
+        else:
+            raise SlimlmError(f"{folder}: layer {name} lacks g_idx, and its {groups} groups of scales are not "
+                              f"{in_f} inputs in groups of {gs} (the config's group_size) either.",
+                              "Re-export or re-download the checkpoint with its g_idx tensors.")
     return layer, check_layer(folder, name, layer)
 
 
@@ -379,8 +406,15 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
     if index.is_file():
         files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif not (folder / "model.safetensors").is_file() and len(found) == 1:
+        files = found  # AutoGPTQ names its one file after the scheme (model_file_base_name)
+    elif not (folder / "model.safetensors").is_file() and found:
+        raise SlimlmError(f"{folder} holds {len(found)} .safetensors files ({', '.join(found[:4])}) but no "
+                          "model.safetensors.index.json to say which tensors each holds.",
+                          "Add the index file the tool wrote with them, or re-download the checkpoint.")
     else:
         files = ["model.safetensors"]
     tensors = {}

@@ -3,17 +3,20 @@ import random
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from slimlm.serve.layers import AttentionMetadata
 from slimlm.serve.layers import rope_inv_freq
 from slimlm.serve.models import CausalLM, load_model
-from slimlm.toolkit.models import tiny_model
+from slimlm.toolkit.models import byte_tokenizer, tiny_model
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 # Larger than the default 0.02 init: logits spread over a few units, so greedy text varies
 # instead of repeating one token, and a wrong attention weight moves the logits visibly.
 INIT = 0.3
+SMALL = dict(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=8192)
 BLOCK = 4
 
 
@@ -202,12 +205,37 @@ def test_mistral_loads_and_matches_hf():
         torch.testing.assert_close(model.compute_logits(hidden), hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_sliding_window_is_announced():
-    # Mistral v0.1 configs carry a 4096 window the runtime does not apply: say so at load.
-    config = MistralConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192)
-    with pytest.warns(UserWarning, match="sliding_window=4096"):
-        load_model(MistralForCausalLM(config))
+def test_swish_is_silu_and_other_activations_are_refused():
+    hf = MistralForCausalLM(MistralConfig(**SMALL, hidden_act="swish", sliding_window=None,
+                                          initializer_range=INIT)).eval()
+    model = load_model(hf)
+    ids = list(range(20))
+    hidden, _ = run_step(model, model.allocate_kv_cache(16, BLOCK), Pool(16), [(0, 0, ids)])
+    with torch.no_grad():
+        torch.testing.assert_close(model.compute_logits(hidden), hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported"):
+        load_model(MistralForCausalLM(MistralConfig(**SMALL, hidden_act="gelu", sliding_window=None)))
+
+
+@pytest.mark.parametrize("make, window", [
+    (lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=8)), 8),
+    (lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=1)), 8),
+    (lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8)), None),  # none slides
+    (lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, sliding_window=8)), None),
+    (lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)), None),
+])
+def test_a_sliding_window_caps_the_engines_context(make, window):
+    # The runtime attends to the whole context, which is the model's windowed attention only up to the window:
+    # the engine's max model length stops there by default, and a longer one is refused, not served wrongly.
+    from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+
+    hf = make().eval()
+    assert load_model(hf).args.sliding_window == window
+    engine = LLMEngine(hf, byte_tokenizer(), EngineConfig(num_blocks=8))
+    assert engine.max_model_len == (window or 4096)
+    if window:
+        with pytest.raises(ValueError, match="past this model's sliding window of 8 tokens"):
+            LLMEngine(hf, byte_tokenizer(), EngineConfig(num_blocks=8, max_model_len=9))
 
 
 def test_from_state_dict_and_fused_shapes():

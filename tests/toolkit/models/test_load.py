@@ -58,6 +58,28 @@ def test_a_checkpoint_missing_weights_is_refused_not_filled_with_random_ones(hf_
         load(str(path))
 
 
+@pytest.mark.parametrize("method", ["awq", "bitsandbytes", "compressed-tensors"])
+def test_a_method_slimlm_does_not_read_is_named(hf_dir, method):
+    """Before: transformers' failure about something else (a format name, a missing library, "missing weights")."""
+    import json
+
+    path, _ = hf_dir
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlimlmError, match=f"quantized with quant_method '{method}', which slimlm does not read"):
+        load(str(path))
+
+
+def test_a_device_this_torch_lacks_is_refused_before_loading(hf_dir):
+    path, _ = hf_dir
+    with pytest.raises(SlimlmError, match="'nodevice' is not a device torch knows"):
+        load(str(path), device="nodevice")
+    if not torch.cuda.is_available():
+        with pytest.raises(SlimlmError, match="'cuda': this torch build has no CUDA|'cuda': no CUDA GPU is visible"):
+            load(str(path), device="cuda")
+
+
 def test_folder_without_config(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(SlimlmError, match="no config.json"):

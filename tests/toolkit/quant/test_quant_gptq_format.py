@@ -301,7 +301,16 @@ def _act_order(tensors, config, folder):
 
 
 @pytest.mark.parametrize("edit, words", [
-    (_act_order, "model.layers.0.mlp.down_proj lacks g_idx"),
+    (_act_order, "model.layers.0.mlp.down_proj lacks g_idx, and its config says act-order"),
+    (lambda t, c, f: (t.pop("model.layers.0.mlp.down_proj.g_idx"), c["quantization_config"].update(group_size=16)),
+     "down_proj lacks g_idx, and its 4 groups of scales are not 128 inputs in groups of 16"),
+    # the same bits under another label, or 16-bit words (GPTQModel's pack_dtype): read as int32 words, garbage
+    (lambda t, c, f: t.__setitem__("model.layers.0.mlp.up_proj.qweight",
+                                   t["model.layers.0.mlp.up_proj.qweight"].view(torch.float32)),
+     "up_proj's qweight is torch.float32; packed GPTQ codes are 32-bit integer words"),
+    (lambda t, c, f: t.__setitem__("model.layers.1.mlp.up_proj.qzeros",
+                                   t["model.layers.1.mlp.up_proj.qzeros"].to(torch.int16)), "qzeros is torch.int16"),
+    (lambda t, c, f: c["quantization_config"].update(pack_dtype="int16"), "codes packed in int16 words"),
     (lambda t, c, f: t.__setitem__("model.layers.1.self_attn.o_proj.g_idx",
                                    t["model.layers.1.self_attn.o_proj.g_idx"] + 1), "o_proj.g_idx names groups 1..2"),
     (lambda t, c, f: t.__setitem__("model.layers.0.mlp.up_proj.scales", t["model.layers.0.mlp.up_proj.scales"][:-1]),
@@ -316,6 +325,50 @@ def test_a_damaged_packed_layer_is_named(tmp_path, edit, words):
     for reader in (load_gptq, read_gptq_tensors):
         with pytest.raises(SlimlmError, match=words.replace("(", r"\(").replace(")", r"\)")):
             reader(folder)
+
+
+def test_other_tools_spellings_and_layouts_load_as_the_same_model(tmp_path):
+    """quant_method "GPTQ", one tensor file named after the scheme (AutoGPTQ's model_file_base_name), a layer of one
+    group without g_idx under act-order, and a `dynamic` override's own group size where g_idx is left out."""
+    def edit(tensors, config, folder):
+        config["quantization_config"]["quant_method"] = "GPTQ"
+        for key in [k for k in tensors if k.endswith(".g_idx")]:
+            del tensors[key]
+        config["quantization_config"]["dynamic"] = {r"+:.*\.mlp\.down_proj": {"group_size": 32}}
+        config["quantization_config"]["group_size"] = 16  # wrong for every layer but the overridden down_proj
+    out, folder = _other_tools_folder(tmp_path, edit=edit)
+    with pytest.raises(SlimlmError, match="lacks g_idx, and its 2 groups of scales are not 64 inputs in groups of 16"):
+        load_gptq(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["dynamic"] = {"+:.*": {"group_size": 32}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").rename(folder / "gptq_model-4bit-32g.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(load_gptq(folder)[0](IDS).logits, load_gptq(out)[0](IDS).logits, rtol=0, atol=0)
+    (folder / "second.safetensors").write_bytes((folder / "gptq_model-4bit-32g.safetensors").read_bytes())
+    with pytest.raises(SlimlmError, match="2 .safetensors files .* but no model.safetensors.index.json"):
+        load_gptq(folder)
+
+
+def test_a_one_group_layer_without_g_idx_reads_in_any_order(tmp_path):
+    from safetensors.torch import save_file
+
+    model, tok = tiny_model("llama", seed=3)
+    scheme = QuantScheme(bits=4, group_size=-1, sym=False)
+    out = save_gptq(model, tok, quantize_model(model, scheme, "rtn"), scheme, tmp_path / "q")
+    folder = tmp_path / "per_channel"
+    folder.mkdir()
+    for f in out.iterdir():
+        if f.name != "slimlm.json":
+            (folder / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(out / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["desc_act"] = True  # one group: every order reads alike
+    (folder / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        torch.testing.assert_close(load_gptq(folder)[0](IDS).logits, load_gptq(out)[0](IDS).logits, rtol=0, atol=0)
 
 
 def test_an_exports_config_edited_after_export_is_refused(tmp_path):
