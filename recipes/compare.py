@@ -415,7 +415,9 @@ def _engine(spec: str, settings: dict, plan: dict | None = None):
     try:
         return LLMEngine(hf_model, tokenizer, config, model_name=spec)
     except ValueError as err:
+        window = "sliding window" in str(err)  # the model's attention window is shorter than prompt + new tokens
         raise SlimlmError(f"cannot serve {spec}: {err}",
+                          "Lower --prompt-len and --gen-len to fit it." if window else
                           "Pass --speculative off to measure it plainly." if plan else None) from err
 
 

@@ -271,7 +271,12 @@ def write_sequences(teacher, tokenizer, blocks, seq: SequenceConfig, seed: int, 
     if seq.prompt_len >= blocks.shape[1]:
         raise SlimlmError(f"sequence.prompt_len {seq.prompt_len} must be shorter than seq_len {blocks.shape[1]}.")
     prompts = blocks[:seq.prompts, :seq.prompt_len].tolist()
-    llm = LLM(teacher, tokenizer=tokenizer, max_num_seqs=len(prompts), max_model_len=seq.prompt_len + seq.max_new_tokens + 1)
+    try:
+        llm = LLM(teacher, tokenizer=tokenizer, max_num_seqs=len(prompts),
+                  max_model_len=seq.prompt_len + seq.max_new_tokens + 1)
+    except ValueError as err:  # the teacher cannot be served so (e.g. a sliding window shorter than that)
+        raise SlimlmError(f"cannot generate with the teacher: {err}.",
+                          "Lower sequence.prompt_len or sequence.max_new_tokens.") from err
     outs = llm.generate(prompts, SamplingParams(max_tokens=seq.max_new_tokens, temperature=seq.temperature, seed=seed),
                         progress=True)
     width = seq.prompt_len + seq.max_new_tokens

@@ -104,7 +104,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         param = ".".join(field)
         others = len({tuple(e.get("loc", ())) for e in errors if e not in mine})
         more = f" (and {others} more problems)" if others else ""
-        return f"`{param}` must be one of: {', '.join(forms)}; got {_json_kind(first.get('input'))}{more}", param
+        got = _json_kind(first.get("input"))
+        deep = [e for e in mine if len([p for p in e["loc"] if p != "body"]) > tag + 1]
+        if deep:  # an array of wrong items: the form that read furthest into it says which item and how
+            item = max(deep, key=lambda e: [p for p in e["loc"] if isinstance(p, int)])
+            at = [str(p) for p in item["loc"] if p != "body"][tag + 1:]
+            got = f"an array whose item {'.'.join(at)} is not valid: {item.get('msg', 'invalid value')}"
+        return f"`{param}` must be one of: {', '.join(forms)}; got {got}{more}", param
     param = ".".join(loc) or None
     where = f"`{param}`: " if param else "the request body: "
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""

@@ -189,21 +189,24 @@ class EngineWorker:
                     self._send(batch, index, exc)
                     self._release(rid)
                     continue
-                self._sinks[rid] = [batch, index, None, params.n]  # ..., first token's time, completions
+                # ..., first token's time, each completion's finish reason so far
+                self._sinks[rid] = [batch, index, None, [None] * params.n]
                 self._send(batch, index, ACCEPTED)
             else:
                 rid = command[1]
                 if (sink := self._sinks.pop(rid, None)) is not None:
                     self.engine.abort_request(rid)
                     self._release(rid)
-                    if self.metrics:  # per completion, as the other finish reasons are counted
-                        self.metrics.finished.labels("abort").inc(sink[3])
+                    if self.metrics:  # per completion, as at a normal end; those that had ended keep their reason
+                        for reason in sink[3]:
+                            self.metrics.finished.labels(reason or "abort").inc()
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)
         if sink is None:  # aborted by its client between the step's start and now
             return
         batch, index, first, _ = sink
+        sink[3] = [c.finish_reason for c in out.outputs]
         now = time.perf_counter()
         generated = max((len(c.token_ids) for c in out.outputs), default=0)
         if first is None and generated:

@@ -301,8 +301,10 @@ class LLMEngine:
             if comp.finish_reason == "stop" and last in req.params.stop_token_ids:
                 comp.stop_reason = last
         found = _first_stop(text, len(comp.text), req.params.stop)
-        if found and len(comp.token_ids) - before > 1:  # a step appended several tokens (a speculative step):
-            text, found = self._stop_as_plain_decoding(req, idx, before, found)  # end where one a step would
+        held = req.texts[idx].read < len(comp.token_ids)  # the text waits for the rest of a character
+        if req.params.stop and (found or held) and len(comp.token_ids) - before > 1:
+            # several tokens in one step (a speculative step): end where plain decoding, one a step, would
+            text, found = self._stop_as_plain_decoding(req, idx, before, found)
         if found:
             cut, comp.stop_reason = found
             text = text[:cut]
@@ -317,10 +319,11 @@ class LLMEngine:
         if comp.finish_reason is not None:
             req.done.add(idx)
 
-    def _stop_as_plain_decoding(self, req: _Request, idx: int, before: int, found: tuple[int, str]):
+    def _stop_as_plain_decoding(self, req: _Request, idx: int, before: int, found: tuple[int, str] | None):
         """The text and stop string where plain decoding, one token a step, would have stopped: at the first of
-        this step's tokens whose text holds a stop string; the tokens after it are dropped. `before`: the output
-        tokens the previous step left."""
+        this step's tokens whose text holds a stop string (also one the step's held-back text, waiting for the
+        rest of a character, does not show yet); the tokens after it are dropped. `before`: the output tokens
+        the previous step left; `found`: the stop in the step's text, if any."""
         seq, comp = req.seqs[idx], req.outputs[idx]
         ids = comp.token_ids
         for n in range(before + 1, len(ids)):

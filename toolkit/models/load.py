@@ -105,19 +105,20 @@ def is_gptq_dir(folder: str | os.PathLike) -> bool:
         return False
 
 
-def check_quant_method(folder: str | os.PathLike) -> None:
-    """Refuse a folder quantized by a method slimlm does not read (AWQ, bitsandbytes, FP8, compressed-tensors...),
-    naming it, before transformers fails on it with a message about something else."""
+def _other_quant_method(folder: str | os.PathLike) -> str | None:
+    """The `quant_method` of a folder quantized otherwise than GPTQ (AWQ, bitsandbytes, FP8, compressed-tensors...),
+    which transformers loads where it can (FP8 dequantized on a CPU) and otherwise fails on with a message about
+    something else (a format name, a missing library, missing weights): its failure then names the method."""
     try:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return  # transformers' own loading says what is wrong with the folder
+        return None
     qc = config.get("quantization_config") if isinstance(config, dict) else None
-    if isinstance(qc, dict) and qc:
-        method = qc.get("quant_method", "unnamed")
-        raise SlimlmError(f"{folder} is quantized with quant_method {method!r}, which slimlm does not read.",
-                          "slimlm reads unquantized checkpoints and 4- or 8-bit GPTQ ones; pass the unquantized model "
-                          "(and quantize it with `slimlm quantize`), or a GPTQ copy of it.")
+    return str(qc.get("quant_method", "unnamed")) if isinstance(qc, dict) and qc else None
+
+
+_OTHER_METHOD_HINT = ("slimlm reads unquantized checkpoints and 4- or 8-bit GPTQ ones; pass the unquantized model (and "
+                      "quantize it with `slimlm quantize`), or a GPTQ copy of it.")
 
 
 def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
@@ -147,8 +148,7 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
 
         model, tokenizer = load_gptq(location, dtype=dt, verify=False)  # an export was verified just above
         return model.to(device), tokenizer
-    if source.kind in ("export", "hf_dir"):
-        check_quant_method(location)
+    method = _other_quant_method(location) if source.kind in ("export", "hf_dir") else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dt, output_loading_info=True)
@@ -160,10 +160,18 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
                 "If no hub is reachable, download the model elsewhere and pass its local folder"
                 + ("." if os.environ.get("HF_HUB_OFFLINE") == "1" else
                    " (or set HF_HUB_OFFLINE=1 to use only the local cache).")) from err
+        if method is not None:
+            raise SlimlmError(f"could not load {location}, quantized with quant_method {method!r}, which slimlm does not "
+                              f"read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}).",
+                              _OTHER_METHOD_HINT) from err
         raise SlimlmError(f"could not load the model in {location}: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:300] if str(err) else ''}",
                           "A weight file may be corrupt or truncated; re-download or re-export it.") from err
     missing = sorted(info.get("missing_keys") or ())
+    if missing and method is not None:
+        raise SlimlmError(f"could not load {location}, quantized with quant_method {method!r}, which slimlm does not "
+                          f"read (transformers left {len(missing)} weight(s) unread, e.g. {', '.join(missing[:2])}).",
+                          _OTHER_METHOD_HINT)
     if missing:  # transformers fills them with random values and only logs it
         raise SlimlmError(f"the checkpoint in {location} lacks {len(missing)} weight(s) its config needs, e.g. "
                           f"{', '.join(missing[:3])}; they would be random.",

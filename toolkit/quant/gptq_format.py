@@ -240,7 +240,7 @@ def gptq_config(path: str | os.PathLike) -> dict:
                           "slimlm reads 4- and 8-bit GPTQ checkpoints in the gptq (v1) or gptq_v2 format.")
     if qc["bits"] not in (4, 8):
         raise SlimlmError(f"{path}: {qc['bits']}-bit GPTQ is not supported.", "slimlm reads 4- and 8-bit GPTQ.")
-    if str(qc.get("pack_dtype", "int32")).removeprefix("torch.") != "int32":
+    if str(qc.get("pack_dtype") or "int32").removeprefix("torch.") != "int32":
         raise SlimlmError(f"{path}: codes packed in {qc['pack_dtype']} words are not supported.",
                           "slimlm reads GPTQ codes packed in int32 (every tool's default); repack with pack_dtype int32.")
     _check_against_manifest(Path(path), qc)
@@ -301,13 +301,14 @@ def check_layer(folder, name: str, layer: dict[str, torch.Tensor], bits: int | N
 
 
 def module_setting(qc: dict, name: str, key: str):
-    """`qc[key]` for module `name`, or the value a `dynamic` override (gptqmodel's `{"+:<regex>": {...}}`, a
-    bare regex being positive) gives it there."""
+    """`qc[key]` for module `name`, or what a `dynamic` override gives it there, read as vLLM reads gptqmodel's
+    key: the first pattern that matches the name from its start decides (`-:<regex>` leaves the module out,
+    `+:<regex>` or a bare regex overrides the keys it names)."""
     for pattern, override in (qc.get("dynamic") or {}).items():
-        positive = not pattern.startswith("-:")
-        if positive and isinstance(override, dict) and key in override \
-                and re.search(pattern.removeprefix("+:"), name):
-            return override[key]
+        if re.match(pattern[2:] if pattern.startswith(("+:", "-:")) else pattern, name):
+            if pattern.startswith("-:") or not isinstance(override, dict):
+                break
+            return override.get(key, qc.get(key))
     return qc.get(key)
 
 
@@ -326,7 +327,8 @@ def packed_layer(folder, tensors: dict[str, torch.Tensor], name: str, qc: dict) 
         gs, in_f, groups = module_setting(qc, name, "group_size"), qweight.shape[0] * 32 // bits, scales.shape[0]
         if groups == 1:
             layer["g_idx"] = torch.zeros(in_f, dtype=torch.int32)
-        elif not module_setting(qc, name, "desc_act") and gs and gs > 0 and groups == -(-in_f // gs):
+        elif (not module_setting(qc, name, "desc_act") or module_setting(qc, name, "static_groups")) \
+                and gs and gs > 0 and groups == -(-in_f // gs):  # static groups: consecutive under act-order too
             layer["g_idx"] = torch.arange(in_f, dtype=torch.int32) // gs
         elif module_setting(qc, name, "desc_act"):
             raise SlimlmError(f"{folder}: layer {name} lacks g_idx, and its config says act-order (desc_act): "

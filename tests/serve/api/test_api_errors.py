@@ -115,6 +115,9 @@ def test_error_messages_name_the_problem(shared_fake):
         "list[list[int]]; got null"
     r = _send(server.url + C, {"prompt": "x", "stop": [1]}).json()["error"]
     assert r["param"] == "stop" and "more problems" not in r["message"]
+    assert r["message"].endswith("got an array whose item 0 is not valid: Input should be a valid string")
+    r = _send(server.url + C, {"prompt": [[1, 2], [3, "a"]]}).json()["error"]  # the form read furthest names it
+    assert r["message"].endswith("got an array whose item 1.1 is not valid: Input should be a valid integer")
     r = _send(server.url + C, {"model": "gpt-4", "prompt": "x"}).json()["error"]
     assert r["code"] == "model_not_found" and "fake-model" in r["message"]
     r = httpx.get(server.url + "/v1/nothing-here")

@@ -256,6 +256,23 @@ def test_stop_strings_end_a_speculative_step_where_plain_decoding_ends():
     assert llm_fast.engine.block_manager.num_used_blocks == 0
 
 
+def test_a_stop_string_before_a_split_character_in_one_step_ends_there():
+    # One step appends "a", "b" and the first byte of "é": the text waits for the character's second byte, so the
+    # step's text does not show "ab" yet; plain decoding, one token a step, would have stopped at "b".
+    model, tok = make()
+    engine = LLM(model, tok, block_size=4).engine
+    engine.add_request("r", tok.encode("hi"), SamplingParams(temperature=0, max_tokens=10, stop=["ab"]))
+    req = engine._requests["r"]
+    seq = req.seqs[0]
+    for step in ([ord("x"), ord("y")], [ord("a"), ord("b"), 0xC3]):
+        for t in step:
+            seq.append_token(t)
+        engine._update_completion(req, 0)
+    comp = req.outputs[0]
+    assert comp.token_ids == [ord(c) for c in "xyab"] and comp.text == "xy"
+    assert (comp.finish_reason, comp.stop_reason) == ("stop", "ab")
+
+
 def test_the_stop_string_that_ends_first_wins():
     from slimlm.serve.engine.engine import _first_stop
 

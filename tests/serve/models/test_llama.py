@@ -223,6 +223,7 @@ def test_swish_is_silu_and_other_activations_are_refused():
     (lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8)), None),  # none slides
     (lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, sliding_window=8)), None),
     (lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=None)), None),
+    (lambda: MistralForCausalLM(MistralConfig(**SMALL, sliding_window=8192)), None),  # no shorter than the context
 ])
 def test_a_sliding_window_caps_the_engines_context(make, window):
     # The runtime attends to the whole context, which is the model's windowed attention only up to the window:

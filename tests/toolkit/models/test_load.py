@@ -58,17 +58,23 @@ def test_a_checkpoint_missing_weights_is_refused_not_filled_with_random_ones(hf_
         load(str(path))
 
 
-@pytest.mark.parametrize("method", ["awq", "bitsandbytes", "compressed-tensors"])
-def test_a_method_slimlm_does_not_read_is_named(hf_dir, method):
+@pytest.mark.parametrize("method, unread", [("awq", False), ("compressed-tensors", False), ("bitsandbytes", True)])
+def test_a_method_slimlm_does_not_read_is_named(hf_dir, method, unread):
     """Before: transformers' failure about something else (a format name, a missing library, "missing weights")."""
     import json
 
+    from safetensors.torch import load_file, save_file
+
     path, _ = hf_dir
+    if unread:  # packed weights under other names: transformers leaves the model's own unread
+        tensors = load_file(path / "model.safetensors")
+        tensors["model.layers.0.mlp.down_proj.weight_packed"] = tensors.pop("model.layers.0.mlp.down_proj.weight")
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": method, "bits": 4}
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(SlimlmError, match=f"quantized with quant_method '{method}', which slimlm does not read"):
-        load(str(path))
+        load(str(path))  # transformers fails on each here (a format, a library, weights it leaves unread)
 
 
 def test_a_device_this_torch_lacks_is_refused_before_loading(hf_dir):

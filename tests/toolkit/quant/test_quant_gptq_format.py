@@ -261,6 +261,20 @@ def test_a_quantize_config_json_beside_config_json_is_read_as_the_gptq_settings(
     assert read_gptq_tensors(folder)  # the serving engine's packed path reads it too
 
 
+def _without_g_idx(out, folder):
+    """A copy of export `out` as another tool writes it (no manifest) and without its g_idx tensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    for f in out.iterdir():
+        if f.name != "slimlm.json":
+            (folder / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(out / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    return folder
+
+
 def test_a_folder_without_g_idx_reads_as_consecutive_groups(tmp_path):
     """Some exports leave g_idx out where it is i // group_size (no act-order): read as that, by both readers,
     the same model as with it; the int8 head of a 4-bit checkpoint is read at its own bits."""
@@ -272,16 +286,7 @@ def test_a_folder_without_g_idx_reads_as_consecutive_groups(tmp_path):
     head_scheme = QuantScheme(bits=8, group_size=-1, sym=True, skip=())
     state["lm_head"] = quantize_lm_head(model, head_scheme)
     out = save_gptq(model, tok, state, scheme, tmp_path / "q", lm_head_scheme=head_scheme)
-    folder = tmp_path / "no_g_idx"
-    folder.mkdir()
-    for f in out.iterdir():
-        if f.name != "slimlm.json":
-            (folder / f.name).write_bytes(f.read_bytes())
-    from safetensors.torch import save_file
-
-    tensors = load_file(out / "model.safetensors")
-    save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, folder / "model.safetensors",
-              metadata={"format": "pt"})
+    folder = _without_g_idx(out, tmp_path / "no_g_idx")
     with torch.no_grad():
         torch.testing.assert_close(load_gptq(folder)[0](IDS).logits, load_gptq(out)[0](IDS).logits, rtol=0, atol=0)
     layers, ref = read_gptq_tensors(folder), read_gptq_tensors(out)
@@ -340,7 +345,12 @@ def test_other_tools_spellings_and_layouts_load_as_the_same_model(tmp_path):
     with pytest.raises(SlimlmError, match="lacks g_idx, and its 2 groups of scales are not 64 inputs in groups of 16"):
         load_gptq(folder)
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["dynamic"] = {"+:.*": {"group_size": 32}}
+    config["quantization_config"]["dynamic"] = {"-:.*q_proj": {}, "+:.*": {"group_size": 32}}  # the first match
+    (folder / "config.json").write_text(json.dumps(config))                                      # decides
+    with pytest.raises(SlimlmError, match="q_proj lacks g_idx"):
+        load_gptq(folder)
+    # act-order with static groups keeps consecutive groups: readable without g_idx
+    config["quantization_config"].update(dynamic={"+:.*": {"group_size": 32}}, desc_act=True, static_groups=True)
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "model.safetensors").rename(folder / "gptq_model-4bit-32g.safetensors")
     with torch.no_grad():
@@ -351,19 +361,10 @@ def test_other_tools_spellings_and_layouts_load_as_the_same_model(tmp_path):
 
 
 def test_a_one_group_layer_without_g_idx_reads_in_any_order(tmp_path):
-    from safetensors.torch import save_file
-
     model, tok = tiny_model("llama", seed=3)
     scheme = QuantScheme(bits=4, group_size=-1, sym=False)
     out = save_gptq(model, tok, quantize_model(model, scheme, "rtn"), scheme, tmp_path / "q")
-    folder = tmp_path / "per_channel"
-    folder.mkdir()
-    for f in out.iterdir():
-        if f.name != "slimlm.json":
-            (folder / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(out / "model.safetensors")
-    save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, folder / "model.safetensors",
-              metadata={"format": "pt"})
+    folder = _without_g_idx(out, tmp_path / "per_channel")
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"]["desc_act"] = True  # one group: every order reads alike
     (folder / "config.json").write_text(json.dumps(config))
