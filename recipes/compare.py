@@ -155,8 +155,9 @@ def settings_from_args(args) -> dict:
             prompt_rows(args.prompts_file, num_requests)
         except ValueError as e:
             raise SlimlmError(str(e), "Fix the file, or pass fewer --num-requests.") from None
-    files = [s for s in [*data, *args.tasks, *([args.prompts_file] if args.prompts_file else [])] if Path(s).is_file()]
-    return {"data": data, "tasks": list(args.tasks), "files_sha256": {s: file_sha256(s) for s in files},
+    files = [s for s in [*data, *args.tasks, *([args.prompts_file] if args.prompts_file else [])]
+             if Path(s).expanduser().is_file()]  # ~ as the loaders read it
+    return {"data": data, "tasks": list(args.tasks), "files_sha256": {s: file_sha256(Path(s).expanduser()) for s in files},
             "split": args.split, "window": args.window, "max_windows": args.max_windows or None,
             "eval_batch_size": args.eval_batch_size, "eval_dtype": args.eval_dtype, "device": args.device,
             "dtype": args.dtype, "prompt_len": args.prompt_len, "gen_len": args.gen_len,

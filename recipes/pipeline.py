@@ -182,15 +182,17 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
                                   f"Variants so far: {', '.join(x['name'] for x in variants) or '(none)'}; "
                                   f"a variant's `{key}` may name only one listed before it.")
         made = {x["name"]: x["recipe"] for x in variants}
-        if made.get(parent) in ("draft", "ngram"):
-            raise SlimlmError(f"{where}: `from: {parent}` names a variant that makes nothing (it times a model with "
-                              "speculative decoding).", "Name the variant it times instead.")
+        for key in ("from", "draft"):
+            if made.get(v.get(key)) in ("draft", "ngram"):
+                raise SlimlmError(f"{where}: `{key}: {v[key]}` names a variant that makes nothing (it times a model "
+                                  "with speculative decoding).", "Name the variant it times instead.")
         if v.get("ngram") is not None and v.get("draft") is None:  # served with prompt-lookup drafts: nothing to make
             extra = sorted(set(v) & {"recipe", "config", "args", "launcher"})
             if v["ngram"] is not True or extra:
                 raise SlimlmError(f"{where}: an `ngram: true` variant makes nothing, so it takes no "
                                   f"{', '.join(extra) or 'value but true'}.",
                                   "It is the base (or `from:`) timed with prompt-lookup speculative decoding.")
+            _refuse_the_same_timing(variants, {"recipe": "ngram", "from": parent}, where)
             variants.append({"name": name, "recipe": "ngram", "from": parent})
             continue
         if v.get("draft") is not None:  # served with another variant as its draft model: nothing to make
@@ -201,8 +203,9 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
             if v.get("ngram") not in (None, True):
                 raise SlimlmError(f"{where}: `ngram` takes no value but true.",
                                   "With `draft:` it looks the text up first and drafts with the variant elsewhere.")
-            variants.append({"name": name, "recipe": "draft", "from": parent, "draft": str(v["draft"]),
-                             **({"ngram": True} if v.get("ngram") else {})})
+            timed = {"recipe": "draft", "from": parent, "draft": str(v["draft"]), **({"ngram": True} if v.get("ngram") else {})}
+            _refuse_the_same_timing(variants, timed, where)
+            variants.append({"name": name, **timed})
             continue
         recipe = RECIPES.get(v.get("recipe"))
         if recipe is None:
@@ -248,13 +251,29 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
     return plan
 
 
+def _refuse_the_same_timing(variants: list[dict], timed: dict, where: str) -> None:
+    """Two variants that time the same model the same way would be one row of the comparison, refused there only
+    after every variant was made: refused here."""
+    same = next((x["name"] for x in variants if {k: x.get(k) for k in ("recipe", "from", "draft", "ngram")}
+                 == {k: timed.get(k) for k in ("recipe", "from", "draft", "ngram")}), None)
+    if same is not None:
+        raise SlimlmError(f"{where}: it times the same model the same way as variant {same}.",
+                          "List each timing once.")
+
+
 def variant_hashes(plan: dict) -> dict[str, str]:
     """Each variant's identity: its definition, its config file's content, the base and its parent's identity.
-    A re-run remakes a variant whose identity changed (and its descendants) and reuses the others."""
+    A re-run remakes a variant whose identity changed (and its descendants) and reuses the others. A base in a
+    local folder or file counts by its files too (`compare.identity`: sizes, times, an export's manifest), so
+    a base retrained in place remakes everything made from it; a built-in alias or hub id by its name."""
+    from slimlm.recipes import compare
+
+    base_model = compare.check_models([plan["base"]])[0]
+    base = compare.identity(base_model) if base_model["kind"] in ("export", "hf_dir", "gguf") else plan["base"]
     out = {}
     for v in plan["variants"]:
         file = hashlib.sha256(Path(v["config"]).read_bytes()).hexdigest() if v.get("config") else None
-        blob = {"variant": v, "file": file, "base": plan["base"], "from": out.get(v["from"])}
+        blob = {"variant": v, "file": file, "base": base, "from": out.get(v["from"])}
         out[v["name"]] = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return out
 
@@ -299,7 +318,12 @@ def check_out(out: Path, plan: dict, overwrite: bool) -> dict:
     if overwrite:
         return {}
     if state_file.is_file():
-        state = json.loads(state_file.read_text())
+        try:
+            state = json.loads(state_file.read_text())
+        except ValueError as err:
+            raise SlimlmError(f"{state_file} is not valid JSON ({err}); a run may have been cut off while writing it.",
+                              "Pass --overwrite to start again (every variant is made anew), or choose another "
+                              "--out.") from None
         if state.get("sha256") != plan["sha256"] and state.get("base") != plan["base"]:
             raise SlimlmError(f"{out} holds a pipeline made from another config ({state.get('config')}) of another "
                               f"base model ({state.get('base')}); this one's is {plan['base']} ({plan['config']}).",
@@ -321,8 +345,10 @@ def start_out(out: Path, plan: dict, overwrite: bool) -> None:
 
 
 def save_state(out: Path, plan: dict, results: dict) -> None:
+    from slimlm.toolkit.eval import write_json
+
     state = {"config": plan["config"], "sha256": plan["sha256"], "base": plan["base"], "variants": results}
-    (out / "pipeline.json").write_text(json.dumps(state, indent=2) + "\n")
+    write_json(state, out / "pipeline.json")  # atomically: a cut-off write leaves the last whole state
 
 
 # -- running one step --------------------------------------------------------------------------------
@@ -385,12 +411,15 @@ def make_variant(v: dict, plan: dict, out: Path, results: dict, show=lambda line
     return result | {"status": "done"}
 
 
-def still_good(v: dict, old: dict, out: Path, redone: set, identity: str | None) -> bool:
+def still_good(v: dict, old: dict, out: Path, redone: set, identity: str, same_config: bool) -> bool:
     """An earlier run's export of this variant may be reused: it finished, verifies, its parent is unchanged and so
-    is the variant (`identity`, its `variant_hashes` entry; None: the whole config is the same)."""
+    is the variant (`identity`, its `variant_hashes` entry, which also sees the base's files; a record made before
+    variants had one is reused where the whole config is the same)."""
     from slimlm.toolkit.export import read
 
-    if old.get("status") != "done" or v["from"] in redone or (identity is not None and old.get("sha256") != identity):
+    if old.get("status") != "done" or v["from"] in redone:
+        return False
+    if old.get("sha256", identity if same_config else None) != identity:
         return False
     try:
         return bool(read(export_dir(out, v)))
@@ -431,9 +460,9 @@ def pipeline(plan: dict, out: Path, state: dict, command_line: str = "", progres
                 lookup = compare.NGRAM_SUFFIX if v.get("ngram") else ""
                 results[name] = {"recipe": "draft", "from": v["from"], "draft": v["draft"], "status": "done",
                                  "seconds": 0.0, "export": f"{model}{compare.DRAFT_SEP}{drafter['export']}{lookup}"}
-            elif still_good(v, old.get(name, {}), out, redone,
-                            None if state.get("sha256") == plan["sha256"] else plan["variant_sha256"][name]):
-                results[name] = old[name] | {"skipped": True}
+            elif still_good(v, old.get(name, {}), out, redone, plan["variant_sha256"][name],
+                            state.get("sha256") == plan["sha256"]):
+                results[name] = old[name] | {"skipped": True, "export": str(export_dir(out, v))}  # here, now
                 bar.console.print(escape(f"{name}: done in an earlier run, export verified; skipped"), highlight=False)
             else:
                 label = f"{name} ({v['recipe']}{', from ' + v['from'] if v['from'] else ''})"

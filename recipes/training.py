@@ -174,10 +174,15 @@ def check_resume(found: tuple[Path, dict] | None, world: int | None, max_steps: 
 
 def eval_text(config) -> tuple[str, str, bool]:
     """`(source, split, held_out)` of a recipe's evaluation text: `eval_data`, else the validation split of built-in
-    and hub data. A local file has no split of its own: without `eval_data` that is the training text itself."""
+    and hub data. A local file has no split of its own: without `eval_data` that is the training text itself; nor
+    has a hub spec that names its split (`hf:id:config:train`), which that split always reads."""
+    def read_split(spec: str, split: str) -> str:
+        parts = spec[len("hf:"):].split(":") if spec.startswith("hf:") else []
+        return parts[2] if len(parts) > 2 and parts[2] else split
+
     source = config.eval_data or config.data
-    split = "validation" if source.startswith(("builtin:", "hf:")) else config.data_split
-    return source, split, not (source == config.data and split == config.data_split)
+    split = read_split(source, "validation" if source.startswith(("builtin:", "hf:")) else config.data_split)
+    return source, split, not (source == config.data and split == read_split(config.data, config.data_split))
 
 
 def planned_world(config) -> int | None:

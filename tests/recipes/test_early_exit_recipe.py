@@ -212,3 +212,7 @@ def test_eval_data_is_the_held_out_text_when_given(assets):
     assert eval_text(config) == (str(other), "train", True)
     assert eval_text(load_config(EarlyExitConfig, None, [f"data={assets['data']}"]))[2] is False
     assert eval_text(load_config(EarlyExitConfig, None, [])) == ("builtin:wiki", "validation", True)
+    # a hub spec that names its split always reads it: training on it and evaluating "its validation" is not held out
+    hub = "hf:wikitext:wikitext-2-raw-v1:train"
+    assert eval_text(load_config(EarlyExitConfig, None, [f"data={hub}"])) == (hub, "train", False)
+    assert eval_text(load_config(EarlyExitConfig, None, ["data=hf:wikitext:wikitext-2-raw-v1"]))[1:] == ("validation", True)

@@ -1,6 +1,7 @@
 """`slimlm pipeline`: a tiny pipeline end to end (one variant fails, its child is skipped, the others go
 on), the re-run rule, an export that fails its integrity check, refusals before any work, shipped YAMLs."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -121,6 +122,15 @@ def test_a_rerun_makes_only_the_variants_that_changed(base, monkeypatch, capsys,
     state = json.loads((base / "change_out" / "pipeline.json").read_text())["variants"]
     assert state["q4"]["skipped"] and not state["q8"].get("skipped")
     ran.clear()
+    moved = base / "moved_out"  # the folder copied elsewhere: its exports are reused from there, not from the old one
+    shutil.copytree(base / "change_out", moved)
+    assert main(["pipeline", str(config), "--out", str(moved)]) == 0 and ran == []
+    specs = [m["spec"] for m in json.loads((moved / "compare" / "report.json").read_text())["models"][1:]]
+    assert specs and all(s.startswith(str(moved.resolve())) or s.startswith(str(moved)) for s in specs), specs
+    weights = base / "tiny" / "model.safetensors"  # the base retrained in place (here: only its time moves)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert main(["pipeline", str(config)]) == 0 and ran == ["q8", "q8-child", "q4", "q4-more"]
+    ran.clear()
     cfg = yaml.safe_load(config.read_text())  # other compare settings: nothing made, every model measured again
     cfg["compare"]["gen-len"] = 4
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -163,6 +173,9 @@ def refused(capsys, argv, *words):
     (lambda vs: vs.append({"name": "d", "draft": "nowhere"}), ["draft: nowhere", "names no variant"]),
     (lambda vs: vs.append({"name": "d", "draft": "int8", "recipe": "quantize"}), ["makes nothing", "recipe"]),
     (lambda vs: vs.append({"name": "n", "ngram": "yes"}), ["ngram: true", "makes nothing"]),
+    (lambda vs: vs.extend([{"name": "n", "ngram": True}, {"name": "d", "draft": "n"}]), ["`draft: n`", "makes nothing"]),
+    (lambda vs: vs.extend([{"name": "n", "ngram": True}, {"name": "n2", "ngram": True}]),
+     ["times the same model the same way as variant n"]),
     (lambda vs: vs.append({"name": "n", "ngram": "yes", "draft": "int8"}), ["`ngram` takes no value but true"]),
     (lambda vs: vs.extend([{"name": "n", "ngram": True}, {"name": "q", "recipe": "quantize", "from": "n",
                                                            "args": {"method": "rtn", "bits": 8}}]),
@@ -198,6 +211,8 @@ def test_unknown_model_and_other_configs_out_are_refused(base, monkeypatch, caps
     (out / "pipeline.json").write_text(json.dumps({"config": "old.yaml", "sha256": "0123456789abcdef"}))
     config = write_config(base, variants(base)[:1], name="other.yaml", out="other_out")
     refused(capsys, [config], "another config", "another base model", "--overwrite")
+    (out / "pipeline.json").write_text('{"config": "old.yaml", "sha')  # cut off while written
+    refused(capsys, [config], "pipeline.json is not valid JSON", "--overwrite")
     (out / "pipeline.json").unlink()
     (out / "notes.txt").write_text("mine")
     refused(capsys, [config], "holds no slimlm pipeline")

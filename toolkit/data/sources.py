@@ -69,8 +69,8 @@ def _check_local(path: Path) -> str:
     if suffix not in SUFFIXES:
         raise SlimlmError(
             f"cannot read {str(path)!r}: unknown file type {suffix or '(no extension)'!r}.",
-            f"Supported: .txt (documents separated by blank lines), .jsonl (a 'text' or 'messages' "
-            f"field per line), .parquet (a 'text' column). Rename or convert the file.")
+            "Supported: .txt (documents separated by blank lines), .jsonl (a 'text' or 'messages' "
+            "field per line), .parquet (a 'text' column). Rename or convert the file.")
     return suffix
 
 
@@ -108,7 +108,7 @@ def _read_text(path: Path) -> str:
 
 def _parse_jsonl(path: Path, text: str, tokenizer) -> list[str]:
     docs = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON may hold U+2028 as is
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

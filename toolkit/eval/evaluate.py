@@ -65,7 +65,7 @@ def write_json(results: dict, path: str | os.PathLike) -> Path:
     """Write `results` as indented JSON at `path` (parent folders created), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writers never share a half-written file
     tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path

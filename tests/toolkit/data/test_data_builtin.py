@@ -4,7 +4,7 @@ import re
 import pytest
 
 from slimlm.toolkit.data import BUILTIN_CORPORA, load_texts
-from slimlm.toolkit.data.builtin import builtin_path, split_documents
+from slimlm.toolkit.data.builtin import _documents, builtin_path, split_documents, split_index
 from slimlm.toolkit.errors import SlimlmError
 
 NAMES = ["wiki", "c4", "tiny", "code", "multilingual", "technical"]
@@ -21,15 +21,21 @@ def test_split_is_disjoint_in_file_order_and_covers_the_whole_file(name):
     train = load_texts(f"builtin:{name}", "train")
     val = load_texts(f"builtin:{name}", "validation")
     assert train and val
+    docs = _documents(name)
     # The cut is at the first document starting at or past 90% of the characters.
-    sizes = [len(d) for d in train + val]
+    cut = split_index(docs)
+    sizes = [len(d) for d in docs]
     total = sum(sizes)
-    assert 10 * sum(sizes[:len(train) - 1]) < 9 * total <= 10 * sum(sizes[:len(train)])
-    # Walk the file: each document must come after the previous one (so train and validation are
-    # disjoint by position, train first), and nothing but separators may lie between them.
+    assert 10 * sum(sizes[:cut - 1]) < 9 * total <= 10 * sum(sizes[:cut])
+    # Validation is the documents from the cut; train those before it, less any that validation also holds (the
+    # code and multilingual files repeat a few documents): no text is both trained on and evaluated on.
+    assert val == list(docs[cut:]) and train == [d for d in docs[:cut] if d not in set(val)]
+    assert not set(train) & set(val)
+    # Walk the file: each document must come after the previous one (train before validation), and nothing but
+    # separators may lie between them.
     text = builtin_path(name).read_text(encoding="utf-8")
     pos = 0
-    for doc in train + val:
+    for doc in docs:
         start = text.index(doc, pos)
         assert GAP.fullmatch(text[pos:start]), f"text lost before {doc[:60]!r}"
         pos = start + len(doc)
