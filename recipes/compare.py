@@ -28,6 +28,9 @@ Cache and resume rule: --out/cache/ holds a JSON per model named by a hash of th
 - A variant's cached speed is reused with the base figures of the run that measured it (stored with
   it), so its ratio is that run's; the report marks it †.
 So a re-run with one more model measures that model and the base's speed; an interrupted run resumes.
+A variant that cannot be measured (its folder does not load, its evaluation runs out of memory: any error
+slimlm names) is listed in the report as failed with its error and hint, and the others go on; what of it was measured
+before is cached, and the next run measures the rest. The base failing stops the run: every ratio divides by it.
 --out/settings.json pins the folder's settings: others are refused unless --overwrite (discards all).
 
 Early-exit exports: drafting from their exits is what they are for, so under --speculative auto (the
@@ -563,6 +566,13 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
                         "disk_bytes": disk_bytes(m), "measured_now": {"accuracy": False, "speed": False}})
     base = entries[0]
     save = lambda e: write_json({k: v for k, v in e.items() if k != "measured_now"}, e["cache_file"])  # noqa: E731
+    failed = []  # variants that could not be measured: in the report with their error, not in the table
+
+    def fail(e, stage: str, err: SlimlmError) -> None:
+        if e is base:
+            raise err  # every ratio divides by the base
+        failed.append({"label": e["label"], "spec": e["spec"], "stage": stage, "error": err.what, "hint": err.hint})
+        e["failed"] = True
 
     def record(e, speed, base_speed):
         e["speed"] = {**speed, "run": run, "base_key": base["key"], "base_figures": base_speed["figures"]}
@@ -590,17 +600,27 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
                 e.update({k: twin[k] for k in ("accuracy", "params", "memory")}, accuracy_of=twin["label"])
             else:
                 bar.update(acc_task, description=f"accuracy + memory: {e['label']} (subprocess)")
-                e.update(measure_accuracy(e["spec"], settings))
-            e["measured_now"]["accuracy"] = True
-            save(e)
+                try:
+                    e.update(measure_accuracy(e["spec"], settings))
+                except SlimlmError as err:
+                    fail(e, "accuracy", err)
             bar.advance(acc_task)
-        todo_memory = [e for e in entries if "serving_memory" not in e]
+            if not e.get("failed"):
+                e["measured_now"]["accuracy"] = True
+                save(e)
+        todo_memory = [e for e in entries if "serving_memory" not in e and not e.get("failed")]
         mem_task = bar.add_task("serving memory", total=len(todo_memory))
         for e in todo_memory:
             bar.update(mem_task, description=f"serving memory: {e['label']} (subprocess)")
-            e["serving_memory"] = measure_serving_memory(e["spec"], settings, e["identity"].get("speculation"))
-            save(e)
+            try:
+                e["serving_memory"] = measure_serving_memory(e["spec"], settings, e["identity"].get("speculation"))
+                save(e)
+            except SlimlmError as err:
+                fail(e, "serving memory", err)
             bar.advance(mem_task)
+        todo_speed = [e for e in todo_speed if not e.get("failed")]
+        if todo_speed == [base] and base not in stale:
+            todo_speed = []  # only failed variants needed timing: the base's cached speed stands
         together = fit_together(todo_speed, settings) if interleave is None else interleave
         if together and len(todo_speed) > 1:
             speed_task = bar.add_task("speed", total=None)
@@ -615,14 +635,18 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
             first = None
             for e in todo_speed:
                 say = lambda msg, label=e["label"]: bar.update(speed_task, description=f"speed: {label}: {msg}")  # noqa: E731
-                speed = measure_speed(e["spec"], settings, progress=say, plan=e["identity"].get("speculation"))
-                first = first or speed  # the base comes first in every run
-                record(e, speed, first)
+                try:
+                    speed = measure_speed(e["spec"], settings, progress=say, plan=e["identity"].get("speculation"))
+                    first = first or speed  # the base comes first in every run
+                    record(e, speed, first)
+                except SlimlmError as err:
+                    fail(e, "speed", err)
                 bar.advance(speed_task)
 
     report = {"command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "run": run,
               "settings": settings, "machine": compare_report.machine(), "out": str(out),
-              "models": [{k: v for k, v in e.items() if k != "cache_file"} for e in entries], **(extra or {})}
+              "models": [{k: v for k, v in e.items() if k != "cache_file"} for e in entries if not e.get("failed")],
+              "failed": failed, **(extra or {})}
     return compare_report.write_report(report, out)
 
 
@@ -640,7 +664,10 @@ def run_compare(args) -> int:
     interleave = {"auto": None, "alternate": True, "sequential": False}[args.speed_order]
     report = compare(models, settings, out, command=getattr(args, "command_line", ""), interleave=interleave)
     compare_report.print_report(report, Console())
-    return 0
+    if report["failed"]:
+        print(f"slimlm compare: {len(report['failed'])} model(s) could not be measured: "
+              f"{', '.join(f['label'] for f in report['failed'])} (see the report)", file=sys.stderr)
+    return 1 if report["failed"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

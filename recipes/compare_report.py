@@ -285,6 +285,11 @@ def markdown(report: dict) -> str:
         lines += ["", f"Pareto front (quality against serving memory): {', '.join(report['pareto_memory']['front'])}"]
     lines += ["", "![quality against speedup and serving memory](pareto.png)", ""]
     lines += pipeline_lines(report, esc)
+    if report.get("failed"):
+        lines += ["## Models that could not be measured", "",
+                  "Not in the table or the plot; the next run of this comparison measures what each lacks.", ""]
+        lines += [f"- {esc(f['label'])} (`{f['spec']}`), {f['stage']}: {esc(f['error'])}"
+                  + (f" (what to do: {esc(f['hint'])})" if f.get("hint") else "") for f in report["failed"]] + [""]
     lines += ["## Models", ""] + [f"- {esc(m['label'])}: `{m['spec']}`" + (f", draft `{m['draft']}`" if m.get("draft") else "")
                                    for m in report["models"]]
     lines += ["", "## Settings", "", "```", *(f"{k}: {v}" for k, v in report["settings"].items()), "```",
@@ -426,5 +431,9 @@ def print_report(report: dict, console) -> None:
     for name, v in report.get("pipeline", {}).get("variants", {}).items():
         if v["status"] != "done":
             console.print(f"[red]failed[/] {escape(name)}: {escape(v.get('error', ''))}", highlight=False)
+    for f in report.get("failed", []):
+        console.print(f"[red]not measured[/] {escape(f['label'])} ({f['stage']}): {escape(f['error'])}", highlight=False)
+        if f.get("hint"):
+            console.print(f"  {escape(f['hint'])}", highlight=False)
     out = Path(report["out"])
     console.print(escape(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'pareto.png'}"), highlight=False)

@@ -519,7 +519,10 @@ def run_pipeline(args) -> int:
     failed = [n for n, r in report["pipeline"]["variants"].items() if r["status"] != "done"]
     if failed:
         print(f"slimlm pipeline: {len(failed)} variant(s) failed: {', '.join(failed)} (see the report)", file=sys.stderr)
-    return 1 if failed else 0
+    if report.get("failed"):
+        print(f"slimlm pipeline: compare could not measure {', '.join(f['label'] for f in report['failed'])} "
+              "(see the report)", file=sys.stderr)
+    return 1 if failed or report.get("failed") else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,6 +251,55 @@ def test_auto_alternates_only_where_the_models_fit_in_memory(models, tmp_path, m
     assert fakes.together == [["base", "small"]] and fakes.speed[-2:] == ["base", "small"]
 
 
+@pytest.mark.parametrize("stage", ["accuracy", "serving memory", "speed"])
+def test_a_variant_that_cannot_be_measured_is_listed_failed_and_the_others_go_on(stage, models, tmp_path, monkeypatch,
+                                                                                 capsys):
+    fakes = Fakes(monkeypatch)
+    broken = {"accuracy": "measure_accuracy", "serving memory": "measure_serving_memory", "speed": "measure_speed"}[stage]
+    works = getattr(fakes, broken)
+
+    def measure(spec, *args, **kwargs):
+        if os.path.basename(spec) == "small":
+            raise SlimlmError(f"{spec}: the folder is broken.", "Export it again.")
+        return works(spec, *args, **kwargs)
+
+    monkeypatch.setattr(compare, broken, measure)
+    out = tmp_path / "c"
+    argv = [models["base"], models["small"], models["large"], "--out", out, *FAST, "--speed-order", "sequential"]
+    assert compare.run_compare(parse(argv)) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["base", "large"]
+    assert report["failed"] == [{"label": "small", "spec": str(models["small"]), "stage": stage,
+                                 "error": f"{models['small']}: the folder is broken.", "hint": "Export it again."}]
+    assert "large" in report["pareto"]["points"] and "small" not in report["pareto"]["points"]
+    md = (out / "report.md").read_text()
+    assert "## Models that could not be measured" in md and f"small (`{models['small']}`), {stage}: " in md
+    assert "small" in capsys.readouterr().err
+    assert fakes.speed == ["base", "large"]
+    # What small had measured before it failed is kept; the next run measures the rest.
+    assert len(list((out / "cache").glob("*.json"))) == (2 if stage == "accuracy" else 3)
+
+    # Mended, the next run measures only what small lacks, and its speed with the base's again.
+    monkeypatch.setattr(compare, broken, works)
+    assert compare.run_compare(parse(argv)) == 0
+    assert fakes.accuracy == (["base", "large", "small"] if stage == "accuracy" else ["base", "small", "large"])
+    assert fakes.speed == ["base", "large", "base", "small"]
+    assert [m["label"] for m in json.loads((out / "report.json").read_text())["models"]] == ["base", "small", "large"]
+    assert json.loads((out / "report.json").read_text())["failed"] == []
+
+
+def test_the_base_failing_stops_the_comparison(models, tmp_path, monkeypatch):
+    fakes = Fakes(monkeypatch)
+
+    def measure(spec, settings):
+        raise SlimlmError(f"{spec}: the folder is broken.")
+
+    monkeypatch.setattr(compare, "measure_accuracy", measure)
+    with pytest.raises(SlimlmError, match="broken"):
+        compare.run_compare(parse([models["base"], models["small"], "--out", tmp_path / "c", *FAST]))
+    assert fakes.speed == [] and fakes.memory == []
+
+
 def test_pareto_front_on_hand_made_points():
     # (speedup, perplexity): higher speedup and lower perplexity are better.
     points = [(1.0, 6.8),   # 0 base

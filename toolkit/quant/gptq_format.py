@@ -325,18 +325,20 @@ def packed_layer(folder, tensors: dict[str, torch.Tensor], name: str, qc: dict) 
         bits = qzeros.shape[1] * 32 // qweight.shape[1]
         bits = bits if bits in (4, 8) else qc["bits"]
         gs, in_f, groups = module_setting(qc, name, "group_size"), qweight.shape[0] * 32 // bits, scales.shape[0]
+        act_order = module_setting(qc, name, "desc_act")
+        source = "the config's group_size" if gs == qc.get("group_size") else "the group_size of its override in the config's dynamic"
         if groups == 1:
             layer["g_idx"] = torch.zeros(in_f, dtype=torch.int32)
-        elif (not module_setting(qc, name, "desc_act") or module_setting(qc, name, "static_groups")) \
+        elif (not act_order or module_setting(qc, name, "static_groups")) \
                 and gs and gs > 0 and groups == -(-in_f // gs):  # static groups: consecutive under act-order too
             layer["g_idx"] = torch.arange(in_f, dtype=torch.int32) // gs
-        elif module_setting(qc, name, "desc_act"):
+        elif act_order:
             raise SlimlmError(f"{folder}: layer {name} lacks g_idx, and its config says act-order (desc_act): "
                               "which inputs each of its groups holds cannot be known without it.",
                               "Re-export or re-download the checkpoint with its g_idx tensors.")
         else:
             raise SlimlmError(f"{folder}: layer {name} lacks g_idx, and its {groups} groups of scales are not "
-                              f"{in_f} inputs in groups of {gs} (the config's group_size) either.",
+                              f"{in_f} inputs in groups of {gs} ({source}) either.",
                               "Re-export or re-download the checkpoint with its g_idx tensors.")
     return layer, check_layer(folder, name, layer)
 

@@ -308,7 +308,10 @@ def _act_order(tensors, config, folder):
 @pytest.mark.parametrize("edit, words", [
     (_act_order, "model.layers.0.mlp.down_proj lacks g_idx, and its config says act-order"),
     (lambda t, c, f: (t.pop("model.layers.0.mlp.down_proj.g_idx"), c["quantization_config"].update(group_size=16)),
-     "down_proj lacks g_idx, and its 4 groups of scales are not 128 inputs in groups of 16"),
+     "down_proj lacks g_idx, and its 4 groups of scales are not 128 inputs in groups of 16 (the config's group_size)"),
+    (lambda t, c, f: (t.pop("model.layers.0.mlp.down_proj.g_idx"),
+                      c["quantization_config"].update(dynamic={r"+:.*down_proj": {"group_size": 16}})),
+     "not 128 inputs in groups of 16 (the group_size of its override in the config's dynamic) either"),
     # the same bits under another label, or 16-bit words (GPTQModel's pack_dtype): read as int32 words, garbage
     (lambda t, c, f: t.__setitem__("model.layers.0.mlp.up_proj.qweight",
                                    t["model.layers.0.mlp.up_proj.qweight"].view(torch.float32)),
