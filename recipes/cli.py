@@ -39,6 +39,10 @@ def add_eval(sub) -> None:
                    help="split of built-in corpora (default validation: never seen in calibration or training)")
     p.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (0 or unset: all)")
+    p.add_argument("--spread-windows", action="store_true",
+                   help="with --max-windows: N windows spread evenly over each source, not its first N (a "
+                   "source's start may not be like the rest: builtin:wiki's validation part ends in hundreds "
+                   "of short stubs)")
     p.add_argument("--batch-size", "--eval-batch-size", dest="batch_size", type=int, default=4,
                    help="windows or choices per forward pass")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -96,12 +100,19 @@ def run_eval(args) -> int:
     if args.window < 2 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 0):
         raise SlimlmError("--window must be >= 2, --batch-size >= 1 and --max-windows >= 0 (0: all).")
     args.max_windows = args.max_windows or None  # 0 means all, as in compare and the pipeline
+    check_outputs(args)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    check_outputs(args)
     data = args.data or ([] if args.tasks else ["builtin:wiki"])
+    if args.exits and not data:
+        raise SlimlmError("--exits reports each exit's perplexity and agreement on held-out text, and no --data "
+                          "was given (only --tasks).", "Pass --data SRC as well, e.g. --data builtin:wiki.")
+    if args.spread_windows and args.max_windows is None:
+        raise SlimlmError("--spread-windows spreads --max-windows windows over each source, and --max-windows "
+                          "is not set (every window is evaluated).", "Pass --max-windows N, or leave "
+                          "--spread-windows out.")
     # Refuse typos before the (slow) model load.
     resolve(args.model)
     parse_dtype(args.dtype)
@@ -112,9 +123,10 @@ def run_eval(args) -> int:
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     exits = exits_to_evaluate(args, model)  # a bad --exits is refused before the perplexity run
     results = evaluate(model, tokenizer, data=data, tasks=args.tasks, split=args.split, window=args.window,
-                       max_windows=args.max_windows, batch_size=args.batch_size)
+                       max_windows=args.max_windows, batch_size=args.batch_size, spread_windows=args.spread_windows)
     results["model"] = args.model
-    results["settings"] = {k: getattr(args, k) for k in ("split", "window", "max_windows", "batch_size", "dtype")}
+    results["settings"] = {k: getattr(args, k) for k in ("split", "window", "max_windows", "spread_windows",
+                                                         "batch_size", "dtype")}
     results["command"] = args.command_line
     print_results(results)
     if exits is not None and data:
@@ -122,7 +134,7 @@ def run_eval(args) -> int:
 
         results["early_exit"] = evaluate_exits(model, tokenizer, exits, data=data[0], split=args.split,
                                                window=args.window, max_windows=args.max_windows,
-                                               batch_size=args.batch_size)
+                                               batch_size=args.batch_size, spread=args.spread_windows)
         print(f"early exits on {data[0]} ({args.split}): perplexity and agreement with the final layer's "
               f"greedy token\n{format_exit_table(results['early_exit'])}")
     if args.json:

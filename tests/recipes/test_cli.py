@@ -294,6 +294,15 @@ def test_eval_reports_exits_of_an_early_exit_export(tmp_path, text_file, capsys)
     assert json.loads(out_json.read_text())["early_exit"]["norm"] == "shared"
     assert main(["eval", str(out), "--data", str(text_file), "--exits", "4"]) == 2
     assert "layers must be in 1..3" in capsys.readouterr().err
+    # --spread-windows picks the same windows for the model's perplexity and its exits' (a source given twice is
+    # evaluated once)
+    assert main(["eval", str(out), "--data", str(text_file), "--data", str(text_file), "--window", "16",
+                 "--max-windows", "3", "--spread-windows", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["data"] == [str(text_file)] and result["settings"]["spread_windows"] is True
+    plain = result["perplexity"]["held_out.txt"]
+    assert plain["spread"] is True and plain["windows"] == 3
+    assert result["early_exit"]["final"]["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-5)
     # re-exporting it would drop its exits: refused
     assert main(["export", str(out), "--out", str(tmp_path / "again")]) == 2
     assert "already a slimlm export with early exits" in capsys.readouterr().err and not (tmp_path / "again").exists()
@@ -345,6 +354,9 @@ def test_bad_values_are_refused_before_any_work(model_dir, tmp_path, capsys, mon
                         (["eval", str(model_dir), "--json", str(blocker / "x.json")], f"{blocker} is a file"),
                         (["eval", str(model_dir), "--exits", "99"], "layers must be in 1.."),
                         (["eval", str(model_dir), "--threads", "0"], "--threads must be at least 1"),
+                        (["eval", str(model_dir), "--threads", "-1"], "--threads must be at least 1"),
+                        (["eval", str(model_dir), "--tasks", str(tmp_path), "--exits", "1"], "no --data"),
+                        (["eval", str(model_dir), "--spread-windows"], "--max-windows is not set"),
                         (["quantize", str(model_dir), "--method", "rtn", "--out", str(tmp_path / "q"),
                           "--threads", "-2"], "--threads must be at least 1"),
                         (["export", str(model_dir), "--out", str(blocker)], "is a file; an export needs a folder"),

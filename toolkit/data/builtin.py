@@ -13,9 +13,11 @@ its last 10% of articles hold only 4% of its text.)
 | wiki         | wiki.utf8 (2.1 MB)     | `<doc ...>` header line through `</doc>`, raw | 1933       | 416 (209 kB, 10.0%)    |
 | c4           | c4.utf8 (0.33 MB)      | one non-empty line (a web page)               | 115        | 3 (32 kB, 9.6%)        |
 | tiny         | tiny.utf8 (0.26 MB)    | a story between `<|endoftext|>` markers       | 288        | 29 (25 kB, 9.7%)       |
-| code         | code.utf8 (0.25 MB)    | a block between runs of 2+ blank lines        | 96         | 9 (24 kB, 9.7%)        |
-| multilingual | multilingual.utf8      | one non-empty line (a text or paragraph)      | 344        | 38 (18 kB, 8.1%)       |
+| code         | code.utf8 (0.25 MB)    | a block between runs of 2+ blank lines        | 94 (1)     | 9 (24 kB, 9.7%)        |
+| multilingual | multilingual.utf8      | one non-empty line (a text or paragraph)      | 343 (1)    | 38 (18 kB, 8.1%)       |
 | technical    | technical.utf8         | a block between blank lines (a paragraph)     | 339        | 28 (19 kB, 9.9%)       |
+(1) Train leaves out the documents that the validation part also holds (code: 2, multilingual: 1), so
+training never sees validation text.
 
 Why these rules (read from the files):
 - wiki is a WikiExtractor dump: each article is wrapped in `<doc id=.. url=.. title=..>` ... `</doc>`.

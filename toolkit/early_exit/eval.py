@@ -23,7 +23,7 @@ from .heads import ExitHeads, exit_logits
 
 
 def exit_figures(model, exits: ExitHeads, tokens: torch.Tensor, window: int = 512, batch_size: int = 1,
-                 max_windows: int | None = None, progress: bool = True) -> dict:
+                 max_windows: int | None = None, progress: bool = True, spread: bool = False) -> dict:
     """Figures of the final layer and every exit on the token stream `tokens` [T] (see `evaluate_exits`)."""
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     if window < 2 or batch_size < 1 or (max_windows is not None and max_windows < 1):
@@ -32,8 +32,9 @@ def exit_figures(model, exits: ExitHeads, tokens: torch.Tensor, window: int = 51
     if n == 0:
         raise SlimlmError(f"the text has {tokens.numel()} tokens, fewer than one window of {window}.",
                           "Use a smaller window or more text.")
-    n = min(n, max_windows or n)
-    windows = tokens[:n * window].view(n, window)  # [N, W]
+    total, n = n, min(n, max_windows or n)
+    windows = tokens[:total * window].view(total, window)  # [total, W]
+    windows = windows[(torch.arange(n) * total) // n if spread else slice(0, n)]  # [N, W]: as `perplexity` picks them
     device = model_device(model)
     nll = {name: 0.0 for name in ["final", *exits.layers]}
     agree = {e: 0 for e in exits.layers}
@@ -65,7 +66,7 @@ def exit_figures(model, exits: ExitHeads, tokens: torch.Tensor, window: int = 51
 
 def evaluate_exits(model, tokenizer, exits: ExitHeads | Iterable[int], data: str = "builtin:wiki",
                    split: str = "validation", window: int = 512, max_windows: int | None = None,
-                   batch_size: int = 1, progress: bool = True) -> dict:
+                   batch_size: int = 1, progress: bool = True, spread: bool = False) -> dict:
     """Per-exit perplexity and agreement with the final layer on text source `data`.
 
     `exits`: an ExitHeads (e.g. `load_exits(folder, model)`), or plain layer numbers, read through the
@@ -79,7 +80,7 @@ def evaluate_exits(model, tokenizer, exits: ExitHeads | Iterable[int], data: str
         exits = ExitHeads.for_model(model, list(exits), "shared")
     stream = token_stream(load_texts(data, split=split, tokenizer=tokenizer), tokenizer)
     figures = exit_figures(model, exits, stream, window=window, batch_size=batch_size,
-                           max_windows=max_windows, progress=progress)
+                           max_windows=max_windows, progress=progress, spread=spread)
     return {**figures, "source": data, "split": split}
 
 

@@ -44,7 +44,8 @@ def evaluate(model, tokenizer, data: list[str] = (), tasks: list[str] = (), spli
     from ..data import load_texts, token_stream
 
     start = time.perf_counter()
-    results: dict = {"perplexity": {}, "tasks": {}, "data": list(data), "task_files": list(tasks)}
+    data, tasks = list(dict.fromkeys(data)), list(dict.fromkeys(tasks))  # a spec given twice: measured once
+    results: dict = {"perplexity": {}, "tasks": {}, "data": data, "task_files": tasks}
     for spec, name in zip(data, source_names(data)):
         texts = load_texts(spec, split=split, tokenizer=tokenizer)
         stream = token_stream(texts, tokenizer)

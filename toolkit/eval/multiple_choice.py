@@ -29,13 +29,18 @@ def load_tasks(path) -> list[dict]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not JSON
     except FileNotFoundError:
         raise SlimlmError(f"task file {path} does not exist.", f"Expected a jsonl file with {EXPECTED}.") from None
+    except IsADirectoryError:
+        raise SlimlmError(f"task file {path} is a folder.", f"Pass a jsonl file with {EXPECTED}.") from None
+    except PermissionError:
+        raise SlimlmError(f"task file {path} cannot be read (permission denied).", "Pass a file you can read.") from None
     except UnicodeDecodeError as e:
         raise SlimlmError(f"task file {path} is not UTF-8 text ({e.reason}).", f"Expected {EXPECTED}.") from None
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # not splitlines(): JSON strings may hold U+2028, U+2029 or U+0085 as they are; \r\n ends a line as \n does
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

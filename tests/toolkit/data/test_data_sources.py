@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from slimlm.toolkit.data import load_texts
+from slimlm.toolkit.data import check_source, load_texts
 from slimlm.toolkit.errors import SlimlmError
 from slimlm.toolkit.models import byte_tokenizer
 
@@ -24,6 +24,12 @@ def test_txt_split_argument_is_ignored_and_windows_newlines_work(tmp_path):
     path = tmp_path / "a.txt"
     path.write_bytes(b"\xef\xbb\xbfone\r\n\r\ntwo\r\n")  # BOM and CRLF, as Windows editors write
     assert load_texts(str(path), split="train") == load_texts(str(path)) == ["one", "two"]
+
+
+def test_txt_old_mac_line_ends_separate_documents(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"one\rstill one\r\rtwo\r")
+    assert load_texts(str(path)) == ["one\nstill one", "two"]
 
 
 def test_jsonl_text_rows(tmp_path):
@@ -50,6 +56,30 @@ def test_jsonl_row_without_text_or_messages_names_file_and_line(tmp_path):
         load_texts(str(path))
     msg = str(err.value)
     assert f"{path}:2" in msg and "'text'" in msg and "'messages'" in msg
+
+
+@pytest.mark.parametrize("row, words", [({"text": None}, "'text' as null (NoneType)"),
+                                         ({"text": 5}, "'text' as 5 (int)"),
+                                         ({"messages": "hi"}, "'messages' as \"hi\" (str)")])
+def test_jsonl_row_of_the_wrong_type_says_what_it_holds(tmp_path, row, words):
+    path = write_jsonl(tmp_path / "a.jsonl", [row])
+    with pytest.raises(SlimlmError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_texts(str(path))
+
+
+def test_messages_the_chat_template_refuses_name_the_row(tmp_path):
+    """A template that raises (Mistral's, Llama 2's and Gemma's refuse roles that do not alternate) gave an
+    internal error: jinja2's TemplateError is not a ValueError."""
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                         "{{ m['content'] }}{% endfor %}")
+    rows = [{"messages": [{"role": "user", "content": "Hi"}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "again"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(SlimlmError, match=r"chat\.jsonl:2: the tokenizer's chat template could not render these "
+                                          r"messages: TemplateError: Conversation roles must alternate"):
+        load_texts(str(path), tokenizer=tok)
 
 
 def test_jsonl_line_that_is_not_json_names_the_line(tmp_path):
@@ -150,3 +180,20 @@ def test_hf_spec_reads_config_and_split(hub_offline, tmp_path):
         load_texts(f"hf:{folder}::test")
     with pytest.raises(SlimlmError, match="cannot parse"):
         load_texts("hf:a:b:c:d")
+    with pytest.raises(SlimlmError, match="cannot parse"):  # refused before any model loads
+        check_source("hf:a:b:c:d")
+    check_source(f"hf:{folder}")
+
+
+def test_hf_rows_that_are_lines_of_one_text_are_joined_back(hub_offline, tmp_path):
+    """wikitext stores each line of its files as a row (an empty row for a blank line): read row by row, an
+    end-of-text token came after every line. Rows that are documents stay documents."""
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    rows = ["", " = Title = \n", "", " First paragraph .\n", " Second one .\n", "", " = = Part = = \n"]
+    write_jsonl(folder / "test.jsonl", [{"text": r} for r in rows])
+    assert load_texts(f"hf:{folder}::test") == [" = Title = \n\n First paragraph .\n Second one .\n\n = = Part = = \n"]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_jsonl(docs / "test.jsonl", [{"text": "a page.\n"}, {"text": "two\nlines.\n"}, {"text": " "}])
+    assert load_texts(f"hf:{docs}::test") == ["a page.\n", "two\nlines.\n"]  # a row of several lines: documents

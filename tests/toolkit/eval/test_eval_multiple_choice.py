@@ -144,6 +144,17 @@ def test_load_tasks_rejects_empty_file(tmp_path, content):
 def test_load_tasks_missing_file(tmp_path):
     with pytest.raises(SlimlmError, match="does not exist"):
         load_tasks(tmp_path / "nope.jsonl")
+    with pytest.raises(SlimlmError, match="is a folder"):  # was: internal error, IsADirectoryError
+        load_tasks(tmp_path)
+
+
+def test_load_tasks_reads_what_json_and_editors_write(tmp_path):
+    """JSON may hold U+2028, U+2029 and U+0085 unescaped in a string (ensure_ascii=False writes them so), and
+    Windows editors write a byte-order mark and CRLF: each was refused as invalid JSON."""
+    row = dict(GOOD, context="Line one\u2028line two\u2029\u0085 Q:")
+    p = tmp_path / "task.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + (json.dumps(row, ensure_ascii=False) + "\r\n" + json.dumps(GOOD) + "\r\n").encode())
+    assert load_tasks(p) == [row, GOOD]
 
 
 def test_multiple_choice_checks_rows_given_directly():
