@@ -26,6 +26,10 @@ class LLM:
         else:
             if tokenizer is None:
                 raise ValueError("pass the tokenizer together with a loaded model")
+            if dtype is not None:  # the engine casts the loaded model's weights (was: ignored)
+                from slimlm.toolkit.models import parse_dtype
+
+                cfg.dtype = parse_dtype(dtype)
             self.engine = LLMEngine(model, tokenizer, cfg)
         self.tokenizer = self.engine.tokenizer
 

@@ -35,6 +35,7 @@ _GAUGES = {  # stats key -> (metric name, help)
 _COUNTERS = {
     "prompt_tokens_total": ("slimlm_prompt_tokens", "Prompt tokens received."),
     "generation_tokens_total": ("slimlm_generation_tokens", "Tokens generated."),
+    "preemptions_total": ("slimlm_num_preemptions", "Sequences preempted for KV-cache room (computed again later)."),
     "spec_draft_tokens_total": ("slimlm_spec_draft_tokens", "Tokens drafted by speculative decoding."),
     "spec_accepted_tokens_total": ("slimlm_spec_accepted_tokens", "Drafted tokens the target model accepted."),
     "spec_steps_total": ("slimlm_spec_steps", "Speculative steps, counted per sequence."),

@@ -146,7 +146,9 @@ class BlockManager:
             self._incref(block)
         seq.block_table = blocks
         seq.block_hashes = names
-        seq.num_computed_tokens = seq.num_cached_prefix_tokens = len(blocks) * self.block_size
+        seq.num_computed_tokens = len(blocks) * self.block_size
+        if seq.num_cached_prefix_tokens is None:
+            seq.num_cached_prefix_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         if self.enable_prefix_caching:
             self.queries += seq.num_tokens
             self.hits += seq.num_computed_tokens
@@ -205,8 +207,8 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Make `seq.block_table` hold `seq.num_computed_tokens + num_new_tokens` tokens, safely writable.
 
-        A sequence without blocks first takes its cached prefix (raising `num_computed_tokens` and
-        `num_cached_prefix_tokens`). Blocks in the range about to be written are made private: a
+        A sequence without blocks first takes its cached prefix (raising `num_computed_tokens`; at its
+        first admission, setting `num_cached_prefix_tokens`). Blocks in the range about to be written are made private: a
         shared one is replaced by a fresh block plus a (src, dst) copy op when it holds KV this
         sequence still reads; a named one owned alone is un-named. Raises RuntimeError when memory
         is short, leaving everything unchanged.

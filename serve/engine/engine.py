@@ -87,6 +87,12 @@ class LLMEngine:
             quantize_lm_head(self.model, config.quantize_lm_head)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.model.dtype)
         ctx = getattr(hf_model.config, "max_position_embeddings", 4096) or 4096
+        rope = self.model.args.rope_parameters
+        longest = int(ctx * rope["factor"]) if rope.get("rope_type") == "linear" else ctx  # as vLLM reads it
+        if (config.max_model_len or 0) > longest:
+            raise ValueError(f"max_model_len {config.max_model_len} is past this model's context of {longest} "
+                             "tokens (max_position_embeddings in its config): positions past it were never trained "
+                             f"and its output there is not to be trusted; use a max model length of at most {longest}")
         window = self.model.args.sliding_window  # attention here is over the whole context: the same up to it
         if window is not None and (config.max_model_len or 0) > window:
             raise ValueError(f"max_model_len {config.max_model_len} is past this model's sliding window of {window} "
@@ -198,7 +204,8 @@ class LLMEngine:
                 "requests": len(self._requests), "kv_blocks_used": bm.num_used_blocks,
                 "kv_blocks_free": bm.num_free_blocks, "kv_blocks_total": bm.num_blocks,
                 "prefix_cache_hit_rate": bm.hit_rate, "prompt_tokens_total": self.prompt_tokens_total,
-                "generation_tokens_total": self.generation_tokens_total, **self._spec_stats()}
+                "generation_tokens_total": self.generation_tokens_total,
+                "preemptions_total": self.scheduler.num_preemptions, **self._spec_stats()}
 
     def _spec_stats(self) -> dict:
         if self.speculator is None:
@@ -350,7 +357,8 @@ class LLMEngine:
                 self._owner.pop(seq.seq_id, None)
         return RequestOutput(req.request_id, req.prompt_token_ids, req.outputs, finished,
                              req.prompt_logprobs, req.prompt_top,
-                             num_cached_tokens=min(s.num_cached_prefix_tokens for s in req.seqs), metrics=metrics)
+                             # every completion starts from the first sequence's prompt: its first admission's hit
+                             num_cached_tokens=req.seqs[0].num_cached_prefix_tokens or 0, metrics=metrics)
 
 
 def _first_stop(text: str, sent: int, stops) -> tuple[int, str] | None:

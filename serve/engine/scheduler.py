@@ -109,6 +109,7 @@ class Scheduler:
         self._seqs: dict[int, Sequence] = {}  # every unfinished sequence, by id
         self._keys: dict[int, tuple[float, int]] = {}
         self._counter = itertools.count()
+        self.num_preemptions = 0  # sequences preempted (their KV freed, to be computed again), ever
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -248,6 +249,7 @@ class Scheduler:
         victim.status = SequenceStatus.WAITING
         self._waiting.appendleft(victim)
         out.preempted.append(victim)
+        self.num_preemptions += 1
         return victim
 
     def schedule(self) -> SchedulerOutput:

@@ -59,7 +59,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         # KV bookkeeping, written only by BlockManager / Scheduler.
         self.num_computed_tokens = 0
-        self.num_cached_prefix_tokens = 0  # tokens reused from the prefix cache at the last admission
+        # Prompt tokens reused from the prefix cache at the first admission (None before it): a sequence admitted
+        # again after a preemption finds its own KV cached, which is no hit for the request.
+        self.num_cached_prefix_tokens: int | None = None
         self.block_table: list[int] = []
         # Chained hashes of this sequence's full, computed blocks that the block manager has already
         # offered to the prefix cache; its length is where registration resumes next step.

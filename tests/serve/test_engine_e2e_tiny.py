@@ -66,7 +66,39 @@ def test_preemption_keeps_outputs_identical():
     outs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(model, tok, prompt, 12)
+        # what the prefix cache gave the prompt when first admitted: a preempted sequence admitted again finds its
+        # own KV, outputs included, which is no hit (it was reported, up to 16 tokens past a prompt of 12)
+        assert out.num_cached_tokens <= len(out.prompt_token_ids) - 1
     assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_a_preempted_request_reports_only_its_first_admissions_cache_hit():
+    model, tok = make()
+    engine = LLMEngine(model, tok, EngineConfig(block_size=4, num_blocks=14, max_model_len=40,
+                                                max_num_batched_tokens=64))
+    params = SamplingParams(temperature=0, max_tokens=34, ignore_eos=True)
+    engine.add_request("a", list(range(10, 16)), params)
+    engine.add_request("b", [50, 51], params)
+    done = {}
+    while engine.has_unfinished():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert engine.stats()["preemptions_total"] > 0  # b ran out of blocks and was computed again
+    assert done["a"].num_cached_tokens == done["b"].num_cached_tokens == 0  # nothing was cached when they came
+
+
+def test_llm_casts_a_loaded_model_to_the_dtype_asked_for():
+    model, tok = make()
+    llm = LLM(model, tok, dtype="bf16", num_blocks=8)  # was: ignored, the engine served float32
+    assert llm.engine.model.dtype == torch.bfloat16 and llm.engine.kv_dtype == torch.bfloat16
+
+
+def test_max_model_len_past_the_models_context_is_refused():
+    model, tok = tiny_model("llama", max_position_embeddings=64)
+    with pytest.raises(ValueError, match="max_model_len 65 is past this model's context of 64 tokens"):
+        LLMEngine(model, tok, EngineConfig(max_model_len=65, num_blocks=8))
+    assert LLMEngine(model, tok, EngineConfig(max_model_len=64, num_blocks=8)).max_model_len == 64
+    model.config.rope_parameters = {**model.config.rope_parameters, "rope_type": "linear", "factor": 2.0}  # stretched
+    assert LLMEngine(model, tok, EngineConfig(max_model_len=128, num_blocks=8)).max_model_len == 128
 
 
 def test_stop_strings_stop_tokens_and_max_tokens():

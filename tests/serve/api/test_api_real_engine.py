@@ -28,7 +28,7 @@ def _engine(hf, tok) -> LLMEngine:
 def real(api):
     from slimlm.serve.api import create_app
 
-    hf, tok = tiny_model("llama")
+    hf, tok = tiny_model("llama", max_position_embeddings=4096)
     engine = _engine(hf, tok)
     with api.LiveServer(create_app(engine)) as server:
         yield hf, tok, engine, server
@@ -66,6 +66,7 @@ def test_greedy_completion_matches_offline_engine(real):
         assert r.choices[0].text == ref.outputs[0].text
         assert r.choices[0].logprobs.token_logprobs == pytest.approx(ref.outputs[0].logprobs, abs=1e-5)
         assert r.usage.completion_tokens == len(ref.outputs[0].token_ids)
+    assert _metric(server, "slimlm_num_preemptions_total") == 0  # 300 blocks: room for every request
 
 
 def test_echo_prompt_logprobs_equal_hf(real):

@@ -250,7 +250,7 @@ def test_a_bad_request_does_not_fail_the_requests_beside_it(interop):
 
     from slimlm.serve.api import create_app
 
-    hf, tok = tiny_model("llama")
+    hf, tok = tiny_model("llama", max_position_embeddings=2048)
     engine = interop.tiny_engine(hf, tok, max_model_len=2048, num_blocks=200)
     result = {}
     with interop.LiveServer(create_app(engine)) as live:
