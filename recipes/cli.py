@@ -86,6 +86,11 @@ def exits_to_evaluate(args, model):
         n = model.config.num_hidden_layers
         if not layers or not all(1 <= e <= n for e in layers):
             raise SlimlmError(f"--exits {args.exits!r}: layers must be in 1..{n} (the model has {n} layers).")
+        spec = resolve(args.model).kind == "export" and read_exit_spec(args.model, verify=False)
+        if spec and spec.norm != "shared":
+            print(f"slimlm eval: --exits reads layers {args.exits} through the shared final norm, not this export's "
+                  f"trained exits ({spec.norm} norm, layers {','.join(map(str, spec.layers))}); leave --exits out to "
+                  "evaluate those.", file=sys.stderr)
         return layers
     if resolve(args.model).kind == "export" and read_exit_spec(args.model, verify=False):
         return load_exits(args.model, model, verify=False)

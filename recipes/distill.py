@@ -36,7 +36,8 @@ from slimlm.toolkit.errors import SlimlmError
 
 TEACHER_MODES = ("logits", "topk", "sequence")
 RESUME_KEYS = ("teacher", "student", "teacher_mode", "data", "data_split", "max_blocks", "seq_len",
-               "batch_size", "grad_accum", "seed")  # what fixes the data order and the targets
+               "batch_size", "grad_accum", "seed",  # what fixes the data order and the targets
+               "lora", "loss.hidden_layers", "strategy")  # what the checkpoint holds, and how (T.check_resume)
 
 
 @dataclass
@@ -122,13 +123,22 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise SlimlmError(f"{name} must be at least 1, got {getattr(self, name)}.")
         T.check_schedule(self)
-        seq = self.sequence  # read only by teacher_mode=sequence, checked always: a bad value is a typo
-        for name, ok, expected in (("sequence.prompts", seq.prompts >= 1, ">= 1"),
-                                   ("sequence.prompt_len", seq.prompt_len >= 1, ">= 1"),
-                                   ("sequence.max_new_tokens", seq.max_new_tokens >= 1, ">= 1"),
-                                   ("sequence.temperature", seq.temperature >= 0, ">= 0 (0: greedy)")):
-            if not ok:
-                raise SlimlmError(f"{name} must be {expected}, got {getattr(seq, name.split('.')[1])!r}.")
+        T.check_loss(self, "loss.")
+        loss, seq = self.loss, self.sequence  # sections a mode does not read are checked too: a bad value is a typo
+        T.refuse_bad_values(self, (
+            ("loss.skew", 0 <= loss.skew <= 1, "in [0, 1] (a mixing weight)"),
+            ("loss.kd_weight", loss.kd_weight >= 0, ">= 0"), ("loss.ce_weight", loss.ce_weight >= 0, ">= 0"),
+            ("loss.hidden_layers", loss.hidden_layers >= 0, ">= 0 (0: off)"),
+            ("loss.hidden_weight", loss.hidden_weight >= 0, ">= 0"),
+            ("lora.rank", self.lora.rank >= 1, ">= 1"), ("lora.alpha", self.lora.alpha > 0, "> 0"),
+            ("topk.k", self.topk.k >= 1, ">= 1 (teacher tokens kept per position)"),
+            ("sequence.prompts", seq.prompts >= 1, ">= 1"),
+            ("sequence.prompt_len", 1 <= seq.prompt_len < self.seq_len, f">= 1 and below seq_len ({self.seq_len})"),
+            ("sequence.max_new_tokens", seq.max_new_tokens >= 1, ">= 1"),
+            ("sequence.temperature", seq.temperature >= 0, ">= 0 (0: greedy)")))
+        if loss.kd_weight == loss.ce_weight == 0:
+            raise SlimlmError("loss.kd_weight and loss.ce_weight are both 0: nothing would be trained.",
+                              "Use loss.kd_weight=1 (pure distillation) and/or loss.ce_weight > 0.")
         if self.loss.hidden_layers and self.teacher_mode != "logits":
             raise SlimlmError("loss.hidden_layers needs the teacher's hidden states: use teacher_mode=logits.")
 
@@ -308,7 +318,7 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
     import lightning as L
 
     from slimlm.toolkit.distill import HiddenAligner, check_same_tokenizer
-    from slimlm.toolkit.export import read, write
+    from slimlm.toolkit.export import kept_transforms, write
     from slimlm.toolkit.models import load, resolve
 
     on = T.accelerator()
@@ -319,15 +329,10 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
     if found and not resume:
         raise SlimlmError(f"{ckpt_dir} already holds a checkpoint (step {found[1]['global_step']}).",
                           "Pass --resume to continue it, or choose another out_dir.")
-    if found:
-        changed = [k for k in RESUME_KEYS if found[1]["config"].get(k) != getattr(config, k)]
-        if changed:
-            raise SlimlmError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config.",
-                              "Resume with the same settings, or start a new out_dir.")
-        T.check_resume(found, T.planned_world(config), config.max_steps)  # before any model loads
+    T.check_resume(found, T.planned_world(config), config.max_steps, config, RESUME_KEYS)  # before any model loads
     if resume and not found and rank == 0:
         print(f"distill: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
-    student_source = resolve(config.student)
+    resolve(config.student)
     resolve(config.teacher)
     L.seed_everything(config.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
@@ -362,10 +367,7 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
     steps = T.per_step(history)
     results = {"steps": final_step, "resumed_from": start_step, "seconds_this_run": round(time.perf_counter() - t0, 2),
                "first": steps[0] if steps else None, "final": steps[-1] if steps else None}
-    transforms = {}
-    if student_source.kind == "export":  # a pruned student keeps its shapes on record
-        transforms["pruned_shapes"] = read(student_source.location, verify=False).transforms.get("pruned_shapes")
-    manifest = {"base_model": config.student, "config": to_dict(config), "transforms": transforms,
+    manifest = {"base_model": config.student, "config": to_dict(config), "transforms": kept_transforms(config.student),
                 "eval": {"distill": results}, "command": " ".join(sys.argv)}
     export_dir = out / "model"
     student = module.student

@@ -36,7 +36,8 @@ from slimlm.toolkit.errors import SlimlmError
 
 TRAIN = ("all", "exits")
 RESUME_KEYS = ("model", "exit_layers", "norm", "data", "data_split", "max_blocks", "seq_len", "batch_size",
-               "grad_accum", "seed", "train", "unfreeze_layers")
+               "grad_accum", "seed", "train", "unfreeze_layers",
+               "strategy")  # a Lightning checkpoint is a file, DeepSpeed's a folder of its own
 
 
 @dataclass
@@ -115,6 +116,11 @@ class EarlyExitConfig:
         if self.lens_fit_blocks < 0 or self.lens_ridge < 0:
             raise SlimlmError(f"lens_fit_blocks and lens_ridge must be >= 0, got {self.lens_fit_blocks} and "
                               f"{self.lens_ridge}.")
+        T.check_loss(self, "", temperature="kd_temperature")
+        T.refuse_bad_values(self, (
+            ("exit_weights", self.exit_weights is None or all(w >= 0 for w in self.exit_weights), "weights >= 0"),
+            ("final_weight", self.final_weight >= 0, ">= 0"), ("kd_weight", self.kd_weight >= 0, ">= 0"),
+            ("unfreeze_layers", self.unfreeze_layers >= 0, ">= 0")))
         if self.train == "exits" and self.norm == "shared" and self.unfreeze_layers < 1:
             raise SlimlmError("train=exits with norm=shared leaves nothing to train.",
                               "Use norm=own, unfreeze_layers=k (k >= 1), or train=all.")
@@ -242,6 +248,7 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
     import lightning as L
 
     from slimlm.toolkit.early_exit import LayerDropout, default_weights, fit_lenses, write_with_exits
+    from slimlm.toolkit.export import kept_transforms
 
     check_exit_layers(config, num_layers_of(config.model))  # before any weights load
     on = T.accelerator()
@@ -252,12 +259,7 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
     if found and not resume:
         raise SlimlmError(f"{ckpt_dir} already holds a checkpoint (step {found[1]['global_step']}).",
                           "Pass --resume to continue it, or choose another out_dir.")
-    if found:
-        changed = [k for k in RESUME_KEYS if found[1]["config"].get(k) != getattr(config, k)]
-        if changed:
-            raise SlimlmError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config.",
-                              "Resume with the same settings, or start a new out_dir.")
-        T.check_resume(found, T.planned_world(config), config.max_steps)  # before any model loads
+    T.check_resume(found, T.planned_world(config), config.max_steps, config, RESUME_KEYS)  # before any model loads
     if resume and not found and rank == 0:
         print(f"early-exit: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
     if config.eval_windows:
@@ -270,7 +272,8 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
     model, tokenizer, exits = build(config)
     data = build_data(config, tokenizer)
     start_step = found[1]["global_step"] if found else 0
-    results: dict = {}
+    # The figures taken before training (fresh runs only) come back from the checkpoint on a resume.
+    results: dict = dict(found[1].get("before_training", {})) if found else {}
     if config.eval_windows and config.eval_before and not found and rank == 0:
         results["before"] = exit_eval(model, tokenizer, exits, config)
     if config.norm == "lens" and config.lens_fit_blocks and not found:  # a resumed run has its lenses
@@ -291,7 +294,8 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
                 temperature=config.kd_temperature, chunk_size=config.chunk_size, curriculum=config.curriculum,
                 rotation=config.rotation, max_steps=config.max_steps, grad_accum=config.grad_accum)
     module = make_module(model, exits, dropout, loss=loss, optim=optim, start_calls=start_step * config.grad_accum)
-    meta = {"config": to_dict(config)}
+    meta = {"config": to_dict(config),  # in every checkpoint's meta.json
+            "before_training": {k: results[k] for k in ("before", "lens_fit_seconds", "after_fit") if k in results}}
     t0 = time.perf_counter()
     history, is_zero, final_step, trainer = T.fit(module, model, data, config, on, stage, ckpt_dir, meta, resume,
                                                   log_dir, "early_exit", found, start_step)
@@ -315,7 +319,7 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
             if config.eval_windows:
                 results["after"] = exit_eval(model, tokenizer, exits, config)
             manifest = {"base_model": config.model, "config": to_dict(config), "eval": {"early_exit": results},
-                        "command": " ".join(sys.argv)}
+                        "transforms": kept_transforms(config.model), "command": " ".join(sys.argv)}
             export_dir = write_with_exits(model, tokenizer, exits, out / "model", meta=manifest, overwrite=True)
             first, final = (f"{results[k]['loss']:.4f}" if results[k] else "-" for k in ("first", "final"))
             print(f"early-exit: {final_step} steps, loss {first} -> {final}; wrote {export_dir}")

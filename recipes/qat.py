@@ -40,7 +40,8 @@ from slimlm.toolkit.errors import SlimlmError
 
 RESUME_KEYS = ("model", "quant", "init", "grid", "calibration", "train", "data", "data_split", "max_blocks",
                "seq_len", "batch_size", "grad_accum", "seed",  # what fixes the start, the data order and the targets
-               "eval_data", "eval_window", "eval_windows")  # the first run's perplexities are on that text
+               "eval_data", "eval_window", "eval_windows",  # the first run's perplexities are on that text
+               "strategy")  # a Lightning checkpoint is a file, DeepSpeed's a folder of its own
 
 
 @dataclass
@@ -144,6 +145,7 @@ class QATConfig:
         if self.eval_windows < 0 or self.eval_window < 2:
             raise SlimlmError(f"eval_windows must be >= 0 (0: no evaluation) and eval_window >= 2 tokens, got "
                               f"eval_windows={self.eval_windows}, eval_window={self.eval_window}.")
+        T.check_loss(self, "loss.")
         if not self.calibration.damp > 0:
             raise SlimlmError(f"calibration.damp must be > 0, got {self.calibration.damp}.")
 
@@ -263,6 +265,7 @@ def main(config: QATConfig, resume: bool = False) -> Path:
     import lightning as L
 
     from slimlm.toolkit.data import check_source
+    from slimlm.toolkit.export import kept_transforms
     from slimlm.toolkit.models import resolve
     from slimlm.toolkit.quant.gptq_format import save_gptq
     from slimlm.toolkit.quant.qat import convert_qat
@@ -275,12 +278,7 @@ def main(config: QATConfig, resume: bool = False) -> Path:
     if found and not resume:
         raise SlimlmError(f"{ckpt_dir} already holds a checkpoint (step {found[1]['global_step']}).",
                           "Pass --resume to continue it, or choose another out_dir.")
-    if found:
-        changed = [k for k in RESUME_KEYS if found[1]["config"].get(k) != to_dict(config)[k]]
-        if changed:
-            raise SlimlmError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config.",
-                              "Resume with the same settings, or start a new out_dir.")
-        T.check_resume(found, T.planned_world(config), config.max_steps)  # before any model loads
+    T.check_resume(found, T.planned_world(config), config.max_steps, config, RESUME_KEYS)  # before any model loads
     if resume and not found and rank == 0:
         print(f"qat: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
     resolve(config.model)
@@ -337,7 +335,8 @@ def main(config: QATConfig, resume: bool = False) -> Path:
                 if start is not None and base is not None:
                     results["gap_closed"] = gap_closed(base, start, results["perplexity_after"])
             manifest = {"base_model": config.model, "config": to_dict(config), "eval": {"qat": results},
-                        "transforms": {"quant": {"method": "qat", "init": config.init}}, "command": " ".join(sys.argv)}
+                        "transforms": {**kept_transforms(config.model), "quant": {"method": "qat", "init": config.init}},
+                        "command": " ".join(sys.argv)}
             save_gptq(model, tokenizer, quantized, config.quant.scheme(), export_dir, meta=manifest, overwrite=True)
             first, final = (f"{results[k]['loss']:.4f}" if results[k] else "-" for k in ("first", "final"))
             ppl = f", {on_text} {results['perplexity_after']:.3f}" if "perplexity_after" in results else ""

@@ -76,7 +76,7 @@ def run_quantize(args) -> int:
     from rich.table import Table
 
     from slimlm.toolkit.data import calibration_samples, check_source, load_texts
-    from slimlm.toolkit.export import check_target, read
+    from slimlm.toolkit.export import check_target, kept_transforms, read
     from slimlm.toolkit.models import load, resolve
     from slimlm.toolkit.quant.calibrate import default_compute_dtype, quantize_model
     from slimlm.toolkit.quant.gptq_format import save_gptq
@@ -139,7 +139,7 @@ def run_quantize(args) -> int:
                                 "seq_len": args.seq_len, "seed": args.seed}
     meta = {"base_model": args.model, "command": args.command_line, "config": settings,
             "eval": {"held_out": f"{args.eval_data} (validation)", **figures} if figures else {},
-            "transforms": {"quant": quant}}
+            "transforms": {**kept_transforms(args.model), "quant": quant}}
     save_gptq(model, tokenizer, state, scheme, out, meta=meta, overwrite=args.overwrite, lm_head_scheme=head)
     manifest = read(out)
 

@@ -117,9 +117,33 @@ def check_strategy(strategy: str, offload: bool, on: str) -> None:
         raise SlimlmError(f"offload=true needs strategy fsdp or deepspeed_stage_N, not {strategy}.")
 
 
+def refuse_bad_values(config, checks) -> None:
+    """Refuse the first of `checks`, each (key, whether its value is good, what is expected), that fails, naming the
+    key (dotted for a section's: "loss.temperature") and its value. Called from the configs' `__post_init__`, so a
+    bad value stops the run before any model loads."""
+    for name, ok, expected in checks:
+        if not ok:
+            value = config
+            for part in name.split("."):
+                value = getattr(value, part)
+            raise SlimlmError(f"{name} must be {expected}, got {value!r}.")
+
+
+def check_loss(config, prefix: str, temperature: str = "temperature") -> None:
+    """The loss settings the recipes share: `temperature` (> 0) and `chunk_size` (null or >= 1) of the section
+    `prefix` ("loss." or "" for top-level keys)."""
+    section = config
+    for part in prefix.strip(".").split(".") if prefix else ():
+        section = getattr(section, part)
+    refuse_bad_values(config, ((prefix + temperature, getattr(section, temperature) > 0, "> 0 (1.0 is the usual choice)"),
+                               (prefix + "chunk_size", section.chunk_size is None or section.chunk_size >= 1,
+                                ">= 1 tokens, or null for the whole batch at once")))
+
+
 def check_schedule(config) -> None:
     """Refuse the shared training settings that would train wrongly or fail late (a negative LR, a block
-    count of 0, no devices), naming the key; every recipe's config calls this from `__post_init__`."""
+    count of 0, no devices, a seed numpy refuses), naming the key; every recipe's config calls this from
+    `__post_init__`."""
     checks = (("lr", config.lr > 0, "> 0"), ("weight_decay", config.weight_decay >= 0, ">= 0"),
               ("warmup_steps", config.warmup_steps >= 0, ">= 0"),
               ("min_lr_ratio", 0 <= config.min_lr_ratio <= 1, "in [0, 1] (the final LR as a fraction of lr)"),
@@ -127,18 +151,20 @@ def check_schedule(config) -> None:
               ("checkpoint_every", config.checkpoint_every >= 0, ">= 0 (0: only at the end)"),
               ("max_blocks", config.max_blocks is None or config.max_blocks >= 1, ">= 1, or null for all blocks"),
               ("num_nodes", config.num_nodes >= 1, ">= 1"),
-              ("devices", not isinstance(config.devices, int) or config.devices >= 1, ">= 1, or auto"))
-    for name, ok, expected in checks:
-        if not ok:
-            raise SlimlmError(f"{name} must be {expected}, got {getattr(config, name)!r}.")
+              ("devices", not isinstance(config.devices, int) or config.devices >= 1, ">= 1, or auto"),
+              ("seed", isinstance(config.seed, int) and 0 <= config.seed < 2**32, "an integer in 0..4294967295"))
+    refuse_bad_values(config, checks)
 
 
 def check_out_dir(out_dir: str) -> Path:
     """`out_dir` as a Path, refused if it names an existing file (the run writes a folder there)."""
+    from slimlm.toolkit.export.writer import check_folder_can_be_made
+
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SlimlmError(f"out_dir {out} is a file; the run writes a folder there (checkpoints, logs, the export).",
                           "Set out_dir to a folder (new or existing).")
+    check_folder_can_be_made(out, "the run's folder")
     return out
 
 
@@ -156,12 +182,29 @@ def run_leaving_no_empty_out_dir(out_dir: str, run):
         raise
 
 
-def check_resume(found: tuple[Path, dict] | None, world: int | None, max_steps: int) -> None:
-    """Refuse a resume that would not continue the run: another number of processes (each takes its own
-    positions of the data order, so samples would be skipped or seen twice), or a checkpoint past max_steps.
-    `world` None: not known yet (devices=auto), checked once the trainer has it."""
+def check_resume(found: tuple[Path, dict] | None, world: int | None, max_steps: int, config=None,
+                 keys: tuple[str, ...] = ()) -> None:
+    """Refuse a resume that would not continue the run: a setting of `keys` (dotted for a section's:
+    "loss.hidden_layers") other than the checkpoint's config says (what fixes the data order, the targets, or the
+    checkpoint's layout: LoRA adapters, an aligner's weights, the strategy's file or folder), another number of
+    processes (each takes its own positions of the data order, so samples would be skipped or seen twice), or a
+    checkpoint past max_steps. `world` None: not known yet (devices=auto), checked once the trainer has it."""
     if not found:
         return
+    if config is not None:
+        from slimlm.recipes.config import to_dict
+
+        def at(settings: dict, key: str):
+            for part in key.split("."):
+                settings = settings.get(part) if isinstance(settings, dict) else None
+            return settings
+
+        now = to_dict(config)
+        changed = [k for k in keys if at(found[1]["config"], k) != at(now, k)]
+        if changed:
+            was = "; ".join(f"{k}: {at(found[1]['config'], k)!r} there, {at(now, k)!r} now" for k in changed)
+            raise SlimlmError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config ({was}).",
+                              "Resume with the same settings, or start a new out_dir.")
     step, was = found[1]["global_step"], found[1].get("world_size")  # checkpoints before this have no world_size
     if was is not None and world is not None and was != world:
         raise SlimlmError(f"the checkpoint in {found[0]} was written by {was} process(es); this run has {world}. "

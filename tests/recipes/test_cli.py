@@ -72,6 +72,21 @@ def test_export_then_eval_the_export(model_dir, text_file, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
+def test_quantizing_a_pruned_export_keeps_its_pruned_shapes(model_dir, tmp_path):
+    """quantize, qat and early-exit wrote a manifest without the pruned shapes of the export they started from."""
+    from slimlm.toolkit.export import kept_transforms, read, write
+    from slimlm.toolkit.models import load
+
+    shapes = {"layers": [{"heads": 2, "intermediate": 32}], "axes": ["mlp"]}
+    model, tok = load(str(model_dir))
+    pruned = write(model, tok, tmp_path / "pruned", meta={"transforms": {"pruned_shapes": shapes}})
+    assert kept_transforms(pruned) == {"pruned_shapes": shapes} and kept_transforms(model_dir) == {}
+    assert main(["quantize", str(pruned), "--method", "rtn", "--bits", "8", "--group-size", "-1", "--no-eval",
+                 "--out", str(tmp_path / "q")]) == 0
+    manifest = read(tmp_path / "q")
+    assert manifest.transforms["pruned_shapes"] == shapes and manifest.transforms["quant"]["method"] == "rtn"
+
+
 def test_export_refuses_a_non_empty_out(model_dir, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()
@@ -292,6 +307,7 @@ def test_eval_reports_exits_of_an_early_exit_export(tmp_path, text_file, capsys)
     assert main(["eval", str(out), "--data", str(text_file), "--window", "32", "--max-windows", "1",
                  "--exits", "3", "--json", str(out_json)]) == 0
     assert json.loads(out_json.read_text())["early_exit"]["norm"] == "shared"
+    assert "not this export's trained exits (own norm, layers 1,2)" in capsys.readouterr().err  # said, not silent
     assert main(["eval", str(out), "--data", str(text_file), "--exits", "4"]) == 2
     assert "layers must be in 1..3" in capsys.readouterr().err
     # --spread-windows picks the same windows for the model's perplexity and its exits' (a source given twice is
@@ -360,6 +376,13 @@ def test_bad_values_are_refused_before_any_work(model_dir, tmp_path, capsys, mon
                         (["quantize", str(model_dir), "--method", "rtn", "--out", str(tmp_path / "q"),
                           "--threads", "-2"], "--threads must be at least 1"),
                         (["export", str(model_dir), "--out", str(blocker)], "is a file; an export needs a folder"),
+                        # found after pruning (FileExistsError), or at the write (NotADirectoryError)
+                        (["prune", str(model_dir), "--target-params", "0.5", "--out", str(blocker / "sub")],
+                         "afile is a file, so an export cannot be made under it"),
+                        (["quantize", str(model_dir), "--method", "rtn", "--out", str(blocker / "a" / "b")],
+                         "afile is a file, so an export cannot be made under it"),
+                        *([(["export", str(model_dir), "--out", "/proc/slimlm-test/x"], "folders cannot be made in /proc")]
+                          if __import__("os").path.isdir("/proc/self") else []),
                         (["quantize", str(model_dir), "--method", "rtn", "--out", str(blocker)], "afile is a file"),
                         (["prune", str(model_dir), "--target-params", "0.5", "--out", str(blocker)], "afile is a file"),
                         (["prune", str(model_dir), "--target-params", "1.5", "--out", str(tmp_path / "p")],

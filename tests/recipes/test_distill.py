@@ -257,6 +257,16 @@ def test_plain_cross_entropy_skips_the_teacher_forward():
     ("sequence.prompts=0", "sequence.prompts must be >= 1"),
     ("sequence.max_new_tokens=0", "sequence.max_new_tokens must be >= 1"),
     ("sequence.temperature=-0.5", "sequence.temperature must be >= 0"),
+    # each was found at the first step (after both models loaded), unnamed or as an internal error
+    ("loss.temperature=0", "loss.temperature must be > 0"),
+    ("loss.skew=2", r"loss.skew must be in \[0, 1\]"),
+    ("loss.kd_weight=-1", "loss.kd_weight must be >= 0"),
+    ("loss.chunk_size=0", "loss.chunk_size must be >= 1"),
+    ("loss.hidden_layers=-2", "loss.hidden_layers must be >= 0"),
+    ("lora.rank=0", "lora.rank must be >= 1"),
+    ("topk.k=0", "topk.k must be >= 1"),
+    ("sequence.prompt_len=64", r"sequence.prompt_len must be >= 1 and below seq_len \(64\)"),
+    ("seed=-1", "seed must be an integer"),
 ])
 def test_settings_that_would_break_training_are_refused_by_key(assets, override, match, monkeypatch):
     import slimlm.recipes.distill as recipe
@@ -281,6 +291,8 @@ def test_out_dir_that_is_a_file_is_refused_before_loading(assets, monkeypatch):
     monkeypatch.setattr(recipe, "load_student", lambda *a, **k: pytest.fail("loaded a model before checking"))
     with pytest.raises(SlimlmError, match="out_dir .*a_file is a file"):
         main(load_config(DistillConfig, config_file(assets, out), []))
+    with pytest.raises(SlimlmError, match="a_file is a file, so the run's folder cannot be made under it"):
+        main(load_config(DistillConfig, config_file(assets, out), [f"out_dir={out / 'sub'}"]))
 
 
 def test_a_run_refused_after_its_out_dir_was_made_leaves_no_folder(assets, capsys):

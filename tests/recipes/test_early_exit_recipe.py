@@ -145,6 +145,11 @@ def test_lens_exits_are_fitted_then_trained_and_leave_the_model_as_it_was(assets
         assert torch.equal(base(input_ids=x).logits, ours(input_ids=x).logits)
     exits = load_exits(export, ours)
     assert exits.norm_kind == "lens" and exits.exits["1"].proj.weight.abs().sum() > 0
+    # resumed, the run's manifest keeps the figures taken before training (it wrote only "after")
+    resumed = read(main(load_config(EarlyExitConfig, path, ["max_steps=6"]), resume=True)).eval["early_exit"]
+    assert resumed["resumed_from"] == 4 and resumed["steps"] == 6
+    assert {k: resumed[k] for k in ("before", "after_fit", "lens_fit_seconds")} == \
+        {k: result[k] for k in ("before", "after_fit", "lens_fit_seconds")}
 
 
 @pytest.mark.parametrize("override, match", [
@@ -158,6 +163,14 @@ def test_lens_exits_are_fitted_then_trained_and_leave_the_model_as_it_was(assets
     ("eval_window=1", "eval_window >= 2"),
     ("min_lr_ratio=-1", "min_lr_ratio must be in"),
     ("eval_data=/no/such/file.txt eval_windows=2", "does not exist|no such|not found"),
+    # found at the first step (unnamed), or a ZeroDivisionError there
+    ("exit_weights=[1,-1]", "exit_weights must be weights >= 0"),
+    ("final_weight=-1", "final_weight must be >= 0"),
+    ("kd_weight=-1", "kd_weight must be >= 0"),
+    ("kd_temperature=0", "kd_temperature must be > 0"),
+    ("chunk_size=0", "chunk_size must be >= 1"),
+    ("unfreeze_layers=-1", "unfreeze_layers must be >= 0"),
+    ("seed=-1", "seed must be an integer"),
 ])
 def test_bad_config_is_a_clear_error_before_work(assets, override, match, monkeypatch):
     out = assets["root"] / "bad"

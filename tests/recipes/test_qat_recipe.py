@@ -158,6 +158,9 @@ def test_gptq_start_on_a_frozen_grid_with_cross_entropy_resumes(assets):
     ("min_lr_ratio=2", "min_lr_ratio must be in"),
     ("eval_windows=-1", "eval_windows must be >= 0"),
     ("eval_window=1", "eval_window >= 2"),
+    ("loss.temperature=0", "loss.temperature must be > 0"),  # was found at the first step
+    ("loss.chunk_size=0", "loss.chunk_size must be >= 1"),
+    ("seed=-1", "seed must be an integer"),
 ])
 def test_bad_config_is_a_clear_error_before_work(assets, override, match, monkeypatch):
     import slimlm.recipes.qat as recipe

@@ -170,6 +170,24 @@ def test_a_resume_must_continue_the_run(tmp_path):
         T.check_resume(found, 1, 4)
 
 
+def test_a_resume_refuses_settings_that_decide_what_the_checkpoint_holds(tmp_path):
+    """LoRA adapters, a hidden-state aligner and the strategy's checkpoint form (a Lightning file, a DeepSpeed folder)
+    changed between runs failed inside the checkpoint load (hundreds of state-dict keys, an empty AssertionError)."""
+    from slimlm.recipes.config import to_dict
+    from slimlm.recipes.distill import RESUME_KEYS, DistillConfig, LoraConfig, LossConfig
+
+    first = DistillConfig(lora=LoraConfig(enabled=True, rank=4))
+    found = (tmp_path, {"global_step": 6, "world_size": 1, "config": to_dict(first)})
+    T.check_resume(found, 1, 8, DistillConfig(lora=LoraConfig(enabled=True, rank=4), lr=1e-3), RESUME_KEYS)
+    for changed, words in ((DistillConfig(lora=LoraConfig(enabled=True, rank=8)), "lora differ"),
+                           (DistillConfig(lora=LoraConfig(enabled=True, rank=4), loss=LossConfig(hidden_layers=2)),
+                            "loss.hidden_layers differ .*loss.hidden_layers: 0 there, 2 now"),
+                           (DistillConfig(lora=LoraConfig(enabled=True, rank=4), strategy="ddp"),
+                            "strategy differ .*'auto' there, 'ddp' now")):
+        with pytest.raises(SlimlmError, match=f"cannot resume: {words}"):
+            T.check_resume(found, 1, 8, changed, RESUME_KEYS)
+
+
 @pytest.mark.parametrize("debug", [False, True])
 def test_a_script_reports_a_bug_briefly_unless_debug(debug, capsys, monkeypatch):
     """`python recipes/X.py` runs as `slimlm X`: an internal error in one line (exit 1); --debug raises; the
@@ -248,6 +266,8 @@ def test_step_log_rows_means_and_idle_keys():
     (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
     (dict(devices=0), "devices must be >= 1"),
     (dict(num_nodes=0), "num_nodes must be >= 1"),
+    (dict(seed=-1), r"seed must be an integer in 0\.\.4294967295"),  # was: numpy's ValueError, an internal error
+    (dict(seed=2**32), r"seed must be an integer in 0\.\.4294967295"),
 ])
 def test_schedule_settings_that_would_break_training_are_refused_by_key(override, match):
     """The settings every recipe shares (each recipe's config calls check_schedule; their tests check one key
@@ -255,7 +275,7 @@ def test_schedule_settings_that_would_break_training_are_refused_by_key(override
     from types import SimpleNamespace
 
     good = dict(lr=1e-3, weight_decay=0.0, warmup_steps=0, min_lr_ratio=0.1, grad_clip=1.0, checkpoint_every=0,
-                max_blocks=None, num_nodes=1, devices="auto")
+                max_blocks=None, num_nodes=1, devices="auto", seed=0)
     T.check_schedule(SimpleNamespace(**good))
     with pytest.raises(SlimlmError, match=match):
         T.check_schedule(SimpleNamespace(**{**good, **override}))

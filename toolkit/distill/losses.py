@@ -213,6 +213,9 @@ def _reduce_tokens(fn: Callable[..., torch.Tensor], rows: list[torch.Tensor], to
 
 
 def _chunked(fn, rows: list[torch.Tensor], counted: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    if chunk_size is not None and chunk_size < 1:  # the cross-entropy path reaches here unchecked
+        raise SlimlmError(f"chunk_size must be a positive number of tokens, got {chunk_size}.",
+                          "Use None for no chunking, or e.g. 1024.")
     n = rows[0].shape[0]
     if chunk_size is None or chunk_size >= n:
         return fn(*rows)

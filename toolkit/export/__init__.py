@@ -6,8 +6,8 @@ what was done to the model and the sha256 of every tensor file, checked by `read
 """
 from .integrity import sha256_file
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, TRANSFORM_KEYS, Manifest
-from .reader import is_export, read
+from .reader import is_export, kept_transforms, read
 from .writer import check_target, write
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "TRANSFORM_KEYS", "Manifest", "is_export", "read",
+__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "TRANSFORM_KEYS", "Manifest", "is_export", "kept_transforms", "read",
            "check_target", "sha256_file", "write"]

@@ -52,3 +52,13 @@ def read(path: str | os.PathLike, verify: bool = True) -> Manifest:
     manifest = Manifest.from_dict(data, source=str(manifest_path))
     verify_files(folder, manifest.files, hashes=verify)
     return manifest
+
+
+def kept_transforms(model: str | os.PathLike) -> dict:
+    """What a model made from `model` keeps of its manifest's transforms: a pruned export's `pruned_shapes` (quantizing,
+    distilling or adding exits leaves the shapes as they are). {} for a model that is not such an export."""
+    folder = Path(model).expanduser()
+    if not is_export(folder):
+        return {}
+    shapes = read(folder, verify=False).transforms.get("pruned_shapes")
+    return {"pruned_shapes": shapes} if shapes else {}

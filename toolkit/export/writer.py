@@ -132,12 +132,30 @@ def _readable_as_the_umask_says(folder: Path) -> None:
             path.chmod(mode)
 
 
+def check_folder_can_be_made(out: Path, what: str = "an export") -> None:
+    """Refuse a folder path under which nothing can be made: its nearest existing parent is a file, or folders
+    cannot be created there (a read-only place, /proc). Tried by making and removing a hidden folder there."""
+    import tempfile
+
+    base = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    if not base.is_dir():
+        raise SlimlmError(f"{out}: {base} is a file, so {what} cannot be made under it.",
+                          "Choose an output path under a folder.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".slimlm-probe-", dir=base))
+    except OSError as e:
+        raise SlimlmError(f"{out}: folders cannot be made in {base} ({e.strerror}), so {what} cannot be written there.",
+                          "Choose an output path you can write to.") from None
+
+
 def check_target(out: Path, overwrite: bool) -> None:
-    """Refuse an output path that is a file, a non-empty folder unless `overwrite`, or one overwrite must never
-    delete (a root, home or current folder): the writer's checks, for commands to run before any work."""
+    """Refuse an output path that is a file, under which no folder can be made, a non-empty folder unless
+    `overwrite`, or one overwrite must never delete (a root, home or current folder): the writer's checks, for
+    commands to run before any work."""
     if out.exists() and not out.is_dir():
         raise SlimlmError(f"{out} is a file; an export needs a folder there.",
                           "Choose another output path or remove the file.")
+    check_folder_can_be_made(out)
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
