@@ -230,6 +230,12 @@ def run_prune(args) -> int:
     if off:
         console.print(f"note: {' and '.join(off)} not a multiple of 64: the serving engine's fast bf16 CPU GEMV "
                       "needs multiples of 64 (--multiple 64, and the heads axis so that heads can divide the width).")
+    goal, got = report["target_params"], report["params_after"]
+    if goal and got < 0.9 * goal:  # every axis keeps one shared share: the next larger shape can be far above
+        console.print(f"note: the pruned model has {got:,} parameters, {got / goal:.0%} of the target {goal:,}: every "
+                      f"axis of --axes keeps the same share, and the next larger shape that rule gives is over the "
+                      "target (a layer, or heads and the width they divide, step far at a time). For a shape nearer "
+                      "the target pick it with --shape, or prune fewer axes or weight them (--axes mlp,depth:0.5).")
 
     evals = {} if before is None else {"perplexity_before": before, "perplexity_after": after,
                                        "source": cfg.eval_data, "split": "validation"}

@@ -48,6 +48,21 @@ def test_prune_to_a_budget_writes_a_loadable_export(setup, capsys):
     assert manifest.command.startswith("python recipes/prune.py")
 
 
+def test_a_shape_far_under_the_target_is_said(tmp_path, setup, capsys):
+    """With a shared keep-share the planner can land far below the target (SmolLM2 at 100M: 63.7M, 64%), silently."""
+    model, tok = tiny_model("llama", num_attention_heads=3, num_key_value_heads=1, hidden_size=96,
+                            intermediate_size=256, num_hidden_layers=4)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    argv = [str(tmp_path / "m"), *common(setup)[1:], "--multiple", "8"]
+    assert main([*argv, "--target-params", "0.9", "--out", str(tmp_path / "far")]) == 0
+    report = read(tmp_path / "far").transforms["pruned_shapes"]
+    assert report["params_after"] < 0.9 * report["target_params"]
+    assert f"of the target {report['target_params']:,}" in capsys.readouterr().err.replace("\n", " ")
+    assert main([*argv, "--target-params", "0.95", "--out", str(tmp_path / "near")]) == 0  # 98% of it: quiet
+    assert "of the target" not in capsys.readouterr().err
+
+
 def test_config_file_with_flag_overrides(setup):
     cfg = setup / "prune.yaml"
     cfg.write_text(f"model: {setup / 'tiny'}\ntarget-params: 0.5\naxes: [mlp, depth]\nscore: taylor\n"
