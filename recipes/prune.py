@@ -109,7 +109,11 @@ def load_config(args) -> PruneConfig:
         if isinstance(values.get("axes"), list):
             values["axes"] = ",".join(map(str, values["axes"]))
         where = str(args.config)
-    values.update({k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None})
+    flags = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    for budget, other in (("target_params", "shape"), ("shape", "target_params")):
+        if budget in flags and other not in flags:
+            values.pop(other, None)  # a budget flag overrides the file's budget of either kind
+    values.update(flags)
     cfg = from_dict(PruneConfig, values, where=where)
     if cfg.model and "=" in cfg.model and not Path(cfg.model).exists():
         key, _, value = cfg.model.partition("=")

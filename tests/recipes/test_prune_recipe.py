@@ -73,6 +73,9 @@ def test_config_file_with_flag_overrides(setup):
     report = read(out).transforms["pruned_shapes"]
     assert list(report["axes"]) == ["mlp", "heads", "width", "depth"]  # the flag won over the file
     assert report["score"] == "taylor"  # the file won over the default
+    # a budget flag of the other kind replaces the file's (was: "give exactly one of --target-params and --shape")
+    assert main(["--config", str(cfg), "--out", str(setup / "out_cfg_shape"), "--shape", "layers=2"]) == 0
+    assert read(setup / "out_cfg_shape").transforms["pruned_shapes"]["shape_after"]["num_hidden_layers"] == 2
     assert report["params_after"] <= report["params_before"] // 2
 
 

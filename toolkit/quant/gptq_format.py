@@ -53,7 +53,7 @@ def pack_last(values: torch.Tensor, bits: int) -> torch.Tensor:
     if v.numel() and (v.min() < 0 or v.max() >= (1 << bits)):
         raise SlimlmError(f"values to pack must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing.")
     v = v.reshape(*v.shape[:-1], v.shape[-1] // pf, pf)  # [..., words, pf]
-    shifts = torch.arange(pf, dtype=torch.int64) * bits  # [pf]
+    shifts = torch.arange(pf, dtype=torch.int64, device=v.device) * bits  # [pf], beside the codes (QAT's may be on a GPU)
     words = (v << shifts).sum(-1)  # [..., words], in [0, 2**32)
     return torch.where(words >= (1 << 31), words - _WORD, words).to(torch.int32)
 
@@ -62,7 +62,7 @@ def unpack_last(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack_last`: int32 words [..., M] -> unsigned values [..., M*32/bits] (int64)."""
     pf = 32 // bits
     words = packed.to(torch.int64) & (_WORD - 1)  # [..., M], unsigned
-    shifts = torch.arange(pf, dtype=torch.int64) * bits  # [pf]
+    shifts = torch.arange(pf, dtype=torch.int64, device=packed.device) * bits  # [pf]
     v = (words[..., None] >> shifts) & ((1 << bits) - 1)  # [..., M, pf]
     return v.reshape(*packed.shape[:-1], packed.shape[-1] * pf)
 

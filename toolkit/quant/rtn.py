@@ -58,7 +58,9 @@ def _range_params(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme) -
     # The grid for a range [wmin <= 0, wmax >= 0] per group (see group_params).
     maxq = float((1 << scheme.bits) - 1)
     dtype = scheme.torch_scale_dtype
-    tiny = torch.finfo(dtype).tiny  # an all-zero group still needs a finite, positive scale
+    # An all-zero group still needs a finite, positive scale: the smallest subnormal (fp16's smallest normal,
+    # 6.1e-5, zeroed most weights of a group near 1e-4)
+    tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
     if scheme.sym:
         absmax = torch.maximum(-wmin, wmax)
         scale = _round_to(2 * absmax / maxq, dtype, tiny)
@@ -74,8 +76,14 @@ def _range_params(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme) -
 
 
 def _round_to(scale: torch.Tensor, dtype: torch.dtype, tiny: float) -> torch.Tensor:
-    # Clamped first, so no scale rounds to 0 (or overflows to inf in float16) and codes stay finite.
-    return scale.clamp(min=tiny, max=torch.finfo(dtype).max).to(dtype).float()
+    """`scale` in `dtype`, rounded up where rounding to nearest would make it smaller: a smaller step would leave the
+    ends of the group's range past the grid (an int8 group's extreme weight off by 1.4 steps with bf16 scales).
+    Clamped first, so no scale is 0 (or inf in float16) and codes stay finite."""
+    scale = scale.clamp(min=tiny, max=torch.finfo(dtype).max)
+    stored = scale.to(dtype)
+    # positive values: the next representable one up is the bit pattern plus one
+    stored = torch.where(stored.float() < scale, (stored.view(torch.int16) + 1).view(dtype), stored)
+    return stored.float()
 
 
 def rtn_quantize(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
