@@ -454,11 +454,6 @@ def run_serve(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
-    context = getattr(hf_model.config, "max_position_embeddings", None)
-    if args.max_model_len and context and args.max_model_len > context:
-        raise SlimlmError(f"--max-model-len {args.max_model_len} is beyond {args.model}'s context of {context} tokens "
-                          "(max_position_embeddings): past it its positions were never trained.",
-                          f"Pass --max-model-len {context} or less (default: the context, at most 4096).")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           kv_cache_gb=args.kv_cache_gb, enable_prefix_caching=not args.no_prefix_caching,
                           kv_cache_dtype=args.kv_cache_dtype, quantize_lm_head=args.quantize_lm_head,
@@ -466,8 +461,9 @@ def run_serve(args) -> int:
                           speculative=speculative_config(args, hf_model.config.num_hidden_layers, tokenizer))
     try:
         engine = LLMEngine(hf_model, tokenizer, config, model_name=args.served_model_name or args.model)
-    except ValueError as err:
-        raise SlimlmError(f"cannot serve {args.model}: {err}") from err
+    except ValueError as err:  # e.g. --max-model-len past the model's context or sliding window
+        raise SlimlmError(f"cannot serve {args.model}: {err}", "Pass a smaller --max-model-len (default: the model's "
+                          "context, at most 4096)." if "max_model_len" in str(err) else None) from err
     del hf_model  # the engine holds its own form of the weights: the loaded model would double the memory served
     trim_heap()  # and its pages go back to the system
     asked = engine._blocks_for(args.kv_cache_gb)

@@ -326,6 +326,9 @@ def _accuracy_job(spec: str, settings: dict) -> dict:
                             spread_windows=settings.get("spread_windows", False))
     except SlimlmError as err:
         return {"error": f"{spec}: {err.what}", "hint": err.hint}
+    except (torch.OutOfMemoryError, MemoryError) as err:  # a GPU's (a CPU process is killed: BrokenProcessPool)
+        return {"error": f"{spec}: out of memory while evaluating ({type(err).__name__}).",
+                "hint": "Lower --eval-batch-size or --window, or free memory, and run again to resume."}
     peak = peak_rss_bytes()
     memory = {"peak_rss_bytes": peak, "baseline_rss_bytes": before, "load_eval_bytes": peak - before,
               "exact": reset}
@@ -419,7 +422,8 @@ def _engine(spec: str, settings: dict, plan: dict | None = None):
     try:
         return LLMEngine(hf_model, tokenizer, config, model_name=spec)
     except ValueError as err:
-        window = "sliding window" in str(err)  # the model's attention window is shorter than prompt + new tokens
+        # the model's context or attention window is shorter than prompt + new tokens
+        window = "max_model_len" in str(err)
         raise SlimlmError(f"cannot serve {spec}: {err}",
                           "Lower --prompt-len and --gen-len to fit it." if window else
                           "Pass --speculative off to measure it plainly." if plan else None) from err
@@ -547,6 +551,7 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
     else measure them one after the other (`measure_speed`); True or False forces either."""
     import torch
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from slimlm.recipes import compare_report
@@ -622,15 +627,21 @@ def compare(models: list[dict], settings: dict, out: Path, command: str = "", pr
         if todo_speed == [base] and base not in stale:
             todo_speed = []  # only failed variants needed timing: the base's cached speed stands
         together = fit_together(todo_speed, settings) if interleave is None else interleave
+        alternated = False
         if together and len(todo_speed) > 1:
             speed_task = bar.add_task("speed", total=None)
             say = lambda msg: bar.update(speed_task, description=f"speed, {len(todo_speed)} models alternated: {msg}")  # noqa: E731
-            speeds = measure_speeds([e["spec"] for e in todo_speed], settings, progress=say,
-                                    plans=[e["identity"].get("speculation") for e in todo_speed])
-            for e, speed in zip(todo_speed, speeds):
-                record(e, speed, speeds[0])
+            try:
+                speeds = measure_speeds([e["spec"] for e in todo_speed], settings, progress=say,
+                                        plans=[e["identity"].get("speculation") for e in todo_speed])
+                for e, speed in zip(todo_speed, speeds):
+                    record(e, speed, speeds[0])
+                alternated = True
+            except SlimlmError as err:  # one model failed them all: time each alone, so the others still get timed
+                bar.console.print(escape(f"compare: alternated timing stopped ({err.what}); timing the models one "
+                                         "after another instead"), highlight=False)
             bar.update(speed_task, total=1, completed=1)
-        else:
+        if not alternated:
             speed_task = bar.add_task("speed", total=len(todo_speed))
             first = None
             for e in todo_speed:

@@ -115,6 +115,9 @@ def serving_memory_job(spec: str, settings: dict, plan: dict | None) -> dict:
         run_engine(engine, prompts, settings["gen_len"], concurrency=settings["concurrency"])
     except SlimlmError as err:
         return {"error": f"{spec}: {err.what}", "hint": err.hint}
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        return {"error": f"{spec}: out of memory while serving ({type(err).__name__}).",
+                "hint": "Lower --concurrency, --prompt-len or --gen-len, or free memory, and run again to resume."}
     peak = peak_rss_bytes()
     trim_heap()
     held = rss_bytes() if resident is not None else peak

@@ -133,7 +133,8 @@ class DistillConfig:
             ("lora.rank", self.lora.rank >= 1, ">= 1"), ("lora.alpha", self.lora.alpha > 0, "> 0"),
             ("topk.k", self.topk.k >= 1, ">= 1 (teacher tokens kept per position)"),
             ("sequence.prompts", seq.prompts >= 1, ">= 1"),
-            ("sequence.prompt_len", 1 <= seq.prompt_len < self.seq_len, f">= 1 and below seq_len ({self.seq_len})"),
+            ("sequence.prompt_len", seq.prompt_len >= 1 and (self.teacher_mode != "sequence" or seq.prompt_len < self.seq_len),
+             f">= 1, and below seq_len ({self.seq_len}) in teacher_mode=sequence (prompts are cut from its blocks)"),
             ("sequence.max_new_tokens", seq.max_new_tokens >= 1, ">= 1"),
             ("sequence.temperature", seq.temperature >= 0, ">= 0 (0: greedy)")))
         if loss.kd_weight == loss.ce_weight == 0:

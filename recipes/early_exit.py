@@ -37,6 +37,7 @@ from slimlm.toolkit.errors import SlimlmError
 TRAIN = ("all", "exits")
 RESUME_KEYS = ("model", "exit_layers", "norm", "data", "data_split", "max_blocks", "seq_len", "batch_size",
                "grad_accum", "seed", "train", "unfreeze_layers",
+               "eval_data", "eval_window", "eval_windows",  # the figures before training (kept) are on that text
                "strategy")  # a Lightning checkpoint is a file, DeepSpeed's a folder of its own
 
 

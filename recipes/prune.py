@@ -237,7 +237,7 @@ def run_prune(args) -> int:
     goal, got = report["target_params"], report["params_after"]
     if goal and got < 0.9 * goal:  # every axis keeps one shared share: the next larger shape can be far above
         console.print(f"note: the pruned model has {got:,} parameters, {got / goal:.0%} of the target {goal:,}: every "
-                      f"axis of --axes keeps the same share, and the next larger shape that rule gives is over the "
+                      f"axis of --axes keeps one shared share (scaled by its weight), and the next larger shape that rule gives is over the "
                       "target (a layer, or heads and the width they divide, step far at a time). For a shape nearer "
                       "the target pick it with --shape, or prune fewer axes or weight them (--axes mlp,depth:0.5).")
 

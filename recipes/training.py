@@ -157,14 +157,15 @@ def check_schedule(config) -> None:
 
 
 def check_out_dir(out_dir: str) -> Path:
-    """`out_dir` as a Path, refused if it names an existing file (the run writes a folder there)."""
+    """`out_dir` as a Path, refused if it names an existing file (the run writes a folder there) or a place where
+    no folder can be made."""
     from slimlm.toolkit.export.writer import check_folder_can_be_made
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SlimlmError(f"out_dir {out} is a file; the run writes a folder there (checkpoints, logs, the export).",
                           "Set out_dir to a folder (new or existing).")
-    check_folder_can_be_made(out, "the run's folder")
+    check_folder_can_be_made(out, "the run's folder", beside=False)
     return out
 
 
@@ -197,9 +198,11 @@ def check_resume(found: tuple[Path, dict] | None, world: int | None, max_steps: 
         def at(settings: dict, key: str):
             for part in key.split("."):
                 settings = settings.get(part) if isinstance(settings, dict) else None
+            if isinstance(settings, dict) and settings.get("enabled") is False:
+                return {"enabled": False}  # a section switched off: its other settings change nothing
             return settings
 
-        now = to_dict(config)
+        now = json.loads(json.dumps(to_dict(config), default=str))  # as the checkpoint's JSON holds it: lists
         changed = [k for k in keys if at(found[1]["config"], k) != at(now, k)]
         if changed:
             was = "; ".join(f"{k}: {at(found[1]['config'], k)!r} there, {at(now, k)!r} now" for k in changed)

@@ -88,11 +88,13 @@ class LLMEngine:
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.model.dtype)
         ctx = getattr(hf_model.config, "max_position_embeddings", 4096) or 4096
         rope = self.model.args.rope_parameters
-        longest = int(ctx * rope["factor"]) if rope.get("rope_type") == "linear" else ctx  # as vLLM reads it
+        linear = rope.get("rope_type") == "linear"
+        longest = int(ctx * rope["factor"]) if linear else ctx  # as vLLM reads it
         if (config.max_model_len or 0) > longest:
+            source = f"max_position_embeddings {ctx} times its linear RoPE factor" if linear else "max_position_embeddings"
             raise ValueError(f"max_model_len {config.max_model_len} is past this model's context of {longest} "
-                             "tokens (max_position_embeddings in its config): positions past it were never trained "
-                             f"and its output there is not to be trusted; use a max model length of at most {longest}")
+                             f"tokens ({source} in its config): positions past it were never trained and its output "
+                             f"there is not to be trusted; use a max model length of at most {longest}")
         window = self.model.args.sliding_window  # attention here is over the whole context: the same up to it
         if window is not None and (config.max_model_len or 0) > window:
             raise ValueError(f"max_model_len {config.max_model_len} is past this model's sliding window of {window} "

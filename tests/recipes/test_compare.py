@@ -251,21 +251,29 @@ def test_auto_alternates_only_where_the_models_fit_in_memory(models, tmp_path, m
     assert fakes.together == [["base", "small"]] and fakes.speed[-2:] == ["base", "small"]
 
 
-@pytest.mark.parametrize("stage", ["accuracy", "serving memory", "speed"])
-def test_a_variant_that_cannot_be_measured_is_listed_failed_and_the_others_go_on(stage, models, tmp_path, monkeypatch,
-                                                                                 capsys):
+@pytest.mark.parametrize("stage, order", [("accuracy", "sequential"), ("serving memory", "sequential"),
+                                          ("speed", "sequential"), ("speed", "alternate")])
+def test_a_variant_that_cannot_be_measured_is_listed_failed_and_the_others_go_on(stage, order, models, tmp_path,
+                                                                                 monkeypatch, capsys):
     fakes = Fakes(monkeypatch)
     broken = {"accuracy": "measure_accuracy", "serving memory": "measure_serving_memory", "speed": "measure_speed"}[stage]
-    works = getattr(fakes, broken)
+    works, together = getattr(fakes, broken), fakes.measure_speeds
 
     def measure(spec, *args, **kwargs):
         if os.path.basename(spec) == "small":
             raise SlimlmError(f"{spec}: the folder is broken.", "Export it again.")
         return works(spec, *args, **kwargs)
 
+    def measure_together(specs, *args, **kwargs):  # loading every model first: one broken stops them all
+        for spec in specs:
+            if stage == "speed" and os.path.basename(spec) == "small":
+                raise SlimlmError(f"{spec}: the folder is broken.", "Export it again.")
+        return together(specs, *args, **kwargs)
+
     monkeypatch.setattr(compare, broken, measure)
+    monkeypatch.setattr(compare, "measure_speeds", measure_together)
     out = tmp_path / "c"
-    argv = [models["base"], models["small"], models["large"], "--out", out, *FAST, "--speed-order", "sequential"]
+    argv = [models["base"], models["small"], models["large"], "--out", out, *FAST, "--speed-order", order]
     assert compare.run_compare(parse(argv)) == 1
     report = json.loads((out / "report.json").read_text())
     assert [m["label"] for m in report["models"]] == ["base", "large"]
@@ -275,12 +283,13 @@ def test_a_variant_that_cannot_be_measured_is_listed_failed_and_the_others_go_on
     md = (out / "report.md").read_text()
     assert "## Models that could not be measured" in md and f"small (`{models['small']}`), {stage}: " in md
     assert "small" in capsys.readouterr().err
-    assert fakes.speed == ["base", "large"]
+    assert fakes.speed == ["base", "large"]  # alternated timing stopped at small: each timed alone
     # What small had measured before it failed is kept; the next run measures the rest.
     assert len(list((out / "cache").glob("*.json"))) == (2 if stage == "accuracy" else 3)
 
     # Mended, the next run measures only what small lacks, and its speed with the base's again.
     monkeypatch.setattr(compare, broken, works)
+    monkeypatch.setattr(compare, "measure_speeds", together)
     assert compare.run_compare(parse(argv)) == 0
     assert fakes.accuracy == (["base", "large", "small"] if stage == "accuracy" else ["base", "small", "large"])
     assert fakes.speed == ["base", "large", "base", "small"]

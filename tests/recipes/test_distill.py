@@ -127,8 +127,8 @@ def test_resume_mistakes(assets, kd_run):
     path, out, _ = kd_run
     with pytest.raises(SlimlmError, match="--resume"):
         main(load_config(DistillConfig, path, []))
-    with pytest.raises(SlimlmError, match="seq_len"):
-        main(load_config(DistillConfig, path, ["seq_len=32"]), resume=True)
+    with pytest.raises(SlimlmError, match="cannot resume: seq_len differ"):
+        main(load_config(DistillConfig, path, ["seq_len=48"]), resume=True)
     # resuming a finished run trains nothing more and writes the same result again
     export = main(load_config(DistillConfig, path, []), resume=True)
     assert read(export).eval["distill"]["steps"] == 20
@@ -265,7 +265,7 @@ def test_plain_cross_entropy_skips_the_teacher_forward():
     ("loss.hidden_layers=-2", "loss.hidden_layers must be >= 0"),
     ("lora.rank=0", "lora.rank must be >= 1"),
     ("topk.k=0", "topk.k must be >= 1"),
-    ("sequence.prompt_len=64", r"sequence.prompt_len must be >= 1 and below seq_len \(64\)"),
+    ("sequence.prompt_len=64", r"sequence.prompt_len must be >= 1, and below seq_len \(64\) in teacher_mode=sequence"),
     ("seed=-1", "seed must be an integer"),
 ])
 def test_settings_that_would_break_training_are_refused_by_key(assets, override, match, monkeypatch):

@@ -186,6 +186,9 @@ def test_a_resume_refuses_settings_that_decide_what_the_checkpoint_holds(tmp_pat
                             "strategy differ .*'auto' there, 'ddp' now")):
         with pytest.raises(SlimlmError, match=f"cannot resume: {words}"):
             T.check_resume(found, 1, 8, changed, RESUME_KEYS)
+    # LoRA off on both sides: its other settings change nothing
+    off = (tmp_path, {"global_step": 6, "world_size": 1, "config": to_dict(DistillConfig())})
+    T.check_resume(off, 1, 8, DistillConfig(lora=LoraConfig(rank=8)), RESUME_KEYS)
 
 
 @pytest.mark.parametrize("debug", [False, True])

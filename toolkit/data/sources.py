@@ -19,6 +19,7 @@ readers are imported lazily, so the toolkit itself needs neither unless such a s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import SlimlmError
@@ -199,17 +200,29 @@ def _parse_hub(spec: str) -> tuple[str, str | None, str | None]:
     return parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 and parts[2] else None)
 
 
+WIKITEXT_TITLE = re.compile(r" = [^=].* = ")  # an article's first line in wikitext (" = = Part = = " is a section)
+MAX_JOINED_CHARS = 1 << 20  # past this a joined text is cut at its next blank line: memory stays bounded
+
+
 def rows_to_documents(rows: list) -> list[str]:
     """A text column's rows as documents. Where every non-blank row is one line ending with its newline, the rows
-    are the lines of one text (wikitext stores its files so, an empty row for each blank line): they are joined
-    back into that text, one document, so no end-of-text token lands between lines (one after each line raised
-    SmolLM2's perplexity on such rows by 13%). Otherwise each non-blank row is a document."""
+    are the lines of a text (wikitext stores its files so, an empty row for each blank line): they are joined back
+    into it, so no end-of-text token lands between lines (one after each line raised SmolLM2's perplexity on such
+    rows by 13%), a document per article (a wikitext title line starts one) or per ~1 MB cut at a blank line.
+    Otherwise each non-blank row is a document."""
     texts = [t for t in rows if isinstance(t, str)]
     lines = [t for t in texts if t.strip()]
-    if len(lines) > 1 and all(t.endswith("\n") and "\n" not in t[:-1] for t in lines):
-        joined = "".join(t if t.strip() else "\n" for t in texts).strip("\n")
-        return [joined + "\n"]
-    return lines
+    if len(lines) < 2 or not all(t.endswith("\n") and "\n" not in t[:-1] for t in lines):
+        return lines
+    docs, parts, size = [], [], 0
+    for t in texts:
+        if parts and (WIKITEXT_TITLE.fullmatch(t.rstrip("\n")) or (size > MAX_JOINED_CHARS and not t.strip())):
+            docs.append("".join(parts))
+            parts, size = [], 0
+        parts.append(t if t.strip() else "\n")
+        size += len(t)
+    docs.append("".join(parts))
+    return [d.strip("\n") + "\n" for d in docs if d.strip()]
 
 
 def _load_hub(spec: str, split: str) -> list[str]:

@@ -57,8 +57,10 @@ def read(path: str | os.PathLike, verify: bool = True) -> Manifest:
 def kept_transforms(model: str | os.PathLike) -> dict:
     """What a model made from `model` keeps of its manifest's transforms: a pruned export's `pruned_shapes` (quantizing,
     distilling or adding exits leaves the shapes as they are). {} for a model that is not such an export."""
-    folder = Path(model).expanduser()
-    if not is_export(folder):
+    from ..models import resolve  # as the loaders read the spec: a built-in name wins over a folder of that name
+
+    source = resolve(str(model))
+    if source.kind != "export":
         return {}
-    shapes = read(folder, verify=False).transforms.get("pruned_shapes")
+    shapes = read(source.location, verify=False).transforms.get("pruned_shapes")
     return {"pruned_shapes": shapes} if shapes else {}

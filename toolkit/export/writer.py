@@ -132,12 +132,14 @@ def _readable_as_the_umask_says(folder: Path) -> None:
             path.chmod(mode)
 
 
-def check_folder_can_be_made(out: Path, what: str = "an export") -> None:
+def check_folder_can_be_made(out: Path, what: str = "an export", beside: bool = True) -> None:
     """Refuse a folder path under which nothing can be made: its nearest existing parent is a file, or folders
-    cannot be created there (a read-only place, /proc). Tried by making and removing a hidden folder there."""
+    cannot be created there (a read-only place, /proc). Tried by making and removing a hidden folder there.
+    `beside`: the writer makes its temporary folder beside `out`, so the parent is tried even where `out` exists;
+    False: only inside `out` (a training run's folder), so an existing `out` is tried itself."""
     import tempfile
 
-    base = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    base = next(p for p in [out.parent if beside else out, *out.parents] if p.exists())
     if not base.is_dir():
         raise SlimlmError(f"{out}: {base} is a file, so {what} cannot be made under it.",
                           "Choose an output path under a folder.")

@@ -59,7 +59,7 @@ def _range_params(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme) -
     maxq = float((1 << scheme.bits) - 1)
     dtype = scheme.torch_scale_dtype
     # An all-zero group still needs a finite, positive scale: the smallest subnormal (fp16's smallest normal,
-    # 6.1e-5, zeroed most weights of a group near 1e-4)
+    # 6.1e-5, zeroed most weights of a group near 1e-5 and a quarter near 1e-4)
     tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
     if scheme.sym:
         absmax = torch.maximum(-wmin, wmax)

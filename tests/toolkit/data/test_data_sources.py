@@ -190,10 +190,24 @@ def test_hf_rows_that_are_lines_of_one_text_are_joined_back(hub_offline, tmp_pat
     end-of-text token came after every line. Rows that are documents stay documents."""
     folder = tmp_path / "lines"
     folder.mkdir()
-    rows = ["", " = Title = \n", "", " First paragraph .\n", " Second one .\n", "", " = = Part = = \n"]
+    rows = ["", " = Title = \n", "", " First paragraph .\n", " Second one .\n", "", " = = Part = = \n", "",
+            " = Next = \n", "", " More .\n"]
     write_jsonl(folder / "test.jsonl", [{"text": r} for r in rows])
-    assert load_texts(f"hf:{folder}::test") == [" = Title = \n\n First paragraph .\n Second one .\n\n = = Part = = \n"]
+    # one document per article (a title line starts one; a section heading does not)
+    assert load_texts(f"hf:{folder}::test") == [" = Title = \n\n First paragraph .\n Second one .\n\n = = Part = = \n",
+                                                " = Next = \n\n More .\n"]
     docs = tmp_path / "docs"
     docs.mkdir()
     write_jsonl(docs / "test.jsonl", [{"text": "a page.\n"}, {"text": "two\nlines.\n"}, {"text": " "}])
     assert load_texts(f"hf:{docs}::test") == ["a page.\n", "two\nlines.\n"]  # a row of several lines: documents
+
+
+def test_line_rows_without_titles_are_cut_at_blank_lines_past_a_bound(monkeypatch):
+    """Joined into one text, wikitext-103's train split (540 MB) would be tokenized in one piece: tens of GB."""
+    from slimlm.toolkit.data import sources
+
+    monkeypatch.setattr(sources, "MAX_JOINED_CHARS", 10)
+    rows = ["one two three\n", "four\n", "", "five six seven\n", "", "eight\n"]
+    assert sources.rows_to_documents(rows) == ["one two three\nfour\n", "five six seven\n", "eight\n"]
+    monkeypatch.setattr(sources, "MAX_JOINED_CHARS", 1 << 20)
+    assert sources.rows_to_documents(rows) == ["one two three\nfour\n\nfive six seven\n\neight\n"]
