@@ -85,9 +85,9 @@ def test_report_has_every_figure_with_the_base_at_1x(models, text_file, tmp_path
     assert serving["serving_peak_bytes"] >= serving["serving_bytes"] >= serving["kv_cache_bytes"]
     assert base["figures"]["serving_mb"]["value"] == pytest.approx(serving["serving_bytes"] / 2**20)
     assert "Serving MB: resident memory (RSS) of a fresh process holding the model in slimlm's engine" in md
-    assert base["figures"]["batch1_tok_s"]["value"] > 0
-    # Decoding alone (1 / TPOT) runs faster than the same request timed with its prefill.
-    assert base["figures"]["batch1_decode_tok_s"]["value"] > base["figures"]["batch1_tok_s"]["value"]
+    # Both batch-1 figures are measured (which is faster is a timing, for benchmarks: with 3 new tokens one stall of
+    # a loaded machine in a decode step can make 1 / TPOT the slower)
+    assert base["figures"]["batch1_tok_s"]["value"] > 0 and base["figures"]["batch1_decode_tok_s"]["value"] > 0
     assert 1.0 < base["figures"]["ppl:held_out.txt"]["value"] < 400  # a random byte model is near-uniform
     assert set(report["pareto"]["front"]) <= {"base", "small"} and report["pareto"]["front"]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
