@@ -78,6 +78,7 @@ def exits_to_evaluate(args, model):
     from slimlm.toolkit.early_exit import load_exits, read_exit_spec
     from slimlm.toolkit.models import resolve
 
+    exported = resolve(args.model).kind == "export" and read_exit_spec(args.model, verify=False)
     if args.exits:
         try:
             layers = [int(e) for e in args.exits.split(",") if e.strip()]
@@ -86,13 +87,12 @@ def exits_to_evaluate(args, model):
         n = model.config.num_hidden_layers
         if not layers or not all(1 <= e <= n for e in layers):
             raise SlimlmError(f"--exits {args.exits!r}: layers must be in 1..{n} (the model has {n} layers).")
-        spec = resolve(args.model).kind == "export" and read_exit_spec(args.model, verify=False)
-        if spec and spec.norm != "shared":
+        if exported and exported.norm != "shared":
             print(f"slimlm eval: --exits reads layers {args.exits} through the shared final norm, not this export's "
-                  f"trained exits ({spec.norm} norm, layers {','.join(map(str, spec.layers))}); leave --exits out to "
-                  "evaluate those.", file=sys.stderr)
+                  f"trained exits ({exported.norm} norm, layers {','.join(map(str, exported.layers))}); leave --exits "
+                  "out to evaluate those.", file=sys.stderr)
         return layers
-    if resolve(args.model).kind == "export" and read_exit_spec(args.model, verify=False):
+    if exported:
         return load_exits(args.model, model, verify=False)
     return None
 
@@ -442,7 +442,7 @@ def run_serve(args) -> int:
     from rich.console import Console
 
     from slimlm.serve.api import serve
-    from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+    from slimlm.serve.engine.engine import ContextTooLong, EngineConfig, LLMEngine
     from slimlm.toolkit.models import load, resolve
 
     if not 0 < args.port < 65536 or args.max_num_seqs < 1 or args.kv_cache_gb <= 0 or args.max_queue < 1:
@@ -463,7 +463,7 @@ def run_serve(args) -> int:
         engine = LLMEngine(hf_model, tokenizer, config, model_name=args.served_model_name or args.model)
     except ValueError as err:  # e.g. --max-model-len past the model's context or sliding window
         raise SlimlmError(f"cannot serve {args.model}: {err}", "Pass a smaller --max-model-len (default: the model's "
-                          "context, at most 4096)." if "max_model_len" in str(err) else None) from err
+                          "context, at most 4096)." if isinstance(err, ContextTooLong) else None) from err
     del hf_model  # the engine holds its own form of the weights: the loaded model would double the memory served
     trim_heap()  # and its pages go back to the system
     asked = engine._blocks_for(args.kv_cache_gb)

@@ -391,7 +391,7 @@ def speed_prompts(tokenizer, settings: dict, n: int) -> list[list[int]]:
 def _engine(spec: str, settings: dict, plan: dict | None = None):
     """`spec` loaded into slimlm's serving engine, with a KV cache just large enough for the benchmark, drafting
     from an exit or a draft model where `plan` (`speculation_plan`) says so."""
-    from slimlm.serve.engine.engine import EngineConfig, LLMEngine
+    from slimlm.serve.engine.engine import ContextTooLong, EngineConfig, LLMEngine
     from slimlm.serve.engine.speculative import SpeculativeConfig
     from slimlm.toolkit.early_exit import draft_weights, read_exit_spec
     from slimlm.toolkit.models import load
@@ -422,10 +422,8 @@ def _engine(spec: str, settings: dict, plan: dict | None = None):
     try:
         return LLMEngine(hf_model, tokenizer, config, model_name=spec)
     except ValueError as err:
-        # the model's context or attention window is shorter than prompt + new tokens
-        window = "max_model_len" in str(err)
-        raise SlimlmError(f"cannot serve {spec}: {err}",
-                          "Lower --prompt-len and --gen-len to fit it." if window else
+        raise SlimlmError(f"cannot serve {spec}: {err}",  # a context or window shorter than prompt + new tokens:
+                          "Lower --prompt-len and --gen-len to fit it." if isinstance(err, ContextTooLong) else
                           "Pass --speculative off to measure it plainly." if plan else None) from err
 
 

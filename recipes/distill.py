@@ -123,7 +123,7 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise SlimlmError(f"{name} must be at least 1, got {getattr(self, name)}.")
         T.check_schedule(self)
-        T.check_loss(self, "loss.")
+        T.check_loss(self, "loss.temperature", "loss.chunk_size")
         loss, seq = self.loss, self.sequence  # sections a mode does not read are checked too: a bad value is a typo
         T.refuse_bad_values(self, (
             ("loss.skew", 0 <= loss.skew <= 1, "in [0, 1] (a mixing weight)"),

@@ -117,7 +117,7 @@ class EarlyExitConfig:
         if self.lens_fit_blocks < 0 or self.lens_ridge < 0:
             raise SlimlmError(f"lens_fit_blocks and lens_ridge must be >= 0, got {self.lens_fit_blocks} and "
                               f"{self.lens_ridge}.")
-        T.check_loss(self, "", temperature="kd_temperature")
+        T.check_loss(self, "kd_temperature", "chunk_size")
         T.refuse_bad_values(self, (
             ("exit_weights", self.exit_weights is None or all(w >= 0 for w in self.exit_weights), "weights >= 0"),
             ("final_weight", self.final_weight >= 0, ">= 0"), ("kd_weight", self.kd_weight >= 0, ">= 0"),

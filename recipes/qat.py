@@ -145,7 +145,7 @@ class QATConfig:
         if self.eval_windows < 0 or self.eval_window < 2:
             raise SlimlmError(f"eval_windows must be >= 0 (0: no evaluation) and eval_window >= 2 tokens, got "
                               f"eval_windows={self.eval_windows}, eval_window={self.eval_window}.")
-        T.check_loss(self, "loss.")
+        T.check_loss(self, "loss.temperature", "loss.chunk_size")
         if not self.calibration.damp > 0:
             raise SlimlmError(f"calibration.damp must be > 0, got {self.calibration.damp}.")
 

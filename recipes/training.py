@@ -123,21 +123,21 @@ def refuse_bad_values(config, checks) -> None:
     bad value stops the run before any model loads."""
     for name, ok, expected in checks:
         if not ok:
-            value = config
-            for part in name.split("."):
-                value = getattr(value, part)
-            raise SlimlmError(f"{name} must be {expected}, got {value!r}.")
+            raise SlimlmError(f"{name} must be {expected}, got {setting(config, name)!r}.")
 
 
-def check_loss(config, prefix: str, temperature: str = "temperature") -> None:
-    """The loss settings the recipes share: `temperature` (> 0) and `chunk_size` (null or >= 1) of the section
-    `prefix` ("loss." or "" for top-level keys)."""
-    section = config
-    for part in prefix.strip(".").split(".") if prefix else ():
-        section = getattr(section, part)
-    refuse_bad_values(config, ((prefix + temperature, getattr(section, temperature) > 0, "> 0 (1.0 is the usual choice)"),
-                               (prefix + "chunk_size", section.chunk_size is None or section.chunk_size >= 1,
-                                ">= 1 tokens, or null for the whole batch at once")))
+def setting(config, key: str):
+    """The value of `key` in a config, dotted for a section's ("loss.temperature")."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def check_loss(config, temperature: str, chunk_size: str) -> None:
+    """The loss settings the recipes share, by their keys: a temperature (> 0) and a chunk size (null or >= 1)."""
+    t, c = setting(config, temperature), setting(config, chunk_size)
+    refuse_bad_values(config, ((temperature, t > 0, "> 0 (1.0 is the usual choice)"),
+                               (chunk_size, c is None or c >= 1, ">= 1 tokens, or null for the whole batch at once")))
 
 
 def check_schedule(config) -> None:
@@ -222,9 +222,10 @@ def eval_text(config) -> tuple[str, str, bool]:
     """`(source, split, held_out)` of a recipe's evaluation text: `eval_data`, else the validation split of built-in
     and hub data. A local file has no split of its own: without `eval_data` that is the training text itself; nor
     has a hub spec that names its split (`hf:id:config:train`), which that split always reads."""
+    from slimlm.toolkit.data import parse_hub_spec
+
     def read_split(spec: str, split: str) -> str:
-        parts = spec[len("hf:"):].split(":") if spec.startswith("hf:") else []
-        return parts[2] if len(parts) > 2 and parts[2] else split
+        return (spec.startswith("hf:") and parse_hub_spec(spec)[2]) or split
 
     source = config.eval_data or config.data
     split = read_split(source, "validation" if source.startswith(("builtin:", "hf:")) else config.data_split)

@@ -30,6 +30,10 @@ from .ngram_speculative import NgramSpeculator
 from .speculative import SelfSpeculator, SpeculativeConfig
 
 
+class ContextTooLong(ValueError):
+    """A max_model_len past what the model serves right: its context, or its sliding window."""
+
+
 @dataclass
 class EngineConfig:
     """Engine limits. `num_blocks` None: as many KV blocks as `kv_cache_gb` holds (at least enough
@@ -92,14 +96,14 @@ class LLMEngine:
         longest = int(ctx * rope["factor"]) if linear else ctx  # as vLLM reads it
         if (config.max_model_len or 0) > longest:
             source = f"max_position_embeddings {ctx} times its linear RoPE factor" if linear else "max_position_embeddings"
-            raise ValueError(f"max_model_len {config.max_model_len} is past this model's context of {longest} "
-                             f"tokens ({source} in its config): positions past it were never trained and its output "
-                             f"there is not to be trusted; use a max model length of at most {longest}")
+            raise ContextTooLong(f"max_model_len {config.max_model_len} is past this model's context of {longest} "
+                                 f"tokens ({source} in its config): positions past it were never trained and its "
+                                 f"output there is not to be trusted; use a max model length of at most {longest}")
         window = self.model.args.sliding_window  # attention here is over the whole context: the same up to it
         if window is not None and (config.max_model_len or 0) > window:
-            raise ValueError(f"max_model_len {config.max_model_len} is past this model's sliding window of {window} "
-                             "tokens; slimlm's runtime attends to the whole context, which gives the model's output "
-                             f"only up to the window: use a max model length of at most {window}")
+            raise ContextTooLong(f"max_model_len {config.max_model_len} is past this model's sliding window of "
+                                 f"{window} tokens; slimlm's runtime attends to the whole context, which gives the "
+                                 f"model's output only up to the window: use a max model length of at most {window}")
         self.max_model_len = config.max_model_len or min(ctx, 4096, window or ctx)
         config.max_model_len = self.max_model_len
         num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_gb)

@@ -9,6 +9,6 @@
 """
 from .builtin import BUILTIN_CORPORA, BuiltinCorpus
 from .packing import calibration_samples, pack, token_stream
-from .sources import check_source, load_texts
+from .sources import check_source, load_texts, parse_hub_spec
 
-__all__ = ["BUILTIN_CORPORA", "BuiltinCorpus", "calibration_samples", "check_source", "load_texts", "pack", "token_stream"]
+__all__ = ["BUILTIN_CORPORA", "BuiltinCorpus", "calibration_samples", "check_source", "load_texts", "pack", "parse_hub_spec", "token_stream"]

@@ -52,7 +52,7 @@ def check_source(spec: str) -> None:
     if spec.startswith("builtin:"):
         check_builtin_name(spec[len("builtin:"):])
     elif spec.startswith("hf:"):
-        _parse_hub(spec)
+        parse_hub_spec(spec)
         import importlib.util
 
         if importlib.util.find_spec("datasets") is None:
@@ -191,7 +191,7 @@ def _read_parquet(path: Path) -> list[str]:
 
 # ---------------------------------------------------------------- hub datasets
 
-def _parse_hub(spec: str) -> tuple[str, str | None, str | None]:
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str | None]:
     """hf:<id>[:config][:split] -> (id, config or None, split or None)."""
     parts = spec[len("hf:"):].split(":")
     if len(parts) > 3 or not parts[0]:
@@ -226,7 +226,7 @@ def rows_to_documents(rows: list) -> list[str]:
 
 
 def _load_hub(spec: str, split: str) -> list[str]:
-    name, config, spec_split = _parse_hub(spec)
+    name, config, spec_split = parse_hub_spec(spec)
     split = spec_split or split
     try:
         import datasets
