@@ -281,6 +281,10 @@ def write_sequences(teacher, tokenizer, blocks, seq: SequenceConfig, seed: int, 
 
     if seq.prompt_len >= blocks.shape[1]:
         raise SlimlmError(f"sequence.prompt_len {seq.prompt_len} must be shorter than seq_len {blocks.shape[1]}.")
+    if seq.prompts > len(blocks):
+        print(f"distill: note: sequence.prompts is {seq.prompts} but the data gives {len(blocks)} blocks of "
+              f"seq_len {blocks.shape[1]} tokens; the teacher continues {len(blocks)} prompts (more text, a smaller "
+              "seq_len or a larger max_blocks gives more)", file=sys.stderr)
     prompts = blocks[:seq.prompts, :seq.prompt_len].tolist()
     try:
         llm = LLM(teacher, tokenizer=tokenizer, max_num_seqs=len(prompts),

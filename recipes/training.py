@@ -202,8 +202,11 @@ def check_resume(found: tuple[Path, dict] | None, world: int | None, max_steps: 
                 return {"enabled": False}  # a section switched off: its other settings change nothing
             return settings
 
+        def same(key: str, value):  # auto and ddp write the same single Lightning file (auto is ddp on several)
+            return "auto" if key == "strategy" and value == "ddp" else value
+
         now = json.loads(json.dumps(to_dict(config), default=str))  # as the checkpoint's JSON holds it: lists
-        changed = [k for k in keys if at(found[1]["config"], k) != at(now, k)]
+        changed = [k for k in keys if same(k, at(found[1]["config"], k)) != same(k, at(now, k))]
         if changed:
             was = "; ".join(f"{k}: {at(found[1]['config'], k)!r} there, {at(now, k)!r} now" for k in changed)
             raise SlimlmError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config ({was}).",

@@ -226,7 +226,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        want_prompt = {s.seq.seq_id for s in out.scheduled if s.seq.skip_prefix_cache}
+        # Row t of a chunk predicts position start + t + 1: only chunks before the prompt's last token hold a target.
+        want_prompt = {s.seq.seq_id for s in out.scheduled
+                       if s.seq.skip_prefix_cache and s.start + 1 < s.seq.num_prompt_tokens}
         plan = self.speculator.plan(out, self.block_manager, self.max_model_len) if self.speculator else {}
         started = time.perf_counter()
         if plan:

@@ -437,3 +437,18 @@ def test_sigterm_on_deepspeeds_engine_exits_143_with_a_resume_hint(assets):
     line = next(line for line in err.splitlines() if "stopped by SIGTERM" in line)
     assert line.startswith("distill: stopped by SIGTERM at step ") and "--resume" in line and str(out) in line
     assert not (out / "model").exists()
+
+
+def test_sequence_mode_says_when_the_data_has_fewer_blocks_than_prompts(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from slimlm.recipes.distill import SequenceConfig, write_sequences
+
+    teacher, tok = tiny_model("llama", seed=1)
+    blocks = torch.randint(0, 200, (3, 16), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "rows.safetensors"
+    write_sequences(teacher, tok, blocks, SequenceConfig(prompts=5, prompt_len=8, max_new_tokens=4), 0, path)
+    assert load_file(path)["input_ids"].shape == (3, 12)  # every block the data has, no more
+    assert "sequence.prompts is 5 but the data gives 3 blocks" in capsys.readouterr().err
+    write_sequences(teacher, tok, blocks, SequenceConfig(prompts=2, prompt_len=8, max_new_tokens=4), 0, path)
+    assert load_file(path)["input_ids"].shape == (2, 12) and "note" not in capsys.readouterr().err

@@ -182,10 +182,12 @@ def test_a_resume_refuses_settings_that_decide_what_the_checkpoint_holds(tmp_pat
     for changed, words in ((DistillConfig(lora=LoraConfig(enabled=True, rank=8)), "lora differ"),
                            (DistillConfig(lora=LoraConfig(enabled=True, rank=4), loss=LossConfig(hidden_layers=2)),
                             "loss.hidden_layers differ .*loss.hidden_layers: 0 there, 2 now"),
-                           (DistillConfig(lora=LoraConfig(enabled=True, rank=4), strategy="ddp"),
-                            "strategy differ .*'auto' there, 'ddp' now")):
+                           (DistillConfig(lora=LoraConfig(enabled=True, rank=4), strategy="deepspeed_stage_2"),
+                            "strategy differ .*'auto' there, 'deepspeed_stage_2' now")):
         with pytest.raises(SlimlmError, match=f"cannot resume: {words}"):
             T.check_resume(found, 1, 8, changed, RESUME_KEYS)
+    # auto and ddp write the same Lightning file: either resumes the other
+    T.check_resume(found, 1, 8, DistillConfig(lora=LoraConfig(enabled=True, rank=4), strategy="ddp"), RESUME_KEYS)
     # LoRA off on both sides: its other settings change nothing
     off = (tmp_path, {"global_step": 6, "world_size": 1, "config": to_dict(DistillConfig())})
     T.check_resume(off, 1, 8, DistillConfig(lora=LoraConfig(rank=8)), RESUME_KEYS)

@@ -161,6 +161,25 @@ def test_logprobs_and_prompt_logprobs_match_hf():
         assert out.outputs[0].top_logprobs[i][0][0] == ids[P + i]  # greedy: the chosen token is the best
 
 
+def test_prompt_logprobs_are_computed_for_prompt_chunks_only():
+    """A request asking for prompt logprobs computed the LM head over every row of every step of its life (and
+    kept decode steps off the CUDA-graph path), its output tokens' rows included, then threw those rows away."""
+    model, tok = make()
+    prompt = "the quick brown fox jumps over the lazy dog " * 3
+    params = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0, ignore_eos=True)
+    whole = LLM(model, tok).generate(prompt, params)[0]
+    llm = LLM(model, tok, max_num_batched_tokens=8, max_num_seqs=4, block_size=4)  # the prompt in chunks of 8
+    asked = []
+    execute = llm.engine.runner.execute
+    llm.engine.runner.execute = lambda out, want=frozenset(): asked.append(bool(want)) or execute(out, want)
+    chunked = llm.generate(prompt, params)[0]
+    P = len(whole.prompt_token_ids)
+    assert asked == [True] * -(-P // 8) + [False] * 5  # the prompt's steps, then 5 decode steps asking nothing
+    assert chunked.prompt_logprobs[0] is None
+    assert chunked.prompt_logprobs[1:] == pytest.approx(whole.prompt_logprobs[1:], abs=1e-4)
+    assert chunked.outputs[0].token_ids == whole.outputs[0].token_ids
+
+
 def test_n_completions_with_a_seed_are_reproducible_and_distinct():
     model, tok = make()
     llm = LLM(model, tok)
