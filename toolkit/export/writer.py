@@ -113,8 +113,18 @@ def _check_extra(extra: dict | None) -> dict:
 
 
 def _write_extra(folder: Path, extra: dict) -> None:
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if extra and single.is_file() and not index.exists():
+        # vLLM and SGLang load every *.safetensors of a folder without an index (and refuse tensors their model
+        # lacks); with one they load only the files it lists. transformers prefers model.safetensors to it.
+        with safe_open(str(single), "pt") as fh:
+            names = sorted(fh.keys())
+        index.write_text(json.dumps({"metadata": {"total_size": single.stat().st_size},
+                                     "weight_map": {k: single.name for k in names}}, indent=2) + "\n",
+                         encoding="utf-8")
     for name, tensors in extra.items():
         if (folder / name).exists():  # e.g. a model class that saves under an unusual name
             raise SlimlmError(f"extra tensor file {name} collides with a file the model itself wrote.",

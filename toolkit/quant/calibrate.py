@@ -86,7 +86,22 @@ def target_linears(model, scheme: QuantScheme) -> dict[str, nn.Linear]:
     if not found:
         raise SlimlmError("no linear layer is left to quantize (all matched a skip pattern).",
                           f"Skip patterns in use: {', '.join(scheme.skip) or 'none'}.")
+    for i, layer in enumerate(layers):
+        for group in FUSED_GROUPS:
+            names = [f"{prefix}.{i}.{sub}" for sub, m in layer.named_modules()
+                     if isinstance(m, nn.Linear) and sub.rsplit(".", 1)[-1] in group]
+            kept = [n for n in names if n not in found]
+            if kept and len(kept) < len(names):
+                raise SlimlmError(
+                    f"the skip patterns keep {', '.join(kept)} in full precision but quantize the rest of "
+                    f"{'/'.join(group)}: vLLM, SGLang and TGI run those as one fused layer, all quantized or none.",
+                    f"Skip all of {'/'.join(group)} of that layer or none (skip patterns in use: "
+                    f"{', '.join(scheme.skip)}).")
     return found
+
+
+# Linears that serving engines fuse into one (qkv_proj, gate_up_proj): one precision for all of a group.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def default_compute_dtype(device: torch.device | str = "cpu", cpu_flags: set[str] | None = None) -> torch.dtype:

@@ -115,11 +115,15 @@ def pack_layer(qw: QuantizedWeight, scheme: QuantScheme) -> dict[str, torch.Tens
             "g_idx": qw.g_idx.to(torch.int32).clone()}  # own storage: safetensors refuses shared tensors
 
 
-def quantization_config(scheme: QuantScheme, skipped: list[str] = (), head: QuantScheme | None = None) -> dict:
+def quantization_config(scheme: QuantScheme, skipped: list[str] = (), head: QuantScheme | None = None,
+                        quantized: list[str] = ()) -> dict:
     """The `quantization_config` written to config.json.
 
     Linears inside the decoder layers that a skip pattern kept in full precision are listed under
-    gptqmodel's `dynamic` key as negative matches (`"-:<regex>"`), which vLLM and gptqmodel honour.
+    gptqmodel's `dynamic` key as negative matches (`"-:<regex>"`), which vLLM and gptqmodel honour, and
+    the `quantized` ones (the LM head too, if quantized) under `modules_in_block_to_quantize`, which
+    transformers (through optimum) needs to leave the others dense, and vLLM reads instead of scanning
+    the weight files for packed tensors.
     A quantized LM head (`head`: its scheme) sets `lm_head: true`; where its bits or group size differ
     from the body's, a positive match `"+:^lm_head$"` gives them (vLLM applies such overrides per module).
     """
@@ -131,6 +135,8 @@ def quantization_config(scheme: QuantScheme, skipped: list[str] = (), head: Quan
         dynamic[f"+:^{HEAD_NAME}$"] = {"bits": head.bits, "group_size": head.group_size}
     if dynamic:
         config["dynamic"] = dynamic
+    if skipped and quantized:
+        config["modules_in_block_to_quantize"] = [sorted(quantized) + ([HEAD_NAME] if head is not None else [])]
     return config
 
 
@@ -180,7 +186,7 @@ def save_gptq(model, tokenizer, quantized_state: dict[str, QuantizedWeight], sch
     skipped = sorted(name for name, module in model.named_modules()
                      if name.startswith(prefix + ".") and isinstance(module, torch.nn.Linear)
                      and name not in quantized_state)
-    qconfig = quantization_config(scheme, skipped, lm_head_scheme)
+    qconfig = quantization_config(scheme, skipped, lm_head_scheme, list(quantized_state))
     state = gptq_state_dict(model, quantized_state, scheme, lm_head_scheme)
     meta = dict(meta or {})
     transforms = dict(meta.get("transforms") or {})

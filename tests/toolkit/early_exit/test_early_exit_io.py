@@ -109,6 +109,15 @@ def test_writer_writes_and_hashes_extra_tensors(tmp_path):
     out = write(model, tok, tmp_path / "m", extra_tensors={"extra.safetensors": {"a": torch.arange(3.0)}})
     assert torch.equal(load_file(str(out / "extra.safetensors"))["a"], torch.arange(3.0))
     assert "extra.safetensors" in read(out).files
+    # vLLM and SGLang load every *.safetensors of a folder without an index, and refuse tensors the model lacks:
+    # an index lists the model's own file only (transformers prefers model.safetensors to it)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model.safetensors"}
+    assert set(index["weight_map"]) == set(load_file(str(out / "model.safetensors")))
+    assert "model.safetensors.index.json" in read(out).files  # hashed like the weights
+    again = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    assert not (write(model, tok, tmp_path / "plain") / "model.safetensors.index.json").exists()
     with pytest.raises(SlimlmError, match="tensor"):
         write(model, tok, tmp_path / "n", extra_tensors={"extra.safetensors": {"a": [1, 2]}})
 

@@ -166,6 +166,17 @@ def test_skipped_decoder_linears_are_listed_as_dynamic_exclusions(tmp_path):
     files = load_file(out / "model.safetensors")
     assert files["model.layers.1.mlp.down_proj.weight"].dtype == torch.float16
     assert "model.layers.0.mlp.down_proj.qweight" in files
+    # transformers (optimum) replaces only the block linears whose names end with a listed one; vLLM reads the list
+    # instead of scanning the files: the list is exactly the packed linears
+    packed = {k.removesuffix(".qweight") for k in files if k.endswith(".qweight")}
+    (listed,) = qc["modules_in_block_to_quantize"]
+    assert set(listed) == packed and len(packed) == 13
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    assert {n for n in linears if any(n.endswith(x) for x in listed)} == packed
+    every, _ = tiny_model("llama", seed=4)
+    scheme = QuantScheme(group_size=32)
+    plain = save_gptq(every, tok, quantize_model(every, scheme, "rtn"), scheme, tmp_path / "p")
+    assert "modules_in_block_to_quantize" not in json.loads((plain / "config.json").read_text())["quantization_config"]
 
 
 def test_load_refuses_a_plain_folder(tmp_path):
