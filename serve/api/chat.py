@@ -90,7 +90,7 @@ def _render(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
     except Exception as exc:  # the template's own checks (role order, ...) speak for the client
         raise APIError(400, f"the chat template could not render these messages: {exc}",
                        param="messages") from exc
-    return ctx.encode(text, add_special_tokens=False)
+    return ctx.encode(text, add_special_tokens=False, param="messages")
 
 
 class _View:
@@ -126,11 +126,14 @@ class _View:
     def _chunk(self, choices: list, usage_block: dict | None = None) -> str:
         chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                  "model": self.ctx.model_name, "choices": choices}
-        if usage_block is not None:
+        if usage_block is not None or self.include_usage:  # OpenAI: null in every chunk before the last
             chunk["usage"] = usage_block
         return sse(chunk)
 
+    include_usage = False
+
     async def events(self, batch, include_usage: bool):
+        self.include_usage = include_usage
         sent_chars: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         done: set[int] = set()

@@ -97,9 +97,15 @@ class ServerContext:
         """One token as logprob listings name it: its text, or `bytes:\\xNN...` where it holds part of a character."""
         return token_text(self.token_bytes(tid))
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         """Tokenize off the event loop's thread; one at a time, because a fast tokenizer shared by
         threads can fail with "Already borrowed" when encodes overlap."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON's "\ud83c" alone: valid JSON, no text (the tokenizer's TypeError)
+            raise APIError(400, f"{param} holds an unpaired UTF-16 surrogate (U+{ord(text[exc.start]):04X}) at "
+                                f"character {exc.start}; \\uD800-\\uDFFF escapes must come in pairs",
+                           param=param) from exc
         with self._encode_lock:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
@@ -173,6 +179,8 @@ def make_params(body, max_tokens: int, logprobs: int | None, prompt_logprobs: in
     """SamplingParams from the request; its ValueError (a bad value) becomes a 400 naming it."""
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed together with stream: true", param="stream_options")
     kw = dict(max_tokens=max_tokens, stop=stop_list(body.stop), logprobs=logprobs,
               prompt_logprobs=prompt_logprobs)
     for name in ("temperature", "top_p", "top_k", "min_p", "n", "seed", "presence_penalty",

@@ -138,12 +138,15 @@ class _View:
     def _chunk(self, choices: list, usage_block: dict | None = None) -> dict:
         chunk = {"id": self.id, "object": "text_completion", "created": self.created,
                  "model": self.ctx.model_name, "choices": choices}
-        if usage_block is not None:
+        if usage_block is not None or self.include_usage:  # OpenAI: null in every chunk before the last
             chunk["usage"] = usage_block
         return chunk
 
+    include_usage = False
+
     async def events(self, batch, include_usage: bool):
         """Stream chunks: each carries the text (and logprobs) new since the previous one."""
+        self.include_usage = include_usage
         sent_chars: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         next_offset: dict[int, int] = {}  # text_offset of the next token's first character

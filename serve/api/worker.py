@@ -26,6 +26,7 @@ from .metrics import Metrics
 log = logging.getLogger("slimlm.serve.api")
 
 ACCEPTED = "accepted"  # first item on a request's queue once the engine took it
+NEWEST = "newest"  # on a request's queue in place of an unfinished output: read `Batch.newest[index]`
 
 
 class QueueFull(Exception):
@@ -46,15 +47,31 @@ class Batch:
     def __init__(self, worker: "EngineWorker", request_ids: list[str], loop: asyncio.AbstractEventLoop):
         self.worker, self.request_ids, self.loop = worker, request_ids, loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.newest: dict[int, RequestOutput] = {}  # per prompt, the unfinished output its reader has not taken
         self.arrival = time.perf_counter()
         self.unfinished = set(range(len(request_ids)))
         self._early: list = []  # outputs read while waiting for acknowledgements, in order
+
+    def offer(self, index: int, item) -> None:
+        """Queue `item` (on the loop's thread). An unfinished output replaces the one its reader has not taken
+        yet: outputs are cumulative, so a reader that fell behind (a stream whose client stopped reading) gets
+        the newest, and what waits for it stays one output per prompt, not one per engine step."""
+        if isinstance(item, RequestOutput) and not item.finished:
+            if index not in self.newest:
+                self.queue.put_nowait((index, NEWEST))
+            self.newest[index] = item
+        else:
+            self.queue.put_nowait((index, item))
+
+    async def _get(self) -> tuple[int, object]:
+        index, item = await self.queue.get()
+        return (index, self.newest.pop(index)) if item == NEWEST else (index, item)
 
     async def accepted(self) -> None:
         """Wait until the engine took every request; re-raise the first refusal (ValueError)."""
         waiting = set(self.unfinished)
         while waiting:
-            index, item = await self.queue.get()
+            index, item = await self._get()
             if isinstance(item, BaseException):
                 raise item
             if item == ACCEPTED:
@@ -65,7 +82,7 @@ class Batch:
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yield `(prompt index, output)` until every request finished."""
         while self.unfinished:
-            index, item = self._early.pop(0) if self._early else await self.queue.get()
+            index, item = self._early.pop(0) if self._early else await self._get()
             if isinstance(item, BaseException):
                 raise item
             if item == ACCEPTED:
@@ -236,7 +253,7 @@ class EngineWorker:
 
     def _send(self, batch: Batch, index: int, item) -> None:
         try:
-            batch.loop.call_soon_threadsafe(batch.queue.put_nowait, (index, item))
+            batch.loop.call_soon_threadsafe(batch.offer, index, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 

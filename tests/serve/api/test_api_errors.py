@@ -71,6 +71,12 @@ BAD = [
     ("best_of above n", C, {"prompt": "x", "best_of": 3}, 400),
     ("too many prompts", C, {"prompt": ["x"] * 300}, 400),
     ("body too large", C, {"prompt": "x" * (5 * 2**20)}, 413),
+    # valid JSON, but no text: the tokenizer's TypeError was a 500, which the openai client retries
+    ("unpaired surrogate in the prompt", C, b'{"prompt": "hi \\ud83c there"}', 400),
+    ("unpaired surrogate in a prompt list", C, b'{"prompt": ["ok", "\\udfff"]}', 400),
+    ("unpaired surrogate in a message", CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', 400),
+    ("stream_options without stream", C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400),
+    ("chat stream_options without stream", CHAT, {"messages": MSG, "stream_options": {"include_usage": False}}, 400),
 ]
 
 
@@ -118,6 +124,13 @@ def test_error_messages_name_the_problem(shared_fake):
     assert r["message"].endswith("got an array whose item 0 is not valid: Input should be a valid string")
     r = _send(server.url + C, {"prompt": [[1, 2], [3, "a"]]}).json()["error"]  # the form read furthest names it
     assert r["message"].endswith("got an array whose item 1.1 is not valid: Input should be a valid integer")
+    r = _send(server.url + C, b'{"prompt": "hi \\ud83c there"}').json()["error"]
+    assert r["param"] == "prompt" and r["message"].startswith("prompt holds an unpaired UTF-16 surrogate (U+D83C) at "
+                                                              "character 3")
+    r = _send(server.url + CHAT, b'{"messages": [{"role": "user", "content": "\\udc00"}]}').json()["error"]
+    assert r["param"] == "messages" and "(U+DC00)" in r["message"]
+    r = _send(server.url + C, b'{"prompt": "a \\ud83c\\udf89 pair"}')  # a pair is one character: fine
+    assert r.status_code == 200
     r = _send(server.url + C, {"model": "gpt-4", "prompt": "x"}).json()["error"]
     assert r["code"] == "model_not_found" and "fake-model" in r["message"]
     r = httpx.get(server.url + "/v1/nothing-here")

@@ -79,6 +79,7 @@ def test_completion_stream(shared_fake):
     assert text == {0: "abcd", 1: "bcde"}
     assert sorted(ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason) == ["length"] * 2
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert all(c.usage is None and "usage" in c.model_fields_set for c in chunks[:-1])  # OpenAI: null before the last
 
 
 def test_stream_ends_with_done(shared_fake):
@@ -165,6 +166,10 @@ def test_chat_stream_role_first(shared_fake):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "abcde"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 5
+    assert all(c.usage is None and "usage" in c.model_fields_set for c in chunks[:-1])
+    plain = list(_client(server).chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True))
+    assert not any("usage" in c.model_fields_set for c in plain)  # not asked for: no usage key at all
 
 
 def test_chat_logprobs(shared_fake):
