@@ -32,9 +32,15 @@ def tensor_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+# Hashed beside the tensor files: what the weights compute depends on it (layers, rope, norms, quantization).
+# Manifests written before it was hashed do not list it, and are read as they were.
+CONFIG_NAME = "config.json"
+
+
 def describe_files(folder: Path) -> dict[str, dict]:
-    """`{name: {"sha256": hex, "bytes": size}}` for every tensor file in `folder`."""
-    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in tensor_files(folder)}
+    """`{name: {"sha256": hex, "bytes": size}}` for every tensor file in `folder`, and its config.json."""
+    files = tensor_files(folder) + [p for p in [folder / CONFIG_NAME] if p.is_file()]
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(files)}
 
 
 def verify_files(folder: Path, files: dict[str, dict], hashes: bool = True) -> None:
@@ -45,6 +51,8 @@ def verify_files(folder: Path, files: dict[str, dict], hashes: bool = True) -> N
     `model.safetensors` needs no index), so weights nobody hashed could slip in.
     """
     redo = "Re-export the model to get a complete, verified folder."
+    edited = ("config.json decides what the weights compute; restore it, or re-export the model with the change "
+              "(a folder without slimlm.json loads as a plain, unverified HF folder).")
     for name, entry in files.items():
         path = folder / name
         if not path.is_file():
@@ -53,7 +61,8 @@ def verify_files(folder: Path, files: dict[str, dict], hashes: bool = True) -> N
         if size != entry["bytes"]:
             raise SlimlmError(
                 f"{path} has {size} bytes, but the export manifest says {entry['bytes']} "
-                "(truncated or replaced after export).", redo)
+                f"({'edited' if name == CONFIG_NAME else 'truncated or replaced'} after export).",
+                edited if name == CONFIG_NAME else redo)
     unlisted = [p.name for p in tensor_files(folder) if p.name not in files]
     if unlisted:
         raise SlimlmError(
@@ -65,4 +74,4 @@ def verify_files(folder: Path, files: dict[str, dict], hashes: bool = True) -> N
         if sha256_file(folder / name) != entry["sha256"]:
             raise SlimlmError(
                 f"{folder / name} does not match its sha256 in the export manifest "
-                "(it was altered after export).", redo)
+                "(it was altered after export).", edited if name == CONFIG_NAME else redo)

@@ -28,7 +28,7 @@ def test_round_trip_is_exact(tmp_path, arch):
 
     manifest = read(out)
     assert manifest.format_version == FORMAT_VERSION
-    assert set(manifest.files) == {"model.safetensors"}
+    assert set(manifest.files) == {"model.safetensors", "config.json"}  # config.json decides what they compute
     entry = manifest.files["model.safetensors"]
     assert entry == {"sha256": sha256_file(out / "model.safetensors"),
                      "bytes": (out / "model.safetensors").stat().st_size}
@@ -75,7 +75,7 @@ def test_sharded_export_lists_every_shard_and_the_index(tmp_path):
     manifest = read(out)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 1
-    assert set(manifest.files) == set(shards) | {"model.safetensors.index.json"}
+    assert set(manifest.files) == set(shards) | {"model.safetensors.index.json", "config.json"}
     loaded = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 2, 3, 250]])
     with torch.no_grad():

@@ -77,6 +77,23 @@ def test_a_method_slimlm_does_not_read_is_named(hf_dir, method, unread):
         load(str(path))  # transformers fails on each here (a format, a library, weights it leaves unread)
 
 
+def test_weights_the_config_has_no_layer_for_are_refused(hf_dir):
+    """A config.json with fewer layers than the weights loaded without a word: transformers drops the rest."""
+    import json
+
+    path, model = hf_dir
+    config = json.loads((path / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    config["num_hidden_layers"] = layers - 1
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlimlmError, match=f"(?s)holds \\d+ decoder-layer weight.*layers\\.{layers - 1}\\..*"
+                                          f"num_hidden_layers={layers - 1}.*config.json does not belong"):
+        load(str(path))
+    config["num_hidden_layers"] = layers
+    (path / "config.json").write_text(json.dumps(config))
+    assert load(str(path))[0].config.num_hidden_layers == layers
+
+
 def test_a_device_this_torch_lacks_is_refused_before_loading(hf_dir):
     path, _ = hf_dir
     with pytest.raises(SlimlmError, match="'nodevice' is not a device torch knows"):

@@ -387,11 +387,19 @@ def test_a_one_group_layer_without_g_idx_reads_in_any_order(tmp_path):
 
 
 def test_an_exports_config_edited_after_export_is_refused(tmp_path):
-    """The manifest hashes the tensor files, not config.json: an edit of its quantization_config that changes how
-    the codes are read (gptq -> gptq_v2 shifts every zero point by one) is refused against the manifest."""
+    """An edit of config.json's quantization_config that changes how the codes are read (gptq -> gptq_v2 shifts
+    every zero point by one) is refused: by config.json's hash, and where a manifest predates that hash, against
+    the manifest's quant entry."""
     out, folder = _other_tools_folder(
         tmp_path, keep_manifest=True,
         edit=lambda t, c, f: c["quantization_config"].update(checkpoint_format="gptq_v2"))
+    with pytest.raises(SlimlmError, match="config.json has \\d+ bytes.*edited after export"):
+        read(folder)
+    with pytest.raises(SlimlmError, match="config.json"):
+        load_gptq(folder)
+    manifest = json.loads((folder / "slimlm.json").read_text())
+    del manifest["files"]["config.json"]  # as manifests were written before config.json was hashed
+    (folder / "slimlm.json").write_text(json.dumps(manifest))
     assert read(folder)  # the tensor files are untouched
     with pytest.raises(SlimlmError, match="checkpoint_format: 'gptq_v2' where the manifest says 'gptq'"):
         load_gptq(folder)
@@ -414,4 +422,4 @@ def test_a_tied_config_with_a_quantized_head_is_refused(tmp_path):
     config["tie_word_embeddings"] = True
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(SlimlmError, match="ties the LM head to the input embeddings"):
-        load_gptq(out)
+        load_gptq(out, verify=False)  # (verified, config.json's hash refuses the edit first)
