@@ -234,6 +234,12 @@ def run_prune(args) -> int:
     if off:
         console.print(f"note: {' and '.join(off)} not a multiple of 64: the serving engine's fast bf16 CPU GEMV "
                       "needs multiples of 64 (--multiple 64, and the heads axis so that heads can divide the width).")
+    heads, width = shape_after["num_attention_heads"], shape_after["hidden_size"]
+    if heads * report["head_dim"] != width:
+        console.print(f"note: {heads} heads x head_dim {report['head_dim']} != hidden_size {width}: config.json "
+                      "says head_dim, which transformers and vLLM's Llama read; engines that take the head size as "
+                      "hidden_size / heads (TGI, some vLLM and SGLang model files) cannot load this model. Prune "
+                      "heads and width together (--axes) to keep them equal.")
     goal, got = report["target_params"], report["params_after"]
     if goal and got < 0.9 * goal:  # every axis keeps one shared share: the next larger shape can be far above
         console.print(f"note: the pruned model has {got:,} parameters, {got / goal:.0%} of the target {goal:,}: every "

@@ -46,7 +46,8 @@ def add_quantize(sub) -> None:
     p.add_argument("--quantize-lm-head", choices=["int8", "int4"], default=None,
                    help="also quantize the LM head (RTN, the body's group size; untied from the embeddings, which "
                         "stay dense): int8 is near lossless (+0.09%% perplexity on SmolLM2), int4 costs ~13%%. "
-                        "Written as GPTQ `lm_head: true`, so every engine serves the smaller head")
+                        "Written as GPTQ `lm_head: true`: slimlm, vLLM, SGLang and GPTQModel serve the smaller "
+                        "head; transformers (optimum) and TGI expect a dense head and cannot load the folder")
     p.add_argument("--scale-dtype", default="float16", choices=["float16", "fp16", "bfloat16", "bf16"],
                    help="dtype of the stored scales and unquantized tensors (default float16)")
     p.add_argument("--data", default="builtin:wiki",
@@ -155,9 +156,26 @@ def run_quantize(args) -> int:
         table.add_row("change", f"{100 * (after / before - 1):+.1f}%")
     table.add_row("quantized linears", str(len(state)))
     table.add_row(f"{args.method} seconds", f"{seconds:.1f}")
-    table.add_row("checkpoint", f"{out} ({len(manifest.files)} tensor file(s), verified)")
+    tensors = sum(name.endswith(".safetensors") for name in manifest.files)
+    table.add_row("checkpoint", f"{out} ({tensors} tensor file(s), verified)")
     Console().print(table)
+    for line in engine_notes(scheme, head):
+        Console(stderr=True).print(f"note: {line}")
     return 0
+
+
+def engine_notes(scheme, head) -> list[str]:
+    """Where the folder loads beyond slimlm, when that is not everywhere (read from the engines' GPTQ loaders)."""
+    notes = []
+    if not scheme.sym:
+        notes.append("asymmetric: vLLM and SGLang serve it with their plain GPTQ kernel in float16 (their Marlin "
+                     "kernels need --sym), and GPTQModel refuses asymmetric GPTQ v1 folders it did not write."
+                     + (" With --scale-dtype bfloat16, run vLLM or SGLang with --dtype float16." if
+                        scheme.scale_dtype == "bfloat16" else ""))
+    if head is not None:
+        notes.append("the quantized LM head loads in slimlm, vLLM, SGLang and GPTQModel; transformers (optimum) and "
+                     "TGI expect a dense lm_head.weight and cannot load this folder.")
+    return notes
 
 
 def _perplexity(model, tokenizer, args) -> float:

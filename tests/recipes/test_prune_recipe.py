@@ -79,18 +79,21 @@ def test_config_file_with_flag_overrides(setup):
     assert report["params_after"] <= report["params_before"] // 2
 
 
-def test_explicit_shape(setup):
+def test_explicit_shape(setup, capsys):
     out = setup / "out_shape"
     assert main(common(setup) + ["--shape", "layers=2,heads=2,mlp=48", "--eval-windows", "0", "--out", str(out)]) == 0
+    # heads pruned, width kept: TGI and others take the head size as hidden / heads
+    assert "2 heads x head_dim 16 != hidden_size 64" in capsys.readouterr().err.replace("\n", " ")
     config = json.loads((out / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"],
             config["intermediate_size"], config["hidden_size"]) == (2, 2, 1, 48, 64)
 
 
-def test_explicit_shape_with_heads_within_groups(setup):
+def test_explicit_shape_with_heads_within_groups(setup, capsys):
     out = setup / "out_shape_kv"
     shape = ["--shape", "heads=2,kv=2,mlp=64,hidden=32"]
     assert main(common(setup) + shape + ["--eval-windows", "0", "--out", str(out)]) == 0
+    assert "head_dim" not in capsys.readouterr().err  # 2 x 16 = 32: every engine's head size
     config = json.loads((out / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]) == (2, 2, 32)
     assert AutoModelForCausalLM.from_pretrained(out).config.num_attention_heads == 2

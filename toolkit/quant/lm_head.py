@@ -4,7 +4,9 @@ Why: GPTQ tools keep the LM head dense by default, and in a small model with a l
 much of what decode reads per token (SmolLM2-135M: a 49,152 x 576 head, 56 MB in bf16 against ~58 MB for
 all its int4 decoder layers). Written into the checkpoint (`lm_head: true` in `quantization_config`,
 with a `dynamic` override `+:^lm_head$` when its bits or group size differ from the body's, which vLLM
-and gptqmodel read), every engine serves the smaller head, and every evaluation sees its error.
+and gptqmodel read), slimlm, vLLM, SGLang and gptqmodel serve the smaller head, and every evaluation sees its
+error. transformers (through optimum) and TGI expect a dense `lm_head.weight` and cannot load such a folder
+(transformers fills the head with random values): leave the head dense for them.
 
 How: round-to-nearest with the body's group size, symmetry, clipping and scale dtype, at its own bits
 (int8 measured +0.09% perplexity on SmolLM2 through the serving model, int4 +12.9%: docs/benchmarks.md).

@@ -97,3 +97,15 @@ def test_quantize_lm_head_int8_writes_the_head_into_the_checkpoint(tmp_path, cap
     assert len(read_gptq_tensors(out)) == 15  # 14 decoder linears and the head
     loaded, _ = load_gptq(out)
     assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)  # untied, head quantized
+
+
+def test_the_notes_say_where_an_export_does_not_load():
+    from slimlm.recipes.quantize import engine_notes
+    from slimlm.toolkit.quant.scheme import QuantScheme
+
+    assert engine_notes(QuantScheme(sym=True), None) == []
+    (asym,) = engine_notes(QuantScheme(sym=False), None)
+    assert "Marlin kernels need --sym" in asym and "--dtype float16" not in asym
+    assert "--dtype float16" in engine_notes(QuantScheme(sym=False, scale_dtype="bf16"), None)[0]
+    (head,) = engine_notes(QuantScheme(sym=True), QuantScheme(bits=8, group_size=-1, sym=True))
+    assert "transformers (optimum) and TGI" in head
