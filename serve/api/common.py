@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import re
 import threading
 import time
@@ -26,6 +27,8 @@ from slimlm.serve.sampling_params import SamplingParams
 from .metrics import Metrics
 from .protocol import APIError, error_body
 from .worker import Batch, EngineError, EngineWorker, QueueFull
+
+log = logging.getLogger("slimlm.serve.api")
 
 
 def _byte_chars() -> dict[str, int]:
@@ -92,6 +95,10 @@ class ServerContext:
         # One token's bytes, for logprob listings; cached because prompts repeat the same ids.
         self.token_bytes = functools.lru_cache(maxsize=1 << 16)(lambda tid: token_bytes(tok, tid))
         self._encode_lock = threading.Lock()
+        # No token spans more characters than the longest in the vocabulary (a byte-level token's string has a
+        # character per byte; x4 leaves room for normalizers that fold characters), so a text past this many
+        # characters cannot fit the context: refused without tokenizing it (which holds the lock for seconds).
+        self._max_prompt_chars: int | None = None
 
     def piece(self, tid: int) -> str:
         """One token as logprob listings name it: its text, or `bytes:\\xNN...` where it holds part of a character."""
@@ -106,6 +113,13 @@ class ServerContext:
             raise APIError(400, f"{param} holds an unpaired UTF-16 surrogate (U+{ord(text[exc.start]):04X}) at "
                                 f"character {exc.start}; \\uD800-\\uDFFF escapes must come in pairs",
                            param=param) from exc
+        if self._max_prompt_chars is None:
+            longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+            self._max_prompt_chars = 4 * self.max_model_len * longest
+        if len(text) > self._max_prompt_chars:
+            raise APIError(400, f"{param} has {len(text):,} characters, more than this model's maximum context "
+                                f"length of {self.max_model_len} tokens can hold; shorten it", param=param,
+                           code="context_length_exceeded")
         with self._encode_lock:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
@@ -283,8 +297,15 @@ class EventStream(Response):
         async def pump():
             try:
                 await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-                async for chunk in self.events:
-                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                try:
+                    async for chunk in self.events:
+                        await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                except (OSError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # a bug past the 200: said in-band and logged, the stream still ends
+                    log.exception("a stream failed")
+                    tail = stream_error(RuntimeError(f"internal server error ({type(exc).__name__})")) + SSE_DONE
+                    await send({"type": "http.response.body", "body": tail.encode(), "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except OSError:  # the client went away mid-write
                 pass

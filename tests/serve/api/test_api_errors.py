@@ -100,7 +100,7 @@ def test_bad_request_is_4xx_and_server_keeps_serving(shared_fake, name, path, bo
 
 
 def test_error_messages_name_the_problem(shared_fake):
-    _, server = shared_fake
+    engine, server = shared_fake
     r = _send(server.url + C, {"prompt": "x", "temperature": "hot"}).json()["error"]
     assert r["param"] == "temperature" and r["type"] == "invalid_request_error"
     r = _send(server.url + C, {"prompt": "x", "top_p": 1.5}).json()["error"]
@@ -131,6 +131,11 @@ def test_error_messages_name_the_problem(shared_fake):
     assert r["param"] == "messages" and "(U+DC00)" in r["message"]
     r = _send(server.url + C, b'{"prompt": "a \\ud83c\\udf89 pair"}')  # a pair is one character: fine
     assert r.status_code == 200
+    engine.added.clear()
+    r = _send(server.url + C, {"prompt": "ab " * 200_000}).json()["error"]  # refused before it is tokenized
+    assert r["code"] == "context_length_exceeded" and r["message"].startswith("prompt has 600,000 characters")
+    r = _send(server.url + CHAT, {"messages": [{"role": "user", "content": "é" * 400_000}]}).json()["error"]
+    assert r["code"] == "context_length_exceeded" and r["param"] == "messages" and not engine.added
     r = _send(server.url + C, {"model": "gpt-4", "prompt": "x"}).json()["error"]
     assert r["code"] == "model_not_found" and "fake-model" in r["message"]
     r = httpx.get(server.url + "/v1/nothing-here")
