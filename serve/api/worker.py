@@ -207,7 +207,7 @@ class EngineWorker:
                     self._release(rid)
                     continue
                 # ..., first token's time, each completion's finish reason so far
-                self._sinks[rid] = [batch, index, None, [None] * params.n]
+                self._sinks[rid] = [batch, index, None, [None] * params.n, None]  # 4: the prompt's copied fields
                 self._send(batch, index, ACCEPTED)
             else:
                 rid = command[1]
@@ -222,7 +222,7 @@ class EngineWorker:
         sink = self._sinks.get(out.request_id)
         if sink is None:  # aborted by its client between the step's start and now
             return
-        batch, index, first, _ = sink
+        batch, index, first = sink[:3]
         sink[3] = [c.finish_reason for c in out.outputs]
         now = time.perf_counter()
         generated = max((len(c.token_ids) for c in out.outputs), default=0)
@@ -239,10 +239,12 @@ class EngineWorker:
                     self.metrics.tpot.observe((now - first) / (generated - 1))
                 for c in out.outputs:
                     self.metrics.finished.labels(c.finish_reason or "unknown").inc()
-        self._send(batch, index, _snapshot(out))
+        snap = _snapshot(out, sink[4])
+        sink[4] = (snap.prompt_token_ids, snap.prompt_logprobs, snap.prompt_top_logprobs)
+        self._send(batch, index, snap)
 
     def _fail_all(self, exc: Exception) -> None:
-        for rid, (batch, index, _, _) in list(self._sinks.items()):
+        for rid, (batch, index, *_) in list(self._sinks.items()):
             try:
                 self.engine.abort_request(rid)
             except Exception:
@@ -271,14 +273,16 @@ class EngineWorker:
         self.stats = stats
 
 
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """Copy the lists the engine keeps appending to, so the handler reads a stable state."""
+def _snapshot(out: RequestOutput, prompt: tuple | None = None) -> RequestOutput:
+    """Copy the lists the engine keeps appending to, so the handler reads a stable state. The prompt's fields
+    are whole by a request's first output (its prefill is done): `prompt`, the copies an earlier snapshot made
+    of them, are shared instead of copying a long prompt again every step."""
     comps = [dataclasses.replace(
         c, token_ids=list(c.token_ids),
         logprobs=None if c.logprobs is None else list(c.logprobs),
         top_logprobs=None if c.top_logprobs is None else list(c.top_logprobs)) for c in out.outputs]
-    return dataclasses.replace(
-        out, prompt_token_ids=list(out.prompt_token_ids), outputs=comps,
-        prompt_logprobs=None if out.prompt_logprobs is None else list(out.prompt_logprobs),
-        prompt_top_logprobs=None if out.prompt_top_logprobs is None else list(out.prompt_top_logprobs),
-        metrics=dict(out.metrics))
+    ids, lps, tops = prompt or (list(out.prompt_token_ids),
+                                None if out.prompt_logprobs is None else list(out.prompt_logprobs),
+                                None if out.prompt_top_logprobs is None else list(out.prompt_top_logprobs))
+    return dataclasses.replace(out, prompt_token_ids=ids, outputs=comps, prompt_logprobs=lps,
+                               prompt_top_logprobs=tops, metrics=dict(out.metrics))

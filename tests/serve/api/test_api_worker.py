@@ -35,3 +35,20 @@ def test_a_reader_that_falls_behind_holds_one_output_per_prompt_and_gets_the_new
 
     # b's unread output was replaced while a was read; the finished ones come in order, none dropped
     assert asyncio.run(run()) == [(0, 1000, False), (1, 1003, False), (0, 1001, True), (1, 1004, True)]
+
+
+def test_a_snapshot_copies_the_prompt_once_and_the_outputs_every_time():
+    """Every engine step copied each running request's whole prompt (3.2 ms a step for 64 requests of 3k
+    tokens, on the engine's thread)."""
+    from slimlm.serve.api.worker import _snapshot
+
+    out = output("a", 3)
+    out.prompt_logprobs = [None, -1.5]
+    first = _snapshot(out)
+    assert first.prompt_token_ids == [1, 2] and first.prompt_token_ids is not out.prompt_token_ids
+    assert first.prompt_logprobs == [None, -1.5] and first.prompt_logprobs is not out.prompt_logprobs
+    out.outputs[0].token_ids.append(7)
+    second = _snapshot(out, (first.prompt_token_ids, first.prompt_logprobs, first.prompt_top_logprobs))
+    assert second.prompt_token_ids is first.prompt_token_ids and second.prompt_logprobs is first.prompt_logprobs
+    assert second.outputs[0].token_ids == [0, 1, 2, 7] and first.outputs[0].token_ids == [0, 1, 2]
+    assert second.outputs[0].token_ids is not out.outputs[0].token_ids
