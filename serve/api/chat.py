@@ -71,8 +71,9 @@ def _render(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
             parts = []
             for part in content:
                 if part.type != "text" or part.text is None:
-                    raise APIError(400, f"messages[{i}]: only text content parts are supported, got "
-                                        f"{part.type!r}", param=f"messages.{i}.content")
+                    got = f"{part.type!r}" if part.type != "text" else "a text part without `text`"
+                    raise APIError(400, f"messages[{i}]: only text content parts (with their `text`) are "
+                                        f"supported, got {got}", param=f"messages.{i}.content")
                 parts.append(part.text)
             content = "\n".join(parts)
         role = m.role

@@ -89,7 +89,7 @@ def test_top_k_1_is_greedy_and_top_p_tiny_keeps_the_best():
 
 @pytest.mark.parametrize("bad, words", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-    (dict(top_p=1.5), "top_p"), (dict(n=1000), "n must"), (dict(stop=["x"] * 1000), "stop strings"),
+    (dict(top_p=1.5), "top_p"), (dict(n=1000), "n must"), (dict(stop=["x"] * 1000), "stop takes at most 16 strings"),
     (dict(logprobs=99), "logprobs"), (dict(stop=[""]), "non-empty"), (dict(top_k=-5), "top_k"),
 ])
 def test_bad_sampling_params_are_refused(bad, words):

@@ -107,6 +107,10 @@ def test_error_messages_name_the_problem(shared_fake):
     assert "top_p" in r["message"] and r["param"] == "top_p"  # a bad value, checked by SamplingParams
     r = _send(server.url + C, {"prompt": "x", "n": 0}).json()["error"]
     assert r["param"] == "n"
+    r = _send(server.url + C, {"prompt": "x", "stop": ["s"] * 17}).json()["error"]
+    assert r["param"] == "stop" and "at most 16" in r["message"]
+    r = _send(server.url + CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}).json()["error"]
+    assert r["param"] == "messages.0.content" and r["message"].endswith("got a text part without `text`")
     r = _send(server.url + CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}).json()["error"]
     assert r["param"] == "top_logprobs" and r["message"].startswith("top_logprobs must be in [0, 20]")
     r = _send(server.url + CHAT, {"messages": [{"role": "robot", "content": "hi"}]}).json()["error"]
