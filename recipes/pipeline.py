@@ -143,6 +143,33 @@ def _check_override_keys(recipe: Recipe, args: dict, where: str) -> None:
             node = typing.get_type_hints(node)[part]
 
 
+def _check_values(recipe: Recipe, given, where: str) -> None:
+    """The values a variant gives its recipe (its config file's and its `args:`), checked as the recipe checks them
+    before it loads a model: a typo in a later variant's settings must not wait for the earlier variants' work."""
+    import importlib
+
+    module = importlib.import_module(f"slimlm.recipes.{recipe.module}")
+    try:
+        if recipe.verb == "quantize":
+            module.check_args(given)
+        elif recipe.verb == "prune":
+            from slimlm.toolkit.prune import parse_axes, parse_target
+
+            cfg = module.load_config(given)
+            parse_axes(cfg.axes)
+            if cfg.target_params is not None:
+                parse_target(cfg.target_params, 1)
+        else:
+            from slimlm.recipes.config import load_config
+
+            config, args = given
+            fixed = {recipe.model_key: "MODEL", recipe.out_key: "OUT", **({recipe.base_key: "BASE"} if recipe.base_key
+                                                                           else {})}
+            load_config(getattr(module, recipe.config_class), config, _override_args(fixed | args))
+    except SlimlmError as err:
+        raise SlimlmError(f"{where}: {err.what}", err.hint) from None
+
+
 def load_pipeline(path: str | Path, out: str | None = None) -> dict:
     """Read and check a pipeline YAML; returns a plan: base, out, variants (each with its recipe), compare settings."""
     from slimlm.recipes import compare
@@ -228,14 +255,19 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
             raise SlimlmError(f"{where}: the {recipe.verb} recipe needs `config:` (a YAML of its settings).")
         launcher = v.get("launcher") or []
         launcher = shlex.split(launcher) if isinstance(launcher, str) else [str(x) for x in launcher]
+        if recipe.verb in ("quantize", "prune") and made.get(parent) in ("quantize", "qat"):
+            raise SlimlmError(f"{where}: `from: {parent}` is quantized; {recipe.verb} would read its dequantized "
+                              "weights and write a dense model whose record of that quantization is gone.",
+                              "Make it from an unquantized variant, and quantize last.")
         if recipe.style == "flags":
             argv = [recipe.verb, "MODEL", "--out", "OUT", *(["--config", config] if config else []), *_flag_args(args)]
-            _parse_or_refuse(VERBS[recipe.verb][0], argv, where)
+            _check_values(recipe, _parse_or_refuse(VERBS[recipe.verb][0], argv, where), where)
         else:
             _check_override_keys(recipe, args, where)
             for key in (recipe.model_key, recipe.base_key):
                 if key in args:
                     resolve(str(args[key]))
+            _check_values(recipe, (config, args), where)
         variants.append({"name": name, "recipe": v["recipe"], "from": parent, "config": config, "args": args,
                          "launcher": launcher})
     options = raw.get("compare") or {}

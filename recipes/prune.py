@@ -183,12 +183,12 @@ def run_prune(args) -> int:
 
     from slimlm.toolkit.data import calibration_samples, check_source, load_texts, token_stream
     from slimlm.toolkit.export import check_target, write
-    from slimlm.toolkit.models import load, parse_dtype, resolve
+    from slimlm.toolkit.models import load, parse_dtype, refuse_quantized
     from slimlm.toolkit.prune import parse_axes, parse_target, prune_model
 
     cfg = load_config(args)
     # Refuse typos before the (slow) model load.
-    resolve(cfg.model)
+    refuse_quantized(cfg.model, "prune")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     parse_dtype(cfg.dtype)

@@ -78,27 +78,15 @@ def run_quantize(args) -> int:
 
     from slimlm.toolkit.data import calibration_samples, check_source, load_texts
     from slimlm.toolkit.export import check_target, kept_transforms, read
-    from slimlm.toolkit.models import load, resolve
+    from slimlm.toolkit.models import load, refuse_quantized
     from slimlm.toolkit.quant.calibrate import default_compute_dtype, quantize_model
     from slimlm.toolkit.quant.gptq_format import save_gptq
-    from slimlm.toolkit.quant.lm_head import HEAD_NAME, head_scheme, quantize_lm_head
-    from slimlm.toolkit.quant.scheme import DEFAULT_SKIP, QuantScheme
+    from slimlm.toolkit.quant.lm_head import HEAD_NAME, quantize_lm_head
 
-    # Everything cheap is checked before the (slow) model load.
-    scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
-                         act_order=args.act_order, static_groups=args.static_groups, mse_clip=args.mse_clip,
-                         skip=tuple(args.skip) if args.skip else DEFAULT_SKIP)
-    head = head_scheme(scheme, args.quantize_lm_head) if args.quantize_lm_head else None
-    if args.method == "rtn" and args.act_order:
-        raise SlimlmError("--act-order is a GPTQ option; RTN rounds every column alike.",
-                          "Drop --act-order, or use --method gptq.")
-    if args.samples < 1 or args.seq_len < 2 or args.eval_windows < 1 or args.window < 2 or not args.damp > 0:
-        raise SlimlmError("--samples and --eval-windows must be >= 1, --seq-len and --window >= 2, --damp > 0.")
-    if args.threads is not None and args.threads < 1:
-        raise SlimlmError(f"--threads must be at least 1, got {args.threads}.")
+    scheme, head = check_args(args)  # everything cheap is checked before the (slow) model load
     out = Path(args.out)
     check_target(out, args.overwrite)
-    resolve(args.model)
+    refuse_quantized(args.model, "quantize")
     if args.method == "gptq":
         check_source(args.data)
     if not args.no_eval:
@@ -176,6 +164,25 @@ def engine_notes(scheme, head) -> list[str]:
         notes.append("the quantized LM head loads in slimlm, vLLM, SGLang and GPTQModel; transformers (optimum) and "
                      "TGI expect a dense lm_head.weight and cannot load this folder.")
     return notes
+
+
+def check_args(args):
+    """The scheme and the LM head's (or None) the options give, their values checked (SlimlmError)."""
+    from slimlm.toolkit.quant.lm_head import head_scheme
+    from slimlm.toolkit.quant.scheme import DEFAULT_SKIP, QuantScheme
+
+    scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
+                         act_order=args.act_order, static_groups=args.static_groups, mse_clip=args.mse_clip,
+                         skip=tuple(args.skip) if args.skip else DEFAULT_SKIP)
+    head = head_scheme(scheme, args.quantize_lm_head) if args.quantize_lm_head else None
+    if args.method == "rtn" and args.act_order:
+        raise SlimlmError("--act-order is a GPTQ option; RTN rounds every column alike.",
+                          "Drop --act-order, or use --method gptq.")
+    if args.samples < 1 or args.seq_len < 2 or args.eval_windows < 1 or args.window < 2 or not args.damp > 0:
+        raise SlimlmError("--samples and --eval-windows must be >= 1, --seq-len and --window >= 2, --damp > 0.")
+    if args.threads is not None and args.threads < 1:
+        raise SlimlmError(f"--threads must be at least 1, got {args.threads}.")
+    return scheme, head
 
 
 def _perplexity(model, tokenizer, args) -> float:

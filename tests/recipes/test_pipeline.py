@@ -47,8 +47,8 @@ def write_config(root, variants, name="pipe.yaml", out="out"):
 
 def variants(root):
     return [{"name": "int8", "recipe": "quantize", "args": {"method": "rtn", "bits": 8, "group-size": 32, "no-eval": True}},
-            {"name": "broken", "recipe": "quantize",  # fails: its launcher is not installed
-             "launcher": "no-such-launcher --num_gpus 8", "args": {"method": "rtn", "bits": 8}},
+            {"name": "broken", "recipe": "prune",  # fails: its launcher is not installed
+             "launcher": "no-such-launcher --num_gpus 8", "args": {"target-params": 0.5}},
             {"name": "broken-child", "recipe": "quantize", "from": "broken", "args": {"method": "rtn", "bits": 8}}]
 
 
@@ -107,20 +107,21 @@ def test_tiny_pipeline_end_to_end_then_rerun(base, monkeypatch, capsys):
 
 
 def test_a_rerun_makes_only_the_variants_that_changed(base, monkeypatch, capsys, fake_serving_memory):
-    vs = [{"name": "q8", "recipe": "quantize", "args": {"method": "rtn", "bits": 8, "no-eval": True}},
-          {"name": "q8-child", "recipe": "quantize", "from": "q8", "args": {"method": "rtn", "bits": 8, "no-eval": True}},
+    vs = [{"name": "pruned", "recipe": "prune", "args": {"target-params": 0.6, "eval-windows": 0}},
+          {"name": "pruned-q8", "recipe": "quantize", "from": "pruned",
+           "args": {"method": "rtn", "bits": 8, "group-size": -1, "no-eval": True}},
           {"name": "q4", "recipe": "quantize", "args": {"method": "rtn", "bits": 4, "group-size": 32, "no-eval": True}}]
     config = write_config(base, vs, name="change.yaml", out="change_out")
     real_run_step, ran = pipeline.run_step, []
     monkeypatch.setattr(pipeline, "run_step", lambda cmd, log, show=None: ran.append(log.stem) or real_run_step(cmd, log, show))
-    assert main(["pipeline", str(config)]) == 0 and ran == ["q8", "q8-child", "q4"]
+    assert main(["pipeline", str(config)]) == 0 and ran == ["pruned", "pruned-q8", "q4"]
     ran.clear()
-    vs[0]["args"]["group-size"] = 32  # q8 changes: it and its child are made again, q4 is not
+    vs[0]["args"]["target-params"] = 0.7  # pruned changes: it and its child are made again, q4 is not
     vs.append({"name": "q4-more", "recipe": "quantize", "args": {"method": "rtn", "bits": 4, "no-eval": True}})
     config = write_config(base, vs, name="change.yaml", out="change_out")
-    assert main(["pipeline", str(config)]) == 0 and ran == ["q8", "q8-child", "q4-more"]
+    assert main(["pipeline", str(config)]) == 0 and ran == ["pruned", "pruned-q8", "q4-more"]
     state = json.loads((base / "change_out" / "pipeline.json").read_text())["variants"]
-    assert state["q4"]["skipped"] and not state["q8"].get("skipped")
+    assert state["q4"]["skipped"] and not state["pruned"].get("skipped")
     ran.clear()
     moved = base / "moved_out"  # the folder copied elsewhere: its exports are reused from there, not from the old one
     shutil.copytree(base / "change_out", moved)
@@ -129,7 +130,7 @@ def test_a_rerun_makes_only_the_variants_that_changed(base, monkeypatch, capsys,
     assert specs and all(s.startswith(str(moved.resolve())) or s.startswith(str(moved)) for s in specs), specs
     weights = base / "tiny" / "model.safetensors"  # the base retrained in place (here: only its time moves)
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert main(["pipeline", str(config)]) == 0 and ran == ["q8", "q8-child", "q4", "q4-more"]
+    assert main(["pipeline", str(config)]) == 0 and ran == ["pruned", "pruned-q8", "q4", "q4-more"]
     ran.clear()
     cfg = yaml.safe_load(config.read_text())  # other compare settings: nothing made, every model measured again
     cfg["compare"]["gen-len"] = 4
@@ -182,6 +183,15 @@ def refused(capsys, argv, *words):
      ["from: n", "makes nothing"]),
     (lambda vs: vs.append({"name": "d", "recipe": "distill", "config": "configs/distill/smollm2-135m.yaml",
                            "args": {"loss": {"kind": "forward_kl", "tempo": 2}}}), ["unknown setting 'loss.tempo'"]),
+    # values, checked as each recipe checks them before it loads a model (they failed only when their turn came)
+    (lambda vs: vs.append({"name": "d", "recipe": "distill", "config": "configs/distill/smollm2-135m.yaml",
+                           "args": {"max_steps": "two"}}), ["variant d:", "max_steps must be int; got 'two'"]),
+    (lambda vs: vs.append({"name": "d", "recipe": "distill", "config": "configs/distill/smollm2-135m.yaml",
+                           "args": {"loss": {"kind": "bogus_kl"}}}), ["variant d:", "unknown loss.kind 'bogus_kl'"]),
+    (lambda vs: vs[1]["args"].update({"target-params": "half"}), ["variant broken:", "parameter target 'half'"]),
+    (lambda vs: vs[0]["args"].update({"eval-windows": 0, "no-eval": False}), ["variant int8:", "--eval-windows must be >= 1"]),
+    (lambda vs: vs.append({"name": "qq", "recipe": "quantize", "from": "int8", "args": {"method": "rtn"}}),
+     ["variant qq: `from: int8` is quantized", "quantize last"]),
 ])
 def test_bad_configs_are_refused_before_any_work(base, monkeypatch, capsys, change, words):
     monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("work started"))
@@ -189,6 +199,15 @@ def test_bad_configs_are_refused_before_any_work(base, monkeypatch, capsys, chan
     change(vs)
     refused(capsys, [write_config(base, vs, name="bad.yaml", out="bad_out")], *words)
     assert not (base / "bad_out").exists()
+
+
+def test_a_typo_inside_a_variants_config_file_is_refused_before_any_work(base, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("work started"))
+    mine = base / "my-distill.yaml"
+    mine.write_text((Path(__file__).parents[2] / "configs/distill/smollm2-135m.yaml").read_text() + "max_stepz: 20\n")
+    vs = variants(base)[:1] + [{"name": "d", "recipe": "distill", "config": str(mine)}]
+    refused(capsys, [write_config(base, vs, name="typo.yaml", out="typo_out")], "variant d:", "max_stepz")
+    assert not (base / "typo_out").exists()
 
 
 def test_a_bad_compare_key_points_at_compares_options(base, monkeypatch, capsys):

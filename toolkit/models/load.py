@@ -94,6 +94,16 @@ def resolve(spec: str) -> ModelSource:
                       "a .gguf file, or a hub id such as org/name.")
 
 
+def refuse_quantized(spec: str, verb: str) -> None:
+    """Refuse a GPTQ model (a slimlm export or another tool's) as the input of `verb`, which would read its
+    dequantized weights and write a dense model that no longer says it was quantized."""
+    source = resolve(spec)
+    if source.kind in ("export", "hf_dir") and is_gptq_dir(source.location):
+        raise SlimlmError(f"{spec} is already quantized (GPTQ); {verb} would read its dequantized weights and write "
+                          "a dense model whose record of that quantization is gone.",
+                          f"Run {verb} on the unquantized model it was made from, then quantize the result.")
+
+
 def is_gptq_dir(folder: str | os.PathLike) -> bool:
     """True when `folder` declares GPTQ settings (ours or another tool's): config.json's `quantization_config`,
     or a `quantize_config.json` beside it (AutoGPTQ's older layout)."""

@@ -50,10 +50,19 @@ def test_quantize_writes_a_verified_gptq_checkpoint_and_reports_perplexity(model
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 259)
 
 
-def test_rtn_without_eval(model_dir, tmp_path):
+def test_rtn_without_eval(model_dir, tmp_path, capsys):
     assert main([str(model_dir), "--out", str(tmp_path / "r"), "--method", "rtn", "--bits", "8",
                  "--group-size", "-1", "--no-eval"]) == 0
     assert read(tmp_path / "r").transforms["quant"]["bits"] == 8
+    assert "(1 tensor file(s), verified)" in capsys.readouterr().out  # config.json is hashed too, not counted
+    # Quantizing (or pruning) it again read the dequantized int8 weights and dropped the int8 record and head
+    from slimlm.recipes.prune import main as prune
+
+    assert main([str(tmp_path / "r"), "--out", str(tmp_path / "rr"), "--method", "rtn", "--no-eval"]) == 2
+    assert "is already quantized (GPTQ); quantize would read its dequantized weights" in capsys.readouterr().err
+    assert prune([str(tmp_path / "r"), "--out", str(tmp_path / "p"), "--target-params", "0.5"]) == 2
+    assert "is already quantized (GPTQ); prune would" in capsys.readouterr().err
+    assert not (tmp_path / "rr").exists() and not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("extra, needle", [
