@@ -707,7 +707,7 @@ def gathered(module, stage: int | None):
     if stage != 3:
         yield
         return
-    from deepspeed.zero import GatheredParameters
+    import deepspeed  # `deepspeed.zero` is an attribute of the package, not a module `from ... import` can find
 
-    with GatheredParameters(list(module.parameters()), modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         yield
