@@ -483,6 +483,7 @@ static void* gather_inputs(const void* x, const int32_t* perm, int m, int in, in
 }
 
 void slimlm_qlinear(const slimlm_qweight* w, const void* x, void* y, int m, int threads) {
+    if (m <= 0) return;  /* no rows: nothing to gather (an empty gather buffer is NULL) or compute */
     if (w->perm) {
         x = gather_inputs(x, w->perm, m, w->in, w->x_bf16, threads);
         if (!x) abort();  /* the activations' size: out of memory is not recoverable here */

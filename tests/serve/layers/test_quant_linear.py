@@ -155,3 +155,22 @@ def test_slimlm_cpu_kernels_0_selects_the_pytorch_path(monkeypatch):
     assert not layer.uses_kernel
     x = torch.randn(3, 64)
     assert_close_to_reference(layer(x), x, codes, scales, zeros, 32, None, 1e-5, 0)
+
+
+def test_an_empty_batch_through_an_act_order_layer_gives_an_empty_result():
+    """A thread's first call with no rows found its gather buffer still NULL and aborted the process (run in a
+    subprocess here, so that a regression fails this test, not the test run)."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from slimlm.serve.layers.quant_linear import QuantLinear
+g = torch.Generator().manual_seed(0)
+codes = torch.randint(0, 16, (32, 64), generator=g, dtype=torch.uint8)
+scales, zeros = torch.rand(32, 2, generator=g) * 0.01 + 1e-3, torch.full((32, 2), 8, dtype=torch.uint8)
+layer = QuantLinear.from_codes(codes, scales, zeros, 32, 4, act_dtype=torch.bfloat16, perm=torch.randperm(64, generator=g))
+print(tuple(layer(torch.zeros(0, 64, dtype=torch.bfloat16)).shape))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "(0, 32)", (proc.returncode, proc.stderr[-2000:])
