@@ -119,8 +119,12 @@ def step_acceptance(k: int, accepted: int) -> float:
 
 def _probs(logits: Tensor, params: list) -> Tensor:
     """The sampling distribution each row's request draws from: its temperature, top-k, top-p, min-p."""
-    probs = filter_logits(logits.float(), params).softmax(-1)
-    return torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
+    probs = torch.nan_to_num(filter_logits(logits.float(), params).softmax(-1), nan=0.0, posinf=0.0, neginf=0.0)
+    dead = (probs.sum(-1) <= 0).nonzero()[:, 0]
+    if len(dead):  # no valid probability left (inf/NaN logits): the argmax, as plain sampling falls back to
+        probs[dead] = 0
+        probs[dead, logits[dead].argmax(-1)] = 1
+    return probs
 
 
 def verify_rows(spec, plan: dict[int, int], runner: ModelRunner) -> tuple[Tensor, AttentionMetadata]:
@@ -128,7 +132,10 @@ def verify_rows(spec, plan: dict[int, int], runner: ModelRunner) -> tuple[Tensor
     `[last token, d_1 .. d_k]`, one decode row per token (the sequence's block table, its own length).
 
     The step writes every row's KV, in row order, before any row attends, so row j sees the tokens before
-    it as a causal pass would, and an int8 cache takes them one by one as successive decode steps would.
+    it as a causal pass would, and an int8 cache takes them one by one as successive decode steps would; but the
+    rows of drafts that are then rejected were written too, and can have grown their int8 block's scale and
+    re-rounded the entries before them, which plain decoding never does: with an int8 cache, speculation is
+    not exact (greedy output can differ from plain int8 decoding's).
     Each row is computed as a one-token step computes it (the same rounding, so greedy bf16 output equals
     plain decoding's wherever both take the same kernels), and a few rows run in the fused C decode stack
     instead of layer by layer."""

@@ -382,3 +382,23 @@ def test_a_lens_exit_drafts_through_its_map_and_stays_exact():
         n = model.model.norm(h)
         want = model.lm_head(n + n @ bent[0].T + bent[1])
     torch.testing.assert_close(engine.speculator.exit_logits(h), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [SpeculativeConfig(exit_layer=2, num_draft=3, adaptive=False),
+                                  SpeculativeConfig(num_draft=3, adaptive=False, prompt_lookup=2, prompt_lookup_min=1)],
+                         ids=["self", "ngram"])
+def test_sampling_through_logits_with_no_valid_probability_falls_back_to_the_argmax(spec):
+    """A target whose logits overflow (a token's logit inf, the softmax NaN): plain sampling takes the row's argmax;
+    speculative sampling raised "invalid multinomial distribution" and failed the step for the whole batch."""
+    model, tok = tiny_model("qwen2", seed=0, num_hidden_layers=4)
+    with torch.no_grad():
+        model.lm_head.weight[65].fill_(3e38)  # token "A": its logit overflows wherever the hidden state leans its way
+    params = SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True)  # no seed: seeded requests decode plainly
+    prompts = ["hello world", "the quick brown fox", "abc", "zzz"]
+    torch.manual_seed(0)
+    plain = LLM(model, tok, block_size=4, num_blocks=64).generate(prompts, params)
+    torch.manual_seed(0)
+    llm = LLM(model, tok, block_size=4, num_blocks=64, speculative=spec)
+    fast = llm.generate(prompts, params)
+    assert any(65 in o.outputs[0].token_ids for o in plain)  # the overflowing token is reached
+    assert [len(o.outputs[0].token_ids) for o in fast] == [12] * 4 and llm.engine.speculator.stats.steps > 0
