@@ -219,6 +219,10 @@ def speculative_config(args, num_layers: int, tokenizer=None):
 
     if args.speculative != "self" and args.exit_layer is not None:
         raise SlimlmError("--exit-layer needs --speculative self.")
+    if args.speculative and getattr(args, "kv_cache_dtype", "auto") == "int8":
+        print("note: with --kv-cache-dtype int8, speculative decoding is not lossless: the keys and values of drafts "
+              "that are then rejected can grow their int8 block's scale and re-round the entries before them, so "
+              "greedy output can differ from plain int8 decoding's. A float KV cache keeps it exact.", file=sys.stderr)
     if (args.speculative == "draft") != (args.draft_model is not None):
         raise SlimlmError("--speculative draft and --draft-model go together.",
                           "Pass --speculative draft --draft-model MODEL (a smaller model with the same tokenizer).")

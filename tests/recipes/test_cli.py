@@ -489,3 +489,14 @@ def test_cli_puts_large_torch_buffers_in_huge_pages_unless_told_not_to():
     assert value == "0"
     if "[madvise]" in setting.read_text():  # (with [always] the kernel uses huge pages regardless)
         assert kb == 0
+
+
+def test_speculation_with_an_int8_kv_cache_is_said_to_be_lossy(model_dir, capsys):
+    from slimlm.recipes.cli import build_parser, speculative_config
+
+    for verb in ("bench", "serve"):
+        speculative_config(build_parser().parse_args([verb, str(model_dir), "--speculative", "ngram"]), 2)
+        assert "not lossless" not in capsys.readouterr().err
+        speculative_config(build_parser().parse_args([verb, str(model_dir), "--speculative", "ngram",
+                                                      "--kv-cache-dtype", "int8"]), 2)
+        assert "with --kv-cache-dtype int8, speculative decoding is not lossless" in capsys.readouterr().err
