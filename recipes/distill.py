@@ -344,7 +344,7 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
 
     student, tokenizer = load_student(config)
     # Straight onto this rank's GPU: eight ranks holding an 8B teacher in host memory first add up.
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if on == "gpu" else "cpu"
+    device = f"cuda:{T.env_local_rank()}" if on == "gpu" else "cpu"
     teacher, teacher_tok = load(config.teacher, dtype="bf16" if config.precision == "bf16" else "float32", device=device)
     check_same_tokenizer(teacher_tok, tokenizer)
     vocab = shared_vocab(student, teacher, tokenizer, config.teacher_mode)

@@ -97,6 +97,11 @@ class EarlyExitConfig:
             if value not in allowed:
                 raise SlimlmError(f"unknown {name} {value!r}.", f"Expected one of: {', '.join(allowed)}.")
         T.check_strategy(self.strategy, self.offload, T.accelerator())
+        if self.strategy == "deepspeed_stage_3":
+            raise SlimlmError("early-exit does not train under deepspeed_stage_3: ZeRO-3's hooks cannot follow the "
+                              "exits' forward (a dict of exits per layer, exits that sit out a step).",
+                              "Use deepspeed_stage_2 (or ddp, or fsdp on GPUs): the exits are small and the model "
+                              "is frozen unless train=all.")
         T.check_schedule(self)
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
             if getattr(self, name) < 1:
@@ -201,6 +206,10 @@ def check_exit_layers(config: EarlyExitConfig, num_layers: int | None) -> None:
 
     if num_layers is not None:
         check_layers(config.exit_layers, num_layers)
+        if num_layers in config.exit_layers:
+            raise SlimlmError(f"exit layer {num_layers} is the model's last layer: its exit would be the model's own "
+                              f"output, and no draft can come from it (self-speculation drafts from layers "
+                              f"1..{num_layers - 1}).", f"Use exit layers in 1..{num_layers - 1}.")
 
 
 def build(config: EarlyExitConfig):

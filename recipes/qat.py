@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -212,7 +211,7 @@ def build(config: QATConfig, skeleton: bool = False, with_teacher: bool = True):
     base_ppl = perplexity(model, tokenizer, config) if config.eval_windows and not skeleton and T.env_rank() == 0 else None
     teacher = None
     if config.loss.kd_weight > 0 and with_teacher:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if T.accelerator() == "gpu" else "cpu"
+        device = f"cuda:{T.env_local_rank()}" if T.accelerator() == "gpu" else "cpu"
         teacher = copy.deepcopy(model).to(device, torch.bfloat16 if config.precision == "bf16" else torch.float32)
         teacher.requires_grad_(False).eval()
     if skeleton and config.init == "gptq":

@@ -67,8 +67,19 @@ def quiet_libraries() -> None:
 
 
 def env_rank() -> int:
-    """The global rank the launcher gave (torchrun/deepspeed: RANK; Lightning's: LOCAL_RANK), pre-init."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    """The global rank the launcher gave, pre-init: torchrun's and deepspeed's RANK, SLURM's SLURM_PROCID (srun
+    sets no RANK), else Lightning's own launch: LOCAL_RANK on node NODE_RANK (0 only for its first process;
+    any other rank is not 0, which is what callers ask)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    node, local = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    return local if node == 0 else node * 1_000_000 + local
+
+
+def env_local_rank() -> int:
+    """This process's GPU index on its node: LOCAL_RANK, or SLURM's SLURM_LOCALID."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
 def rank_zero_first(path: Path, make, rank: int, timeout_s: float = 6 * 3600) -> None:
@@ -257,6 +268,10 @@ def world_from_env(devices, num_nodes: int) -> tuple[int | str, int]:
     local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")  # torchrun / deepspeed
     if local:
         world = int(os.environ.get("WORLD_SIZE", local))
+        if "RANK" in os.environ and not (os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK")):
+            # deepspeed's launcher sets no node rank: Lightning would take every node for node 0 and give ranks
+            # 0..local-1 on each (and write them back to RANK), so a multi-node start hangs or collides
+            os.environ["NODE_RANK"] = os.environ.get("CROSS_RANK") or str(int(os.environ["RANK"]) // int(local))
         return int(local), max(1, world // int(local))
     if devices == "auto" and accelerator() == "cpu":
         return 1, num_nodes

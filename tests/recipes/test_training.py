@@ -125,10 +125,14 @@ def test_strategy_checks():
     assert not T.uses_deepspeed_engine("ddp", "cpu")
 
 
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+               "CROSS_RANK", "SLURM_PROCID", "SLURM_LOCALID")
+
+
 def test_launcher_environment(monkeypatch):
-    for var in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE"):
+    for var in LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
-    assert T.env_rank() == 0
+    assert T.env_rank() == 0 and T.env_local_rank() == 0
     assert T.world_from_env(3, 1) == (3, 1)
     monkeypatch.setenv("LOCAL_RANK", "1")  # Lightning's launcher
     assert T.env_rank() == 1
@@ -137,6 +141,41 @@ def test_launcher_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_SIZE", "2")  # deepspeed's launcher
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert T.world_from_env("auto", 1) == (2, 4)
+
+
+def test_other_launchers_ranks(monkeypatch):
+    """deepspeed's launcher sets no node rank (Lightning then took every node for node 0 and gave duplicate global
+    ranks); srun sets SLURM_PROCID and SLURM_LOCALID, no RANK (every rank took itself for rank 0, its teacher to GPU 0);
+    Lightning's own multi-node launch sets NODE_RANK and LOCAL_RANK only."""
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NODE_RANK", "0")
+    monkeypatch.delenv("NODE_RANK")  # recorded as absent: what the code sets below is removed after the test
+    with monkeypatch.context() as env:  # deepspeed --num_nodes 2: node 1, local rank 3 of 8
+        for var, value in dict(RANK="11", LOCAL_RANK="3", LOCAL_SIZE="8", WORLD_SIZE="16", CROSS_RANK="1").items():
+            env.setenv(var, value)
+        assert T.world_from_env("auto", 1) == (8, 2)
+        assert T.os.environ["NODE_RANK"] == "1" and T.env_rank() == 11
+        env.delenv("NODE_RANK")
+        env.delenv("CROSS_RANK")
+        T.world_from_env("auto", 1)
+        assert T.os.environ["NODE_RANK"] == "1"  # from RANK // LOCAL_SIZE
+    T.os.environ.pop("NODE_RANK")
+    with monkeypatch.context() as env:  # torchrun names the node itself: left as it is
+        for var, value in dict(RANK="11", LOCAL_RANK="3", LOCAL_WORLD_SIZE="8", WORLD_SIZE="16", GROUP_RANK="1").items():
+            env.setenv(var, value)
+        T.world_from_env("auto", 1)
+        assert "NODE_RANK" not in T.os.environ
+    with monkeypatch.context() as env:  # srun
+        env.setenv("SLURM_PROCID", "11")
+        env.setenv("SLURM_LOCALID", "3")
+        assert T.env_rank() == 11 and T.env_local_rank() == 3
+    with monkeypatch.context() as env:  # Lightning's own launch, second node, its first process
+        env.setenv("NODE_RANK", "1")
+        assert T.env_rank() != 0
+        env.setenv("NODE_RANK", "0")
+        env.setenv("LOCAL_RANK", "0")
+        assert T.env_rank() == 0
 
 
 def test_rank_zero_first(tmp_path):
