@@ -108,6 +108,7 @@ class DistillConfig:
     log_dir: str | None = None         # default <out_dir>/logs
     gradient_checkpointing: bool = False  # recompute the student's activations in backward (big models)
     progress: bool = True
+    threads: int | None = None         # torch threads per process (null: torch's); 1 on a busy shared CPU
 
     def __post_init__(self):
         from slimlm.toolkit.distill import KINDS
@@ -119,8 +120,8 @@ class DistillConfig:
             if value not in allowed:
                 raise SlimlmError(f"unknown {name} {value!r}.", f"Expected one of: {', '.join(allowed)}.")
         T.check_strategy(self.strategy, self.offload, T.accelerator())
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
-            if getattr(self, name) < 1:
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SlimlmError(f"{name} must be at least 1, got {getattr(self, name)}.")
         T.check_schedule(self)
         T.check_loss(self, "loss.temperature", "loss.chunk_size")
@@ -339,6 +340,8 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
         print(f"distill: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
     resolve(config.student)
     resolve(config.teacher)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
 

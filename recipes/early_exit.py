@@ -87,6 +87,7 @@ class EarlyExitConfig:
     out_dir: str = "runs/early_exit"
     log_dir: str | None = None
     progress: bool = True
+    threads: int | None = None         # torch threads per process (null: torch's); 1 on a busy shared CPU
 
     def __post_init__(self):
         from slimlm.toolkit.early_exit import CURRICULA, NORMS, SCHEDULES
@@ -103,8 +104,8 @@ class EarlyExitConfig:
                               "Use deepspeed_stage_2 (or ddp, or fsdp on GPUs): the exits are small and the model "
                               "is frozen unless train=all.")
         T.check_schedule(self)
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
-            if getattr(self, name) < 1:
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SlimlmError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.eval_windows < 0 or self.eval_window < 2:  # else found only after training, with no export
             raise SlimlmError(f"eval_windows must be >= 0 (0: no evaluation) and eval_window >= 2 tokens, got "
@@ -276,6 +277,8 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
         from slimlm.toolkit.data import check_source
 
         check_source(T.eval_text(config)[0])
+    if config.threads:
+        torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
 

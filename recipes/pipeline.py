@@ -185,7 +185,10 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
     if not raw.get("base"):
         raise SlimlmError(f"{path}: no `base` model.", "Name the model to start from, e.g. base: smollm2-135m.")
     base, out = str(raw["base"]), out or raw.get("out")
-    resolve(base)
+    try:
+        resolve(base)
+    except SlimlmError as err:
+        raise SlimlmError(f"{path}: base: {err.what}", err.hint) from None
     if not out:
         raise SlimlmError(f"{path}: no output folder.", "Set `out:` in the config or pass --out DIR.")
     if not isinstance(raw.get("variants"), list) or not raw["variants"]:
@@ -236,8 +239,9 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
             continue
         recipe = RECIPES.get(v.get("recipe"))
         if recipe is None:
-            raise SlimlmError(f"{where}: unknown recipe {v.get('recipe')!r}.", f"Expected one of: {', '.join(RECIPES)}, "
-                              "or `draft: VARIANT` to time the base with that variant as its draft model.")
+            what = f"unknown recipe {v['recipe']!r}" if v.get("recipe") is not None else "no `recipe:`"
+            raise SlimlmError(f"{where}: {what}.", f"Expected one of: {', '.join(RECIPES)}, or `draft: VARIANT` to "
+                              "time the base with that variant as its draft model, or `ngram: true`.")
         args = v.get("args") or {}
         if not isinstance(args, dict) or OWNED & {str(k).replace("-", "_") for k in args}:
             raise SlimlmError(f"{where}: `args` must be a mapping without {', '.join(sorted(OWNED))}.",
@@ -376,10 +380,18 @@ def start_out(out: Path, plan: dict, overwrite: bool) -> None:
     (out / "logs").mkdir(exist_ok=True)
 
 
-def save_state(out: Path, plan: dict, results: dict) -> None:
+def earlier_variants(state: dict, plan: dict) -> dict:
+    """Records of variants an earlier run in the same folder made that this plan does not list (another config of
+    the same base, or a variant taken out): kept in pipeline.json, so listing them again reuses their exports."""
+    names = {v["name"] for v in plan["variants"]}
+    return {n: r for n, r in (state.get("variants") or {}).items() if n not in names}
+
+
+def save_state(out: Path, plan: dict, results: dict, earlier: dict | None = None) -> None:
     from slimlm.toolkit.eval import write_json
 
-    state = {"config": plan["config"], "sha256": plan["sha256"], "base": plan["base"], "variants": results}
+    state = {"config": plan["config"], "sha256": plan["sha256"], "base": plan["base"],
+             "variants": {**results, **(earlier or {})}}
     write_json(state, out / "pipeline.json")  # atomically: a cut-off write leaves the last whole state
 
 
@@ -470,6 +482,7 @@ def pipeline(plan: dict, out: Path, state: dict, command_line: str = "", progres
     from slimlm.recipes import compare
 
     old, results, redone = state.get("variants", {}), {}, set()
+    earlier = earlier_variants(state, plan)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task("variants", total=len(plan["variants"]))
@@ -504,7 +517,7 @@ def pipeline(plan: dict, out: Path, state: dict, command_line: str = "", progres
                 redone.add(name)
                 bar.console.print(escape(f"{name}: done in {r['seconds']:.0f} s -> {r['export']}" if r["status"] == "done"
                                          else f"{name}: FAILED: {r['error']}"), highlight=False)
-            save_state(out, plan, results)
+            save_state(out, plan, results, earlier)
             bar.advance(task)
 
     done = [v["name"] for v in plan["variants"] if results[v["name"]]["status"] == "done"]
@@ -531,6 +544,11 @@ def run_pipeline(args) -> int:
     plan = load_pipeline(args.config, args.out)
     out = Path(plan["out"])
     state = check_out(out, plan, args.overwrite)
+    earlier = earlier_variants(state, plan)
+    if earlier:
+        print(f"note: {out} holds variant(s) {', '.join(sorted(earlier))} that {plan['config']} does not list (made by "
+              f"{state.get('config')}): their exports stay in {out / 'variants'}, out of this report; a config "
+              "that lists them again reuses them.", file=sys.stderr)
     if args.dry_run:
         by_name = {v["name"]: v for v in plan["variants"]}
         for v in plan["variants"]:

@@ -26,7 +26,7 @@ def add_quantize(sub) -> None:
     p.add_argument("model", help="built-in alias (smollm2-135m), model folder, slimlm export, .gguf or hub id")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="gptq (default, needs --data) or rtn")
+    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="gptq (default; calibrates on --data) or rtn (no data)")
     p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="4 (default) or 8")
     p.add_argument("--group-size", type=int, default=64, help="32, 64 (default), 128, or -1 for per channel")
     p.add_argument("--sym", action="store_true",

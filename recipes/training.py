@@ -45,7 +45,8 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", required=True, help="YAML file of settings (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override settings, e.g. max_steps=50 loss.kind=reverse_kl (values parsed as YAML)")
+                   help="override settings, e.g. max_steps=50 lr=1e-4 (a section's key as section.key=value; values "
+                        "parsed as YAML)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
     return p
 

@@ -255,6 +255,7 @@ def test_plain_cross_entropy_skips_the_teacher_forward():
     ("min_lr_ratio=1.5", "min_lr_ratio must be in \\[0, 1\\]"),
     ("min_lr_ratio=-0.1", "min_lr_ratio must be in \\[0, 1\\]"),
     ("sequence.prompts=0", "sequence.prompts must be >= 1"),
+    ("threads=0", "threads must be at least 1"),
     ("sequence.max_new_tokens=0", "sequence.max_new_tokens must be >= 1"),
     ("sequence.temperature=-0.5", "sequence.temperature must be >= 0"),
     # each was found at the first step (after both models loaded), unnamed or as an internal error

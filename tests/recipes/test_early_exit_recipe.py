@@ -154,7 +154,8 @@ def test_lens_exits_are_fitted_then_trained_and_leave_the_model_as_it_was(assets
 
 @pytest.mark.parametrize("override, match", [
     ("exit_layers=[2,9]", "out of range"),
-    ("exit_layers=[2,4]", "exit layer 4 is the model's last layer"),  # served, it failed: no draft from there
+    ("exit_layers=[2,4]", "exit layer 4 is the model's last layer"),
+    ("threads=0", "threads must be at least 1"),  # served, it failed: no draft from there
     ("strategy=deepspeed_stage_3", "does not train under deepspeed_stage_3"),  # it failed at its first step
     ("curriculum=shuffle", "unknown curriculum"),
     ("norm=mine", "unknown norm"),

@@ -143,6 +143,27 @@ def test_a_rerun_makes_only_the_variants_that_changed(base, monkeypatch, capsys,
     refused(capsys, [config], "another base model", "--overwrite")
 
 
+def test_another_config_in_the_same_folder_keeps_the_earlier_variants(base, monkeypatch, capsys, fake_serving_memory):
+    """A second config of the same base in the same out folder dropped the first one's records without a word (its
+    exports stayed on disk, untracked), so running the first again made them anew."""
+    q4 = {"name": "q4", "recipe": "quantize", "args": {"method": "rtn", "bits": 4, "group-size": 32, "no-eval": True}}
+    q8 = {"name": "q8", "recipe": "quantize", "args": {"method": "rtn", "bits": 8, "group-size": 32, "no-eval": True}}
+    first = write_config(base, [q4], name="first.yaml", out="shared_out")
+    second = write_config(base, [q8], name="second.yaml", out="shared_out")
+    real_run_step, ran = pipeline.run_step, []
+    monkeypatch.setattr(pipeline, "run_step", lambda cmd, log, show=None: ran.append(log.stem) or real_run_step(cmd, log, show))
+    assert main(["pipeline", str(first)]) == 0 and ran == ["q4"]
+    capsys.readouterr()
+    assert main(["pipeline", str(second)]) == 0 and ran == ["q4", "q8"]
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "holds variant(s) q4 that" in err and "first.yaml" in err
+    state = json.loads((base / "shared_out" / "pipeline.json").read_text())
+    assert set(state["variants"]) == {"q4", "q8"}
+    report = json.loads((base / "shared_out" / "compare" / "report.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["tiny", "q8"]  # the report is this config's
+    assert main(["pipeline", str(first)]) == 0 and ran == ["q4", "q8"]  # q4 reused, not made again
+
+
 def test_args_become_the_recipes_flags_and_overrides():
     assert pipeline._flag_args({"group-size": 64, "sym": True, "act_order": False, "eval-windows": 0,
                                 "skip": ["a", "b"], "seed": None}) == [
@@ -167,6 +188,7 @@ def refused(capsys, argv, *words):
 
 @pytest.mark.parametrize("change, words", [
     (lambda vs: vs[0].update(recipe="sparsify"), ["unknown recipe 'sparsify'", "quantize, prune, distill"]),
+    (lambda vs: vs[0].pop("recipe"), ["variant int8: no `recipe:`", "quantize, prune, distill"]),
     (lambda vs: vs[2].update({"from": "nowhere"}), ["from: nowhere", "names no variant"]),
     (lambda vs: vs[0]["args"].update(bitz=4), ["unrecognized arguments: --bitz"]),
     (lambda vs: vs[0]["args"].update(out="x"), ["without"]),
@@ -223,7 +245,7 @@ def test_unknown_model_and_other_configs_out_are_refused(base, monkeypatch, caps
     monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("work started"))
     config = write_config(base, variants(base)[:1], name="unknown.yaml", out="u_out")
     config.write_text(config.read_text().replace(str(base / "tiny"), "no-such-model"))
-    refused(capsys, [config], "unknown model 'no-such-model'")
+    refused(capsys, [config], "unknown.yaml: base: unknown model 'no-such-model'")
 
     out = base / "other_out"
     out.mkdir()
