@@ -38,7 +38,17 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(data, key.split("."), value)
-    return from_dict(cls, data, where=str(path) if path is not None else "config")
+    where = str(path) if path is not None else "config"
+    try:
+        return from_dict(cls, data, where=where)
+    except SlimlmError as err:
+        if path is None or not overrides or not err.what.startswith(where):
+            raise
+        try:  # the file alone: if it passes, the fault is in the overrides, not in the file the message names
+            from_dict(cls, read_yaml(path), where=where)
+        except SlimlmError:
+            raise err from None
+        raise SlimlmError(f"{where} with {' '.join(overrides)}{err.what[len(where):]}", err.hint) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

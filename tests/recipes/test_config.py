@@ -86,6 +86,19 @@ def test_unknown_key_in_the_file(tmp_path):
         load_config(Outer, write(tmp_path, "teachr: x\n"), [])
 
 
+def test_an_override_at_fault_is_named_not_the_file(tmp_path):
+    """A bad override was blamed on the file ("FILE: unknown setting(s) x"), which holds no such thing."""
+    path = write(tmp_path, "steps: 3\n")
+    with pytest.raises(SlimlmError, match=r"c\.yaml with stepz=4: unknown setting") as err:
+        load_config(Outer, path, ["stepz=4"])
+    assert "with" not in str(err.value).split("\n")[1]  # the hint is left as it was
+    with pytest.raises(SlimlmError, match=r"c\.yaml with steps=two: steps must be int"):
+        load_config(Outer, path, ["steps=two"])
+    bad = write(tmp_path, "teachr: x\n")
+    with pytest.raises(SlimlmError, match=r"c\.yaml: unknown setting"):  # the file's own fault: the file
+        load_config(Outer, bad, ["steps=4"])
+
+
 @pytest.mark.parametrize("override, match", [
     ("steps=1.5", "steps must be int"),
     ("flag=yes please", "flag must be bool"),
