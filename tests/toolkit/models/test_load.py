@@ -92,6 +92,12 @@ def test_weights_the_config_has_no_layer_for_are_refused(hf_dir):
     config["num_hidden_layers"] = layers
     (path / "config.json").write_text(json.dumps(config))
     assert load(str(path))[0].config.num_hidden_layers == layers
+    from safetensors.torch import load_file, save_file  # older Llama checkpoints' rotary buffers: still loaded
+
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    assert load(str(path))[0].config.num_hidden_layers == layers
 
 
 def test_a_device_this_torch_lacks_is_refused_before_loading(hf_dir):
