@@ -150,7 +150,7 @@ def run_eval(args) -> int:
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="write a model as a verified, HF-loadable slimlm export folder",
                        description="Writes config.json, safetensors, tokenizer and slimlm.json (a manifest "
-                       "with the sha256 of every tensor file). Loads unchanged with transformers.")
+                       "with the sha256 of config.json and every tensor file). Loads unchanged with transformers.")
     p.add_argument("model", help="built-in alias, model folder, slimlm export, .gguf or hub id")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -235,7 +235,8 @@ def run_prune(args) -> int:
         console.print(f"note: {' and '.join(off)} not a multiple of 64: the serving engine's fast bf16 CPU GEMV "
                       "needs multiples of 64 (--multiple 64, and the heads axis so that heads can divide the width).")
     heads, width = shape_after["num_attention_heads"], shape_after["hidden_size"]
-    if heads * report["head_dim"] != width:
+    was = report["shape_before"]["num_attention_heads"] * report["head_dim"] == report["shape_before"]["hidden_size"]
+    if was and heads * report["head_dim"] != width:  # (a base without that equality loads in those engines as it can)
         console.print(f"note: {heads} heads x head_dim {report['head_dim']} != hidden_size {width}: config.json "
                       "says head_dim, which transformers and vLLM's Llama read; engines that take the head size as "
                       "hidden_size / heads (TGI, some vLLM and SGLang model files) cannot load this model. Prune "

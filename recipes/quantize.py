@@ -147,14 +147,22 @@ def run_quantize(args) -> int:
     tensors = sum(name.endswith(".safetensors") for name in manifest.files)
     table.add_row("checkpoint", f"{out} ({tensors} tensor file(s), verified)")
     Console().print(table)
-    for line in engine_notes(scheme, head):
+    from slimlm.toolkit.quant.calibrate import split_fused_groups
+
+    for line in engine_notes(scheme, head, split_fused_groups(model, state)):
         Console(stderr=True).print(f"note: {line}")
     return 0
 
 
-def engine_notes(scheme, head) -> list[str]:
-    """Where the folder loads beyond slimlm, when that is not everywhere (read from the engines' GPTQ loaders)."""
+def engine_notes(scheme, head, split: list[str] = ()) -> list[str]:
+    """Where the folder loads beyond slimlm, when that is not everywhere (read from the engines' GPTQ loaders).
+    `split`: linears kept dense beside quantized ones of their fused group (`split_fused_groups`)."""
     notes = []
+    if split:
+        notes.append(f"--skip keeps {', '.join(split[:3])}{' ...' if len(split) > 3 else ''} dense beside quantized "
+                     "q/k/v or gate/up of the same layer: slimlm serves that (the fused layer runs dense), but vLLM "
+                     "and SGLang refuse a fused layer whose shards differ, and TGI needs all of them packed. Skip "
+                     "whole groups for those engines.")
     if not scheme.sym:
         notes.append("asymmetric: vLLM and SGLang serve it with their plain GPTQ kernel in float16 (their Marlin "
                      "kernels need --sym), and GPTQModel refuses asymmetric GPTQ v1 folders it did not write."

@@ -68,14 +68,16 @@ def quiet_libraries() -> None:
 
 
 def env_rank() -> int:
-    """The global rank the launcher gave, pre-init: torchrun's and deepspeed's RANK, SLURM's SLURM_PROCID (srun
-    sets no RANK), else Lightning's own launch: LOCAL_RANK on node NODE_RANK (0 only for its first process;
-    any other rank is not 0, which is what callers ask)."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(name):
-            return int(os.environ[name])
-    node, local = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    return local if node == 0 else node * 1_000_000 + local
+    """The global rank the launcher gave, pre-init: torchrun's and deepspeed's RANK; Lightning's own launch sets
+    LOCAL_RANK in the processes it starts, on node NODE_RANK (0 only for its first process; any other is not 0,
+    which is what callers ask), also inside an interactive SLURM shell (whose SLURM_PROCID its children inherit);
+    else srun's SLURM_PROCID (srun sets no RANK)."""
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    if os.environ.get("LOCAL_RANK") or not os.environ.get("SLURM_PROCID"):
+        node, local = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+        return local if node == 0 else node * 1_000_000 + local
+    return int(os.environ["SLURM_PROCID"])
 
 
 def env_local_rank() -> int:

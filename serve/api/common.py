@@ -110,9 +110,8 @@ class ServerContext:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:  # JSON's "\ud83c" alone: valid JSON, no text (the tokenizer's TypeError)
-            raise APIError(400, f"{param} holds an unpaired UTF-16 surrogate (U+{ord(text[exc.start]):04X}) at "
-                                f"character {exc.start}; \\uD800-\\uDFFF escapes must come in pairs",
-                           param=param) from exc
+            raise APIError(400, f"{param} holds an unpaired UTF-16 surrogate (U+{ord(text[exc.start]):04X}); "
+                                "\\uD800-\\uDFFF escapes must come in pairs", param=param) from exc
         if self._max_prompt_chars is None:
             longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
             self._max_prompt_chars = 4 * self.max_model_len * longest
@@ -297,15 +296,17 @@ class EventStream(Response):
         async def pump():
             try:
                 await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-                try:
-                    async for chunk in self.events:
+                while True:
+                    try:
+                        chunk = await self.events.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except Exception as exc:  # a bug in the events past the 200: said in-band and logged
+                        log.exception("a stream failed")
+                        chunk = stream_error(RuntimeError(f"internal server error ({type(exc).__name__})")) + SSE_DONE
                         await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
-                except (OSError, asyncio.CancelledError):
-                    raise
-                except Exception as exc:  # a bug past the 200: said in-band and logged, the stream still ends
-                    log.exception("a stream failed")
-                    tail = stream_error(RuntimeError(f"internal server error ({type(exc).__name__})")) + SSE_DONE
-                    await send({"type": "http.response.body", "body": tail.encode(), "more_body": True})
+                        break
+                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except OSError:  # the client went away mid-write
                 pass

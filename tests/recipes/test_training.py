@@ -170,6 +170,10 @@ def test_other_launchers_ranks(monkeypatch):
         env.setenv("SLURM_PROCID", "11")
         env.setenv("SLURM_LOCALID", "3")
         assert T.env_rank() == 11 and T.env_local_rank() == 3
+    with monkeypatch.context() as env:  # Lightning's children inside `srun --pty bash`: they inherit SLURM_PROCID=0
+        env.setenv("SLURM_PROCID", "0")
+        env.setenv("LOCAL_RANK", "1")
+        assert T.env_rank() == 1
     with monkeypatch.context() as env:  # Lightning's own launch, second node, its first process
         env.setenv("NODE_RANK", "1")
         assert T.env_rank() != 0

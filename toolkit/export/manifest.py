@@ -50,8 +50,8 @@ class Manifest:
     """Everything slimlm knows about an exported model, beside the HF files it describes.
 
     `files` maps a file name (relative to the export folder) to `{"sha256": hex, "bytes": int}`
-    for every `*.safetensors` file and the safetensors index, the files whose silent change would
-    change the model's outputs.
+    for every `*.safetensors` file, the safetensors index and config.json, the files whose silent change
+    would change the model's outputs (manifests written before config.json was hashed do not list it).
     """
 
     format_version: int = FORMAT_VERSION

@@ -186,7 +186,7 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
         raise SlimlmError(f"the checkpoint in {location} lacks {len(missing)} weight(s) its config needs, e.g. "
                           f"{', '.join(missing[:3])}; they would be random.",
                           "The weight files are incomplete or belong to another config; re-download or re-export it.")
-    unread = sorted(k for k in info.get("unexpected_keys") or () if re.search(r"(^|\.)layers\.\d+\.", k))
+    unread = sorted(k for k in info.get("unexpected_keys") or () if re.match(r"model\.layers\.\d+\.", k))
     if unread:  # transformers drops them and only logs it: a config with fewer or other layers than the weights
         raise SlimlmError(f"the checkpoint in {location} holds {len(unread)} decoder-layer weight(s) its config has no "
                           f"place for, e.g. {', '.join(unread[:3])} (num_hidden_layers="

@@ -86,22 +86,27 @@ def target_linears(model, scheme: QuantScheme) -> dict[str, nn.Linear]:
     if not found:
         raise SlimlmError("no linear layer is left to quantize (all matched a skip pattern).",
                           f"Skip patterns in use: {', '.join(scheme.skip) or 'none'}.")
-    for i, layer in enumerate(layers):
-        for group in FUSED_GROUPS:
-            names = [f"{prefix}.{i}.{sub}" for sub, m in layer.named_modules()
-                     if isinstance(m, nn.Linear) and sub.rsplit(".", 1)[-1] in group]
-            kept = [n for n in names if n not in found]
-            if kept and len(kept) < len(names):
-                raise SlimlmError(
-                    f"the skip patterns keep {', '.join(kept)} in full precision but quantize the rest of "
-                    f"{'/'.join(group)}: vLLM, SGLang and TGI run those as one fused layer, all quantized or none.",
-                    f"Skip all of {'/'.join(group)} of that layer or none (skip patterns in use: "
-                    f"{', '.join(scheme.skip)}).")
     return found
 
 
 # Linears that serving engines fuse into one (qkv_proj, gate_up_proj): one precision for all of a group.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def split_fused_groups(model, quantized) -> list[str]:
+    """The linears kept dense beside quantized ones of the same fused group (q/k/v, gate/up) under one parent
+    module, e.g. `model.layers.1.self_attn.k_proj`: slimlm serves such a mix (the fused layer runs dense), but
+    vLLM and SGLang refuse a group whose shards differ ("some but not all shards ... are quantized"), and TGI
+    needs every shard packed."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name, module in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        for g, group in enumerate(FUSED_GROUPS):
+            if isinstance(module, nn.Linear) and leaf in group:
+                groups.setdefault((parent, g), []).append(name)
+    quantized = set(quantized)
+    return sorted(n for names in groups.values() if 0 < len(set(names) & quantized) < len(names)
+                  for n in names if n not in quantized)
 
 
 def default_compute_dtype(device: torch.device | str = "cpu", cpu_flags: set[str] | None = None) -> torch.dtype:

@@ -136,7 +136,8 @@ def quantization_config(scheme: QuantScheme, skipped: list[str] = (), head: Quan
     if dynamic:
         config["dynamic"] = dynamic
     if skipped and quantized:
-        config["modules_in_block_to_quantize"] = [sorted(quantized) + ([HEAD_NAME] if head is not None else [])]
+        config["modules_in_block_to_quantize"] = [sorted(set(quantized) - {HEAD_NAME})
+                                                  + ([HEAD_NAME] if head is not None else [])]
     return config
 
 
@@ -254,8 +255,9 @@ def gptq_config(path: str | os.PathLike) -> dict:
 
 
 def _check_against_manifest(folder: Path, qc: dict) -> None:
-    """A slimlm export records its scheme in the manifest, whose tensor files are hashed; config.json is not.
-    An edit of config.json that changes how the codes are read (format, bits, group size) is refused."""
+    """A slimlm export records its scheme in the manifest. Its config.json is hashed too, except in manifests
+    written before it was: there, an edit of config.json that changes how the codes are read (format, bits,
+    group size) is refused here."""
     manifest = folder / "slimlm.json"
     if not manifest.is_file():
         return

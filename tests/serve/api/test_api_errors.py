@@ -129,8 +129,7 @@ def test_error_messages_name_the_problem(shared_fake):
     r = _send(server.url + C, {"prompt": [[1, 2], [3, "a"]]}).json()["error"]  # the form read furthest names it
     assert r["message"].endswith("got an array whose item 1.1 is not valid: Input should be a valid integer")
     r = _send(server.url + C, b'{"prompt": "hi \\ud83c there"}').json()["error"]
-    assert r["param"] == "prompt" and r["message"].startswith("prompt holds an unpaired UTF-16 surrogate (U+D83C) at "
-                                                              "character 3")
+    assert r["param"] == "prompt" and r["message"].startswith("prompt holds an unpaired UTF-16 surrogate (U+D83C);")
     r = _send(server.url + CHAT, b'{"messages": [{"role": "user", "content": "\\udc00"}]}').json()["error"]
     assert r["param"] == "messages" and "(U+DC00)" in r["message"]
     r = _send(server.url + C, b'{"prompt": "a \\ud83c\\udf89 pair"}')  # a pair is one character: fine

@@ -179,6 +179,19 @@ def test_skipped_decoder_linears_are_listed_as_dynamic_exclusions(tmp_path):
     assert "modules_in_block_to_quantize" not in json.loads((plain / "config.json").read_text())["quantization_config"]
 
 
+def test_a_quantized_head_is_listed_once_beside_the_block_linears(tmp_path):
+    from slimlm.toolkit.quant.lm_head import quantize_lm_head
+
+    model, tok = tiny_model("llama", seed=4, vocab_size=264)  # the head's outputs a multiple of 4 (8-bit packing)
+    scheme = QuantScheme(group_size=32, skip=("lm_head", "embed", r"layers\.1\.mlp\.down_proj"))
+    head = QuantScheme(bits=8, group_size=-1, sym=True, skip=())
+    state = quantize_model(model, scheme, "rtn")
+    state["lm_head"] = quantize_lm_head(model, head)
+    out = save_gptq(model, tok, state, scheme, tmp_path / "q", lm_head_scheme=head)
+    (listed,) = json.loads((out / "config.json").read_text())["quantization_config"]["modules_in_block_to_quantize"]
+    assert listed.count("lm_head") == 1 and listed[-1] == "lm_head" and len(listed) == 14
+
+
 def test_load_refuses_a_plain_folder(tmp_path):
     model, tok = tiny_model("llama")
     model.save_pretrained(tmp_path / "plain")

@@ -118,3 +118,5 @@ def test_the_notes_say_where_an_export_does_not_load():
     assert "--dtype float16" in engine_notes(QuantScheme(sym=False, scale_dtype="bf16"), None)[0]
     (head,) = engine_notes(QuantScheme(sym=True), QuantScheme(bits=8, group_size=-1, sym=True))
     assert "transformers (optimum) and TGI" in head
+    (split,) = engine_notes(QuantScheme(sym=True), None, ["model.layers.1.self_attn.k_proj"])
+    assert "--skip keeps model.layers.1.self_attn.k_proj dense" in split and "vLLM" in split
