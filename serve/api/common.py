@@ -192,8 +192,6 @@ def make_params(body, max_tokens: int, logprobs: int | None, prompt_logprobs: in
     """SamplingParams from the request; its ValueError (a bad value) becomes a 400 naming it."""
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
-    if body.stream_options is not None and not body.stream:
-        raise APIError(400, "stream_options is only allowed together with stream: true", param="stream_options")
     kw = dict(max_tokens=max_tokens, stop=stop_list(body.stop), logprobs=logprobs,
               prompt_logprobs=prompt_logprobs)
     for name in ("temperature", "top_p", "top_k", "min_p", "n", "seed", "presence_penalty",
