@@ -178,8 +178,7 @@ def run_export(args) -> int:
     write(model, tokenizer, out, meta={"base_model": args.model, "command": args.command_line},
           overwrite=args.overwrite)
     manifest = read(out)
-    tensors = sum(name.endswith(".safetensors") for name in manifest.files)
-    Console().print(f"exported [bold]{args.model}[/] to {out} ({tensors} tensor file(s), verified)")
+    Console().print(f"exported [bold]{args.model}[/] to {out} ({len(manifest.tensor_files)} tensor file(s), verified)")
     return 0
 
 

@@ -153,12 +153,7 @@ def _check_values(recipe: Recipe, given, where: str) -> None:
         if recipe.verb == "quantize":
             module.check_args(given)
         elif recipe.verb == "prune":
-            from slimlm.toolkit.prune import parse_axes, parse_target
-
-            cfg = module.load_config(given)
-            parse_axes(cfg.axes)
-            if cfg.target_params is not None:
-                parse_target(cfg.target_params, 1)
+            module.check_config(given)
         else:
             from slimlm.recipes.config import load_config
 

@@ -136,6 +136,19 @@ def load_config(args) -> PruneConfig:
     return cfg
 
 
+def check_config(args):
+    """`(settings, axes)`: the settings `load_config` gives, with their dtype, axes and budget read (SlimlmError)."""
+    from slimlm.toolkit.models import parse_dtype
+    from slimlm.toolkit.prune import parse_axes, parse_target
+
+    cfg = load_config(args)
+    parse_dtype(cfg.dtype)
+    axes = parse_axes(cfg.axes)
+    if cfg.target_params is not None:
+        parse_target(cfg.target_params, 1)
+    return cfg, axes
+
+
 SHAPE_KEYS = {"layers": "num_hidden_layers", "heads": "num_attention_heads", "kv": "num_key_value_heads",
               "mlp": "intermediate_size", "hidden": "hidden_size"}
 
@@ -183,18 +196,13 @@ def run_prune(args) -> int:
 
     from slimlm.toolkit.data import calibration_samples, check_source, load_texts, token_stream
     from slimlm.toolkit.export import check_target, write
-    from slimlm.toolkit.models import load, parse_dtype, refuse_quantized
-    from slimlm.toolkit.prune import parse_axes, parse_target, prune_model
+    from slimlm.toolkit.models import load, refuse_quantized
+    from slimlm.toolkit.prune import prune_model
 
-    cfg = load_config(args)
-    # Refuse typos before the (slow) model load.
+    cfg, axes = check_config(args)  # typos refused before the (slow) model load
     refuse_quantized(cfg.model, "prune")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    parse_dtype(cfg.dtype)
-    axes = parse_axes(cfg.axes)
-    if cfg.target_params is not None:
-        parse_target(cfg.target_params, 1)
     check_source(cfg.data)
     check_source(cfg.eval_data)
     out = Path(cfg.out)

@@ -144,8 +144,7 @@ def run_quantize(args) -> int:
         table.add_row("change", f"{100 * (after / before - 1):+.1f}%")
     table.add_row("quantized linears", str(len(state)))
     table.add_row(f"{args.method} seconds", f"{seconds:.1f}")
-    tensors = sum(name.endswith(".safetensors") for name in manifest.files)
-    table.add_row("checkpoint", f"{out} ({tensors} tensor file(s), verified)")
+    table.add_row("checkpoint", f"{out} ({len(manifest.tensor_files)} tensor file(s), verified)")
     Console().print(table)
     from slimlm.toolkit.quant.calibrate import split_fused_groups
 

@@ -64,6 +64,11 @@ class Manifest:
     eval: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @property
+    def tensor_files(self) -> list[str]:
+        """The `*.safetensors` files among `files` (not config.json or the index)."""
+        return [name for name in self.files if name.endswith(".safetensors")]
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; raises SlimlmError if a value cannot be stored as JSON."""
         data = dataclasses.asdict(self)

@@ -122,7 +122,9 @@ def _write_extra(folder: Path, extra: dict) -> None:
         # lacks); with one they load only the files it lists. transformers prefers model.safetensors to it.
         with safe_open(str(single), "pt") as fh:
             names = sorted(fh.keys())
-        index.write_text(json.dumps({"metadata": {"total_size": single.stat().st_size},
+        with open(single, "rb") as fh:  # the tensors' bytes: the file less its 8-byte length and JSON header
+            data_bytes = single.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+        index.write_text(json.dumps({"metadata": {"total_size": data_bytes},
                                      "weight_map": {k: single.name for k in names}}, indent=2) + "\n",
                          encoding="utf-8")
     for name, tensors in extra.items():

@@ -101,6 +101,7 @@ def refuse_quantized(spec: str, verb: str) -> None:
     if source.kind in ("export", "hf_dir") and is_gptq_dir(source.location):
         raise SlimlmError(f"{spec} is already quantized (GPTQ); {verb} would read its dequantized weights and write "
                           "a dense model whose record of that quantization is gone.",
+                          "Quantize the unquantized model it was made from instead." if verb == "quantize" else
                           f"Run {verb} on the unquantized model it was made from, then quantize the result.")
 
 

@@ -113,7 +113,9 @@ def test_writer_writes_and_hashes_extra_tensors(tmp_path):
     # an index lists the model's own file only (transformers prefers model.safetensors to it)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model.safetensors"}
-    assert set(index["weight_map"]) == set(load_file(str(out / "model.safetensors")))
+    weights = load_file(str(out / "model.safetensors"))
+    assert set(index["weight_map"]) == set(weights)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in weights.values())
     assert "model.safetensors.index.json" in read(out).files  # hashed like the weights
     again = AutoModelForCausalLM.from_pretrained(out)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
