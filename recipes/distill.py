@@ -340,6 +340,7 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
         print(f"distill: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
     resolve(config.student)
     resolve(config.teacher)
+    T.check_data(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)

@@ -273,10 +273,7 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
     T.check_resume(found, T.planned_world(config), config.max_steps, config, RESUME_KEYS)  # before any model loads
     if resume and not found and rank == 0:
         print(f"early-exit: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
-    if config.eval_windows:
-        from slimlm.toolkit.data import check_source
-
-        check_source(T.eval_text(config)[0])
+    T.check_data(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)

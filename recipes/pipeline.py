@@ -87,7 +87,7 @@ def add_pipeline(sub) -> None:
     p.add_argument("config", metavar="CONFIG", help="pipeline YAML (see configs/pipeline/)")
     p.add_argument("--out", default=None, help="output folder (default: the config's `out`)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier pipeline's files in --out first")
-    p.add_argument("--dry-run", action="store_true", help="check the config and print the commands; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="check the config and print the commands, marking the exports a run would reuse; run nothing")
 
 
 # -- the config, checked before any work ------------------------------------------------------------
@@ -143,7 +143,7 @@ def _check_override_keys(recipe: Recipe, args: dict, where: str) -> None:
             node = typing.get_type_hints(node)[part]
 
 
-def _check_values(recipe: Recipe, given, where: str) -> None:
+def _check_values(recipe: Recipe, given, where: str, data: bool = True) -> None:
     """The values a variant gives its recipe (its config file's and its `args:`), checked as the recipe checks them
     before it loads a model: a typo in a later variant's settings must not wait for the earlier variants' work."""
     import importlib
@@ -151,22 +151,32 @@ def _check_values(recipe: Recipe, given, where: str) -> None:
     module = importlib.import_module(f"slimlm.recipes.{recipe.module}")
     try:
         if recipe.verb == "quantize":
-            module.check_args(given)
+            module.check_args(given, data)
         elif recipe.verb == "prune":
-            module.check_config(given)
+            module.check_config(given, data)
         else:
             from slimlm.recipes.config import load_config
+
+            from slimlm.recipes.training import check_data
 
             config, args = given
             fixed = {recipe.model_key: "MODEL", recipe.out_key: "OUT", **({recipe.base_key: "BASE"} if recipe.base_key
                                                                            else {})}
-            load_config(getattr(module, recipe.config_class), config, _override_args(fixed | args))
+            placeholders = " ".join(_override_args(fixed))
+            try:
+                settings = load_config(getattr(module, recipe.config_class), config, _override_args(fixed | args))
+                if data:
+                    check_data(settings)
+            except SlimlmError as err:  # the pipeline's stand-ins for the model and folders are not the user's words
+                what = err.what.replace(f" with {placeholders} ", " with ").replace(f" with {placeholders}", "")
+                raise SlimlmError(what, err.hint) from None
     except SlimlmError as err:
         raise SlimlmError(f"{where}: {err.what}", err.hint) from None
 
 
-def load_pipeline(path: str | Path, out: str | None = None) -> dict:
-    """Read and check a pipeline YAML; returns a plan: base, out, variants (each with its recipe), compare settings."""
+def load_pipeline(path: str | Path, out: str | None = None, data: bool = True) -> dict:
+    """Read and check a pipeline YAML; returns a plan: base, out, variants (each with its recipe), compare settings.
+    `data=False` leaves the variants' data sources unchecked (a dry run on a machine without a cluster's files)."""
     from slimlm.recipes import compare
     from slimlm.recipes.cli import VERBS
     from slimlm.recipes.config import read_yaml
@@ -260,13 +270,13 @@ def load_pipeline(path: str | Path, out: str | None = None) -> dict:
                               "Make it from an unquantized variant, and quantize last.")
         if recipe.style == "flags":
             argv = [recipe.verb, "MODEL", "--out", "OUT", *(["--config", config] if config else []), *_flag_args(args)]
-            _check_values(recipe, _parse_or_refuse(VERBS[recipe.verb][0], argv, where), where)
+            _check_values(recipe, _parse_or_refuse(VERBS[recipe.verb][0], argv, where), where, data)
         else:
             _check_override_keys(recipe, args, where)
             for key in (recipe.model_key, recipe.base_key):
                 if key in args:
                     resolve(str(args[key]))
-            _check_values(recipe, (config, args), where)
+            _check_values(recipe, (config, args), where, data)
         variants.append({"name": name, "recipe": v["recipe"], "from": parent, "config": config, "args": args,
                          "launcher": launcher})
     options = raw.get("compare") or {}
@@ -536,7 +546,7 @@ def run_pipeline(args) -> int:
 
     from slimlm.recipes import compare_report
 
-    plan = load_pipeline(args.config, args.out)
+    plan = load_pipeline(args.config, args.out, data=not args.dry_run)
     out = Path(plan["out"])
     state = check_out(out, plan, args.overwrite)
     earlier = earlier_variants(state, plan)
@@ -545,7 +555,11 @@ def run_pipeline(args) -> int:
               f"{state.get('config')}): their exports stay in {out / 'variants'}, out of this report; a config "
               "that lists them again reuses them.", file=sys.stderr)
     if args.dry_run:
-        by_name = {v["name"]: v for v in plan["variants"]}
+        try:
+            load_pipeline(args.config, args.out)
+        except SlimlmError as err:  # e.g. a cluster's data file, dry-run elsewhere: said, not refused
+            print(f"# note: a run here would stop before any work: {err.what}")
+        by_name, old, redone = {v["name"]: v for v in plan["variants"]}, state.get("variants", {}), set()
         for v in plan["variants"]:
             model = str(export_dir(out, by_name[v["from"]])) if v["from"] else plan["base"]
             if v["recipe"] == "draft":
@@ -556,7 +570,14 @@ def run_pipeline(args) -> int:
             if v["recipe"] == "ngram":
                 print(f"# {v['name']}\n# nothing to make: compare times {model} with prompt-lookup drafts")
                 continue
-            print(f"# {v['name']}\n{shlex.join(command(v, model, plan['base'], out))}")
+            cmd = shlex.join(command(v, model, plan['base'], out))
+            if still_good(v, old.get(v["name"], {}), out, redone, plan["variant_sha256"][v["name"]],
+                          state.get("sha256") == plan["sha256"]):
+                print(f"# {v['name']}\n# made by an earlier run in {out}, its export verified: reused, not made "
+                      f"again (--overwrite makes it anew)\n# {cmd}")
+            else:
+                redone.add(v["name"])
+                print(f"# {v['name']}\n{cmd}")
         return 0
     start_out(out, plan, args.overwrite)
     report = pipeline(plan, out, state, command_line=getattr(args, "command_line", ""))

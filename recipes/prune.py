@@ -136,8 +136,10 @@ def load_config(args) -> PruneConfig:
     return cfg
 
 
-def check_config(args):
-    """`(settings, axes)`: the settings `load_config` gives, with their dtype, axes and budget read (SlimlmError)."""
+def check_config(args, data: bool = True):
+    """`(settings, axes)`: the settings `load_config` gives, with their dtype, axes and budget read, and with `data`
+    their data sources checked (SlimlmError)."""
+    from slimlm.toolkit.data import check_source
     from slimlm.toolkit.models import parse_dtype
     from slimlm.toolkit.prune import parse_axes, parse_target
 
@@ -146,6 +148,11 @@ def check_config(args):
     axes = parse_axes(cfg.axes)
     if cfg.target_params is not None:
         parse_target(cfg.target_params, 1)
+    for key in ("data", "eval_data") if data else ():
+        try:
+            check_source(getattr(cfg, key))
+        except SlimlmError as err:
+            raise SlimlmError(f"{key}: {err.what}", err.hint) from None
     return cfg, axes
 
 
@@ -194,7 +201,7 @@ def run_prune(args) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from slimlm.toolkit.data import calibration_samples, check_source, load_texts, token_stream
+    from slimlm.toolkit.data import calibration_samples, load_texts, token_stream
     from slimlm.toolkit.export import check_target, write
     from slimlm.toolkit.models import load, refuse_quantized
     from slimlm.toolkit.prune import prune_model
@@ -203,8 +210,6 @@ def run_prune(args) -> int:
     refuse_quantized(cfg.model, "prune")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    check_source(cfg.data)
-    check_source(cfg.eval_data)
     out = Path(cfg.out)
     check_target(out, cfg.overwrite)
 

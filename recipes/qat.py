@@ -263,7 +263,6 @@ def main(config: QATConfig, resume: bool = False) -> Path:
     """QAT of `config.model`; returns the GPTQ export folder (on every rank)."""
     import lightning as L
 
-    from slimlm.toolkit.data import check_source
     from slimlm.toolkit.export import kept_transforms
     from slimlm.toolkit.models import resolve
     from slimlm.toolkit.quant.gptq_format import save_gptq
@@ -281,8 +280,7 @@ def main(config: QATConfig, resume: bool = False) -> Path:
     if resume and not found and rank == 0:
         print(f"qat: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
     resolve(config.model)
-    for source in (config.data, config.eval_data or config.data):
-        check_source(source)
+    T.check_data(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)

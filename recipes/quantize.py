@@ -76,7 +76,7 @@ def run_quantize(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from slimlm.toolkit.data import calibration_samples, check_source, load_texts
+    from slimlm.toolkit.data import calibration_samples, load_texts
     from slimlm.toolkit.export import check_target, kept_transforms, read
     from slimlm.toolkit.models import load, refuse_quantized
     from slimlm.toolkit.quant.calibrate import default_compute_dtype, quantize_model
@@ -87,10 +87,6 @@ def run_quantize(args) -> int:
     out = Path(args.out)
     check_target(out, args.overwrite)
     refuse_quantized(args.model, "quantize")
-    if args.method == "gptq":
-        check_source(args.data)
-    if not args.no_eval:
-        check_source(args.eval_data)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -173,8 +169,10 @@ def engine_notes(scheme, head, split: list[str] = ()) -> list[str]:
     return notes
 
 
-def check_args(args):
-    """The scheme and the LM head's (or None) the options give, their values checked (SlimlmError)."""
+def check_args(args, data: bool = True):
+    """The scheme and the LM head's (or None) the options give, their values checked (SlimlmError); with `data`,
+    also that the data sources name something readable here."""
+    from slimlm.toolkit.data import check_source
     from slimlm.toolkit.quant.lm_head import head_scheme
     from slimlm.toolkit.quant.scheme import DEFAULT_SKIP, QuantScheme
 
@@ -189,6 +187,12 @@ def check_args(args):
         raise SlimlmError("--samples and --eval-windows must be >= 1, --seq-len and --window >= 2, --damp > 0.")
     if args.threads is not None and args.threads < 1:
         raise SlimlmError(f"--threads must be at least 1, got {args.threads}.")
+    for flag, spec, used in (("--data", args.data, args.method == "gptq"), ("--eval-data", args.eval_data, not args.no_eval)):
+        if used and data:
+            try:
+                check_source(spec)
+            except SlimlmError as err:
+                raise SlimlmError(f"{flag}: {err.what}", err.hint) from None
     return scheme, head
 
 

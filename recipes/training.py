@@ -235,6 +235,20 @@ def check_resume(found: tuple[Path, dict] | None, world: int | None, max_steps: 
                           f"Pass max_steps={step} or more (equal: export it again without training).")
 
 
+def check_data(config) -> None:
+    """Refuse a training or evaluation data spec that names no readable source (`data`, `eval_data`), before any
+    model loads: a typo must not wait for the teacher's load or the previous variant's work."""
+    from slimlm.toolkit.data import check_source
+
+    for key in ("data", "eval_data"):
+        spec = getattr(config, key, None)
+        if spec:
+            try:
+                check_source(spec)
+            except SlimlmError as err:
+                raise SlimlmError(f"{key}: {err.what}", err.hint) from None
+
+
 def eval_text(config) -> tuple[str, str, bool]:
     """`(source, split, held_out)` of a recipe's evaluation text: `eval_data`, else the validation split of built-in
     and hub data. A local file has no split of its own: without `eval_data` that is the training text itself; nor

@@ -267,6 +267,7 @@ def test_plain_cross_entropy_skips_the_teacher_forward():
     ("lora.rank=0", "lora.rank must be >= 1"),
     ("topk.k=0", "topk.k must be >= 1"),
     ("sequence.prompt_len=64", r"sequence.prompt_len must be >= 1, and below seq_len \(64\) in teacher_mode=sequence"),
+    ("data=builtin:wkii", "data: unknown built-in corpus 'wkii'"),  # found when the data was read, after both loads
     ("seed=-1", "seed must be an integer"),
 ])
 def test_settings_that_would_break_training_are_refused_by_key(assets, override, match, monkeypatch):

@@ -119,6 +119,12 @@ def test_a_rerun_makes_only_the_variants_that_changed(base, monkeypatch, capsys,
     vs[0]["args"]["target-params"] = 0.7  # pruned changes: it and its child are made again, q4 is not
     vs.append({"name": "q4-more", "recipe": "quantize", "args": {"method": "rtn", "bits": 4, "no-eval": True}})
     config = write_config(base, vs, name="change.yaml", out="change_out")
+    capsys.readouterr()
+    assert main(["pipeline", str(config), "--dry-run"]) == 0 and ran == []  # it says what a run would reuse
+    lines = capsys.readouterr().out.splitlines()
+    plan = {line[2:]: "reused" if after.startswith("# made by an earlier run") else "made"
+            for line, after in zip(lines, lines[1:]) if line[2:] in {v["name"] for v in vs}}
+    assert plan == {"pruned": "made", "pruned-q8": "made", "q4": "reused", "q4-more": "made"}, plan
     assert main(["pipeline", str(config)]) == 0 and ran == ["pruned", "pruned-q8", "q4-more"]
     state = json.loads((base / "change_out" / "pipeline.json").read_text())["variants"]
     assert state["q4"]["skipped"] and not state["pruned"].get("skipped")
@@ -184,6 +190,7 @@ def refused(capsys, argv, *words):
     assert main(["pipeline", *map(str, argv)]) == 2
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
+    return err
 
 
 @pytest.mark.parametrize("change, words", [
@@ -214,6 +221,12 @@ def refused(capsys, argv, *words):
     (lambda vs: vs[0]["args"].update({"eval-windows": 0, "no-eval": False}), ["variant int8:", "--eval-windows must be >= 1"]),
     (lambda vs: vs.append({"name": "qq", "recipe": "quantize", "from": "int8", "args": {"method": "rtn"}}),
      ["variant qq: `from: int8` is quantized", "quantize last"]),
+    # data sources that name nothing readable, refused before the first variant's work
+    (lambda vs: vs[0]["args"].update({"eval-data": "builtin:wkii", "no-eval": False}),
+     ["variant int8: --eval-data:", "wkii"]),
+    (lambda vs: vs[1]["args"].update({"data": "no/such/file.txt"}), ["variant broken: data:", "no/such/file.txt"]),
+    (lambda vs: vs.append({"name": "d", "recipe": "distill", "config": "configs/distill/smollm2-135m.yaml",
+                           "args": {"data": "builtin:wkii"}}), ["variant d: data:", "wkii"]),
 ])
 def test_bad_configs_are_refused_before_any_work(base, monkeypatch, capsys, change, words):
     monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("work started"))
@@ -230,6 +243,14 @@ def test_a_typo_inside_a_variants_config_file_is_refused_before_any_work(base, m
     vs = variants(base)[:1] + [{"name": "d", "recipe": "distill", "config": str(mine)}]
     refused(capsys, [write_config(base, vs, name="typo.yaml", out="typo_out")], "variant d:", "max_stepz")
     assert not (base / "typo_out").exists()
+
+
+def test_a_bad_value_names_the_users_settings_not_the_pipelines_stand_ins(base, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("work started"))
+    vs = variants(base)[:1] + [{"name": "d", "recipe": "distill", "config": "configs/distill/smollm2-135m.yaml",
+                                "args": {"max_steps": "two"}}]
+    err = refused(capsys, [write_config(base, vs, name="val.yaml", out="val_out")], "with max_steps=two:")
+    assert "MODEL" not in err and "OUT" not in err
 
 
 def test_a_bad_compare_key_points_at_compares_options(base, monkeypatch, capsys):
@@ -286,6 +307,10 @@ def test_shipped_configs_validate(capsys):
     assert len(deepspeed) == 2 and all("recipes/distill.py --config " in line for line in deepspeed)
     assert "student=/nonexistent/x/variants/pruned-4b teacher=meta-llama/Llama-3.1-8B-Instruct" in printed
     assert "quantize /nonexistent/x/variants/pruned-4b-distilled/model --out" in printed
+    # its distillation corpus lives on the cluster: a dry run here says so; a run here refuses before any work
+    assert "# note: a run here would stop before any work: " in printed and "data/distill-corpus.parquet" in printed
+    assert main(["pipeline", "configs/pipeline/cluster-example.yaml", "--out", "/nonexistent/x"]) == 2
+    assert "data/distill-corpus.parquet' does not exist" in capsys.readouterr().err
 
 
 def test_shipped_configs_work_from_another_folder(tmp_path, monkeypatch):

@@ -160,6 +160,7 @@ def test_gptq_start_on_a_frozen_grid_with_cross_entropy_resumes(assets):
     ("eval_window=1", "eval_window >= 2"),
     ("loss.temperature=0", "loss.temperature must be > 0"),  # was found at the first step
     ("loss.chunk_size=0", "loss.chunk_size must be >= 1"),
+    ("data=/no/such/file.txt", "data: text source '/no/such/file.txt' does not exist"),
     ("seed=-1", "seed must be an integer"),
 ])
 def test_bad_config_is_a_clear_error_before_work(assets, override, match, monkeypatch):
