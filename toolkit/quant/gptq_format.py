@@ -241,6 +241,9 @@ def gptq_config(path: str | os.PathLike) -> dict:
     if qc is None:
         raise SlimlmError(f"{path} is not a GPTQ checkpoint (config.json has no gptq quantization_config).",
                           "Pass a folder written by `slimlm quantize` or another GPTQ tool.")
+    if qc.get("is_marlin_format"):  # AutoGPTQ's Marlin repacking (`.B`/`.s` tensors), not GPTQ's own layout
+        raise SlimlmError(f"{path}: Marlin-packed GPTQ (is_marlin_format) is not supported.",
+                          "Use the plain GPTQ checkpoint the Marlin one was made from (qweight/qzeros/scales/g_idx).")
     if qc.get("bits") not in (2, 3, 4, 8) or qc.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
         raise SlimlmError(f"{path}: unsupported GPTQ config (bits={qc.get('bits')}, "
                           f"checkpoint_format={qc.get('checkpoint_format')}).",
@@ -402,6 +405,7 @@ def load_gptq(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verif
                           "Set \"tie_word_embeddings\": false in config.json to use the quantized head (slimlm writes "
                           "it so), or remove the lm_head tensors to use the embeddings.")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _drop_zero_biases(folder, model, state, tensors)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
@@ -412,6 +416,24 @@ def load_gptq(path: str | os.PathLike, dtype: torch.dtype = torch.float32, verif
     # kernels instead of the dense weights above (`serve/models/gptq_weights.py`).
     setattr(model, GPTQ_DIR_ATTR, str(folder.resolve()))
     return model.eval(), tokenizer
+
+
+def _drop_zero_biases(folder: Path, model, state: dict, tensors: dict) -> None:
+    """Older GPTQ tools (GPTQ-for-LLaMa, early AutoGPTQ) save an all-zero `bias` beside every packed layer, also
+    where the model has none; those change nothing and are dropped, as vLLM drops them. A nonzero one is refused:
+    the config would have to say the model has biases."""
+    for key in [k for k in state if k.endswith(".bias") and f"{k[:-len('.bias')]}.qweight" in tensors]:
+        try:
+            module = model.get_submodule(key[:-len(".bias")])
+        except AttributeError:
+            continue  # not a layer of this model: the unexpected-weights refusal names it
+        if getattr(module, "bias", None) is not None:
+            continue
+        if torch.count_nonzero(state[key]):
+            raise SlimlmError(f"{folder}: {key} holds a nonzero bias, but config.json builds that layer without one.",
+                              "Set the config's bias option (e.g. attention_bias / mlp_bias: true) to match the "
+                              "checkpoint.")
+        del state[key]
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -428,6 +450,12 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
                           "model.safetensors.index.json to say which tensors each holds.",
                           "Add the index file the tool wrote with them, or re-download the checkpoint.")
     else:
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        if not (folder / "model.safetensors").is_file() and pickled:
+            raise SlimlmError(f"{folder} holds its weights as {', '.join(pickled[:4])} (pickle), which slimlm does not "
+                              "load: unpickling runs code from the file.",
+                              "Convert them to .safetensors (torch.load(..., weights_only=True), then "
+                              "safetensors.torch.save_file), or use the checkpoint's safetensors release.")
         files = ["model.safetensors"]
     tensors = {}
     for name in files:

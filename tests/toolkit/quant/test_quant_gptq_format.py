@@ -436,3 +436,36 @@ def test_a_tied_config_with_a_quantized_head_is_refused(tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(SlimlmError, match="ties the LM head to the input embeddings"):
         load_gptq(out, verify=False)  # (verified, config.json's hash refuses the edit first)
+
+
+def test_older_tools_all_zero_biases_are_dropped_and_a_nonzero_one_refused(tmp_path):
+    """GPTQ-for-LLaMa and early AutoGPTQ save a zero `bias` beside every packed layer of a model without biases:
+    it loads as the same model (vLLM drops them too); a nonzero one, which the config cannot hold, is refused."""
+    def zero_biases(tensors, config, folder):
+        for key in [k for k in tensors if k.endswith(".qweight")]:
+            tensors[key[:-len(".qweight")] + ".bias"] = torch.zeros(tensors[key].shape[1], dtype=torch.float16)
+
+    out, folder = _other_tools_folder(tmp_path, edit=zero_biases)
+    with torch.no_grad():
+        torch.testing.assert_close(load_gptq(folder)[0](IDS).logits, load_gptq(out)[0](IDS).logits, rtol=0, atol=0)
+
+    def one_nonzero(tensors, config, folder):
+        zero_biases(tensors, config, folder)
+        tensors["model.layers.0.mlp.down_proj.bias"][3] = 0.5
+
+    _, folder = _other_tools_folder(tmp_path, name="nonzero", edit=one_nonzero)
+    with pytest.raises(SlimlmError, match="model.layers.0.mlp.down_proj.bias holds a nonzero bias"):
+        load_gptq(folder)
+
+
+def test_marlin_and_pickled_checkpoints_are_refused_by_name(tmp_path):
+    def marlin(tensors, config, folder):
+        config["quantization_config"]["is_marlin_format"] = True
+
+    _, folder = _other_tools_folder(tmp_path, edit=marlin)
+    with pytest.raises(SlimlmError, match="Marlin-packed GPTQ"):
+        load_gptq(folder)
+    _, folder = _other_tools_folder(tmp_path, name="pickled")
+    (folder / "model.safetensors").rename(folder / "gptq_model-4bit-32g.bin")  # the name, not the content, matters
+    with pytest.raises(SlimlmError, match=r"gptq_model-4bit-32g.bin \(pickle\), which slimlm does not load"):
+        load_gptq(folder)
