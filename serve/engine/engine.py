@@ -273,7 +273,8 @@ class LLMEngine:
                     comp.top_logprobs.append(result.top_logprobs[j])
                 req.first_token_time = req.first_token_time or now
                 advanced[req.request_id] = req
-        before = sum(s.seq.num_output_tokens for s in out.scheduled)
+        grown_from = {s.seq.seq_id: s.seq.num_output_tokens for s in out.scheduled}
+        before = sum(grown_from.values())
         self.scheduler.update(out, new_tokens)
         # What was appended: a speculative step's tokens past an EOS or max_tokens are dropped by update().
         self.generation_tokens_total += sum(s.seq.num_output_tokens for s in out.scheduled) - before
@@ -286,6 +287,9 @@ class LLMEngine:
         for seq_id in new_tokens:
             req, idx = self._owner[seq_id]
             self._update_completion(req, idx)
+        for s in out.scheduled if plan else ():  # counted by what the output kept (after stop strings cut it)
+            if plan.get(s.seq.seq_id):
+                self.speculator.settle(s.seq.seq_id, s.seq.num_output_tokens - grown_from[s.seq.seq_id])
         if self.speculator:  # however a sequence ended (EOS, a limit, a stop string), drop its drafting state
             for seq_id in new_tokens:
                 if self._owner[seq_id][0].seqs[self._owner[seq_id][1]].is_finished:

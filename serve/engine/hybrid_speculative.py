@@ -100,7 +100,7 @@ class HybridSpeculator(DraftSpeculator):
         if seq_id not in self.lookup:
             super()._record(seq_id, k, accepted)
             return
-        self._count(k, accepted)
+        self._count(seq_id, k, accepted)
         self.stats.lookup_steps += 1
         rate, prev = step_acceptance(k, accepted), self.lookup_acceptance.get(seq_id, self.lookup_prior)
         self.lookup_prior = 0.9 * self.lookup_prior + 0.1 * rate

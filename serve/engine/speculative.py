@@ -202,6 +202,7 @@ class SelfSpeculator:
         self.generator_for = lambda seq_id: None  # the engine sets it: a request's torch.Generator (its seed)
         self._q: dict[int, list[Tensor]] = {}  # seq_id -> the draft's distribution at each sampled draft
         self._conf: dict[int, list[float]] = {}  # seq_id -> the draft's probability of each greedy draft (exit_confidence)
+        self._unsettled: dict[int, tuple[int, int]] = {}  # seq_id -> (drafts, accepted) of this step, until `settle`
 
     # -- planning -----------------------------------------------------------------------------
     def eligible(self, seq: Sequence) -> bool:
@@ -406,18 +407,30 @@ class SelfSpeculator:
             return out
         return out + [torch.multinomial(p[len(drafts)], 1, generator=gen).item()]
 
-    def _count(self, k: int, accepted: int) -> None:
+    def _count(self, seq_id: int, k: int, accepted: int) -> None:
+        """Hold the step's counts until `settle` knows how many of its tokens the output kept."""
+        self._unsettled[seq_id] = (k, accepted)
+
+    def settle(self, seq_id: int, kept: int) -> None:
+        """Count a sequence's speculative step once the engine has appended its tokens: `kept` of the accepted
+        drafts and the target's token, the rest cut at an EOS, a stop token or string, or a length limit. The
+        counters say what reached the output (a draft accepted past a stop counts as drafted, not accepted);
+        the adaptive policy learned from the whole accepted run in `_record`."""
+        if seq_id not in self._unsettled:
+            return
+        k, accepted = self._unsettled.pop(seq_id)
+        accepted, emitted = min(accepted, kept), min(accepted + 1, kept)
         st = self.stats
         st.steps += 1
         st.drafted += k
         st.accepted += accepted
-        st.emitted += accepted + 1
+        st.emitted += emitted
         cell = st.by_draft_len.setdefault(k, [0, 0])
         cell[0] += 1
         cell[1] += accepted
 
     def _record(self, seq_id: int, k: int, accepted: int) -> None:
-        self._count(k, accepted)
+        self._count(seq_id, k, accepted)
         rate = step_acceptance(k, accepted)
         prev = self.acceptance.get(seq_id, self.engine_acceptance)
         self.engine_acceptance = 0.9 * self.engine_acceptance + 0.1 * rate
@@ -440,7 +453,7 @@ class SelfSpeculator:
             bm.trim(seq)
 
     def forget(self, seq_id: int) -> None:
-        self._q.pop(seq_id, None)
+        self._q.pop(seq_id, None)  # (not `_unsettled`: `after_update` forgets a finished sequence before `settle`)
         self._conf.pop(seq_id, None)
         self.acceptance.pop(seq_id, None)
         self.plain_steps.pop(seq_id, None)
