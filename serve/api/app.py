@@ -93,6 +93,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if not loc and first.get("type") == "missing":
+        return "the request body is empty; send a JSON object with the header Content-Type: application/json", None
     if not loc and first.get("type") in ("dict_type", "model_attributes_type"):
         return ("the request body is not a JSON object; send one with the header Content-Type: application/json",
                 None)

@@ -26,6 +26,10 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     ctx.check_model(body.model)
     if body.tools:
         raise APIError(400, "tools are not supported by this server", param="tools")
+    for i, message in enumerate(body.messages):  # an earlier turn's calls would vanish from the rendered prompt
+        if (message.model_extra or {}).get("tool_calls") or (message.model_extra or {}).get("function_call"):
+            raise APIError(400, f"messages.{i} holds tool calls, which this server does not support (nor `tools`); "
+                                "send the conversation as text", param=f"messages.{i}")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
@@ -42,7 +46,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         requested, name = body.max_tokens, "max_tokens"
     max_tokens = resolve_max_tokens(ctx, requested, len(ids), None, name)
     k = (body.top_logprobs or 0) if body.logprobs else None
-    params = make_params(body, max_tokens, k, None)
+    params = make_params(ctx, body, max_tokens, k, None)
     cid = new_id("chatcmpl")
     batch = await submit(ctx, [(cid, ids, params)])
     view = _View(ctx, cid, len(ids), body.top_logprobs or 0)

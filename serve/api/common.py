@@ -152,14 +152,18 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
 
 
+def vocab_size(ctx: ServerContext) -> int:
+    """The ids a request may name: the tokenizer's, or the model's where its embedding is larger (padded)."""
+    model_vocab = getattr(getattr(getattr(ctx.engine, "model", None), "args", None), "vocab_size", None)
+    return max(len(ctx.tokenizer), model_vocab or 0)
+
+
 def check_prompt(ctx: ServerContext, ids: list[int], where: str, param: str = "prompt") -> None:
     """Refuse empty prompts, ids outside the vocabulary and prompts with no room to generate (`param`: the
     request field they came from)."""
     if not ids:
         raise APIError(400, f"{where} is empty; send at least one token of text", param=param)
-    vocab = len(ctx.tokenizer)
-    model_vocab = getattr(getattr(getattr(ctx.engine, "model", None), "args", None), "vocab_size", None)
-    vocab = max(vocab, model_vocab or 0)
+    vocab = vocab_size(ctx)
     if min(ids) < 0 or max(ids) >= vocab:
         raise APIError(400, f"{where}: token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}",
                        param=param)
@@ -188,10 +192,15 @@ def resolve_max_tokens(ctx: ServerContext, requested: int | None, prompt_len: in
     return requested
 
 
-def make_params(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+def make_params(ctx: ServerContext, body, max_tokens: int, logprobs: int | None,
+                prompt_logprobs: int | None) -> SamplingParams:
     """SamplingParams from the request; its ValueError (a bad value) becomes a 400 naming it."""
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+    if body.stop_token_ids and not all(0 <= t < vocab_size(ctx) for t in body.stop_token_ids):
+        bad = next(t for t in body.stop_token_ids if not 0 <= t < vocab_size(ctx))
+        raise APIError(400, f"stop_token_ids: token ids must be in [0, {vocab_size(ctx)}); got {bad}",
+                       param="stop_token_ids")
     kw = dict(max_tokens=max_tokens, stop=stop_list(body.stop), logprobs=logprobs,
               prompt_logprobs=prompt_logprobs)
     for name in ("temperature", "top_p", "top_k", "min_p", "n", "seed", "presence_penalty",

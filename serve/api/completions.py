@@ -43,7 +43,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
         where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
         check_prompt(ctx, ids, where)
         max_tokens = 1 if prompt_only else resolve_max_tokens(ctx, body.max_tokens, len(ids), DEFAULT_MAX_TOKENS)
-        params = make_params(body, max_tokens, k, k if (echo and k is not None) else None)
+        params = make_params(ctx, body, max_tokens, k, k if (echo and k is not None) else None)
         requests.append((f"{cid}-{i}", ids, params))
     batch = await submit(ctx, requests)
     view = _View(ctx, cid, prompts, n, echo, prompt_only, k)

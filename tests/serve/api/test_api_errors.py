@@ -68,6 +68,12 @@ BAD = [
     ("repetition penalty zero", C, {"prompt": "x", "repetition_penalty": 0}, 400),
     ("seed too large", C, {"prompt": "x", "seed": 2**70}, 400),
     ("logit_bias", C, {"prompt": "x", "logit_bias": {"1": 5}}, 400),
+    ("negative stop token id", C, {"prompt": "x", "stop_token_ids": [-1]}, 400),
+    ("stop token id outside vocab", CHAT, {"messages": MSG, "stop_token_ids": [10**9]}, 400),
+    ("an earlier turn's tool calls", CHAT, {"messages": [{"role": "user", "content": "hi"}, {
+        "role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function", "function": {
+            "name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "1", "tool_call_id": "a"}]}, 400),
+    ("empty body", C, b"", 400),
     ("best_of above n", C, {"prompt": "x", "best_of": 3}, 400),
     ("too many prompts", C, {"prompt": ["x"] * 300}, 400),
     ("body too large", C, {"prompt": "x" * (5 * 2**20)}, 413),
@@ -139,6 +145,10 @@ def test_error_messages_name_the_problem(shared_fake):
     assert r["code"] == "context_length_exceeded" and r["param"] == "messages" and not engine.added
     r = _send(server.url + C, {"model": "gpt-4", "prompt": "x"}).json()["error"]
     assert r["code"] == "model_not_found" and "fake-model" in r["message"]
+    r = _send(server.url + C, {"prompt": "x", "stop_token_ids": [0, 10**9]}).json()["error"]
+    assert r["param"] == "stop_token_ids" and r["message"].endswith("got 1000000000")
+    r = _send(server.url + C, b"").json()["error"]
+    assert r["message"].startswith("the request body is empty; send a JSON object")
     r = httpx.get(server.url + "/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
     r = httpx.get(server.url + C)
