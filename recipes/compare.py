@@ -132,12 +132,13 @@ def settings_from_args(args) -> dict:
     from slimlm.toolkit.models import parse_dtype
 
     positive = {"--window": args.window - 1, "--eval-batch-size": args.eval_batch_size, "--prompt-len": args.prompt_len,
-                "--gen-len": args.gen_len, "--concurrency": args.concurrency, "--reps": args.reps,
+                "--gen-len": args.gen_len - 1, "--concurrency": args.concurrency, "--reps": args.reps,
                 "--num-requests": args.num_requests or 1, "--threads": args.threads or 1,
                 "--speed-rounds": args.speed_rounds}
     bad = [name for name, v in positive.items() if v < 1]
     if bad or args.max_windows < 0:
         raise SlimlmError(f"{', '.join(bad) or '--max-windows'} out of range.", "--window must be >= 2, "
+                          "--gen-len >= 2 (batch-1 decode speed is timed from the second new token on), "
                           "--max-windows >= 0 (0: all), the other counts >= 1.")
     parse_dtype(args.eval_dtype)
     parse_dtype(args.dtype)

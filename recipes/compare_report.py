@@ -55,6 +55,7 @@ def columns(report: dict) -> list[dict]:
         cols.append(dict(key=f"ppl:{source}", header=f"ppl {source}", better="lower", digits=2))
     for task in first.get("tasks", {}):
         cols.append(dict(key=f"acc:{task}", header=f"acc {task}", better="higher", digits=3))
+        cols.append(dict(key=f"acc_norm:{task}", header=f"acc_norm {task}", better="higher", digits=3))
     cols += [dict(key="batch1_decode_tok_s", header="batch-1 decode tok/s", better="higher", digits=1),
              dict(key="batch1_tok_s", header="batch-1 tok/s with prefill", better="higher", digits=1),
              dict(key="online_tok_s", header=f"c={s['concurrency']} tok/s", better="higher", digits=1),
@@ -72,6 +73,7 @@ def _values(model: dict) -> dict:
         values[f"ppl:{source}"] = r["perplexity"]
     for task, r in acc.get("tasks", {}).items():
         values[f"acc:{task}"] = r["acc"]
+        values[f"acc_norm:{task}"] = r.get("acc_norm")  # per byte of each choice: HellaSwag-style tasks' usual figure
     return values
 
 
@@ -105,6 +107,8 @@ def add_figures(report: dict) -> dict:
             figures[key] = {"value": spread["median"], "min": spread["min"], "max": spread["max"],
                             "ratio": _ratio(spread["median"], base_spread["median"]),
                             "earlier_run": speed["run"] != report["run"]}
+            if figures[key]["earlier_run"] and model is not base:  # the base figure its ratio divided by, then
+                figures[key]["base_then"] = base_spread["median"]
             ratios = speed.get("ratios", {}).get(key)
             if ratios and model is not base:  # alternated repetitions: the median of per-repetition ratios
                 figures[key].update(ratio=ratios["median"], ratio_min=ratios["min"], ratio_max=ratios["max"])
@@ -171,6 +175,8 @@ def cell(fig: dict, digits) -> str:
         text += f" ({fig['ratio']:.2f}x, {fig['ratio_min']:.2f}-{fig['ratio_max']:.2f})"
     else:
         text += f" ({fig['ratio']:.2f}x)"
+    if fig.get("base_then") is not None:  # beside today's base row, the ratio would read wrong without it
+        text = text[:-1] + f" of base {_num(fig['base_then'], digits)})"
     return text + (" †" if fig.get("earlier_run") else "")
 
 
@@ -230,12 +236,14 @@ def prompts_words(settings: dict) -> str:
 def notes(report: dict) -> list[str]:
     """What each figure is and how it was measured, one line each (under both tables)."""
     s = report["settings"]
-    windows = "all" if s["max_windows"] is None else f"at most {s['max_windows']}"
+    windows = ("all" if s["max_windows"] is None else
+               f"at most {s['max_windows']}" + ("" if s.get("spread_windows") else " (the first)"))
     lines = [
         "Cells are value (value / base); ↓ lower is better, ↑ higher is better.",
         f"Perplexity: {windows} windows of {s['window']} tokens of the {s['split']} split of {', '.join(s['data'])}"
         + (" (spread evenly over it)" if s.get("spread_windows") else "")
-        + ("; accuracy: log-likelihood multiple choice" if s["tasks"] else "") + f"; in {s['eval_dtype']} on {s['device']}.",
+        + ("; accuracy: log-likelihood multiple choice (acc: the choice of highest summed log-likelihood; acc_norm: "
+           "per byte of the choice)" if s["tasks"] else "") + f"; in {s['eval_dtype']} on {s['device']}.",
         f"Speed: slimlm's serving engine in {s['dtype']}, the same {prompts_words(s)} for every model, "
         f"{s['gen_len']} new tokens each (greedy, EOS ignored); median [min, max] of {s['reps']} repetition(s) after "
         + (f"a warm-up, in each of {s['speed_rounds']} loads of the models (figures over all "
@@ -255,7 +263,7 @@ def notes(report: dict) -> list[str]:
         "its RSS just before the load (interpreter and libraries); the peak record was reset before the load. "
         f"It is the evaluation's footprint, in {s['eval_dtype']}: a quantized model is evaluated through its dequantized "
         "weights, so it can exceed the base's.",
-        "Disk: all files of the model folder (built-in aliases: the converted cached folder). Params: the loaded "
+        "Disk: all files of the model folder (built-in aliases: the converted cached folder, in float32). Params: the loaded "
         "model's parameters, tied weights counted once.",
     ]
     if not all(m["memory"].get("exact", True) and m.get("serving_memory", {}).get("exact", True)
@@ -266,7 +274,7 @@ def notes(report: dict) -> list[str]:
               if m["speed"].get("speculation")]
     if any(f.get("earlier_run") for m in report["models"] for f in m["figures"].values()):
         lines.append("†: speed measured in an earlier run of this comparison (its ratio divides by the base "
-                     "measured in that run); it was cached and not measured again.")
+                     "measured in that run, whose figure the cell names); it was cached and not measured again.")
     return lines
 
 

@@ -61,7 +61,8 @@ def test_report_has_every_figure_with_the_base_at_1x(models, text_file, tmp_path
     md = (out / "report.md").read_text()
     assert "at most 2 windows of 32 tokens of the validation split of " in md and "(spread evenly over it)" in md
     header = next(line for line in md.splitlines() if line.startswith("| model"))
-    for column in ("params", "disk MB", "serving MB", "eval peak MB", "ppl held_out.txt", "acc t.jsonl", "batch-1 decode tok/s",
+    for column in ("params", "disk MB", "serving MB", "eval peak MB", "ppl held_out.txt", "acc t.jsonl", "acc_norm t.jsonl",
+                   "batch-1 decode tok/s",
                    "batch-1 tok/s with prefill", "c=2 tok/s", "TTFT p50 ms"):
         assert column in header
     base_row = next(line for line in md.splitlines() if line.startswith("| base (base)"))
@@ -174,6 +175,8 @@ def test_rerun_with_one_more_model_measures_only_it_and_the_base(order, models, 
     assert report["pareto_memory"]["x"] == "serving_mb ratio"
     assert "Pareto front (quality against serving memory): small, base, large" in (out / "report.md").read_text()
     assert "†" in (out / "report.md").read_text()
+    assert f["small"]["batch1_decode_tok_s"]["base_then"] == pytest.approx(100)  # named in its cell: beside this
+    assert "x of base 100.0) †" in (out / "report.md").read_text().replace("2.00x, 2.00-2.00", "2.00x")  # run's 50
 
     # The same compare again: every speed is cached, so nothing is timed, and each ratio stays its own run's.
     assert compare.run_compare(parse([models["base"], models["small"], models["large"], "--out", out, *FAST,
@@ -332,6 +335,7 @@ def test_pareto_front_on_hand_made_points():
     (["BASE", "SMALL", "BASE"], "listed twice"),
     (["BASE", "SMALL", "--window", "1"], "--window"),
     (["BASE", "SMALL", "--reps", "0"], "--reps"),
+    (["BASE", "SMALL", "--gen-len", "1"], "--gen-len out of range"),  # no decode tokens to time: a ZeroDivisionError
 ])
 def test_bad_input_is_refused_before_any_work(argv, words, models, tmp_path, monkeypatch):
     fakes = Fakes(monkeypatch)

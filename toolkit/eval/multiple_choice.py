@@ -154,7 +154,11 @@ def _encode_pair(tokenizer, context: str, continuation: str, max_len: int | None
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     ctx = tokenizer.encode(context, add_special_tokens=False)
-    cont = whole[len(ctx):]
+    # A context that stops inside a word ("... 0 degrees C" + "elsius.") ends on a token the choice merges into
+    # (" C" + "elsius" is " Celsius"): past len(ctx), `whole` would score the wrong text. Split where the two
+    # encodings part instead, so the merged token is scored as part of the choice.
+    k = next((i for i, (a, b) in enumerate(zip(ctx, whole)) if a != b), min(len(ctx), len(whole)))
+    ctx, cont = whole[:k], whole[k:]
     if not cont:
         raise SlimlmError(f"the continuation {continuation!r} after context {context[-40:]!r} encodes to no tokens.",
                           "Each choice must add text after the context.")

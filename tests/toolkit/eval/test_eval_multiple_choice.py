@@ -54,6 +54,35 @@ def test_empty_context_is_conditioned_on_bos(llama):
     assert got == pytest.approx(hand_loglik(model, ids, 2), abs=1e-5)
 
 
+class MergingTokenizer:
+    """Longest match over a few multi-character pieces, else one byte each: " C" + "elsius" encodes as " Celsius",
+    so a context that stops mid-word ends on a token the choice merges into, as a BPE tokenizer's does."""
+
+    pieces = {" Celsius": 300, " C": 301, " is": 302}
+    bos_token_id = eos_token_id = 256
+
+    def encode(self, text, add_special_tokens=False):
+        ids, i = [], 0
+        while i < len(text):
+            piece = next((p for p in sorted(self.pieces, key=len, reverse=True) if text.startswith(p, i)), None)
+            ids.append(self.pieces[piece] if piece else text.encode()[i] if text.isascii() else ord(text[i]))
+            i += len(piece) if piece else 1
+        return ids
+
+
+def test_a_context_that_stops_mid_word_scores_the_choice_with_its_merged_token():
+    from slimlm.toolkit.eval.multiple_choice import _encode_pair
+
+    tok = MergingTokenizer()
+    seq, n = _encode_pair(tok, "Water freezes at 0 degrees C", "elsius.", None)
+    whole = tok.encode("Water freezes at 0 degrees Celsius.")
+    assert seq == whole and seq[-n:] == [300, ord(".")]  # " Celsius" and "." are scored, not "." alone
+    seq, n = _encode_pair(tok, "The capital is Par", "is is a city", None)
+    assert seq[-n:] == tok.encode("is is a city")  # the choice's own "is" stays in it
+    seq, n = _encode_pair(tok, "It is", " cold", None)  # no merge: the split is the context's end
+    assert seq[:-n] == tok.encode("It is") and seq[-n:] == tok.encode(" cold")
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_padding_and_batching_do_not_change_logliks(arch):
     model, tok = tiny_model(arch, seed=4)
