@@ -212,7 +212,7 @@ def speculative_config(args, num_layers: int, tokenizer=None):
 
     From an early-exit export, the exit layer defaults to its shallowest trained exit, and an exit with a
     norm (and lens) of its own drafts through them."""
-    from slimlm.serve.engine.speculative import SpeculativeConfig
+    from slimlm.serve.engine.speculative import SpeculativeConfig, expected_speedup
     from slimlm.toolkit.early_exit import draft_weights, read_exit_spec
     from slimlm.toolkit.models import resolve
 
@@ -254,8 +254,14 @@ def speculative_config(args, num_layers: int, tokenizer=None):
         raise SlimlmError(f"--exit-layer must be in 1..{num_layers - 1} (the model has {num_layers} layers) "
                           f"and --num-draft at least 1; got {exit_layer} and {args.num_draft}.")
     norm, proj = draft_weights(args.model, spec, exit_layer)
-    return SpeculativeConfig(exit_layer=exit_layer, num_draft=args.num_draft, exit_norm=norm, exit_proj=proj,
-                             exit_confidence=sure, draft_head=args.draft_head)
+    config = SpeculativeConfig(exit_layer=exit_layer, num_draft=args.num_draft, exit_norm=norm, exit_proj=proj,
+                               exit_confidence=sure, draft_head=args.draft_head)
+    best = max(expected_speedup(1.0, k, exit_layer / num_layers, config.verify_cost) for k in range(1, args.num_draft + 1))
+    if best <= 1.05:  # the adaptive policy never drafts there: say so rather than serve plainly without a word
+        print(f"note: --exit-layer {exit_layer} of {num_layers} layers: even drafts that are always right would "
+              f"give at most {best:.2f}x by the engine's cost model, so it decodes plainly; a shallower exit "
+              f"(e.g. {max(1, num_layers // 4)}) can pay.", file=sys.stderr)
+    return config
 
 
 def draft_model(args, tokenizer):

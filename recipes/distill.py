@@ -341,6 +341,8 @@ def main(config: DistillConfig, resume: bool = False) -> Path:
     resolve(config.student)
     resolve(config.teacher)
     T.check_data(config)
+    for spec in (config.student, config.teacher):
+        T.check_context(config, spec, ("seq_len",))
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)

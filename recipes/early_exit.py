@@ -188,18 +188,8 @@ def make_module(model, exits, dropout, *, loss: dict, optim: dict, start_calls: 
 
 def num_layers_of(spec: str) -> int | None:
     """The model's decoder layer count from its config alone (None where that needs the weights)."""
-    from transformers import AutoConfig
-
-    from slimlm.toolkit.models import builtin_model_dir, resolve
-
-    source = resolve(spec)
-    if source.kind == "gguf":
-        return None
-    location = builtin_model_dir(source.location) if source.kind == "builtin" else source.location
-    try:
-        return int(AutoConfig.from_pretrained(location).num_hidden_layers)
-    except Exception:  # a hub id out of reach, an unusual config: checked once the model is loaded
-        return None
+    found = T.model_config_of(spec)
+    return None if found is None else int(found.num_hidden_layers)
 
 
 def check_exit_layers(config: EarlyExitConfig, num_layers: int | None) -> None:
@@ -262,6 +252,7 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
     from slimlm.toolkit.export import kept_transforms
 
     check_exit_layers(config, num_layers_of(config.model))  # before any weights load
+    T.check_context(config, config.model, ("seq_len", "eval_window"))
     on = T.accelerator()
     out = T.check_out_dir(config.out_dir)
     ckpt_dir, log_dir = out / "checkpoints", Path(config.log_dir or out / "logs")
@@ -331,8 +322,12 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
             manifest = {"base_model": config.model, "config": to_dict(config), "eval": {"early_exit": results},
                         "transforms": kept_transforms(config.model), "command": " ".join(sys.argv)}
             export_dir = write_with_exits(model, tokenizer, exits, out / "model", meta=manifest, overwrite=True)
-            first, final = (f"{results[k]['loss']:.4f}" if results[k] else "-" for k in ("first", "final"))
-            print(f"early-exit: {final_step} steps, loss {first} -> {final}; wrote {export_dir}")
+            # the total weighs the exits active at that step (rotational, gradual): two steps' totals need not
+            # compare; the final layer's cross-entropy is in every step
+            key, what = ("loss", "loss") if config.curriculum == "all" else ("ce_final", "final layer's CE")
+            first, final = (f"{results[k][key]:.4f}" if results[k] and key in results[k] else "-"
+                            for k in ("first", "final"))
+            print(f"early-exit: {final_step} steps, {what} {first} -> {final}; wrote {export_dir}")
     T.barrier()
     return out / "model"
 

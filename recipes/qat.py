@@ -281,6 +281,7 @@ def main(config: QATConfig, resume: bool = False) -> Path:
         print(f"qat: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
     resolve(config.model)
     T.check_data(config)
+    T.check_context(config, config.model, ("seq_len", "eval_window", "calibration.seq_len"))
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -338,7 +339,9 @@ def main(config: QATConfig, resume: bool = False) -> Path:
             first, final = (f"{results[k]['loss']:.4f}" if results[k] else "-" for k in ("first", "final"))
             ppl = f", {on_text} {results['perplexity_after']:.3f}" if "perplexity_after" in results else ""
             if "gap_closed" in results:
-                ppl += (f" (closed {results['gap_closed']:.0%} of the gap to unquantised)"
+                ppl += (f" (below unquantised {results['perplexity_base']:.3f}: the whole gap closed, within the "
+                        f"noise of eval_windows={config.eval_windows})" if (results["gap_closed"] or 0) > 1 else
+                        f" (closed {results['gap_closed']:.0%} of the gap to unquantised)"
                         if results["gap_closed"] is not None else
                         f" (gap closed: n/a, the start {results['perplexity_start']:.3f} was already at or below "
                         f"unquantised {results['perplexity_base']:.3f})")

@@ -235,6 +235,38 @@ def check_resume(found: tuple[Path, dict] | None, world: int | None, max_steps: 
                           f"Pass max_steps={step} or more (equal: export it again without training).")
 
 
+def model_config_of(spec: str):
+    """The model's Hugging Face config from its config.json alone, without weights (None where that is out of
+    reach: a GGUF file, a hub id offline, an unusual config; those are checked once the model loads)."""
+    from transformers import AutoConfig
+
+    from slimlm.toolkit.models import builtin_model_dir, resolve
+
+    source = resolve(spec)
+    if source.kind == "gguf":
+        return None
+    location = builtin_model_dir(source.location) if source.kind == "builtin" else source.location
+    try:
+        return AutoConfig.from_pretrained(location)
+    except Exception:
+        return None
+
+
+def check_context(config, spec: str, keys: tuple[str, ...]) -> None:
+    """Refuse token lengths (`keys`, dotted for a section's) longer than the model's context, before any weights
+    load: past it the positions have no meaning, and the logits alone of a 100,000-token block fill the memory."""
+    limit = getattr(model_config_of(spec), "max_position_embeddings", None)
+    if not limit:
+        return
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value and value > limit:
+            raise SlimlmError(f"{key}={value} is longer than {spec}'s context ({limit} tokens, "
+                              "max_position_embeddings).", f"Set {key} to at most {limit}.")
+
+
 def check_data(config) -> None:
     """Refuse a training or evaluation data spec that names no readable source (`data`, `eval_data`), before any
     model loads: a typo must not wait for the teacher's load or the previous variant's work."""
@@ -702,8 +734,11 @@ def stopped(name: str, ckpt_dir: Path, step: int, say: bool, code: int):
     preemption) or Ctrl-C (130) stopped: one line with the step and how to continue, nothing exported."""
     if say:
         how = "stopped by SIGTERM" if code == 143 else "interrupted"
-        print(f"{name.replace('_', '-')}: {how} at step {step}; nothing exported. "
-              f"Run again with --resume to continue from the last checkpoint in {ckpt_dir}.", file=sys.stderr, flush=True)
+        found = find_checkpoint(ckpt_dir)
+        then = (f"Run again with --resume to continue from the checkpoint at step {found[1]['global_step']} in "
+                f"{ckpt_dir}." if found else "No checkpoint was written yet (checkpoint_every); a run again starts "
+                "at step 0.")
+        print(f"{name.replace('_', '-')}: {how} at step {step}; nothing exported. {then}", file=sys.stderr, flush=True)
     raise SystemExit(code) from None
 
 

@@ -447,6 +447,18 @@ def test_exit_confidence_flag_is_lossy_opt_in_and_checked():
             speculative_config(parse(["bench", "smollm2-135m", *bad]), 3)
 
 
+def test_an_exit_too_deep_to_ever_pay_is_said_at_start(capsys):
+    """The adaptive policy never drafts where even always-right drafts would not pay: a server that then decodes
+    plainly says so, rather than behaving as a plain one without a word."""
+    from slimlm.recipes.cli import build_parser, speculative_config
+
+    parse = build_parser().parse_args
+    speculative_config(parse(["bench", "smollm2-135m", "--speculative", "self", "--exit-layer", "28"]), 30)
+    assert "--exit-layer 28 of 30 layers: even drafts that are always right" in capsys.readouterr().err
+    speculative_config(parse(["bench", "smollm2-135m", "--speculative", "self", "--exit-layer", "8"]), 30)
+    assert "always right" not in capsys.readouterr().err
+
+
 def test_speculative_ngram_flags_make_a_prompt_lookup_config_and_bad_ones_are_refused():
     from slimlm.recipes.cli import build_parser, speculative_config
     from slimlm.toolkit.errors import SlimlmError

@@ -267,6 +267,7 @@ def test_plain_cross_entropy_skips_the_teacher_forward():
     ("lora.rank=0", "lora.rank must be >= 1"),
     ("topk.k=0", "topk.k must be >= 1"),
     ("sequence.prompt_len=64", r"sequence.prompt_len must be >= 1, and below seq_len \(64\) in teacher_mode=sequence"),
+    ("seq_len=100000", "seq_len=100000 is longer than .*context"),  # was a runaway first step
     ("data=builtin:wkii", "data: unknown built-in corpus 'wkii'"),  # found when the data was read, after both loads
     ("seed=-1", "seed must be an integer"),
 ])
@@ -334,8 +335,9 @@ def test_a_stopped_run_exits_non_zero_with_a_resume_hint_and_no_export(assets, m
         cli(["--config", str(config_file(assets, out)), "max_steps=2"])
     assert exc.value.code == code
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and words in err[0] and "--resume" in err[0], err
-    assert not (out / "model").exists()
+    # no checkpoint yet: it says so, not "--resume from the last checkpoint" (a resume would start at step 0)
+    assert len(err) == 1 and words in err[0] and "No checkpoint was written yet" in err[0], err
+    assert "--resume" not in err[0] and not (out / "model").exists()
 
 
 def test_a_resume_past_max_steps_is_refused_before_loading(assets, kd_run, monkeypatch):
@@ -438,6 +440,7 @@ def test_sigterm_on_deepspeeds_engine_exits_143_with_a_resume_hint(assets):
     err = err_file.read_text()
     line = next(line for line in err.splitlines() if "stopped by SIGTERM" in line)
     assert line.startswith("distill: stopped by SIGTERM at step ") and "--resume" in line and str(out) in line
+    assert f"from the checkpoint at step {json.loads(meta.read_text())['global_step']} in " in line
     assert not (out / "model").exists()
 
 

@@ -173,6 +173,7 @@ def test_lens_exits_are_fitted_then_trained_and_leave_the_model_as_it_was(assets
     ("kd_temperature=0", "kd_temperature must be > 0"),
     ("chunk_size=0", "chunk_size must be >= 1"),
     ("unfreeze_layers=-1", "unfreeze_layers must be >= 0"),
+    ("seq_len=100000", "seq_len=100000 is longer than .*context"),  # was a runaway first step
     ("data=builtin:wkii eval_windows=0", "data: unknown built-in corpus"),  # was read only after the model loaded
     ("seed=-1", "seed must be an integer"),
 ])

@@ -160,6 +160,8 @@ def test_gptq_start_on_a_frozen_grid_with_cross_entropy_resumes(assets):
     ("eval_window=1", "eval_window >= 2"),
     ("loss.temperature=0", "loss.temperature must be > 0"),  # was found at the first step
     ("loss.chunk_size=0", "loss.chunk_size must be >= 1"),
+    ("seq_len=100000", "seq_len=100000 is longer than .*context"),  # was a runaway first step
+    ("calibration.seq_len=100000 init=gptq", "calibration.seq_len=100000 is longer"),
     ("data=/no/such/file.txt", "data: text source '/no/such/file.txt' does not exist"),
     ("seed=-1", "seed must be an integer"),
 ])
