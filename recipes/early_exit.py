@@ -188,8 +188,8 @@ def make_module(model, exits, dropout, *, loss: dict, optim: dict, start_calls: 
 
 def num_layers_of(spec: str) -> int | None:
     """The model's decoder layer count from its config alone (None where that needs the weights)."""
-    found = T.model_config_of(spec)
-    return None if found is None else int(found.num_hidden_layers)
+    layers = getattr(T.model_config_of(spec), "num_hidden_layers", None)  # (a multimodal config nests it)
+    return None if layers is None else int(layers)
 
 
 def check_exit_layers(config: EarlyExitConfig, num_layers: int | None) -> None:
@@ -252,7 +252,7 @@ def main(config: EarlyExitConfig, resume: bool = False) -> Path:
     from slimlm.toolkit.export import kept_transforms
 
     check_exit_layers(config, num_layers_of(config.model))  # before any weights load
-    T.check_context(config, config.model, ("seq_len", "eval_window"))
+    T.check_context(config, config.model, ("seq_len", *(["eval_window"] if config.eval_windows else [])))
     on = T.accelerator()
     out = T.check_out_dir(config.out_dir)
     ckpt_dir, log_dir = out / "checkpoints", Path(config.log_dir or out / "logs")

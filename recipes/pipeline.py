@@ -162,13 +162,14 @@ def _check_values(recipe: Recipe, given, where: str, data: bool = True) -> None:
             config, args = given
             fixed = {recipe.model_key: "MODEL", recipe.out_key: "OUT", **({recipe.base_key: "BASE"} if recipe.base_key
                                                                            else {})}
-            placeholders = " ".join(_override_args(fixed))
+            overrides = _override_args(fixed | args)
             try:
-                settings = load_config(getattr(module, recipe.config_class), config, _override_args(fixed | args))
+                settings = load_config(getattr(module, recipe.config_class), config, overrides)
                 if data:
                     check_data(settings)
             except SlimlmError as err:  # the pipeline's stand-ins for the model and folders are not the user's words
-                what = err.what.replace(f" with {placeholders} ", " with ").replace(f" with {placeholders}", "")
+                mine = " ".join(_override_args(args))
+                what = err.what.replace(f" with {' '.join(overrides)}", f" with {mine}" if mine else "", 1)
                 raise SlimlmError(what, err.hint) from None
     except SlimlmError as err:
         raise SlimlmError(f"{where}: {err.what}", err.hint) from None
@@ -460,7 +461,8 @@ def make_variant(v: dict, plan: dict, out: Path, results: dict, show=lambda line
     return result | {"status": "done"}
 
 
-def still_good(v: dict, old: dict, out: Path, redone: set, identity: str, same_config: bool) -> bool:
+def still_good(v: dict, old: dict, out: Path, redone: set, identity: str, same_config: bool,
+               verify: bool = True) -> bool:
     """An earlier run's export of this variant may be reused: it finished, verifies, its parent is unchanged and so
     is the variant (`identity`, its `variant_hashes` entry, which also sees the base's files; a record made before
     variants had one is reused where the whole config is the same)."""
@@ -471,7 +473,7 @@ def still_good(v: dict, old: dict, out: Path, redone: set, identity: str, same_c
     if old.get("sha256", identity if same_config else None) != identity:
         return False
     try:
-        return bool(read(export_dir(out, v)))
+        return bool(read(export_dir(out, v), verify=verify))
     except SlimlmError:
         return False
 
@@ -572,9 +574,9 @@ def run_pipeline(args) -> int:
                 continue
             cmd = shlex.join(command(v, model, plan['base'], out))
             if still_good(v, old.get(v["name"], {}), out, redone, plan["variant_sha256"][v["name"]],
-                          state.get("sha256") == plan["sha256"]):
-                print(f"# {v['name']}\n# made by an earlier run in {out}, its export verified: reused, not made "
-                      f"again (--overwrite makes it anew)\n# {cmd}")
+                          state.get("sha256") == plan["sha256"], verify=False):  # (hashing every export: minutes)
+                print(f"# {v['name']}\n# made by an earlier run in {out}, its files all there: reused, not made "
+                      f"again, once a run verifies their hashes (--overwrite makes it anew)\n# {cmd}")
             else:
                 redone.add(v["name"])
                 print(f"# {v['name']}\n{cmd}")

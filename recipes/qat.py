@@ -281,7 +281,8 @@ def main(config: QATConfig, resume: bool = False) -> Path:
         print(f"qat: no checkpoint in {ckpt_dir} yet; starting at step 0", file=sys.stderr)
     resolve(config.model)
     T.check_data(config)
-    T.check_context(config, config.model, ("seq_len", "eval_window", "calibration.seq_len"))
+    T.check_context(config, config.model, ("seq_len", *(["eval_window"] if config.eval_windows else []),
+                                           *(["calibration.seq_len"] if config.init == "gptq" else [])))
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)

@@ -252,10 +252,22 @@ def model_config_of(spec: str):
         return None
 
 
+def context_length(model_config) -> int | None:
+    """The longest sequence a model's config says it reads: max_position_embeddings, or the rope-scaled length
+    where its rope scaling stretches the original one (yarn, dynamic, linear); None where the config names none."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    rope = getattr(model_config, "rope_scaling", None) or getattr(model_config, "rope_parameters", None)
+    if limit and isinstance(rope, dict) and rope.get("factor") and rope.get("rope_type", rope.get("type")) not in (
+            None, "default"):
+        limit = max(limit, int(rope["factor"] * rope.get("original_max_position_embeddings", limit)))
+    return limit
+
+
 def check_context(config, spec: str, keys: tuple[str, ...]) -> None:
-    """Refuse token lengths (`keys`, dotted for a section's) longer than the model's context, before any weights
-    load: past it the positions have no meaning, and the logits alone of a 100,000-token block fill the memory."""
-    limit = getattr(model_config_of(spec), "max_position_embeddings", None)
+    """Refuse token lengths (`keys`, dotted for a section's; only those the run uses) longer than the model's
+    context, before any weights load: past it the positions have no meaning, and the logits alone of a
+    100,000-token block fill the memory."""
+    limit = context_length(model_config_of(spec))
     if not limit:
         return
     for key in keys:

@@ -251,6 +251,10 @@ def test_a_bad_value_names_the_users_settings_not_the_pipelines_stand_ins(base, 
                                 "args": {"max_steps": "two"}}]
     err = refused(capsys, [write_config(base, vs, name="val.yaml", out="val_out")], "with max_steps=two:")
     assert "MODEL" not in err and "OUT" not in err
+    vs[1]["args"] = {"student": str(base / "tiny"), "max_steps": "two"}  # a model key of the user's own
+    err = refused(capsys, [write_config(base, vs, name="val.yaml", out="val_out")],
+                  f"with student={base / 'tiny'} max_steps=two:")
+    assert "OUT" not in err and "BASE" not in err
 
 
 def test_a_bad_compare_key_points_at_compares_options(base, monkeypatch, capsys):

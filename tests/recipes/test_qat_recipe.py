@@ -144,6 +144,19 @@ def test_gptq_start_on_a_frozen_grid_with_cross_entropy_resumes(assets):
     assert gptq_config(export)["desc_act"] is True
 
 
+def test_lengths_the_run_does_not_use_are_not_held_against_the_context(assets, monkeypatch):
+    """No evaluation (eval_windows=0) and an RTN start: eval_window and calibration.seq_len are never read, so a
+    value past the model's 1,024 positions is no reason to refuse; seq_len is."""
+    import slimlm.recipes.qat as recipe
+
+    path = config_file(assets, assets["root"] / "unused")
+    monkeypatch.setattr(recipe, "build", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("past the checks")))
+    with pytest.raises(RuntimeError, match="past the checks"):
+        main(load_config(QATConfig, path, ["eval_windows=0", "eval_window=4096", "calibration.seq_len=4096"]))
+    with pytest.raises(SlimlmError, match="eval_window=4096 is longer"):
+        main(load_config(QATConfig, path, ["eval_windows=2", "eval_window=4096"]))
+
+
 @pytest.mark.parametrize("override, match", [
     ("quant.bits=3", "bits must be 4 or 8"),
     ("quant.group_size=48", "group size"),

@@ -327,3 +327,16 @@ def test_schedule_settings_that_would_break_training_are_refused_by_key(override
     T.check_schedule(SimpleNamespace(**good))
     with pytest.raises(SlimlmError, match=match):
         T.check_schedule(SimpleNamespace(**{**good, **override}))
+
+
+def test_context_length_reads_rope_scaling():
+    from types import SimpleNamespace as NS
+
+    assert T.context_length(NS(max_position_embeddings=8192)) == 8192
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+    assert T.context_length(NS(max_position_embeddings=4096, rope_scaling=yarn)) == 16384  # stretched 4x
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+    assert T.context_length(NS(max_position_embeddings=131072, rope_scaling=llama3)) == 131072  # already stretched
+    assert T.context_length(NS(max_position_embeddings=2048, rope_parameters={"rope_type": "default",
+                                                                               "rope_theta": 1e4})) == 2048
+    assert T.context_length(NS()) is None and T.context_length(None) is None  # nothing to check against

@@ -2,7 +2,9 @@
 
 Each choice is a continuation of the context; its score is the summed log-probability of its tokens.
 `acc` picks the choice with the highest sum; `acc_norm` divides by the choice's UTF-8 byte length first,
-so long answers are not penalised for having more tokens (and tokenizers compare fairly).
+so long answers are not penalised for having more tokens (and tokenizers compare fairly). Where a choice merges
+into the context's last token (a context that stops mid-word), every choice of that row is scored from before
+that token, and its text counts in each choice's bytes.
 Task files are jsonl, one question per line:
     {"context": "Question: ... Answer:", "choices": [" yes", " no"], "label": 0}
 """
@@ -94,21 +96,27 @@ def multiple_choice(model, tokenizer, rows: list[dict], batch_size: int = 8, pro
         if problem:
             raise SlimlmError(f"multiple-choice row {i}: {problem}.", f"Expected {EXPECTED}.")
     pairs = [(row["context"], choice) for row in rows for choice in row["choices"]]
-    lls = loglikelihood(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
+    # Every choice of a row is scored from the same token: the earliest where one of them merges into the
+    # context's end. Split per choice, a choice that merges would pay for the context's last token and the
+    # others not; each then also counts, for acc_norm, the bytes of context text it scores.
+    splits = [min(context_split(tokenizer, row["context"], c) for c in row["choices"]) for row in rows]
+    extra = [_tail_bytes(tokenizer, row["context"], k) for row, k in zip(rows, splits)]
+    keep = [k for row, k in zip(rows, splits) for _ in row["choices"]]
+    lls = loglikelihood(model, tokenizer, pairs, batch_size=batch_size, progress=progress, keep=keep)
     correct = correct_norm = 0
     k = 0
-    for row in rows:
+    for row, tail in zip(rows, extra):
         n = len(row["choices"])
         scores = lls[k: k + n]
         k += n
-        norm = [s / len(c.encode("utf-8")) for s, c in zip(scores, row["choices"])]
+        norm = [s / (tail + len(c.encode("utf-8"))) for s, c in zip(scores, row["choices"])]
         correct += _argmax(scores) == row["label"]
         correct_norm += _argmax(norm) == row["label"]
     return {"acc": correct / len(rows), "acc_norm": correct_norm / len(rows), "n": len(rows)}
 
 
 def loglikelihood(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8,
-                  progress: bool = False) -> list[float]:
+                  progress: bool = False, keep: list[int] | None = None) -> list[float]:
     """Summed log-probability (nats) of each continuation given its context, for (context, continuation) pairs.
 
     As lm-eval does: trailing whitespace of the context moves to the continuation, both `context` and
@@ -119,7 +127,8 @@ def loglikelihood(model, tokenizer, pairs: list[tuple[str, str]], batch_size: in
     if batch_size < 1:
         raise SlimlmError(f"batch size must be at least 1, got {batch_size}.")
     max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    items = [_encode_pair(tokenizer, ctx, cont, max_len) for ctx, cont in pairs]  # (input ids, n_cont)
+    keep = keep or [None] * len(pairs)
+    items = [_encode_pair(tokenizer, ctx, cont, max_len, k) for (ctx, cont), k in zip(pairs, keep)]  # (ids, n_cont)
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model_device(model)
@@ -147,17 +156,29 @@ def loglikelihood(model, tokenizer, pairs: list[tuple[str, str]], batch_size: in
     return out
 
 
-def _encode_pair(tokenizer, context: str, continuation: str, max_len: int | None) -> tuple[list[int], int]:
-    """Token ids of context+continuation and how many of them (at the end) are the continuation."""
+def _move_space(context: str, continuation: str) -> tuple[str, str]:
+    """"Answer: " + "yes" scores " yes", the way the tokenizer would see it in running text."""
     n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:  # "Answer: " + "yes" scores " yes", the way the tokenizer would see it in running text
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    return (context[:-n_spaces], context[-n_spaces:] + continuation) if n_spaces else (context, continuation)
+
+
+def context_split(tokenizer, context: str, continuation: str) -> int:
+    """How many of the context's tokens the whole text's encoding keeps as they are. A context that stops inside a
+    word ("... 0 degrees C" + "elsius.") ends on a token the choice merges into (" C" + "elsius" is " Celsius"):
+    split there, or the tokens past the context's would score the wrong text."""
+    context, continuation = _move_space(context, continuation)
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     ctx = tokenizer.encode(context, add_special_tokens=False)
-    # A context that stops inside a word ("... 0 degrees C" + "elsius.") ends on a token the choice merges into
-    # (" C" + "elsius" is " Celsius"): past len(ctx), `whole` would score the wrong text. Split where the two
-    # encodings part instead, so the merged token is scored as part of the choice.
-    k = next((i for i, (a, b) in enumerate(zip(ctx, whole)) if a != b), min(len(ctx), len(whole)))
+    return next((i for i, (a, b) in enumerate(zip(ctx, whole)) if a != b), min(len(ctx), len(whole)))
+
+
+def _encode_pair(tokenizer, context: str, continuation: str, max_len: int | None,
+                 keep: int | None = None) -> tuple[list[int], int]:
+    """Token ids of context+continuation and how many of them (at the end) are scored: those after the first
+    `keep` tokens (default `context_split`; a multiple-choice row gives all its choices the same split)."""
+    context, continuation = _move_space(context, continuation)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    k = context_split(tokenizer, context, continuation) if keep is None else keep
     ctx, cont = whole[:k], whole[k:]
     if not cont:
         raise SlimlmError(f"the continuation {continuation!r} after context {context[-40:]!r} encodes to no tokens.",
@@ -174,6 +195,15 @@ def _encode_pair(tokenizer, context: str, continuation: str, max_len: int | None
             raise SlimlmError(f"a choice of {len(cont)} tokens is longer than the model's context ({max_len}).")
         seq = seq[-(max_len + 1):]  # keep the end: drop the oldest context tokens
     return seq, len(cont)
+
+
+def _tail_bytes(tokenizer, context: str, keep: int) -> int:
+    """UTF-8 bytes of the context's text past its first `keep` tokens (scored with the choices)."""
+    context = context.rstrip()
+    ids = tokenizer.encode(context, add_special_tokens=False)
+    if keep >= len(ids):
+        return 0
+    return max(0, len(context.encode("utf-8")) - len(tokenizer.decode(ids[:keep]).encode("utf-8")))
 
 
 def _argmax(xs: list[float]) -> int:

@@ -60,6 +60,11 @@ class MergingTokenizer:
 
     pieces = {" Celsius": 300, " C": 301, " is": 302}
     bos_token_id = eos_token_id = 256
+    pad_token_id = None
+
+    def decode(self, ids):
+        names = {v: k for k, v in self.pieces.items()}
+        return "".join(names[i] if i in names else chr(i) for i in ids)
 
     def encode(self, text, add_special_tokens=False):
         ids, i = [], 0
@@ -81,6 +86,22 @@ def test_a_context_that_stops_mid_word_scores_the_choice_with_its_merged_token()
     assert seq[-n:] == tok.encode("is is a city")  # the choice's own "is" stays in it
     seq, n = _encode_pair(tok, "It is", " cold", None)  # no merge: the split is the context's end
     assert seq[:-n] == tok.encode("It is") and seq[-n:] == tok.encode(" cold")
+
+
+def test_every_choice_of_a_row_is_scored_from_the_same_token():
+    """One choice merges into the context's last token (" C" + "elsius"), the other not ("."): both are scored from
+    before " C", so the one that does not merge gets no free context token. Under a model that finds every token
+    equally likely, both then score two tokens and tie (the first, the label, wins); split per choice, "." scored
+    one token and won."""
+    tok = MergingTokenizer()
+    rows = [{"context": "Water freezes at 0 degrees C", "choices": ["elsius.", "."], "label": 0}]
+    result = multiple_choice(OneByteLM(0, vocab=303, strength=0.0), tok, rows, progress=False)
+    assert result["acc"] == 1.0
+    # acc_norm divides by the text each scored: " Celsius." and " C." (the context's " C" counted for both)
+    from slimlm.toolkit.eval.multiple_choice import _tail_bytes, context_split
+    keep = min(context_split(tok, rows[0]["context"], c) for c in rows[0]["choices"])
+    assert keep == len(tok.encode("Water freezes at 0 degrees")) and _tail_bytes(tok, rows[0]["context"], keep) == 2
+    assert result["acc_norm"] == 1.0  # per byte: the same score spread over 9 bytes beats it over 3
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
