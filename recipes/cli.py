@@ -328,11 +328,14 @@ def run_bench(args) -> int:
     from slimlm.toolkit.models import load, resolve
 
     try:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        batch_sizes = list(dict.fromkeys(int(b) for b in args.batch_sizes.split(",") if b.strip()))
     except ValueError:
         raise SlimlmError(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of integers.") from None
     if any(b < 1 for b in batch_sizes) or args.reps < 1 or args.prompt_len < 1 or args.gen_len < 1:
         raise SlimlmError("--batch-sizes, --reps, --prompt-len and --gen-len must be positive.")
+    if not batch_sizes and not (args.concurrency or args.rate):
+        raise SlimlmError(f"nothing to measure: --batch-sizes {args.batch_sizes!r} names no batch size and "
+                          "--concurrency 0 skips the online run.", "Give a batch size, or --concurrency N or --rate R.")
     if args.concurrency < 0 or (args.num_requests is not None and args.num_requests < 1) or \
             (args.rate is not None and not args.rate > 0):
         raise SlimlmError("--concurrency must be >= 0 (0 skips the online run), --num-requests >= 1 and --rate > 0; got "
@@ -359,17 +362,36 @@ def run_bench(args) -> int:
             raise SlimlmError(str(e), "Fix the file or ask for fewer prompts (--batch-sizes, --concurrency, "
                                       "--num-requests).") from None
 
+    # online with --rate and no --concurrency: every request may be in flight at once, so the engine holds them all
+    # (sized by the batch sizes alone, Poisson arrivals queued behind a batch-1 engine)
+    online_cap = args.concurrency or ((args.num_requests or 32) if args.rate else 1)
+
     def engine_with(speculative):
-        return LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, args.concurrency or 1]),
-                                                           kv_cache_dtype=args.kv_cache_dtype, speculative=speculative,
-                                                           quantize_lm_head=args.quantize_lm_head,
-                                                           cuda_graphs=False if args.enforce_eager else None),
-                         model_name=args.model)
+        try:
+            return LLMEngine(hf_model, tokenizer, EngineConfig(max_num_seqs=max([*batch_sizes, online_cap]),
+                                                               kv_cache_dtype=args.kv_cache_dtype, speculative=speculative,
+                                                               quantize_lm_head=args.quantize_lm_head,
+                                                               cuda_graphs=False if args.enforce_eager else None),
+                             model_name=args.model)
+        except ValueError as err:  # e.g. a model type slimlm's engine does not serve
+            raise SlimlmError(f"cannot benchmark {args.model}: {err}") from err
 
     engine = engine_with(None)
     if args.task is None and args.prompts_file is None and args.prompt_len + args.gen_len > engine.max_model_len:
         raise SlimlmError(f"--prompt-len {args.prompt_len} plus --gen-len {args.gen_len} is more than this model's "
                           f"context of {engine.max_model_len} tokens.", "Lower --prompt-len or --gen-len.")
+    if args.task is not None or args.prompts_file is not None:  # their lengths are known only once tokenized
+        from slimlm.serve.bench import file_prompts, prompts_needed, task_prompts
+
+        n = prompts_needed(batch_sizes, args.concurrency or None, args.num_requests, args.rate)
+        given = (file_prompts(tokenizer, args.prompts_file, n) if args.prompts_file is not None
+                 else task_prompts(tokenizer, n, args.task))
+        longest = max(range(len(given)), key=lambda i: len(given[i]))
+        if len(given[longest]) + args.gen_len > engine.max_model_len:
+            raise SlimlmError(f"prompt {longest + 1} of the {args.prompts_file or args.task + ' prompts'} has "
+                              f"{len(given[longest])} tokens; with --gen-len {args.gen_len} that is more than this "
+                              f"model's context of {engine.max_model_len} tokens (it would stop short of --gen-len).",
+                              "Lower --gen-len or shorten the prompts.")
     with console.status("benchmarking") as status:
         result = benchmark(engine, hf_model if args.baseline == "hf" else None, batch_sizes,
                            args.concurrency or None, args.rate, args.num_requests, args.prompt_len,

@@ -131,6 +131,8 @@ def load_config(args) -> PruneConfig:
             raise SlimlmError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)!r}.")
     if cfg.eval_windows < 0:
         raise SlimlmError(f"eval-windows must be 0 or more, got {cfg.eval_windows!r}.")
+    if cfg.calib_len < 2:  # (it failed after the model load, naming an internal function)
+        raise SlimlmError(f"calib-len must be at least 2 (each position's score needs a next token), got {cfg.calib_len}.")
     if cfg.threads is not None and cfg.threads < 1:
         raise SlimlmError(f"threads must be at least 1, got {cfg.threads!r}.")
     return cfg
@@ -206,8 +208,11 @@ def run_prune(args) -> int:
     from slimlm.toolkit.models import load, refuse_quantized
     from slimlm.toolkit.prune import prune_model
 
+    from slimlm.recipes.training import check_context
+
     cfg, axes = check_config(args)  # typos refused before the (slow) model load
     refuse_quantized(cfg.model, "prune")
+    check_context(cfg, cfg.model, ("calib_len", *(["window"] if cfg.eval_windows else [])))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)

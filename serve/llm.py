@@ -5,6 +5,7 @@ prompt order.
 """
 from __future__ import annotations
 
+import torch
 from rich.progress import Progress
 
 from .engine.engine import EngineConfig, LLMEngine
@@ -36,7 +37,9 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
         """Generate for a string, a list of strings, or a list of token-id lists."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, torch.Tensor):  # token ids as a tensor: [T] one prompt, [B, T] several
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)

@@ -273,6 +273,43 @@ def test_bench_on_a_prompts_file_and_its_errors(model_dir, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main([*base, "--prompts-file", str(prompts), "--task", "quote"]) == 2
     assert "pass one of them" in capsys.readouterr().err
+    prompts.write_text('{"prompt": "ok"}\n' + json.dumps({"prompt_token_ids": [5] * 1022}) + "\n")
+    assert main([*base, "--prompts-file", str(prompts)]) == 2  # 1022 + 4 past the 1,024 positions: timed short
+    assert f"prompt 2 of the {prompts} has 1022 tokens; with --gen-len 4" in " ".join(capsys.readouterr().err.split())
+
+
+def test_bench_sizes_the_engine_for_a_rate_run_and_refuses_nothing_to_measure(model_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    import slimlm.serve.bench as bench
+    from slimlm.serve.engine import engine as engine_module
+
+    seen, real_init = [], engine_module.LLMEngine.__init__
+
+    def spy(self, model, tok, config=None, **kw):
+        seen.append(config.max_num_seqs)
+        real_init(self, model, tok, config, **kw)
+
+    monkeypatch.setattr(engine_module.LLMEngine, "__init__", spy)
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: {"rows": {}, "ratios": {}, "settings": {}})
+    base = ["bench", str(model_dir), "--batch-sizes", "1", "--reps", "1", "--gen-len", "4", "--prompt-len", "8"]
+    assert main([*base, "--concurrency", "0", "--rate", "100", "--num-requests", "12"]) == 0
+    assert seen == [12]  # every Poisson arrival may be in flight; was 1 (the batch sizes'), queueing the others
+    assert main([*base, "--concurrency", "3", "--rate", "100"]) == 0 and seen[-1] == 3  # capped where asked
+    capsys.readouterr()
+    assert main(["bench", str(model_dir), "--batch-sizes", ",", "--concurrency", "0"]) == 2
+    assert "nothing to measure" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_model_type_the_engine_does_not_serve(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tok = tiny_model("llama")
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(tok))).save_pretrained(path)
+    tok.save_pretrained(path)
+    assert main(["bench", str(path), "--batch-sizes", "1", "--concurrency", "0", "--reps", "1", "--gen-len", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot benchmark" in err and "gpt2" in err and "internal error" not in err
 
 
 @pytest.mark.parametrize("argv, words", [(["--speculative", "self", "--exit-layer", "9"], "--exit-layer must be in 1.."),
@@ -391,6 +428,11 @@ def test_bad_values_are_refused_before_any_work(model_dir, tmp_path, capsys, mon
                          "neither a fraction (below 1) nor a whole count"),
                         (["prune", str(model_dir), "--target-params", "0.5", "--out", str(tmp_path / "p"),
                           "--threads", "0"], "threads must be at least 1"),
+                        # both found only after the model loaded (one ran at 20,000 tokens for minutes)
+                        (["prune", str(model_dir), "--target-params", "0.5", "--out", str(tmp_path / "p"),
+                          "--calib-len", "4096"], "calib_len=4096 is longer than"),
+                        (["prune", str(model_dir), "--target-params", "0.5", "--out", str(tmp_path / "p"),
+                          "--calib-len", "1"], "calib-len must be at least 2"),
                         ([*bench, "--prompt-len", "100000"], "is more than this model's context"),
                         (["eval", str(model_dir), "--device", "nodevice"], "is not a device torch knows"),
                         *([(["eval", str(model_dir), "--device", "cuda"], "no CUDA")]

@@ -106,6 +106,7 @@ def test_tiny_pipeline_end_to_end_then_rerun(base, monkeypatch, capsys):
     assert v["broken"]["status"] == "failed" and "integrity check" in v["broken"]["error"]
 
 
+@pytest.mark.timeout(1200)  # four pipeline runs and their compares: 270 s on a quiet 2-core machine, twice that loaded
 def test_a_rerun_makes_only_the_variants_that_changed(base, monkeypatch, capsys, fake_serving_memory):
     vs = [{"name": "pruned", "recipe": "prune", "args": {"target-params": 0.6, "eval-windows": 0}},
           {"name": "pruned-q8", "recipe": "quantize", "from": "pruned",

@@ -92,6 +92,17 @@ def test_llm_casts_a_loaded_model_to_the_dtype_asked_for():
     assert llm.engine.model.dtype == torch.bfloat16 and llm.engine.kv_dtype == torch.bfloat16
 
 
+def test_llm_takes_token_ids_as_a_tensor_and_refuses_ids_that_are_not_integers():
+    model, tok = make()
+    llm = LLM(model, tok, num_blocks=16)
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    want = llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids
+    assert llm.generate(torch.tensor([5, 6, 7]), greedy)[0].outputs[0].token_ids == want  # was a RuntimeError
+    assert [o.outputs[0].token_ids for o in llm.generate(torch.tensor([[5, 6, 7]] * 2), greedy)] == [want] * 2
+    with pytest.raises(ValueError, match="must be integers; got 1.5"):  # was run as if an id
+        llm.generate([[1.5]], greedy)
+
+
 def test_max_model_len_past_the_models_context_is_refused():
     model, tok = tiny_model("llama", max_position_embeddings=64)
     with pytest.raises(ValueError, match="max_model_len 65 is past this model's context of 64 tokens"):

@@ -53,11 +53,18 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt")
+
+
 def parse_dtype(dtype) -> torch.dtype:
     """Accept a torch dtype or a name such as "bf16"; None means float32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise SlimlmError(f"dtype {dtype} is not a floating-point type; a model's weights load as one.",
+                              f"Expected one of: {', '.join(DTYPES)}.")
         return dtype
     if dtype in DTYPES:
         return DTYPES[dtype]
@@ -154,6 +161,10 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
         location = source.location
     else:
         location = source.location
+    if source.kind in ("export", "hf_dir") and not any((Path(location) / f).is_file() for f in TOKENIZER_FILES):
+        raise SlimlmError(f"{location} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...).",
+                          "Save the tokenizer of the model it was made from into the folder "
+                          "(tokenizer.save_pretrained(folder)).")
     if source.kind in ("export", "hf_dir") and is_gptq_dir(location):
         from ..quant.gptq_format import load_gptq
 

@@ -142,6 +142,18 @@ def test_hub_unreachable_says_how_to_pass_a_local_folder(monkeypatch, tmp_path):
 def test_unknown_dtype():
     with pytest.raises(SlimlmError, match="unknown dtype"):
         parse_dtype("int3")
+    with pytest.raises(SlimlmError, match="not a floating-point type"):  # was blamed on corrupt weights
+        parse_dtype(torch.int8)
+
+
+def test_a_folder_without_tokenizer_files_says_so(hf_dir):
+    path, _ = hf_dir
+    for f in path.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            f.unlink()
+    with pytest.raises(SlimlmError, match="has no tokenizer files") as err:  # was "a weight file may be corrupt"
+        load(str(path))
+    assert "tokenizer.save_pretrained" in err.value.hint
 
 
 def _write_gguf(path, arch):
