@@ -54,7 +54,7 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
-                   "vocab.txt")
+                   "vocab.txt", "tekken.json")
 
 
 def parse_dtype(dtype) -> torch.dtype:
