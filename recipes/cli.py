@@ -160,7 +160,7 @@ def add_export(sub) -> None:
 def run_export(args) -> int:
     from rich.console import Console
 
-    from slimlm.toolkit.export import check_target, read, write
+    from slimlm.toolkit.export import check_target, kept_transforms, read, write
     from slimlm.toolkit.models import load, resolve
 
     out = Path(args.out)
@@ -175,7 +175,8 @@ def run_export(args) -> int:
                               "would write plain dense weights and drop them.",
                               "Copy the folder instead (`cp -r`), or export the model it was made from.")
     model, tokenizer = load(args.model, dtype=args.dtype)
-    write(model, tokenizer, out, meta={"base_model": args.model, "command": args.command_line},
+    write(model, tokenizer, out, meta={"base_model": args.model, "command": args.command_line,
+                                       "transforms": kept_transforms(args.model)},  # a pruned export's shapes stay
           overwrite=args.overwrite)
     manifest = read(out)
     Console().print(f"exported [bold]{args.model}[/] to {out} ({len(manifest.tensor_files)} tensor file(s), verified)")
@@ -352,19 +353,26 @@ def run_bench(args) -> int:
             raise SlimlmError(f"--prompts-file {args.prompts_file}: no such file.")
     hf_model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     spec = speculative_config(args, hf_model.config.num_hidden_layers, tokenizer)
-    if args.prompts_file is not None:
-        from slimlm.serve.bench import file_prompts, prompts_needed
+    given, where = None, []  # the file's or the task's prompts as token ids, and where each is (for messages)
+    if args.prompts_file is not None or args.task is not None:
+        from slimlm.serve.bench import file_prompts, prompt_rows, prompts_needed, task_prompts
 
-        try:  # checked before any timing: a bad line is reported at once
-            file_prompts(tokenizer, args.prompts_file, prompts_needed(batch_sizes, args.concurrency or None,
-                                                                      args.num_requests, args.rate))
-        except ValueError as e:
-            raise SlimlmError(str(e), "Fix the file or ask for fewer prompts (--batch-sizes, --concurrency, "
-                                      "--num-requests).") from None
+        n = prompts_needed(batch_sizes, args.concurrency or None, args.num_requests, args.rate)
+        if args.prompts_file is not None:
+            try:  # checked before any timing: a bad line is reported at once
+                given = file_prompts(tokenizer, args.prompts_file, n)
+            except ValueError as e:
+                raise SlimlmError(str(e), "Fix the file or ask for fewer prompts (--batch-sizes, --concurrency, "
+                                          "--num-requests).") from None
+            where = [f"line {row['line']} of {args.prompts_file}" for row in prompt_rows(args.prompts_file, n)]
+        else:
+            given = task_prompts(tokenizer, n, args.task)
+            where = [f"{args.task} prompt {i + 1}" for i in range(len(given))]
 
     # online with --rate and no --concurrency: every request may be in flight at once, so the engine holds them all
-    # (sized by the batch sizes alone, Poisson arrivals queued behind a batch-1 engine)
-    online_cap = args.concurrency or ((args.num_requests or 32) if args.rate else 1)
+    # (sized by the batch sizes alone, Poisson arrivals queued behind a batch-1 engine), up to one token each a step
+    online_cap = args.concurrency or (min(args.num_requests or 32, EngineConfig.max_num_batched_tokens) if args.rate
+                                      else 1)
 
     def engine_with(speculative):
         try:
@@ -380,18 +388,12 @@ def run_bench(args) -> int:
     if args.task is None and args.prompts_file is None and args.prompt_len + args.gen_len > engine.max_model_len:
         raise SlimlmError(f"--prompt-len {args.prompt_len} plus --gen-len {args.gen_len} is more than this model's "
                           f"context of {engine.max_model_len} tokens.", "Lower --prompt-len or --gen-len.")
-    if args.task is not None or args.prompts_file is not None:  # their lengths are known only once tokenized
-        from slimlm.serve.bench import file_prompts, prompts_needed, task_prompts
-
-        n = prompts_needed(batch_sizes, args.concurrency or None, args.num_requests, args.rate)
-        given = (file_prompts(tokenizer, args.prompts_file, n) if args.prompts_file is not None
-                 else task_prompts(tokenizer, n, args.task))
+    if given:  # their lengths are known only once tokenized
         longest = max(range(len(given)), key=lambda i: len(given[i]))
         if len(given[longest]) + args.gen_len > engine.max_model_len:
-            raise SlimlmError(f"prompt {longest + 1} of the {args.prompts_file or args.task + ' prompts'} has "
-                              f"{len(given[longest])} tokens; with --gen-len {args.gen_len} that is more than this "
-                              f"model's context of {engine.max_model_len} tokens (it would stop short of --gen-len).",
-                              "Lower --gen-len or shorten the prompts.")
+            raise SlimlmError(f"the prompt at {where[longest]} has {len(given[longest])} tokens; with --gen-len "
+                              f"{args.gen_len} that is more than this model's context of {engine.max_model_len} "
+                              "tokens (it would stop short of --gen-len).", "Lower --gen-len or shorten the prompts.")
     with console.status("benchmarking") as status:
         result = benchmark(engine, hf_model if args.baseline == "hf" else None, batch_sizes,
                            args.concurrency or None, args.rate, args.num_requests, args.prompt_len,

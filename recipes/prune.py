@@ -212,7 +212,7 @@ def run_prune(args) -> int:
 
     cfg, axes = check_config(args)  # typos refused before the (slow) model load
     refuse_quantized(cfg.model, "prune")
-    check_context(cfg, cfg.model, ("calib_len", *(["window"] if cfg.eval_windows else [])))
+    check_context(cfg, cfg.model, ("calib_len", *(["window"] if cfg.eval_windows else [])), flags=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)

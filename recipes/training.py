@@ -263,10 +263,10 @@ def context_length(model_config) -> int | None:
     return limit
 
 
-def check_context(config, spec: str, keys: tuple[str, ...]) -> None:
+def check_context(config, spec: str, keys: tuple[str, ...], flags: bool = False) -> None:
     """Refuse token lengths (`keys`, dotted for a section's; only those the run uses) longer than the model's
     context, before any weights load: past it the positions have no meaning, and the logits alone of a
-    100,000-token block fill the memory."""
+    100,000-token block fill the memory. `flags`: name them as command-line flags (`--calib-len`)."""
     limit = context_length(model_config_of(spec))
     if not limit:
         return
@@ -275,8 +275,9 @@ def check_context(config, spec: str, keys: tuple[str, ...]) -> None:
         for part in key.split("."):
             value = getattr(value, part)
         if value and value > limit:
-            raise SlimlmError(f"{key}={value} is longer than {spec}'s context ({limit} tokens, "
-                              "max_position_embeddings).", f"Set {key} to at most {limit}.")
+            shown = f"--{key.replace('_', '-')} {value}" if flags else f"{key}={value}"  # as the user wrote it
+            raise SlimlmError(f"{shown} is longer than {spec}'s context ({limit} tokens, max_position_embeddings).",
+                              f"Set {shown.split('=')[0].split()[0]} to at most {limit}.")
 
 
 def check_data(config) -> None:

@@ -116,10 +116,19 @@ def prompt_rows(path: str, n: int) -> list[dict]:
                 raise ValueError(f"{path}, line {number}: expected an object with \"prompt\", \"messages\" or "
                                  f"\"prompt_token_ids\", got {type(row).__name__}")
             ids = row.get("prompt_token_ids")
+            given = [k for k in ("prompt", "messages", "prompt_token_ids") if k in row]
+            if len(given) > 1:  # which one would be timed is not for the reader to guess
+                raise ValueError(f"{path}, line {number}: give one of \"prompt\", \"messages\" and "
+                                 f"\"prompt_token_ids\", not {' and '.join(given)}")
             if not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list) or (
                     isinstance(ids, list) and all(isinstance(t, int) and t >= 0 for t in ids))):
                 raise ValueError(f"{path}, line {number}: expected \"prompt\" (text), \"messages\" (a chat) or "
                                  f"\"prompt_token_ids\" (ids >= 0), got keys {sorted(row)}")
+            bad = next((i for i, m in enumerate(row.get("messages") or []) if not (
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str))), None)
+            if bad is not None:
+                raise ValueError(f"{path}, line {number}: message {bad} must be an object with a string \"role\" "
+                                 "and a string \"content\"")
             if not (row.get("prompt") or row.get("messages") or ids):
                 raise ValueError(f"{path}, line {number}: the prompt is empty")
             rows.append({**row, "line": number})
@@ -295,7 +304,11 @@ def benchmark(engine: LLMEngine, hf_model=None, batch_sizes=(1, 16), concurrency
                     row["tokens_per_s"]["median"] / rows[f"hf batch {biggest_hf}"]["tokens_per_s"]["median"])
     return {"rows": rows, "ratios": ratios,
             "settings": {"batch_sizes": list(batch_sizes), "concurrency": concurrency, "rate": rate,
-                         "num_requests": n_online, "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps,
+                         # what the run used, and only that: prompts from a file or a task have their own lengths
+                         "num_requests": n_online if concurrency or rate else None,
+                         **({"prompts_file": prompts_file} if prompts_file is not None else
+                            {"task": task} if task is not None else {"prompt_len": prompt_len}),
+                         "gen_len": gen_len, "reps": reps,
                          "threads": torch.get_num_threads(), "dtype": str(engine.model.dtype)}}
 
 

@@ -5,7 +5,6 @@ prompt order.
 """
 from __future__ import annotations
 
-import torch
 from rich.progress import Progress
 
 from .engine.engine import EngineConfig, LLMEngine
@@ -37,10 +36,12 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
         """Generate for a string, a list of strings, or a list of token-id lists."""
-        if isinstance(prompts, torch.Tensor):  # token ids as a tensor: [T] one prompt, [B, T] several
+        if hasattr(prompts, "tolist"):  # token ids as a tensor or an array: [T] one prompt, [B, T] several
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if not isinstance(prompts, (str, list, tuple)):  # a single id (a 0-d tensor)
+            prompts = [[prompts]]
+        if isinstance(prompts, str) or (len(prompts) > 0 and not isinstance(prompts[0], (str, list, tuple))):
+            prompts = [prompts]  # one prompt: a string, or its ids (the engine checks that they are integers)
         params = params or SamplingParams()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):

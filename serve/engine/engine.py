@@ -162,10 +162,12 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is "
                              f"{self.max_model_len} (prompt plus at least one new token); shorten the prompt")
         vocab = self.model.args.vocab_size
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt_token_ids):
-            bad = next(t for t in prompt_token_ids if not isinstance(t, numbers.Integral) or isinstance(t, bool))
-            raise ValueError(f"prompt token ids must be integers; got {bad!r} ({type(bad).__name__})")
-        prompt_token_ids = [int(t) for t in prompt_token_ids]  # numpy's integers as Python's
+        if not set(map(type, prompt_token_ids)) <= {int}:  # (the common case checked at C speed)
+            bad = next((t for t in prompt_token_ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)),
+                       None)
+            if bad is not None:
+                raise ValueError(f"prompt token ids must be integers; got {bad!r} ({type(bad).__name__})")
+            prompt_token_ids = [int(t) for t in prompt_token_ids]  # numpy's integers as Python's
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(prompt_token_ids)}..{max(prompt_token_ids)}")
         arrival = time.perf_counter() if arrival_time is None else arrival_time

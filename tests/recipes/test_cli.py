@@ -85,6 +85,8 @@ def test_quantizing_a_pruned_export_keeps_its_pruned_shapes(model_dir, tmp_path)
                  "--out", str(tmp_path / "q")]) == 0
     manifest = read(tmp_path / "q")
     assert manifest.transforms["pruned_shapes"] == shapes and manifest.transforms["quant"]["method"] == "rtn"
+    assert main(["export", str(pruned), "--out", str(tmp_path / "again")]) == 0  # exporting it again: kept too
+    assert read(tmp_path / "again").transforms["pruned_shapes"] == shapes
 
 
 def test_export_refuses_a_non_empty_out(model_dir, tmp_path, capsys):
@@ -262,20 +264,29 @@ def test_bench_on_a_prompts_file_and_its_errors(model_dir, tmp_path, capsys):
     base = ["bench", str(model_dir), "--batch-sizes", "1,2", "--concurrency", "0", "--gen-len", "4", "--reps", "1",
             "--dtype", "float32"]
     assert main([*base, "--prompts-file", str(prompts), "--json", str(out)]) == 0
-    assert "engine batch 2" in json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    assert "engine batch 2" in result["rows"]
+    # the settings say what the run used: the file, not the unused --prompt-len; no online requests
+    assert result["settings"]["prompts_file"] == str(prompts) and "prompt_len" not in result["settings"]
+    assert result["settings"]["num_requests"] is None
     assert f"promptsof{prompts}" in "".join(capsys.readouterr().out.split())  # the title names the file
     assert main([*base, "--batch-sizes", "4", "--prompts-file", str(prompts)]) == 2
     assert "holds 3 prompts; this run needs 4" in capsys.readouterr().err
     prompts.write_text('{"prompt": "ok"}\n{"text": "no"}\n')
     assert main([*base, "--prompts-file", str(prompts)]) == 2
     assert "line 2" in capsys.readouterr().err
+    for row, words in (({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "not prompt and messages"),
+                       ({"messages": [{"foo": "bar"}]}, "message 0 must be an object with a string \"role\"")):
+        prompts.write_text('{"prompt": "ok"}\n' + json.dumps(row) + "\n")  # each was timed as something else
+        assert main([*base, "--prompts-file", str(prompts)]) == 2
+        assert words in " ".join(capsys.readouterr().err.split())
     assert main([*base, "--prompts-file", str(tmp_path / "none.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main([*base, "--prompts-file", str(prompts), "--task", "quote"]) == 2
     assert "pass one of them" in capsys.readouterr().err
     prompts.write_text('{"prompt": "ok"}\n' + json.dumps({"prompt_token_ids": [5] * 1022}) + "\n")
     assert main([*base, "--prompts-file", str(prompts)]) == 2  # 1022 + 4 past the 1,024 positions: timed short
-    assert f"prompt 2 of the {prompts} has 1022 tokens; with --gen-len 4" in " ".join(capsys.readouterr().err.split())
+    assert f"the prompt at line 2 of {prompts} has 1022 tokens; with --gen-len 4" in " ".join(capsys.readouterr().err.split())
 
 
 def test_bench_sizes_the_engine_for_a_rate_run_and_refuses_nothing_to_measure(model_dir, tmp_path, capsys,
@@ -295,6 +306,8 @@ def test_bench_sizes_the_engine_for_a_rate_run_and_refuses_nothing_to_measure(mo
     assert main([*base, "--concurrency", "0", "--rate", "100", "--num-requests", "12"]) == 0
     assert seen == [12]  # every Poisson arrival may be in flight; was 1 (the batch sizes'), queueing the others
     assert main([*base, "--concurrency", "3", "--rate", "100"]) == 0 and seen[-1] == 3  # capped where asked
+    assert main([*base, "--concurrency", "0", "--rate", "100", "--num-requests", "3000"]) == 0  # one token each a step
+    assert seen[-1] == 2048
     capsys.readouterr()
     assert main(["bench", str(model_dir), "--batch-sizes", ",", "--concurrency", "0"]) == 2
     assert "nothing to measure" in capsys.readouterr().err
@@ -430,7 +443,7 @@ def test_bad_values_are_refused_before_any_work(model_dir, tmp_path, capsys, mon
                           "--threads", "0"], "threads must be at least 1"),
                         # both found only after the model loaded (one ran at 20,000 tokens for minutes)
                         (["prune", str(model_dir), "--target-params", "0.5", "--out", str(tmp_path / "p"),
-                          "--calib-len", "4096"], "calib_len=4096 is longer than"),
+                          "--calib-len", "4096"], "--calib-len 4096 is longer than"),
                         (["prune", str(model_dir), "--target-params", "0.5", "--out", str(tmp_path / "p"),
                           "--calib-len", "1"], "calib-len must be at least 2"),
                         ([*bench, "--prompt-len", "100000"], "is more than this model's context"),

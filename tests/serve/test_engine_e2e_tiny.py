@@ -99,8 +99,13 @@ def test_llm_takes_token_ids_as_a_tensor_and_refuses_ids_that_are_not_integers()
     want = llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids
     assert llm.generate(torch.tensor([5, 6, 7]), greedy)[0].outputs[0].token_ids == want  # was a RuntimeError
     assert [o.outputs[0].token_ids for o in llm.generate(torch.tensor([[5, 6, 7]] * 2), greedy)] == [want] * 2
-    with pytest.raises(ValueError, match="must be integers; got 1.5"):  # was run as if an id
-        llm.generate([[1.5]], greedy)
+    import numpy as np
+
+    assert llm.generate(np.array([5, 6, 7]), greedy)[0].outputs[0].token_ids == want
+    assert llm.generate([np.int64(5), np.int64(6), np.int64(7)], greedy)[0].outputs[0].token_ids == want
+    for bad in ([[1.5]], torch.tensor([5.0, 6.0])):
+        with pytest.raises(ValueError, match="must be integers; got 5.0|must be integers; got 1.5"):  # was run as ids
+            llm.generate(bad, greedy)
 
 
 def test_max_model_len_past_the_models_context_is_refused():

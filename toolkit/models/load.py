@@ -161,20 +161,23 @@ def load(spec: str, dtype=None, device: str | torch.device = "cpu"):
         location = source.location
     else:
         location = source.location
-    if source.kind in ("export", "hf_dir") and not any((Path(location) / f).is_file() for f in TOKENIZER_FILES):
-        raise SlimlmError(f"{location} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...).",
-                          "Save the tokenizer of the model it was made from into the folder "
-                          "(tokenizer.save_pretrained(folder)).")
     if source.kind in ("export", "hf_dir") and is_gptq_dir(location):
         from ..quant.gptq_format import load_gptq
 
         model, tokenizer = load_gptq(location, dtype=dt, verify=False)  # an export was verified just above
         return model.to(device), tokenizer
     method = _other_quant_method(location) if source.kind in ("export", "hf_dir") else None
+    tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dt, output_loading_info=True)
     except Exception as err:  # transformers raises OSError, ValueError, SafetensorError, ...
+        if tokenizer is None and source.kind in ("export", "hf_dir") and not any(
+                (Path(location) / f).is_file() for f in TOKENIZER_FILES):  # (not a weight file's fault)
+            raise SlimlmError(f"{location} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...), and "
+                              f"transformers found no other ({type(err).__name__}).",
+                              "Save the tokenizer of the model it was made from into the folder "
+                              "(tokenizer.save_pretrained(folder)).") from err
         if source.kind == "hub":
             raise SlimlmError(
                 f"could not load {spec!r} from the Hugging Face hub or its local cache "
