@@ -141,7 +141,7 @@ def load_config(args) -> PruneConfig:
 def check_config(args, data: bool = True):
     """`(settings, axes)`: the settings `load_config` gives, with their dtype, axes and budget read, and with `data`
     their data sources checked (SlimlmError)."""
-    from slimlm.toolkit.data import check_source
+    from slimlm.recipes.training import check_data
     from slimlm.toolkit.models import parse_dtype
     from slimlm.toolkit.prune import parse_axes, parse_target
 
@@ -150,11 +150,8 @@ def check_config(args, data: bool = True):
     axes = parse_axes(cfg.axes)
     if cfg.target_params is not None:
         parse_target(cfg.target_params, 1)
-    for key in ("data", "eval_data") if data else ():
-        try:
-            check_source(getattr(cfg, key))
-        except SlimlmError as err:
-            raise SlimlmError(f"{key}: {err.what}", err.hint) from None
+    if data:
+        check_data(cfg)
     return cfg, axes
 
 
